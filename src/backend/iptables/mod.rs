@@ -1,0 +1,1 @@
+//! iptables mode: upstream-compatible NAT and filter chains written with iptables-restore.

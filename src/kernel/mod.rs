@@ -1,0 +1,1 @@
+//! Thin wrappers over the system: iptables-restore/save, conntrack, sysctl, netlink.

@@ -1,0 +1,245 @@
+//! Upstream's `CategorizeEndpoints` (pkg/proxy/topology.go): which endpoints serve cluster
+//! traffic, which serve local-policy traffic, with serving-terminating fallback and hints.
+
+use std::collections::BTreeMap;
+
+use super::{Endpoint, NodeInfo, ServicePort, TrafficDistribution};
+
+/// The result of categorising one service port's endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Categorized {
+    /// Endpoints for traffic with a Cluster policy (empty if the port uses none).
+    pub cluster: Vec<Endpoint>,
+    /// Endpoints for traffic with a Local policy (empty if the port uses none).
+    pub local: Vec<Endpoint>,
+    /// Union of both: everything this node may send to (for chains and conntrack).
+    pub all_reachable: Vec<Endpoint>,
+    /// Whether any usable endpoint exists anywhere in the cluster.
+    pub has_any: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TopologyMode {
+    None,
+    Zone,
+    Node,
+}
+
+/// Splits `endpoints` the way upstream does for `svc` on `node`.
+pub fn categorize_endpoints(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> Categorized {
+    let mut out = Categorized::default();
+    let mut mode = TopologyMode::None;
+
+    if svc.uses_cluster_endpoints() {
+        mode = topology_mode(svc, endpoints, node);
+        out.cluster = endpoints
+            .iter()
+            .filter(|ep| ep.ready && available_for_topology(ep, mode, node))
+            .cloned()
+            .collect();
+        if out.cluster.is_empty() {
+            out.cluster = endpoints
+                .iter()
+                .filter(|ep| ep.serving && ep.terminating)
+                .cloned()
+                .collect();
+        }
+        out.has_any = !out.cluster.is_empty();
+    }
+
+    if !svc.uses_local_endpoints() {
+        out.all_reachable = out.cluster.clone();
+        return out;
+    }
+
+    let mut local_ready = false;
+    let mut local_serving_terminating = false;
+    for ep in endpoints {
+        if ep.ready {
+            out.has_any = true;
+            local_ready |= ep.is_local;
+        } else if ep.serving && ep.terminating {
+            out.has_any = true;
+            local_serving_terminating |= ep.is_local;
+        }
+    }
+    let mut use_serving_terminating = false;
+    if local_ready {
+        out.local = endpoints.iter().filter(|ep| ep.is_local && ep.ready).cloned().collect();
+    } else if local_serving_terminating {
+        use_serving_terminating = true;
+        out.local = endpoints
+            .iter()
+            .filter(|ep| ep.is_local && ep.serving && ep.terminating)
+            .cloned()
+            .collect();
+    }
+
+    if !svc.uses_cluster_endpoints() {
+        out.all_reachable = out.local.clone();
+        return out;
+    }
+    if mode == TopologyMode::None && !use_serving_terminating {
+        out.all_reachable = out.cluster.clone();
+        return out;
+    }
+    // Upstream merges through a map keyed by ip:port; we keep the result sorted like the input.
+    let mut merged: BTreeMap<String, Endpoint> = BTreeMap::new();
+    for ep in out.cluster.iter().chain(out.local.iter()) {
+        merged.insert(ep.addr_string(), ep.clone());
+    }
+    out.all_reachable = merged.into_values().collect();
+    out
+}
+
+/// Upstream `topologyModeFromHints`: hints are used only when every endpoint carries them and
+/// this node's zone (or name) appears in at least one.
+fn topology_mode(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|ep| ep.ready).collect();
+    if ready.is_empty() {
+        return TopologyMode::None;
+    }
+    if svc.traffic_distribution == TrafficDistribution::PreferSameNode {
+        let all_have = ready.iter().all(|ep| ep.node_hints.as_ref().is_some_and(|h| !h.is_empty()));
+        let ours = ready
+            .iter()
+            .any(|ep| ep.node_hints.as_ref().is_some_and(|h| h.contains(&node.name)));
+        if all_have && ours {
+            return TopologyMode::Node;
+        }
+    }
+    let wants_zone = svc.topology_annotation || svc.traffic_distribution != TrafficDistribution::None;
+    if !wants_zone {
+        return TopologyMode::None;
+    }
+    let Some(zone) = node.zone() else {
+        return TopologyMode::None;
+    };
+    let all_have = ready.iter().all(|ep| ep.zone_hints.as_ref().is_some_and(|h| !h.is_empty()));
+    let ours = ready
+        .iter()
+        .any(|ep| ep.zone_hints.as_ref().is_some_and(|h| h.contains(zone)));
+    if all_have && ours {
+        TopologyMode::Zone
+    } else {
+        TopologyMode::None
+    }
+}
+
+fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) -> bool {
+    match mode {
+        TopologyMode::None => true,
+        TopologyMode::Zone => match (node.zone(), &ep.zone_hints) {
+            (Some(zone), Some(hints)) => hints.contains(zone),
+            _ => false,
+        },
+        TopologyMode::Node => ep.node_hints.as_ref().is_some_and(|h| h.contains(&node.name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServicePortName};
+    use std::collections::BTreeSet;
+
+    fn svc() -> ServicePort {
+        ServicePort::basic(
+            ServicePortName::new("ns", "svc", "p80", Protocol::Tcp),
+            "172.30.0.1".parse().unwrap(),
+            80,
+        )
+    }
+
+    fn ep(last: u8, ready: bool, serving: bool, terminating: bool, local: bool) -> Endpoint {
+        let mut e = Endpoint::ready(format!("10.0.0.{last}").parse().unwrap(), 80);
+        e.ready = ready;
+        e.serving = serving;
+        e.terminating = terminating;
+        e.is_local = local;
+        e
+    }
+
+    fn addrs(eps: &[Endpoint]) -> Vec<String> {
+        eps.iter().map(Endpoint::addr_string).collect()
+    }
+
+    fn node() -> NodeInfo {
+        let mut n = NodeInfo {
+            name: "node1".into(),
+            ..Default::default()
+        };
+        n.labels.insert(crate::model::ZONE_LABEL.into(), "zone-a".into());
+        n
+    }
+
+    #[test]
+    fn cluster_policy_uses_ready_then_falls_back_to_serving_terminating() {
+        let s = svc();
+        let eps = vec![ep(1, true, true, false, false), ep(2, false, true, true, false)];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert_eq!(addrs(&c.cluster), ["10.0.0.1:80"]);
+        assert!(c.local.is_empty());
+        assert_eq!(addrs(&c.all_reachable), ["10.0.0.1:80"]);
+        assert!(c.has_any);
+
+        let eps = vec![ep(2, false, true, true, false), ep(3, false, false, true, false)];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert_eq!(addrs(&c.cluster), ["10.0.0.2:80"]);
+
+        let eps = vec![ep(3, false, false, true, false), ep(4, false, false, false, false)];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert!(c.cluster.is_empty() && !c.has_any);
+    }
+
+    #[test]
+    fn internal_local_uses_only_local_endpoints_but_knows_about_remote_ones() {
+        let mut s = svc();
+        s.internal_policy_local = true;
+        let eps = vec![ep(1, true, true, false, false), ep(2, true, true, false, true)];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert!(c.cluster.is_empty());
+        assert_eq!(addrs(&c.local), ["10.0.0.2:80"]);
+        assert_eq!(addrs(&c.all_reachable), ["10.0.0.2:80"]);
+        assert!(c.has_any);
+
+        let eps = vec![ep(1, true, true, false, false)];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert!(c.local.is_empty() && c.has_any);
+    }
+
+    #[test]
+    fn external_local_merges_cluster_and_local_when_local_is_terminating() {
+        let mut s = svc();
+        s.node_port = 30080;
+        s.external_policy_local = true;
+        let eps = vec![ep(1, true, true, false, false), ep(2, false, true, true, true)];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert_eq!(addrs(&c.cluster), ["10.0.0.1:80"]);
+        assert_eq!(addrs(&c.local), ["10.0.0.2:80"]);
+        assert_eq!(addrs(&c.all_reachable), ["10.0.0.1:80", "10.0.0.2:80"]);
+    }
+
+    #[test]
+    fn zone_hints_apply_only_when_complete_and_matching() {
+        let mut s = svc();
+        s.topology_annotation = true;
+        let mut a = ep(1, true, true, false, false);
+        a.zone_hints = Some(BTreeSet::from(["zone-a".to_string()]));
+        let mut b = ep(2, true, true, false, false);
+        b.zone_hints = Some(BTreeSet::from(["zone-b".to_string()]));
+        let c = categorize_endpoints(&s, &[a.clone(), b.clone()], &node());
+        assert_eq!(addrs(&c.cluster), ["10.0.0.1:80"]);
+
+        // One endpoint without hints: hints are ignored.
+        b.zone_hints = None;
+        let c = categorize_endpoints(&s, &[a.clone(), b.clone()], &node());
+        assert_eq!(c.cluster.len(), 2);
+
+        // Without the annotation or a traffic distribution, hints are ignored.
+        s.topology_annotation = false;
+        b.zone_hints = Some(BTreeSet::from(["zone-b".to_string()]));
+        let c = categorize_endpoints(&s, &[a, b], &node());
+        assert_eq!(c.cluster.len(), 2);
+    }
+}

@@ -1,0 +1,1 @@
+//! Converts API objects into model data.

@@ -1,0 +1,73 @@
+//! The desired state: what this node should program, as pure data.
+//!
+//! The watch layer feeds API objects through [`convert`] into a [`ClusterState`]; backends
+//! read a [`ProxyModel`] snapshot and never see API objects.
+
+pub mod categorize;
+pub mod convert;
+pub mod net;
+pub mod service;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub use categorize::{Categorized, categorize_endpoints};
+pub use net::{Cidr, Protocol};
+pub use service::{
+    Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, TrafficDistribution,
+};
+pub use state::ClusterState;
+
+/// The label carrying a node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// What the proxy knows of its own Node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node name this proxy runs as (`--hostname-override` or the hostname).
+    pub name: String,
+    /// The Node's labels (topology zone in particular).
+    pub labels: BTreeMap<String, String>,
+    /// `status.addresses` of type InternalIP/ExternalIP, in order.
+    pub ips: Vec<IpAddr>,
+    /// `spec.podCIDRs` (for detect-local-mode NodeCIDR).
+    pub pod_cidrs: Vec<Cidr>,
+    /// Whether the Node object was seen at all.
+    pub present: bool,
+    /// The Node has a deletionTimestamp.
+    pub deleting: bool,
+    /// The Node carries the `ToBeDeletedByClusterAutoscaler` taint.
+    pub to_be_deleted: bool,
+}
+
+impl NodeInfo {
+    /// The node's zone label, if any.
+    pub fn zone(&self) -> Option<&str> {
+        self.labels.get(ZONE_LABEL).map(String::as_str)
+    }
+}
+
+/// A snapshot of everything a backend programs for one IP family.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyModel {
+    /// Service ports by name.
+    pub services: BTreeMap<ServicePortName, ServicePort>,
+    /// Endpoints by service port, sorted by `ip:port` string and de-duplicated, as upstream's
+    /// EndpointSliceCache does. A port with no entry has no endpoints.
+    pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
+    /// This node.
+    pub node: NodeInfo,
+}
+
+impl ProxyModel {
+    /// Endpoints of one service port (empty if none).
+    pub fn endpoints_of(&self, name: &ServicePortName) -> &[Endpoint] {
+        self.endpoints.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Total number of endpoints over all service ports (drives large-cluster mode).
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.values().map(Vec::len).sum()
+    }
+}

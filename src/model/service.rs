@@ -1,0 +1,215 @@
+//! What a backend needs of one service port and its endpoints: plain data, no API objects.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use super::net::{Cidr, Protocol};
+
+/// `namespace/name` of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ServiceName {
+    /// Builds a name from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of a Service: upstream's `ServicePortName` (namespace, name, port name, protocol).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    /// The owning Service.
+    pub service: ServiceName,
+    /// The port's name, empty for a single unnamed port.
+    pub port: String,
+    /// The port's protocol.
+    pub protocol: Protocol,
+}
+
+impl ServicePortName {
+    /// Builds a port name from its parts.
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        port: impl Into<String>,
+        protocol: Protocol,
+    ) -> Self {
+        ServicePortName {
+            service: ServiceName::new(namespace, name),
+            port: port.into(),
+            protocol,
+        }
+    }
+}
+
+/// Upstream's `ServicePortName.String()`: `ns/name` plus `:port` when the port is named.
+/// The protocol is not part of it (it is appended, lower case, only for chain-name hashing).
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}", self.service)
+        } else {
+            write!(f, "{}:{}", self.service, self.port)
+        }
+    }
+}
+
+/// The Service `type` values that produce rules (ExternalName services never reach the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum ServiceType {
+    /// ClusterIP.
+    #[default]
+    ClusterIp,
+    /// NodePort.
+    NodePort,
+    /// LoadBalancer.
+    LoadBalancer,
+}
+
+/// Which endpoints topology-aware routing prefers, from `spec.trafficDistribution`
+/// and the hints in EndpointSlices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum TrafficDistribution {
+    /// No preference (or an unknown value).
+    #[default]
+    None,
+    /// `PreferClose` / `PreferSameZone`: use zone hints.
+    PreferSameZone,
+    /// `PreferSameNode`: use node hints, falling back to zone hints.
+    PreferSameNode,
+}
+
+/// One service port as a backend programs it, for one IP family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Identity of the port.
+    pub name: ServicePortName,
+    /// Service type.
+    pub service_type: ServiceType,
+    /// The cluster IP of this family.
+    pub cluster_ip: IpAddr,
+    /// The service port.
+    pub port: u16,
+    /// The allocated node port, 0 if none.
+    pub node_port: u16,
+    /// `spec.externalIPs` of this family.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` of this family (ipMode Proxy excluded).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges` of this family.
+    pub source_ranges: Vec<Cidr>,
+    /// ClientIP affinity timeout in seconds; `None` without affinity.
+    pub session_affinity_timeout: Option<u32>,
+    /// `externalTrafficPolicy: Local` on an externally accessible service.
+    pub external_policy_local: bool,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_policy_local: bool,
+    /// `spec.healthCheckNodePort`, 0 if none.
+    pub health_check_node_port: u16,
+    /// Topology preference.
+    pub traffic_distribution: TrafficDistribution,
+    /// Whether the `service.kubernetes.io/topology-mode` (or legacy `topology-aware-hints`)
+    /// annotation asks for hints.
+    pub topology_annotation: bool,
+}
+
+impl ServicePort {
+    /// Upstream `ExternallyAccessible`: it has a node port, external IPs or LB IPs.
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port != 0 || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+    }
+
+    /// Upstream `UsesClusterEndpoints`.
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_policy_local || (self.externally_accessible() && !self.external_policy_local)
+    }
+
+    /// Upstream `UsesLocalEndpoints`.
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_policy_local || (self.externally_accessible() && self.external_policy_local)
+    }
+
+    /// A ClusterIP port with no extras; tests and fixtures fill in the rest.
+    pub fn basic(name: ServicePortName, cluster_ip: IpAddr, port: u16) -> Self {
+        ServicePort {
+            name,
+            service_type: ServiceType::ClusterIp,
+            cluster_ip,
+            port,
+            node_port: 0,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            session_affinity_timeout: None,
+            external_policy_local: false,
+            internal_policy_local: false,
+            health_check_node_port: 0,
+            traffic_distribution: TrafficDistribution::None,
+            topology_annotation: false,
+        }
+    }
+}
+
+/// One endpoint of a service port, with the conditions from its EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Endpoint address (the first of the slice endpoint's addresses).
+    pub ip: IpAddr,
+    /// Target port.
+    pub port: u16,
+    /// `conditions.ready` (nil counts as true).
+    pub ready: bool,
+    /// `conditions.serving` (nil: same as ready).
+    pub serving: bool,
+    /// `conditions.terminating` (nil counts as false).
+    pub terminating: bool,
+    /// Whether `nodeName` is this node.
+    pub is_local: bool,
+    /// `zone`, if set.
+    pub zone: Option<String>,
+    /// `hints.forZones`, if set.
+    pub zone_hints: Option<BTreeSet<String>>,
+    /// `hints.forNodes`, if set.
+    pub node_hints: Option<BTreeSet<String>>,
+}
+
+impl Endpoint {
+    /// A ready, non-terminating, remote endpoint with no topology data.
+    pub fn ready(ip: IpAddr, port: u16) -> Self {
+        Endpoint {
+            ip,
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            zone: None,
+            zone_hints: None,
+            node_hints: None,
+        }
+    }
+
+    /// Upstream `Endpoint.String()`: `ip:port`, IPv6 in brackets.
+    pub fn addr_string(&self) -> String {
+        match self.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", self.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", self.port),
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Cluster state store.
+pub struct ClusterState;

@@ -1,0 +1,1 @@
+//! HTTP servers: metrics, healthz, per-service health checks.

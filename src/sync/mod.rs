@@ -1,0 +1,1 @@
+//! The sync loop: bounded-frequency runner deciding full or partial syncs.

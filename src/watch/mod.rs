@@ -1,0 +1,1 @@
+//! Watchers streaming Services, EndpointSlices and this Node into the model.
