@@ -1,2 +1,379 @@
-//! Cluster state store.
-pub struct ClusterState;
+//! The cluster state store: converted Services, EndpointSlices and this Node, with change
+//! tracking so a sync can rewrite only what changed (KEP-3453).
+//!
+//! Only real changes are recorded: an update whose converted form equals the stored one (a
+//! status heartbeat, an annotation we do not read) marks nothing, as kpng's diffstore does.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::convert::{self, SliceInfo};
+use super::{Endpoint, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePortName};
+
+/// What changed since the last [`ClusterState::take_changes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services whose ports or endpoints changed.
+    pub services: BTreeSet<ServiceName>,
+    /// The Node's labels (topology) or eligibility changed: needs a full sync.
+    pub node: bool,
+    /// Number of Service events that changed something.
+    pub service_events: u64,
+    /// Number of EndpointSlice events that changed something.
+    pub endpoint_events: u64,
+}
+
+impl Changes {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.node
+    }
+}
+
+/// Converted cluster objects, keyed for incremental updates.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    node_name: String,
+    services: BTreeMap<ServiceName, Vec<ServicePort>>,
+    slices: BTreeMap<(String, String), SliceInfo>,
+    slices_by_service: BTreeMap<ServiceName, BTreeSet<(String, String)>>,
+    node: NodeInfo,
+    changes: Changes,
+}
+
+impl ClusterState {
+    /// An empty state for the node called `node_name`.
+    pub fn new(node_name: &str) -> Self {
+        ClusterState {
+            node_name: node_name.to_string(),
+            node: NodeInfo {
+                name: node_name.to_string(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Inserts or updates a Service; returns warnings about skipped parts.
+    pub fn apply_service(&mut self, svc: &Service) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let Some(converted) = convert::convert_service(svc, &mut warnings) else {
+            // Unusable: treat as absent so stale rules go away.
+            if let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) {
+                self.remove_service(&ServiceName::new(ns.clone(), name.clone()));
+            }
+            return warnings;
+        };
+        self.set_service(converted.name, converted.ports);
+        warnings
+    }
+
+    fn set_service(&mut self, name: ServiceName, ports: Vec<ServicePort>) {
+        let old = self.services.get(&name);
+        if old.map(Vec::as_slice).unwrap_or(&[]) == ports.as_slice() {
+            return;
+        }
+        self.changes.services.insert(name.clone());
+        self.changes.service_events += 1;
+        if ports.is_empty() {
+            self.services.remove(&name);
+        } else {
+            self.services.insert(name, ports);
+        }
+    }
+
+    /// Removes a Service.
+    pub fn remove_service(&mut self, name: &ServiceName) {
+        self.set_service(name.clone(), Vec::new());
+    }
+
+    /// Replaces every Service at once (after a relist), recording only real differences.
+    pub fn replace_services<'a>(
+        &mut self,
+        svcs: impl IntoIterator<Item = &'a Service>,
+    ) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mut seen = BTreeSet::new();
+        for svc in svcs {
+            if let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) {
+                seen.insert(ServiceName::new(ns.clone(), name.clone()));
+            }
+            warnings.extend(self.apply_service(svc));
+        }
+        let gone: Vec<ServiceName> = self
+            .services
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove_service(&name);
+        }
+        warnings
+    }
+
+    /// Inserts or updates an EndpointSlice; returns warnings about skipped parts.
+    pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let key = slice_key(slice);
+        match convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings) {
+            Some(info) => self.set_slice(key, Some(info)),
+            None => self.set_slice(key, None),
+        }
+        warnings
+    }
+
+    /// Removes an EndpointSlice.
+    pub fn remove_slice(&mut self, namespace: &str, name: &str) {
+        self.set_slice((namespace.to_string(), name.to_string()), None);
+    }
+
+    /// Replaces every EndpointSlice at once (after a relist).
+    pub fn replace_slices<'a>(
+        &mut self,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mut seen = BTreeSet::new();
+        for s in slices {
+            seen.insert(slice_key(s));
+            warnings.extend(self.apply_slice(s));
+        }
+        let gone: Vec<(String, String)> = self
+            .slices
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.remove_slice(&ns, &name);
+        }
+        warnings
+    }
+
+    fn set_slice(&mut self, key: (String, String), info: Option<SliceInfo>) {
+        let old = self.slices.get(&key);
+        if old == info.as_ref() {
+            return;
+        }
+        if let Some(old) = old {
+            self.changes.services.insert(old.service.clone());
+            if let Some(set) = self.slices_by_service.get_mut(&old.service) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&old.service);
+                }
+            }
+        }
+        self.changes.endpoint_events += 1;
+        match info {
+            Some(info) => {
+                self.changes.services.insert(info.service.clone());
+                self.slices_by_service
+                    .entry(info.service.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.slices.insert(key, info);
+            }
+            None => {
+                self.slices.remove(&key);
+            }
+        }
+    }
+
+    /// Sets this Node (or clears it when `None`: deleted).
+    pub fn set_node(&mut self, node: Option<&Node>) {
+        let info = match node {
+            Some(n) => convert::convert_node(n, &self.node_name),
+            None => NodeInfo {
+                name: self.node_name.clone(),
+                ..Default::default()
+            },
+        };
+        if info == self.node {
+            return;
+        }
+        // Only labels drive the rules (topology); eligibility only drives /healthz.
+        if info.labels != self.node.labels {
+            self.changes.node = true;
+        }
+        self.node = info;
+    }
+
+    /// This node as last seen.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Returns and clears the changes recorded so far.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Builds the desired-state snapshot a backend renders.
+    pub fn snapshot(&self) -> ProxyModel {
+        let mut model = ProxyModel {
+            node: self.node.clone(),
+            ..Default::default()
+        };
+        for (name, ports) in &self.services {
+            for p in ports {
+                model.services.insert(p.name.clone(), p.clone());
+            }
+            let Some(keys) = self.slices_by_service.get(name) else {
+                continue;
+            };
+            for p in ports {
+                let eps = endpoints_for(p, keys.iter().filter_map(|k| self.slices.get(k)));
+                if !eps.is_empty() {
+                    model.endpoints.insert(p.name.clone(), eps);
+                }
+            }
+        }
+        model
+    }
+
+    /// Number of service ports known.
+    pub fn service_port_count(&self) -> usize {
+        self.services.values().map(Vec::len).sum()
+    }
+}
+
+fn slice_key(slice: &EndpointSlice) -> (String, String) {
+    (
+        slice.metadata.namespace.clone().unwrap_or_default(),
+        slice.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Upstream EndpointSliceCache semantics: an endpoint appears once per `ip:port` (a local copy
+/// wins over a remote one), and the list is sorted by that string.
+fn endpoints_for<'a>(
+    port: &ServicePort,
+    slices: impl Iterator<Item = &'a SliceInfo>,
+) -> Vec<Endpoint> {
+    let name: &ServicePortName = &port.name;
+    let mut by_addr: BTreeMap<String, Endpoint> = BTreeMap::new();
+    for slice in slices {
+        for sp in slice
+            .ports
+            .iter()
+            .filter(|sp| sp.name == name.port && sp.protocol == name.protocol)
+        {
+            for ep in &slice.endpoints {
+                let mut ep = ep.clone();
+                ep.port = sp.port;
+                let key = ep.addr_string();
+                if ep.is_local || !by_addr.contains_key(&key) {
+                    by_addr.insert(key, ep);
+                }
+            }
+        }
+    }
+    by_addr.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": name},
+            "spec": {"clusterIP": ip, "ports": [{"name": "p80", "port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice(name: &str, svc: &str, ips: &[&str], node: Option<&str>) -> EndpointSlice {
+        let eps: Vec<_> = ips
+            .iter()
+            .map(|ip| json!({"addresses": [ip], "nodeName": node}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": name, "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "ports": [{"name": "p80", "port": 8080, "protocol": "TCP"}],
+            "endpoints": eps
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn endpoints_merge_across_slices_sorted_and_deduplicated() {
+        let mut st = ClusterState::new("node1");
+        st.apply_service(&svc("a", "172.30.0.1"));
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.5", "10.0.0.10"], None));
+        st.apply_slice(&slice("a-2", "a", &["10.0.0.5"], Some("node1")));
+        let m = st.snapshot();
+        let name = ServicePortName::new("ns", "a", "p80", crate::model::Protocol::Tcp);
+        let eps = m.endpoints_of(&name);
+        let addrs: Vec<_> = eps.iter().map(Endpoint::addr_string).collect();
+        // String order, as upstream sorts: "10.0.0.10:8080" < "10.0.0.5:8080".
+        assert_eq!(addrs, ["10.0.0.10:8080", "10.0.0.5:8080"]);
+        assert!(eps[1].is_local, "the local duplicate must win");
+    }
+
+    #[test]
+    fn only_real_changes_are_recorded() {
+        let mut st = ClusterState::new("node1");
+        st.apply_service(&svc("a", "172.30.0.1"));
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.5"], None));
+        let c = st.take_changes();
+        assert_eq!(c.services.len(), 1);
+        assert_eq!((c.service_events, c.endpoint_events), (1, 1));
+
+        // Same content again: nothing to do.
+        st.apply_service(&svc("a", "172.30.0.1"));
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.5"], None));
+        assert!(st.take_changes().is_empty());
+
+        // A slice moving from one service to another marks both.
+        st.apply_service(&svc("b", "172.30.0.2"));
+        st.take_changes();
+        st.apply_slice(&slice("a-1", "b", &["10.0.0.5"], None));
+        let c = st.take_changes();
+        assert_eq!(
+            c.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+
+        // Relist without b: b is removed and marked.
+        let only_a = [svc("a", "172.30.0.1")];
+        st.replace_services(only_a.iter());
+        let c = st.take_changes();
+        assert_eq!(
+            c.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert!(!st.snapshot().services.keys().any(|k| k.service.name == "b"));
+    }
+
+    #[test]
+    fn node_label_change_requests_full_sync_but_heartbeat_does_not() {
+        let mut st = ClusterState::new("node1");
+        let node = |zone: &str, ip: &str| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": zone}},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+            }))
+            .unwrap()
+        };
+        st.set_node(Some(&node("a", "10.0.0.1")));
+        assert!(st.take_changes().node);
+        st.set_node(Some(&node("a", "10.0.0.2")));
+        assert!(!st.take_changes().node);
+        assert_eq!(st.node().ips[0].to_string(), "10.0.0.2");
+        st.set_node(Some(&node("b", "10.0.0.2")));
+        assert!(st.take_changes().node);
+    }
+}
