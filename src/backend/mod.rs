@@ -1,3 +1,59 @@
 //! Backends: render the model into kernel state (pure) and apply it (through `kernel`).
+//!
+//! Every backend sits behind [`Backend`], so the sync loop, metrics and health logic are
+//! shared and a mode switch changes only how the kernel is written.
 
 pub mod iptables;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+
+use crate::model::{ProxyModel, ServiceName};
+
+/// One sync as the loop asks for it.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncRequest<'a> {
+    /// The desired state.
+    pub model: &'a ProxyModel,
+    /// Services changed since the last successful sync (ignored on a full sync).
+    pub changed: &'a BTreeSet<ServiceName>,
+    /// Rewrite everything (start-up, node change, after a failure, hourly).
+    pub full: bool,
+}
+
+/// What a successful sync reports back, for metrics and health-check servers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Rules per table after the sync (`filter`, `nat`, ...).
+    pub rules_per_table: BTreeMap<String, usize>,
+    /// Service ports whose internal Local policy found no local endpoint.
+    pub no_local_endpoints_internal: usize,
+    /// Service ports whose external Local policy found no local endpoint.
+    pub no_local_endpoints_external: usize,
+    /// healthCheckNodePort and local endpoint count of each eTP=Local service.
+    pub health_checks: BTreeMap<ServiceName, (u16, usize)>,
+}
+
+/// Why a sync failed. The loop keeps the previous rules and retries with a full sync.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The kernel refused the update.
+    #[error("applying rules failed: {0}")]
+    Apply(String),
+    /// Reading kernel state failed.
+    #[error("reading kernel state failed: {0}")]
+    Read(String),
+}
+
+/// A way of programming the kernel.
+pub trait Backend: Send {
+    /// The mode name served on `/proxyMode`.
+    fn mode(&self) -> &'static str;
+
+    /// Programs the kernel for `req`.
+    fn sync(&mut self, req: SyncRequest<'_>) -> impl Future<Output = Result<SyncOutcome, BackendError>> + Send;
+
+    /// Whether kernel state drifted in a way only a full sync repairs (e.g. the canary chain
+    /// was flushed by someone else).
+    fn needs_full_sync(&mut self) -> impl Future<Output = bool> + Send;
+}

@@ -1,0 +1,135 @@
+//! Which UDP/SCTP conntrack flows are stale after a sync (upstream's conntrack reconciler,
+//! pkg/proxy/conntrack/cleanup.go): a flow addressed to a service VIP:port or a node port whose
+//! reply does not come from a serving endpoint of that service would keep black-holing the
+//! client (DNS being the classic case), so it is deleted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{Protocol, ProxyModel};
+
+/// A conntrack flow reduced to what the decision needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowKey {
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Original destination address.
+    pub orig_dst: IpAddr,
+    /// Original destination port.
+    pub orig_dport: u16,
+    /// Source address of the reply direction (the DNAT target, or `orig_dst` if not DNATed).
+    pub reply_src: IpAddr,
+}
+
+/// Serving endpoint IPs per destination that services own.
+#[derive(Debug, Default, Clone)]
+pub struct StaleFlowFilter {
+    by_vip: BTreeMap<(Protocol, IpAddr, u16), BTreeSet<IpAddr>>,
+    by_node_port: BTreeMap<(Protocol, u16), BTreeSet<IpAddr>>,
+    node_ips: BTreeSet<IpAddr>,
+}
+
+impl StaleFlowFilter {
+    /// Builds the filter from the model; `node_ips` are the addresses node ports are open on
+    /// (empty: any destination with the port counts).
+    pub fn new(model: &ProxyModel, node_ips: &[IpAddr]) -> Self {
+        let mut f = StaleFlowFilter {
+            node_ips: node_ips.iter().copied().collect(),
+            ..Default::default()
+        };
+        for (name, svc) in &model.services {
+            if name.protocol == Protocol::Tcp {
+                continue;
+            }
+            let serving: BTreeSet<IpAddr> = model
+                .endpoints_of(name)
+                .iter()
+                .filter(|e| e.serving)
+                .map(|e| e.ip)
+                .collect();
+            let vips = std::iter::once(&svc.cluster_ip)
+                .chain(svc.external_ips.iter())
+                .chain(svc.load_balancer_ips.iter());
+            for vip in vips {
+                f.by_vip.insert((name.protocol, *vip, svc.port), serving.clone());
+            }
+            if svc.node_port != 0 {
+                f.by_node_port.insert((name.protocol, svc.node_port), serving.clone());
+            }
+        }
+        f
+    }
+
+    /// Whether no service flow can be affected (skip listing conntrack at all).
+    pub fn is_empty(&self) -> bool {
+        self.by_vip.is_empty() && self.by_node_port.is_empty()
+    }
+
+    /// Protocols worth listing.
+    pub fn protocols(&self) -> BTreeSet<Protocol> {
+        self.by_vip
+            .keys()
+            .map(|k| k.0)
+            .chain(self.by_node_port.keys().map(|k| k.0))
+            .collect()
+    }
+
+    /// Whether `flow` must be deleted.
+    pub fn is_stale(&self, flow: &FlowKey) -> bool {
+        if let Some(eps) = self.by_vip.get(&(flow.protocol, flow.orig_dst, flow.orig_dport)) {
+            return !eps.contains(&flow.reply_src);
+        }
+        if let Some(eps) = self.by_node_port.get(&(flow.protocol, flow.orig_dport)) {
+            let local = self.node_ips.is_empty() || self.node_ips.contains(&flow.orig_dst);
+            return local && !eps.contains(&flow.reply_src);
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, ServicePort, ServicePortName};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn model() -> ProxyModel {
+        let mut m = ProxyModel::default();
+        let name = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
+        let mut svc = ServicePort::basic(name.clone(), ip("172.30.0.10"), 53);
+        svc.node_port = 30053;
+        m.services.insert(name.clone(), svc);
+        let mut gone = Endpoint::ready(ip("10.0.0.9"), 53);
+        gone.serving = false;
+        m.endpoints.insert(name, vec![Endpoint::ready(ip("10.0.0.5"), 53), gone]);
+        let tcp = ServicePortName::new("ns", "web", "", Protocol::Tcp);
+        m.services.insert(tcp.clone(), ServicePort::basic(tcp, ip("172.30.0.20"), 80));
+        m
+    }
+
+    fn flow(dst: &str, port: u16, reply: &str) -> FlowKey {
+        FlowKey {
+            protocol: Protocol::Udp,
+            orig_dst: ip(dst),
+            orig_dport: port,
+            reply_src: ip(reply),
+        }
+    }
+
+    #[test]
+    fn flows_to_removed_or_missing_endpoints_are_stale() {
+        let f = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")]);
+        assert_eq!(f.protocols(), BTreeSet::from([Protocol::Udp]));
+        assert!(!f.is_stale(&flow("172.30.0.10", 53, "10.0.0.5")));
+        assert!(f.is_stale(&flow("172.30.0.10", 53, "10.0.0.7")), "endpoint removed");
+        assert!(f.is_stale(&flow("172.30.0.10", 53, "10.0.0.9")), "endpoint not serving");
+        assert!(f.is_stale(&flow("172.30.0.10", 53, "172.30.0.10")), "flow created before any DNAT");
+        assert!(!f.is_stale(&flow("172.30.0.10", 54, "172.30.0.10")), "other port is not ours");
+        assert!(f.is_stale(&flow("192.168.50.1", 30053, "10.0.0.7")));
+        assert!(!f.is_stale(&flow("192.168.50.1", 30053, "10.0.0.5")));
+        assert!(!f.is_stale(&flow("8.8.8.8", 30053, "8.8.8.8")), "forwarded flow, not a node port");
+    }
+}
