@@ -51,7 +51,10 @@ pub trait Backend: Send {
     fn mode(&self) -> &'static str;
 
     /// Programs the kernel for `req`.
-    fn sync(&mut self, req: SyncRequest<'_>) -> impl Future<Output = Result<SyncOutcome, BackendError>> + Send;
+    fn sync(
+        &mut self,
+        req: SyncRequest<'_>,
+    ) -> impl Future<Output = Result<SyncOutcome, BackendError>> + Send;
 
     /// Whether kernel state drifted in a way only a full sync repairs (e.g. the canary chain
     /// was flushed by someone else).

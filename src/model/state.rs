@@ -23,6 +23,9 @@ pub struct Changes {
     pub service_events: u64,
     /// Number of EndpointSlice events that changed something.
     pub endpoint_events: u64,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of changed slices, for the network
+    /// programming latency metric.
+    pub trigger_times: Vec<std::time::SystemTime>,
 }
 
 impl Changes {
@@ -118,9 +121,11 @@ impl ClusterState {
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Vec<String> {
         let mut warnings = Vec::new();
         let key = slice_key(slice);
-        match convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings) {
-            Some(info) => self.set_slice(key, Some(info)),
-            None => self.set_slice(key, None),
+        let info = convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings);
+        if self.set_slice(key, info) {
+            if let Some(t) = trigger_time(slice) {
+                self.changes.trigger_times.push(t);
+            }
         }
         warnings
     }
@@ -153,10 +158,11 @@ impl ClusterState {
         warnings
     }
 
-    fn set_slice(&mut self, key: (String, String), info: Option<SliceInfo>) {
+    /// Stores a slice; returns whether anything changed.
+    fn set_slice(&mut self, key: (String, String), info: Option<SliceInfo>) -> bool {
         let old = self.slices.get(&key);
         if old == info.as_ref() {
-            return;
+            return false;
         }
         if let Some(old) = old {
             self.changes.services.insert(old.service.clone());
@@ -181,6 +187,7 @@ impl ClusterState {
                 self.slices.remove(&key);
             }
         }
+        true
     }
 
     /// Sets this Node (or clears it when `None`: deleted).
@@ -239,6 +246,18 @@ impl ClusterState {
     pub fn service_port_count(&self) -> usize {
         self.services.values().map(Vec::len).sum()
     }
+}
+
+const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
+    let raw = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_TRIGGER_TIME)?;
+    let ts: jiff::Timestamp = raw.parse().ok()?;
+    Some(ts.into())
 }
 
 fn slice_key(slice: &EndpointSlice) -> (String, String) {
@@ -375,5 +394,27 @@ mod tests {
         assert_eq!(st.node().ips[0].to_string(), "10.0.0.2");
         st.set_node(Some(&node("b", "10.0.0.2")));
         assert!(st.take_changes().node);
+    }
+
+    #[test]
+    fn trigger_times_are_collected_only_for_real_slice_changes() {
+        let mut st = ClusterState::new("node1");
+        let mut s = slice("a-1", "a", &["10.0.0.5"], None);
+        s.metadata.annotations = Some(
+            [(
+                ANNOTATION_TRIGGER_TIME.to_string(),
+                "2026-11-22T04:00:00Z".to_string(),
+            )]
+            .into(),
+        );
+        st.apply_slice(&s);
+        let c = st.take_changes();
+        let want: std::time::SystemTime = "2026-11-22T04:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .into();
+        assert_eq!(c.trigger_times, vec![want]);
+        st.apply_slice(&s);
+        assert!(st.take_changes().trigger_times.is_empty());
     }
 }

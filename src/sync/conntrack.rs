@@ -51,10 +51,12 @@ impl StaleFlowFilter {
                 .chain(svc.external_ips.iter())
                 .chain(svc.load_balancer_ips.iter());
             for vip in vips {
-                f.by_vip.insert((name.protocol, *vip, svc.port), serving.clone());
+                f.by_vip
+                    .insert((name.protocol, *vip, svc.port), serving.clone());
             }
             if svc.node_port != 0 {
-                f.by_node_port.insert((name.protocol, svc.node_port), serving.clone());
+                f.by_node_port
+                    .insert((name.protocol, svc.node_port), serving.clone());
             }
         }
         f
@@ -76,7 +78,10 @@ impl StaleFlowFilter {
 
     /// Whether `flow` must be deleted.
     pub fn is_stale(&self, flow: &FlowKey) -> bool {
-        if let Some(eps) = self.by_vip.get(&(flow.protocol, flow.orig_dst, flow.orig_dport)) {
+        if let Some(eps) = self
+            .by_vip
+            .get(&(flow.protocol, flow.orig_dst, flow.orig_dport))
+        {
             return !eps.contains(&flow.reply_src);
         }
         if let Some(eps) = self.by_node_port.get(&(flow.protocol, flow.orig_dport)) {
@@ -104,9 +109,11 @@ mod tests {
         m.services.insert(name.clone(), svc);
         let mut gone = Endpoint::ready(ip("10.0.0.9"), 53);
         gone.serving = false;
-        m.endpoints.insert(name, vec![Endpoint::ready(ip("10.0.0.5"), 53), gone]);
+        m.endpoints
+            .insert(name, vec![Endpoint::ready(ip("10.0.0.5"), 53), gone]);
         let tcp = ServicePortName::new("ns", "web", "", Protocol::Tcp);
-        m.services.insert(tcp.clone(), ServicePort::basic(tcp, ip("172.30.0.20"), 80));
+        m.services
+            .insert(tcp.clone(), ServicePort::basic(tcp, ip("172.30.0.20"), 80));
         m
     }
 
@@ -124,12 +131,27 @@ mod tests {
         let f = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")]);
         assert_eq!(f.protocols(), BTreeSet::from([Protocol::Udp]));
         assert!(!f.is_stale(&flow("172.30.0.10", 53, "10.0.0.5")));
-        assert!(f.is_stale(&flow("172.30.0.10", 53, "10.0.0.7")), "endpoint removed");
-        assert!(f.is_stale(&flow("172.30.0.10", 53, "10.0.0.9")), "endpoint not serving");
-        assert!(f.is_stale(&flow("172.30.0.10", 53, "172.30.0.10")), "flow created before any DNAT");
-        assert!(!f.is_stale(&flow("172.30.0.10", 54, "172.30.0.10")), "other port is not ours");
+        assert!(
+            f.is_stale(&flow("172.30.0.10", 53, "10.0.0.7")),
+            "endpoint removed"
+        );
+        assert!(
+            f.is_stale(&flow("172.30.0.10", 53, "10.0.0.9")),
+            "endpoint not serving"
+        );
+        assert!(
+            f.is_stale(&flow("172.30.0.10", 53, "172.30.0.10")),
+            "flow created before any DNAT"
+        );
+        assert!(
+            !f.is_stale(&flow("172.30.0.10", 54, "172.30.0.10")),
+            "other port is not ours"
+        );
         assert!(f.is_stale(&flow("192.168.50.1", 30053, "10.0.0.7")));
         assert!(!f.is_stale(&flow("192.168.50.1", 30053, "10.0.0.5")));
-        assert!(!f.is_stale(&flow("8.8.8.8", 30053, "8.8.8.8")), "forwarded flow, not a node port");
+        assert!(
+            !f.is_stale(&flow("8.8.8.8", 30053, "8.8.8.8")),
+            "forwarded flow, not a node port"
+        );
     }
 }

@@ -32,8 +32,11 @@ impl BoundedFrequency {
             self.tokens = f64::from(self.burst);
             return;
         }
-        let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
-        self.tokens = (self.tokens + elapsed / self.min_interval.as_secs_f64()).min(f64::from(self.burst));
+        let elapsed = now
+            .saturating_duration_since(self.last_refill)
+            .as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed / self.min_interval.as_secs_f64()).min(f64::from(self.burst));
         self.last_refill = now;
     }
 

@@ -29,7 +29,12 @@ pub struct FileError {
 }
 
 /// Parses `text`; objects that are not usable become warnings and are skipped.
-pub fn parse_objects(source_name: &str, text: &str, out: &mut Objects, warnings: &mut Vec<String>) -> Result<(), FileError> {
+pub fn parse_objects(
+    source_name: &str,
+    text: &str,
+    out: &mut Objects,
+    warnings: &mut Vec<String>,
+) -> Result<(), FileError> {
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = serde_json::Value::deserialize(doc).map_err(|e| FileError {
             source_name: source_name.to_string(),
@@ -44,13 +49,32 @@ pub fn parse_objects(source_name: &str, text: &str, out: &mut Objects, warnings:
     Ok(())
 }
 
-fn add_value(source_name: &str, value: serde_json::Value, out: &mut Objects, warnings: &mut Vec<String>) {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
-    let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+fn add_value(
+    source_name: &str,
+    value: serde_json::Value,
+    out: &mut Objects,
+    warnings: &mut Vec<String>,
+) {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
     let who = || {
         let meta = value.get("metadata");
-        let ns = meta.and_then(|m| m.get("namespace")).and_then(|v| v.as_str()).unwrap_or("");
-        let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str()).unwrap_or("<unnamed>");
+        let ns = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("<unnamed>");
         if ns.is_empty() {
             format!("{source_name}: {kind} {name}")
         } else {
@@ -71,15 +95,20 @@ fn add_value(source_name: &str, value: serde_json::Value, out: &mut Objects, war
             Ok(s) => out.services.push(s),
             Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
         },
-        ("discovery.k8s.io/v1", "EndpointSlice") => match serde_json::from_value::<EndpointSlice>(value.clone()) {
-            Ok(s) => out.slices.push(s),
-            Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
-        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match serde_json::from_value::<EndpointSlice>(value.clone()) {
+                Ok(s) => out.slices.push(s),
+                Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
+            }
+        }
         ("v1", "Node") => match serde_json::from_value::<Node>(value.clone()) {
             Ok(n) => out.nodes.push(n),
             Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
         },
-        _ => warnings.push(format!("{}: kind {api_version}/{kind} is not used, skipped", who())),
+        _ => warnings.push(format!(
+            "{}: kind {api_version}/{kind} is not used, skipped",
+            who()
+        )),
     }
 }
 
@@ -119,7 +148,10 @@ spec: {ports: "not a list"}
         let mut out = Objects::default();
         let mut w = Vec::new();
         parse_objects("t.yaml", text, &mut out, &mut w).unwrap();
-        assert_eq!((out.services.len(), out.slices.len(), out.nodes.len()), (1, 1, 1));
+        assert_eq!(
+            (out.services.len(), out.slices.len(), out.nodes.len()),
+            (1, 1, 1)
+        );
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("ConfigMap ns/c"), "{w:?}");
         assert!(w[1].contains("Service ns/broken"), "{w:?}");

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
 use crate::model::convert::SERVICE_LABEL_SELECTOR;
@@ -119,7 +119,11 @@ where
     }
 }
 
-fn handle<K: Tracked + kube::Resource>(event: Event<K>, shared: &Shared, relist: &mut Option<Vec<K>>) {
+fn handle<K: Tracked + kube::Resource>(
+    event: Event<K>,
+    shared: &Shared,
+    relist: &mut Option<Vec<K>>,
+) {
     let warnings = match event {
         Event::Init => {
             *relist = Some(Vec::new());
