@@ -1,5 +1,313 @@
-//! The sync loop: bounded-frequency runner deciding full or partial syncs.
+//! The sync loop: waits for the initial lists, then programs the backend no more often than
+//! `min_sync_period` and at least every `sync_period`, choosing full or partial syncs as
+//! upstream does (KEP-3453).
 
 pub mod conntrack;
 pub mod runner;
 pub mod shared;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::time::{Duration, Instant, sleep_until};
+
+use crate::backend::{Backend, SyncOutcome, SyncRequest};
+use crate::model::ServiceName;
+use runner::BoundedFrequency;
+use shared::Shared;
+
+/// Upstream's `proxyutil.FullSyncPeriod`: a full resync at least this often.
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
+
+/// Timing settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncSettings {
+    /// Minimum interval between syncs (burst of two).
+    pub min_sync_period: Duration,
+    /// Maximum interval between syncs.
+    pub sync_period: Duration,
+    /// Maximum interval between full syncs.
+    pub full_sync_period: Duration,
+}
+
+/// What one finished sync reports.
+#[derive(Debug, Clone)]
+pub struct SyncReport<'a> {
+    /// Whether it was a full sync.
+    pub full: bool,
+    /// How long the backend took.
+    pub duration: Duration,
+    /// What the backend reported.
+    pub outcome: &'a SyncOutcome,
+    /// Trigger times of the EndpointSlice changes it programmed.
+    pub trigger_times: &'a [SystemTime],
+    /// Service and EndpointSlice events it consumed.
+    pub service_events: u64,
+    /// EndpointSlice events it consumed.
+    pub endpoint_events: u64,
+    /// The node as last seen (for /healthz eligibility).
+    pub node: &'a crate::model::NodeInfo,
+}
+
+/// Side effects outside the kernel: metrics, health, health-check servers.
+pub trait Reporter: Send {
+    /// A change was queued (health: an update is pending).
+    fn queued(&mut self);
+    /// A sync succeeded.
+    fn sync_done(&mut self, report: &SyncReport<'_>);
+    /// A sync failed; the next one is full.
+    fn sync_failed(&mut self, full: bool, duration: Duration);
+}
+
+/// The loop's state.
+pub struct SyncLoop<B: Backend, R: Reporter> {
+    shared: Arc<Shared>,
+    backend: B,
+    reporter: R,
+    settings: SyncSettings,
+}
+
+impl<B: Backend, R: Reporter> SyncLoop<B, R> {
+    /// Builds the loop.
+    pub fn new(shared: Arc<Shared>, backend: B, reporter: R, settings: SyncSettings) -> Self {
+        SyncLoop {
+            shared,
+            backend,
+            reporter,
+            settings,
+        }
+    }
+
+    /// Runs until `max_syncs` syncs were attempted (`None`: forever).
+    pub async fn run(mut self, max_syncs: Option<usize>) -> B {
+        while !self.shared.initial_lists_done() {
+            self.shared.woken().await;
+        }
+        tracing::info!("initial Service and EndpointSlice lists complete, starting to sync");
+        let now = Instant::now();
+        let mut rate = BoundedFrequency::new(
+            self.settings.min_sync_period,
+            self.settings.sync_period,
+            2,
+            now,
+        );
+        let mut need_full = true;
+        let mut last_full = now;
+        let mut pending: BTreeSet<ServiceName> = BTreeSet::new();
+        let mut trigger_times: Vec<SystemTime> = Vec::new();
+        let mut events = (0u64, 0u64);
+        let mut attempts = 0usize;
+        self.reporter.queued();
+        loop {
+            sleep_until(rate.next_allowed(Instant::now())).await;
+            let start = Instant::now();
+            rate.ran(start);
+            let (model, node) = {
+                let mut st = self.shared.lock();
+                let c = st.take_changes();
+                need_full |= c.node;
+                pending.extend(c.services);
+                trigger_times.extend(c.trigger_times);
+                events.0 += c.service_events;
+                events.1 += c.endpoint_events;
+                (st.snapshot(), st.node().clone())
+            };
+            if start.duration_since(last_full) >= self.settings.full_sync_period {
+                need_full = true;
+            }
+            if !need_full && self.backend.needs_full_sync().await {
+                tracing::info!("kernel state drifted (canary missing), forcing a full sync");
+                need_full = true;
+            }
+            let full = need_full;
+            let result = self
+                .backend
+                .sync(SyncRequest {
+                    model: &model,
+                    changed: &pending,
+                    full,
+                })
+                .await;
+            let duration = start.elapsed();
+            attempts += 1;
+            match result {
+                Ok(outcome) => {
+                    self.reporter.sync_done(&SyncReport {
+                        full,
+                        duration,
+                        outcome: &outcome,
+                        trigger_times: &trigger_times,
+                        service_events: events.0,
+                        endpoint_events: events.1,
+                        node: &node,
+                    });
+                    tracing::debug!(
+                        full,
+                        duration_ms = duration.as_millis() as u64,
+                        services = model.services.len(),
+                        endpoints = model.endpoint_count(),
+                        changed = pending.len(),
+                        rules = ?outcome.rules_per_table,
+                        "sync done"
+                    );
+                    pending.clear();
+                    trigger_times.clear();
+                    events = (0, 0);
+                    if full {
+                        last_full = start;
+                    }
+                    need_full = false;
+                }
+                Err(e) => {
+                    // Previous rules stay in the kernel; retry soon with a full sync.
+                    tracing::error!(error = %e, full, "sync failed, keeping previous rules; retrying with a full sync");
+                    self.reporter.sync_failed(full, duration);
+                    need_full = true;
+                }
+            }
+            if max_syncs.is_some_and(|m| attempts >= m) {
+                return self.backend;
+            }
+            if need_full {
+                // Failed: retry as soon as the rate limit allows.
+                continue;
+            }
+            tokio::select! {
+                _ = self.shared.woken() => self.reporter.queued(),
+                _ = sleep_until(rate.periodic_deadline()) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendError;
+    use crate::model::ClusterState;
+    use k8s_openapi::api::core::v1::Service;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Call {
+        full: bool,
+        changed: Vec<String>,
+        services: usize,
+        at: Duration,
+    }
+
+    struct FakeBackend {
+        calls: Arc<Mutex<Vec<Call>>>,
+        fail_next: Arc<Mutex<bool>>,
+        t0: Instant,
+    }
+
+    impl Backend for FakeBackend {
+        fn mode(&self) -> &'static str {
+            "fake"
+        }
+        async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
+            self.calls.lock().unwrap().push(Call {
+                full: req.full,
+                changed: req.changed.iter().map(|s| s.to_string()).collect(),
+                services: req.model.services.len(),
+                at: Instant::now() - self.t0,
+            });
+            let mut f = self.fail_next.lock().unwrap();
+            if *f {
+                *f = false;
+                return Err(BackendError::Apply("boom".into()));
+            }
+            Ok(SyncOutcome::default())
+        }
+        async fn needs_full_sync(&mut self) -> bool {
+            false
+        }
+    }
+
+    #[derive(Default)]
+    struct CountingReporter {
+        done: Arc<Mutex<usize>>,
+        failed: Arc<Mutex<usize>>,
+    }
+    impl Reporter for CountingReporter {
+        fn queued(&mut self) {}
+        fn sync_done(&mut self, _r: &SyncReport<'_>) {
+            *self.done.lock().unwrap() += 1;
+        }
+        fn sync_failed(&mut self, _full: bool, _d: Duration) {
+            *self.failed.lock().unwrap() += 1;
+        }
+    }
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": name},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_lists_then_full_then_partial_and_full_after_failure() {
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let fail_next = Arc::new(Mutex::new(false));
+        let t0 = Instant::now();
+        let backend = FakeBackend {
+            calls: calls.clone(),
+            fail_next: fail_next.clone(),
+            t0,
+        };
+        let reporter = CountingReporter::default();
+        let (done, failed) = (reporter.done.clone(), reporter.failed.clone());
+        let settings = SyncSettings {
+            min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+            full_sync_period: Duration::from_secs(3600),
+        };
+        let task =
+            tokio::spawn(SyncLoop::new(shared.clone(), backend, reporter, settings).run(Some(6)));
+
+        shared.lock().apply_service(&svc("a", "10.0.0.1"));
+        shared.set_services_synced();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            calls.lock().unwrap().is_empty(),
+            "nothing may be programmed before both lists"
+        );
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        // A change: partial sync of exactly that service.
+        shared.lock().apply_service(&svc("b", "10.0.0.2"));
+        shared.wake();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        // A failing sync of another change, then the retry is full and still carries it.
+        *fail_next.lock().unwrap() = true;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        shared.lock().apply_service(&svc("c", "10.0.0.3"));
+        shared.wake();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        // Nothing changes: the periodic sync comes sync_period after the last one.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(c.len(), 5, "{c:#?}");
+        assert!(c[0].full && c[0].services == 1 && c[0].at == Duration::from_secs(5));
+        assert!(!c[1].full);
+        assert_eq!(c[1].changed, ["ns/b"]);
+        assert!(!c[2].full && c[2].changed == ["ns/c"], "{:?}", c[2]);
+        assert!(c[3].full, "a failed sync is retried in full");
+        assert_eq!(c[3].changed, ["ns/c"]);
+        assert!(
+            c[3].at - c[2].at >= Duration::from_millis(999) || c[3].at - c[2].at == Duration::ZERO
+        );
+        assert!(!c[4].full && c[4].changed.is_empty());
+        assert!(c[4].at - c[3].at >= Duration::from_secs(30));
+        assert_eq!((*done.lock().unwrap(), *failed.lock().unwrap()), (4, 1));
+        task.abort();
+    }
+}
