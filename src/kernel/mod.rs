@@ -1,1 +1,131 @@
-//! Thin wrappers over the system: iptables-restore/save, conntrack, sysctl, netlink.
+//! Thin wrappers over the system: iptables-restore/save, conntrack, sysctl, local addresses.
+//!
+//! This is the only module that touches the host. It makes no policy decisions: callers
+//! decide what to write or delete; this module runs the tools, parses their output into
+//! plain structs and reports failures with the tool's own words.
+//!
+//! Every tool is run through [`tokio::process::Command`] with an argument vector (never a
+//! shell). A handle can be bound to a named network namespace (`ip netns exec NAME ...`),
+//! which the tests use; the daemon runs in its own namespace without it.
+
+pub mod addrs;
+pub mod conntrack;
+pub mod iptables;
+pub mod sysctl;
+
+mod exec;
+#[cfg(test)]
+mod testutil;
+
+use std::path::PathBuf;
+
+pub use addrs::{AddrScope, Addresses, LocalAddress};
+pub use conntrack::{Conntrack, Flow};
+pub use iptables::{Iptables, IptablesVariant, IptablesVersion, RulePosition, Table};
+pub use sysctl::{ConntrackSettings, SettingOutcome, SettingReport, Sysctl};
+
+/// IP family a tool invocation works on (`iptables` vs `ip6tables`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// Everything that can go wrong while talking to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The tool could not be started at all (missing binary, no permission).
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        /// The command line, for display only.
+        command: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tool ran and failed.
+    #[error("`{command}` failed ({}): {}", status_text(*status), stderr.trim())]
+    Command {
+        /// The command line, for display only.
+        command: String,
+        /// Exit status (`None` if killed by a signal).
+        status: Option<i32>,
+        /// The tool's stderr.
+        stderr: String,
+    },
+    /// `iptables-restore` rejected its input.
+    #[error(
+        "`{command}` failed ({}): {}{}",
+        status_text(*status),
+        stderr.trim(),
+        line_text(*line, input_line.as_deref())
+    )]
+    Restore {
+        /// The command line, for display only.
+        command: String,
+        /// Exit status (`None` if killed by a signal).
+        status: Option<i32>,
+        /// The tool's stderr.
+        stderr: String,
+        /// The 1-based input line the tool named, if any.
+        line: Option<usize>,
+        /// That line of the input, if it exists.
+        input_line: Option<String>,
+    },
+    /// Output of a tool could not be understood.
+    #[error("cannot parse output of `{command}`: {detail}")]
+    Parse {
+        /// The command line, for display only.
+        command: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Reading or writing a file under /proc/sys or /sys failed.
+    #[error("{op} {}: {source}", path.display())]
+    Sysctl {
+        /// `read` or `write`.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration value (environment override, sysctl content) is invalid.
+    #[error("invalid {what}: {value:?}")]
+    Invalid {
+        /// What was being parsed.
+        what: &'static str,
+        /// The offending value.
+        value: String,
+    },
+}
+
+fn status_text(status: Option<i32>) -> String {
+    match status {
+        Some(code) => format!("exit status {code}"),
+        None => "killed by a signal".to_string(),
+    }
+}
+
+fn line_text(line: Option<usize>, input: Option<&str>) -> String {
+    match (line, input) {
+        (Some(n), Some(text)) => format!("; input line {n}: {text}"),
+        (Some(n), None) => format!("; input line {n} (beyond end of input)"),
+        _ => String::new(),
+    }
+}
+
+impl KernelError {
+    /// The tool's stderr, if this error came from a tool that ran.
+    pub fn stderr(&self) -> Option<&str> {
+        match self {
+            KernelError::Command { stderr, .. } | KernelError::Restore { stderr, .. } => {
+                Some(stderr)
+            }
+            _ => None,
+        }
+    }
+}

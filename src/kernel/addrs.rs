@@ -1,0 +1,221 @@
+//! This host's (or network namespace's) IP addresses, with interface names, from
+//! `ip -j addr show` (iproute2's JSON output).
+//!
+//! Parsing the tool's JSON rather than speaking rtnetlink keeps this module uniform (every
+//! query runs through the same runner and therefore honours `with_netns` without entering
+//! namespaces from Rust) and adds no dependency; the cost is one fork/exec per listing,
+//! which is negligible at the rate kube-proxy needs addresses (once per sync at most).
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use super::KernelError;
+use super::exec::Exec;
+
+/// Scope of an address, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddrScope {
+    /// `global`: usable anywhere.
+    Global,
+    /// `site` (deprecated IPv6 site-local).
+    Site,
+    /// `link`: link-local (fe80::/10, 169.254/16).
+    Link,
+    /// `host`: loopback.
+    Host,
+    /// Any other (numeric) scope.
+    Other,
+}
+
+impl AddrScope {
+    fn parse(s: &str) -> Self {
+        match s {
+            "global" | "universe" => AddrScope::Global,
+            "site" => AddrScope::Site,
+            "link" => AddrScope::Link,
+            "host" => AddrScope::Host,
+            _ => AddrScope::Other,
+        }
+    }
+}
+
+/// One address configured on an interface.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LocalAddress {
+    /// Interface name (`eth0`).
+    pub interface: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// The address (the local end for point-to-point links).
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Scope.
+    pub scope: AddrScope,
+}
+
+/// A handle for listing addresses, optionally inside a network namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Addresses {
+    exec: Exec,
+}
+
+impl Addresses {
+    /// Addresses of this process's network namespace.
+    pub fn new() -> Self {
+        Addresses::default()
+    }
+
+    /// The same handle, running `ip` through `ip netns exec NAME`.
+    pub fn with_netns(mut self, name: impl AsRef<str>) -> Self {
+        self.exec = Exec::new(Some(name.as_ref()));
+        self
+    }
+
+    /// All IPv4 and IPv6 addresses on all interfaces (up or not), in interface order.
+    pub async fn list(&self) -> Result<Vec<LocalAddress>, KernelError> {
+        let args = ["-j", "addr", "show"].map(String::from).to_vec();
+        let out = self.exec.run("ip", &args, None).await?;
+        let command = out.command.clone();
+        let text = out.into_stdout()?;
+        parse_ip_addr_json(&text).map_err(|detail| KernelError::Parse { command, detail })
+    }
+}
+
+/// Parses `ip -j addr show` output. Entries of other families are skipped; malformed
+/// entries are an error.
+pub fn parse_ip_addr_json(text: &str) -> Result<Vec<LocalAddress>, String> {
+    let links: Vec<Value> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for link in &links {
+        let ifname = link
+            .get("ifname")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("link without ifname: {link}"))?;
+        let ifindex = link
+            .get("ifindex")
+            .and_then(Value::as_u64)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| format!("link {ifname} without ifindex"))?;
+        let Some(infos) = link.get("addr_info").and_then(Value::as_array) else {
+            continue;
+        };
+        for info in infos {
+            match info.get("family").and_then(Value::as_str) {
+                Some("inet") | Some("inet6") => {}
+                _ => continue,
+            }
+            let addr: IpAddr = info
+                .get("local")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("bad address on {ifname}: {info}"))?;
+            let prefix_len = info
+                .get("prefixlen")
+                .and_then(Value::as_u64)
+                .and_then(|p| u8::try_from(p).ok())
+                .ok_or_else(|| format!("bad prefixlen on {ifname}: {info}"))?;
+            let scope = info
+                .get("scope")
+                .and_then(Value::as_str)
+                .map_or(AddrScope::Other, AddrScope::parse);
+            out.push(LocalAddress {
+                interface: ifname.to_string(),
+                ifindex,
+                addr,
+                prefix_len,
+                scope,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::testutil::NetNs;
+
+    const SAMPLE: &str = r#"[
+      {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP"],"addr_info":[
+        {"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host","label":"lo"},
+        {"family":"inet6","local":"::1","prefixlen":128,"scope":"host"}]},
+      {"ifindex":2,"ifname":"ifb0","flags":["BROADCAST"],"addr_info":[]},
+      {"ifindex":3,"ifname":"eth0","addr_info":[
+        {"family":"inet","local":"192.168.1.10","prefixlen":24,"broadcast":"192.168.1.255","scope":"global"},
+        {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]},
+      {"ifindex":4,"ifname":"tun0","addr_info":[
+        {"family":"inet","local":"10.8.0.1","address":"10.8.0.2","prefixlen":32,"scope":"global"}]},
+      {"ifindex":5,"ifname":"weird"}
+    ]"#;
+
+    #[test]
+    fn parse_sample() {
+        let got = parse_ip_addr_json(SAMPLE).unwrap();
+        let want = [
+            ("lo", 1, "127.0.0.1", 8, AddrScope::Host),
+            ("lo", 1, "::1", 128, AddrScope::Host),
+            ("eth0", 3, "192.168.1.10", 24, AddrScope::Global),
+            ("eth0", 3, "fe80::1", 64, AddrScope::Link),
+            // Point-to-point: the local end, not the peer.
+            ("tun0", 4, "10.8.0.1", 32, AddrScope::Global),
+        ];
+        let got: Vec<_> = got
+            .iter()
+            .map(|a| {
+                (
+                    a.interface.as_str(),
+                    a.ifindex,
+                    a.addr.to_string(),
+                    a.prefix_len,
+                    a.scope,
+                )
+            })
+            .collect();
+        let want: Vec<_> = want
+            .iter()
+            .map(|(i, n, a, p, s)| (*i, *n, a.to_string(), *p, *s))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn parse_rejects_garbage() {
+        assert!(parse_ip_addr_json("not json").is_err());
+        assert!(parse_ip_addr_json(r#"[{"ifindex":1}]"#).is_err());
+        let bad = r#"[{"ifindex":1,"ifname":"x","addr_info":[{"family":"inet","local":"zz","prefixlen":8}]}]"#;
+        assert!(parse_ip_addr_json(bad).unwrap_err().contains("bad address"));
+    }
+
+    #[tokio::test]
+    async fn kernel_lists_namespace_addresses() {
+        let a = NetNs::new();
+        let b = NetNs::new();
+        a.veth_to(&b, "kprsa0", "kprsb0", "10.78.0.1/24", "10.78.0.2/24");
+        a.exec(
+            "ip",
+            &["addr", "add", "fd00:78::1/64", "dev", "kprsa0", "nodad"],
+        );
+        let addrs = Addresses::new().with_netns(a.name()).list().await.unwrap();
+        let mut got: Vec<(String, String, u8)> = addrs
+            .iter()
+            .filter(|a| a.scope != AddrScope::Link)
+            .map(|a| (a.interface.clone(), a.addr.to_string(), a.prefix_len))
+            .collect();
+        got.sort();
+        let mut want = vec![
+            ("kprsa0".to_string(), "10.78.0.1".to_string(), 24),
+            ("kprsa0".to_string(), "fd00:78::1".to_string(), 64),
+            ("lo".to_string(), "127.0.0.1".to_string(), 8),
+            ("lo".to_string(), "::1".to_string(), 128),
+        ];
+        want.sort();
+        assert_eq!(got, want, "{addrs:?}");
+        let global = addrs
+            .iter()
+            .find(|a| a.addr.to_string() == "10.78.0.1")
+            .unwrap();
+        assert_eq!(global.scope, AddrScope::Global);
+    }
+}
