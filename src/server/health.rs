@@ -195,6 +195,11 @@ impl ProxyHealth {
         self.state().node_eligible = present && !deleting && !to_be_deleted_taint;
     }
 
+    /// [`set_node`](Self::set_node) from the model's view of this Node.
+    pub fn set_node_info(&self, node: &crate::model::NodeInfo) {
+        self.set_node(node.present, node.deleting, node.to_be_deleted);
+    }
+
     /// Whether the Node is eligible for traffic.
     pub fn node_eligible(&self) -> bool {
         self.state().node_eligible
@@ -424,6 +429,16 @@ mod tests {
         assert_eq!(h.healthz().status, 503);
         h.set_node(true, false, false);
         assert_eq!(h.healthz().status, 200);
+        let mut node = crate::model::NodeInfo {
+            present: true,
+            ..Default::default()
+        };
+        node.to_be_deleted = true;
+        h.set_node_info(&node);
+        assert!(!h.node_eligible());
+        node.to_be_deleted = false;
+        h.set_node_info(&node);
+        assert!(h.node_eligible());
     }
 
     #[test]

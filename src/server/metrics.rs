@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::text::encode_registry;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -117,34 +118,21 @@ impl Default for Metrics {
     }
 }
 
-/// Registers `metric` under its full upstream name and help text. prometheus-client appends
-/// `_total` to counter samples itself, so counters are registered without it.
+/// Registers `metric` under its full upstream name and help text (with component-base's
+/// stability prefix). prometheus-client appends `_total` to counter samples itself, so
+/// counters are registered without it.
 fn reg<M: prometheus_client::registry::Metric + Clone>(
     r: &mut Registry,
     name: &str,
     help: &str,
     metric: &M,
 ) {
-    let name = name
-        .strip_suffix("_total")
-        .filter(|_| is_counter_name(name))
-        .unwrap_or(name);
+    let is_counter = matches!(metric.metric_type(), MetricType::Counter);
+    let name = match name.strip_suffix("_total") {
+        Some(stem) if is_counter => stem,
+        _ => name,
+    };
     r.register(name, format!("[ALPHA] {help}"), metric.clone());
-}
-
-/// The counters among our metrics (several gauges also end in `_total`).
-const COUNTERS: &[&str] = &[
-    "kubeproxy_sync_proxy_rules_endpoint_changes_total",
-    "kubeproxy_sync_proxy_rules_service_changes_total",
-    "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
-    "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
-    "kubeproxy_proxy_healthz_total",
-    "kubeproxy_proxy_livez_total",
-    "kubeproxy_conntrack_reconciler_deleted_entries_total",
-];
-
-fn is_counter_name(name: &str) -> bool {
-    COUNTERS.contains(&name)
 }
 
 impl Metrics {
