@@ -358,15 +358,16 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// An iptables-restore failed: the partial counter for a partial sync (which then falls
-    /// back to a full one), the plain counter otherwise.
+    /// An iptables-restore failed. As upstream, every failure counts in the plain counter and
+    /// a failed partial sync (which falls back to a full one) also in the partial counter.
     pub fn inc_restore_failure(&self, partial: bool) {
-        let c = if partial {
-            &self.0.partial_restore_failures
-        } else {
-            &self.0.restore_failures
-        };
-        c.get_or_create(&self.fam()).inc();
+        self.0.restore_failures.get_or_create(&self.fam()).inc();
+        if partial {
+            self.0
+                .partial_restore_failures
+                .get_or_create(&self.fam())
+                .inc();
+        }
     }
 
     /// `sync_proxy_rules_iptables_total{table}`: rules owned by kube-proxy per table.
@@ -795,8 +796,8 @@ mod tests {
                 "missing {want:?} in\n{text}"
             );
         }
-        // A partial failure is not a full failure.
-        assert!(!text.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total{"));
+        // A partial failure counts in both counters, as upstream.
+        assert!(text.lines().any(|l| l == "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv6\"} 1"), "{text}");
         // Children sorted by label value, as client_golang does.
         assert_eq!(
             lines_of(&text, "kubeproxy_proxy_healthz_total{"),

@@ -20,6 +20,9 @@ use shared::Shared;
 /// Upstream's `proxyutil.FullSyncPeriod`: a full resync at least this often.
 pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 
+/// Shortest wait before retrying a failed sync.
+pub const RETRY_MIN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Timing settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SyncSettings {
@@ -55,7 +58,10 @@ pub trait Reporter: Send {
     /// A change was queued (health: an update is pending).
     fn queued(&mut self);
     /// A sync succeeded.
-    fn sync_done(&mut self, report: &SyncReport<'_>);
+    fn sync_done(
+        &mut self,
+        report: &SyncReport<'_>,
+    ) -> impl std::future::Future<Output = ()> + Send;
     /// A sync failed; the next one is full.
     fn sync_failed(&mut self, full: bool, duration: Duration);
 }
@@ -133,15 +139,17 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             attempts += 1;
             match result {
                 Ok(outcome) => {
-                    self.reporter.sync_done(&SyncReport {
-                        full,
-                        duration,
-                        outcome: &outcome,
-                        trigger_times: &trigger_times,
-                        service_events: events.0,
-                        endpoint_events: events.1,
-                        node: &node,
-                    });
+                    self.reporter
+                        .sync_done(&SyncReport {
+                            full,
+                            duration,
+                            outcome: &outcome,
+                            trigger_times: &trigger_times,
+                            service_events: events.0,
+                            endpoint_events: events.1,
+                            node: &node,
+                        })
+                        .await;
                     tracing::debug!(
                         full,
                         duration_ms = duration.as_millis() as u64,
@@ -170,7 +178,9 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 return self.backend;
             }
             if need_full {
-                // Failed: retry as soon as the rate limit allows.
+                // Failed: retry soon, but never spin (min_sync_period may be 0).
+                let wait = self.settings.min_sync_period.max(RETRY_MIN_INTERVAL);
+                tokio::time::sleep(wait).await;
                 continue;
             }
             tokio::select! {
@@ -233,7 +243,7 @@ mod tests {
     }
     impl Reporter for CountingReporter {
         fn queued(&mut self) {}
-        fn sync_done(&mut self, _r: &SyncReport<'_>) {
+        async fn sync_done(&mut self, _r: &SyncReport<'_>) {
             *self.done.lock().unwrap() += 1;
         }
         fn sync_failed(&mut self, _full: bool, _d: Duration) {
