@@ -449,3 +449,515 @@ fn overall_iptables_rules_match_upstream_golden() {
     );
     assert_eq!(r.active_nat_chains.len(), 16);
 }
+
+#[test]
+fn exact_restore_text_keeps_upstream_write_order() {
+    let m = model(
+        vec![svc("ns1", "svc1", "p80", "172.30.0.41", 80)],
+        vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80)])],
+    );
+    let r = render_full(&m);
+    let expected = dedent(
+        r#"
+        *filter
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x00004000/0x00004000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+        *nat
+        :KUBE-SERVICES - [0:0]
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+        :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+        -A KUBE-POSTROUTING -m mark ! --mark 0x00004000/0x00004000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x00004000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x00004000
+        -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+        -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+        -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        COMMIT
+        "#,
+    );
+    assert_eq!(r.text, expected);
+    assert_eq!(
+        r.active_nat_chains,
+        BTreeSet::from(["KUBE-SVC-XPGD46QRK7WJZT7O".into(), "KUBE-SEP-SXIVWICOYRO3J4NJ".into()])
+    );
+}
+
+#[test]
+fn masquerade_mark_follows_the_bit_like_go_percent_hash_08x() {
+    let mut cfg = RenderConfig::default();
+    assert_eq!(cfg.masquerade_mark(), "0x00004000");
+    cfg.masquerade_bit = 0;
+    assert_eq!(cfg.masquerade_mark(), "0x00000001");
+    cfg.masquerade_bit = 31;
+    assert_eq!(cfg.masquerade_mark(), "0x80000000");
+    let r = render_with(&model(vec![], vec![]), &cfg);
+    assert!(r.text.contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x80000000\n"));
+    assert!(r.text.contains("! --mark 0x80000000/0x80000000 -j RETURN\n"));
+}
+
+#[test]
+fn compute_probability_matches_go_formatting() {
+    for (n, want) in [
+        (1, "1.0000000000"),
+        (2, "0.5000000000"),
+        (3, "0.3333333333"),
+        (10, "0.1000000000"),
+        (100, "0.0100000000"),
+        (1000, "0.0010000000"),
+        (10000, "0.0001000000"),
+        (100000, "0.0000100000"),
+        (100001, "0.0000099999"),
+    ] {
+        assert_eq!(probability(n), want, "n={n}");
+    }
+    let mut prev = 0.0;
+    for n in (2..=100_000).rev() {
+        let p: f64 = probability(n).parse().unwrap();
+        assert!(p > prev, "probability not increasing at {n}");
+        prev = p;
+    }
+}
+
+#[test]
+fn probabilities_are_one_over_remaining_endpoints() {
+    let eps: Vec<Endpoint> = (1..=3).map(|i| ep(&format!("10.180.0.{i}"), 80)).collect();
+    let m = model(
+        vec![svc("ns1", "svc1", "p80", "172.30.0.41", 80)],
+        vec![(spn("ns1", "svc1", "p80"), eps)],
+    );
+    let r = render_full(&m);
+    let svc_chain = chain_text(&r.text, "nat", "KUBE-SVC-XPGD46QRK7WJZT7O");
+    let probs: Vec<Option<String>> = Dump::parse(&format!("*nat\n:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]\n{svc_chain}COMMIT\n"))
+        .unwrap()
+        .chain("nat", "KUBE-SVC-XPGD46QRK7WJZT7O")
+        .unwrap()
+        .rules
+        .iter()
+        .filter(|r| r.jump.as_deref().is_some_and(|j| j.starts_with("KUBE-SEP-")))
+        .map(|r| r.probability.clone())
+        .collect();
+    assert_eq!(probs, [Some("0.3333333333".into()), Some("0.5000000000".into()), None]);
+}
+
+// === packet flows ===
+
+struct Flow {
+    name: &'static str,
+    src: &'static str,
+    proto: Protocol,
+    dst: &'static str,
+    port: u16,
+    output: String,
+    masq: bool,
+}
+
+fn flow(name: &'static str, src: &'static str, dst: &'static str, port: u16, output: &str, masq: bool) -> Flow {
+    Flow {
+        name,
+        src,
+        proto: Protocol::Tcp,
+        dst,
+        port,
+        output: output.to_string(),
+        masq,
+    }
+}
+
+#[track_caller]
+fn run_flows(text: &str, flows: &[Flow]) {
+    let dump = Dump::parse(text).unwrap();
+    let mut errors = Vec::new();
+    for f in flows {
+        let pkt = Packet {
+            source: ip(f.src),
+            protocol: f.proto,
+            destination: ip(f.dst),
+            dport: f.port,
+            in_interface: None,
+        };
+        let t = trace_packet(&dump, &test_node_ips(), &pkt);
+        if t.output() != f.output || t.masquerade != f.masq {
+            errors.push(format!(
+                "{:?} {} -> {}:{}: got ({:?}, masq {}) want ({:?}, masq {})\n  matched:\n    {}",
+                f.name,
+                f.src,
+                f.dst,
+                f.port,
+                t.output(),
+                t.masquerade,
+                f.output,
+                f.masq,
+                t.matched_rules.join("\n    ")
+            ));
+        }
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+const TRACE_PACKET_RULES: &str = r#"
+    *filter
+    :INPUT - [0:0]
+    :FORWARD - [0:0]
+    :OUTPUT - [0:0]
+    :KUBE-EXTERNAL-SERVICES - [0:0]
+    :KUBE-FIREWALL - [0:0]
+    :KUBE-FORWARD - [0:0]
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-PROXY-FIREWALL - [0:0]
+    -A INPUT -m comment --comment kubernetes health check service ports -j KUBE-NODEPORTS
+    -A INPUT -m conntrack --ctstate NEW -m comment --comment kubernetes externally-visible service portals -j KUBE-EXTERNAL-SERVICES
+    -A FORWARD -m comment --comment kubernetes forwarding rules -j KUBE-FORWARD
+    -A FORWARD -m conntrack --ctstate NEW -m comment --comment kubernetes service portals -j KUBE-SERVICES
+    -A FORWARD -m conntrack --ctstate NEW -m comment --comment kubernetes externally-visible service portals -j KUBE-EXTERNAL-SERVICES
+    -A OUTPUT -m conntrack --ctstate NEW -m comment --comment kubernetes service portals -j KUBE-SERVICES
+    -A KUBE-NODEPORTS -m comment --comment "ns2/svc2:p80 health check node port" -m tcp -p tcp --dport 30000 -j ACCEPT
+    -A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j DROP
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+    -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns2/svc2:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001 -j DROP
+    -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+    -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+    -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+    -A KUBE-PROXY-FIREWALL -m comment --comment "ns5/svc5:p80 traffic not accepted by KUBE-FW-NUKIZ6OKUXPJNT4C" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j DROP
+    COMMIT
+    *nat
+    :PREROUTING - [0:0]
+    :INPUT - [0:0]
+    :OUTPUT - [0:0]
+    :POSTROUTING - [0:0]
+    :KUBE-EXT-4SW47YFZTEDKD3PK - [0:0]
+    :KUBE-EXT-GNZBNJ2PO5MGZ6GT - [0:0]
+    :KUBE-EXT-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-EXT-X27LE4BHSL4DOUIK - [0:0]
+    :KUBE-FW-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-MARK-MASQ - [0:0]
+    :KUBE-NODEPORTS - [0:0]
+    :KUBE-POSTROUTING - [0:0]
+    :KUBE-SEP-C6EBXVWJJZMIWKLZ - [0:0]
+    :KUBE-SEP-I77PXRDZVX7PMWMN - [0:0]
+    :KUBE-SEP-OYPFS5VJICHGATKP - [0:0]
+    :KUBE-SEP-RS4RBKLTHTF2IUXJ - [0:0]
+    :KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+    :KUBE-SEP-UKSFD7AGPMPPLUHC - [0:0]
+    :KUBE-SERVICES - [0:0]
+    :KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]
+    :KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]
+    :KUBE-SVC-NUKIZ6OKUXPJNT4C - [0:0]
+    :KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]
+    :KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+    -A PREROUTING -m comment --comment kubernetes service portals -j KUBE-SERVICES
+    -A OUTPUT -m comment --comment kubernetes service portals -j KUBE-SERVICES
+    -A POSTROUTING -m comment --comment kubernetes postrouting rules -j KUBE-POSTROUTING
+    -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+    -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+    -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+    -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+    -A KUBE-NODEPORTS -m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+    -A KUBE-NODEPORTS -m comment --comment ns3/svc3:p80 -m tcp -p tcp --dport 3003 -j KUBE-EXT-X27LE4BHSL4DOUIK
+    -A KUBE-NODEPORTS -m comment --comment ns5/svc5:p80 -m tcp -p tcp --dport 3002 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 external IP" -m tcp -p tcp -d 192.168.99.22 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SERVICES -m comment --comment "ns2/svc2:p80 loadbalancer IP" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j KUBE-EXT-GNZBNJ2PO5MGZ6GT
+    -A KUBE-SERVICES -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK
+    -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK
+    -A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 external IP" -m tcp -p tcp -d 192.168.99.33 --dport 80 -j KUBE-EXT-4SW47YFZTEDKD3PK
+    -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "ns5/svc5:p80 loadbalancer IP" -m tcp -p tcp -d 5.6.7.8 --dport 80 -j KUBE-FW-NUKIZ6OKUXPJNT4C
+    -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+    -A KUBE-EXT-4SW47YFZTEDKD3PK -m comment --comment "masquerade traffic for ns4/svc4:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-4SW47YFZTEDKD3PK -j KUBE-SVC-4SW47YFZTEDKD3PK
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "pod traffic for ns2/svc2:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "masquerade LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+    -A KUBE-EXT-GNZBNJ2PO5MGZ6GT -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-GNZBNJ2PO5MGZ6GT
+    -A KUBE-EXT-NUKIZ6OKUXPJNT4C -m comment --comment "masquerade traffic for ns5/svc5:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-NUKIZ6OKUXPJNT4C -j KUBE-SVC-NUKIZ6OKUXPJNT4C
+    -A KUBE-EXT-X27LE4BHSL4DOUIK -m comment --comment "masquerade traffic for ns3/svc3:p80 external destinations" -j KUBE-MARK-MASQ
+    -A KUBE-EXT-X27LE4BHSL4DOUIK -j KUBE-SVC-X27LE4BHSL4DOUIK
+    -A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-NUKIZ6OKUXPJNT4C
+    -A KUBE-FW-NUKIZ6OKUXPJNT4C -m comment --comment "other traffic to ns5/svc5:p80 will be dropped by KUBE-PROXY-FIREWALL"
+    -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -s 10.180.0.5 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-C6EBXVWJJZMIWKLZ -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.5:80
+    -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-I77PXRDZVX7PMWMN -m comment --comment ns5/svc5:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+    -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -s 10.180.0.3 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-OYPFS5VJICHGATKP -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.3:80
+    -A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -s 10.180.0.2 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-RS4RBKLTHTF2IUXJ -m comment --comment ns2/svc2:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.2:80
+    -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+    -A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -s 10.180.0.4 -j KUBE-MARK-MASQ
+    -A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.4:80
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC
+    -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ
+    -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-GNZBNJ2PO5MGZ6GT -m comment --comment "ns2/svc2:p80 -> 10.180.0.2:80" -j KUBE-SEP-RS4RBKLTHTF2IUXJ
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 cluster IP" -m tcp -p tcp -d 172.30.0.45 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-NUKIZ6OKUXPJNT4C -m comment --comment "ns5/svc5:p80 -> 10.180.0.3:80" -j KUBE-SEP-I77PXRDZVX7PMWMN
+    -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.180.0.3:80" -j KUBE-SEP-OYPFS5VJICHGATKP
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+    -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+    COMMIT
+"#;
+
+#[test]
+fn trace_packet_against_static_rules() {
+    run_flows(
+        TRACE_PACKET_RULES,
+        &[
+            flow("no match", "10.0.0.2", "10.0.0.3", 80, "", false),
+            flow("single endpoint", "10.0.0.2", "172.30.0.41", 80, "10.180.0.1:80", false),
+            flow("multiple endpoints", "10.0.0.2", "172.30.0.44", 80, "10.180.0.4:80, 10.180.0.5:80", false),
+            flow("LOCAL, KUBE-MARK-MASQ", TEST_NODE_IP, "192.168.99.22", 80, "10.180.0.2:80", true),
+            flow("DROP", TEST_EXTERNAL_CLIENT, "192.168.99.22", 80, "DROP", false),
+            flow("ACCEPT (NodePortHealthCheck)", TEST_NODE_IP, TEST_NODE_IP, 30000, "ACCEPT", false),
+            flow("REJECT", "10.0.0.2", "172.30.0.46", 80, "REJECT", false),
+        ],
+    );
+}
+
+#[test]
+fn overall_rules_packet_flows() {
+    let r = render_full(&overall_model());
+    run_flows(
+        &r.text,
+        &[
+            flow("pod to svc1", "10.0.0.2", "172.30.0.41", 80, "10.180.0.1:80", false),
+            flow("external to eTP:Local svc2 external IP without local endpoints", TEST_EXTERNAL_CLIENT, "192.168.99.22", 80, "DROP", false),
+            flow("pod to eTP:Local svc2 LB IP is short-circuited", "10.0.0.2", "1.2.3.4", 80, "10.180.0.2:80", false),
+            flow("external to svc3 node port", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3003, "10.180.0.3:80", true),
+            flow("localhost to svc3 node port", "127.0.0.1", "127.0.0.1", 3003, "10.180.0.3:80", true),
+            flow("external to svc4 external IP", TEST_EXTERNAL_CLIENT, "192.168.99.33", 80, "10.180.0.4:80, 10.180.0.5:80", true),
+            flow("allowed source to svc5 LB", TEST_EXTERNAL_CLIENT, "5.6.7.8", 80, "10.180.0.3:80", true),
+            flow("blocked source to svc5 LB", TEST_EXTERNAL_CLIENT_BLOCKED, "5.6.7.8", 80, "DROP", false),
+            flow("svc6 has no endpoints", "10.0.0.2", "172.30.0.46", 80, "REJECT", false),
+            flow("health check node port", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 30000, "ACCEPT", false),
+        ],
+    );
+}
+
+fn lb_service(ns: &str, name: &str, port_name: &str, cluster_ip: &str) -> ServicePort {
+    let mut s = svc(ns, name, port_name, cluster_ip, 80);
+    s.service_type = ServiceType::LoadBalancer;
+    s
+}
+
+#[test]
+fn no_endpoints_reject_everywhere() {
+    let mut s = lb_service("ns1", "svc1", "p80", "172.30.0.41");
+    s.external_ips = vec![ip("192.168.99.11")];
+    s.node_port = 3001;
+    s.load_balancer_ips = vec![ip("1.2.3.4")];
+    let r = render_full(&model(vec![s], vec![]));
+    assert!(!r.text.contains("KUBE-SVC-") && !r.text.contains("KUBE-EXT-"));
+    assert_eq!(r.nat_rules, 5);
+    run_flows(
+        &r.text,
+        &[
+            flow("pod to cluster IP with no endpoints", "10.0.0.2", "172.30.0.41", 80, "REJECT", false),
+            flow("external to external IP with no endpoints", TEST_EXTERNAL_CLIENT, "192.168.99.11", 80, "REJECT", false),
+            flow("pod to NodePort with no endpoints", "10.0.0.2", TEST_NODE_IP, 3001, "REJECT", false),
+            flow("external to NodePort with no endpoints", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3001, "REJECT", false),
+            flow("pod to LoadBalancer IP with no endpoints", "10.0.0.2", "1.2.3.4", 80, "REJECT", false),
+            flow("external to LoadBalancer IP with no endpoints", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, "REJECT", false),
+        ],
+    );
+}
+
+#[test]
+fn cluster_ip_general() {
+    let s1 = svc("ns1", "svc1", "http", "172.30.0.41", 80);
+    let s2 = [
+        ("http", Protocol::Tcp, 80u16, 80u16),
+        ("https", Protocol::Tcp, 443, 8443),
+        ("dns-udp", Protocol::Udp, 53, 53),
+        ("dns-tcp", Protocol::Tcp, 53, 5353),
+        ("dns-sctp", Protocol::Sctp, 53, 53),
+    ];
+    let mut services = vec![s1];
+    let mut endpoints = vec![(spn("ns1", "svc1", "http"), vec![local(ep("10.180.0.1", 80))])];
+    for (port_name, proto, port, target) in s2 {
+        let name = ServicePortName::new("ns2", "svc2", port_name, proto);
+        services.push(ServicePort::basic(name.clone(), ip("172.30.0.42"), port));
+        endpoints.push((name, vec![local(ep("10.180.0.1", target)), ep("10.180.2.1", target)]));
+    }
+    let r = render_full(&model(services, endpoints));
+    assert!(r.text.contains("-m sctp -p sctp -d 172.30.0.42 --dport 53"));
+    let mut flows = vec![
+        flow("simple clusterIP", "10.180.0.2", "172.30.0.41", 80, "10.180.0.1:80", false),
+        flow("hairpin to cluster IP", "10.180.0.1", "172.30.0.41", 80, "10.180.0.1:80", true),
+        flow("clusterIP with multiple endpoints", "10.180.0.2", "172.30.0.42", 80, "10.180.0.1:80, 10.180.2.1:80", false),
+        flow("clusterIP with TargetPort", "10.180.0.2", "172.30.0.42", 443, "10.180.0.1:8443, 10.180.2.1:8443", false),
+        flow("same port (TCP)", "10.180.0.2", "172.30.0.42", 53, "10.180.0.1:5353, 10.180.2.1:5353", false),
+        flow("same port (UDP)", "10.180.0.2", "172.30.0.42", 53, "10.180.0.1:53, 10.180.2.1:53", false),
+        flow("same port (SCTP)", "10.180.0.2", "172.30.0.42", 53, "10.180.0.1:53, 10.180.2.1:53", false),
+        flow("TCP-only port does not match UDP traffic", "10.180.0.2", "172.30.0.42", 80, "", false),
+        flow("svc1 does not accept svc2's ports", "10.180.0.2", "172.30.0.41", 443, "", false),
+    ];
+    flows[5].proto = Protocol::Udp;
+    flows[6].proto = Protocol::Sctp;
+    flows[7].proto = Protocol::Udp;
+    run_flows(&r.text, &flows);
+}
+
+#[test]
+fn load_balancer_source_ranges() {
+    let mut s = lb_service("ns1", "svc1", "p80", "172.30.0.41");
+    s.node_port = 3001;
+    s.load_balancer_ips = vec![ip("1.2.3.4"), ip("5.6.7.8")];
+    s.source_ranges = vec![cidr("192.168.0.0/24"), cidr("203.0.113.0/25")];
+    let m = model(vec![s], vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80)])]);
+    let r = render_full(&m);
+    // The node IP is inside a source range, so the LB IPs are admitted as sources too.
+    assert_eq!(
+        chain_text(&r.text, "nat", "KUBE-FW-XPGD46QRK7WJZT7O"),
+        dedent(
+            r#"
+            -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 192.168.0.0/24 -j KUBE-EXT-XPGD46QRK7WJZT7O
+            -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-XPGD46QRK7WJZT7O
+            -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 1.2.3.4 -j KUBE-EXT-XPGD46QRK7WJZT7O
+            -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 5.6.7.8 -j KUBE-EXT-XPGD46QRK7WJZT7O
+            -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "other traffic to ns1/svc1:p80 will be dropped by KUBE-PROXY-FIREWALL"
+            "#
+        )
+    );
+    let out = "10.180.0.1:80";
+    run_flows(
+        &r.text,
+        &[
+            flow("pod to cluster IP", "10.0.0.2", "172.30.0.41", 80, out, false),
+            flow("external to nodePort", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3001, out, true),
+            flow("nodePort bypasses LoadBalancerSourceRanges", TEST_EXTERNAL_CLIENT_BLOCKED, TEST_NODE_IP, 3001, out, true),
+            flow("accepted external to LB1", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, out, true),
+            flow("accepted external to LB2", TEST_EXTERNAL_CLIENT, "5.6.7.8", 80, out, true),
+            flow("blocked external to LB1", TEST_EXTERNAL_CLIENT_BLOCKED, "1.2.3.4", 80, "DROP", false),
+            flow("blocked external to LB2", TEST_EXTERNAL_CLIENT_BLOCKED, "5.6.7.8", 80, "DROP", false),
+            flow("pod to LB1 (blocked by LoadBalancerSourceRanges)", "10.0.0.2", "1.2.3.4", 80, "DROP", false),
+            flow("pod to LB2 (blocked by LoadBalancerSourceRanges)", "10.0.0.2", "5.6.7.8", 80, "DROP", false),
+            flow("node to LB1 (allowed by LoadBalancerSourceRanges)", TEST_NODE_IP, "1.2.3.4", 80, out, true),
+            flow("node to LB2 (allowed by LoadBalancerSourceRanges)", TEST_NODE_IP, "5.6.7.8", 80, out, true),
+            flow("same node to LB1, SNATted to LB1 (implicitly allowed)", "1.2.3.4", "1.2.3.4", 80, out, true),
+            flow("same node to LB2, SNATted to LB2 (implicitly allowed)", "5.6.7.8", "5.6.7.8", 80, out, true),
+        ],
+    );
+}
+
+#[test]
+fn node_ports_with_localhost_and_node_port_addresses() {
+    struct Case {
+        name: &'static str,
+        localhost: bool,
+        addresses: Option<Vec<Cidr>>,
+        allow_alt_node_ip: bool,
+        expect_firewall: bool,
+    }
+    let cases = [
+        Case { name: "localhost-nodeports enabled", localhost: true, addresses: None, allow_alt_node_ip: true, expect_firewall: true },
+        Case { name: "localhost-nodeports disabled", localhost: false, addresses: None, allow_alt_node_ip: true, expect_firewall: false },
+        Case {
+            name: "localhost-nodeports disabled, localhost in nodeport-addresses",
+            localhost: false,
+            addresses: Some(vec![cidr("192.168.0.0/24"), cidr("127.0.0.1/32")]),
+            allow_alt_node_ip: false,
+            expect_firewall: false,
+        },
+        Case {
+            name: "multiple nodeport-addresses",
+            localhost: false,
+            addresses: Some(vec![cidr("192.168.0.0/24"), cidr("192.168.1.0/24"), cidr("2001:db8::/64")]),
+            allow_alt_node_ip: true,
+            expect_firewall: false,
+        },
+    ];
+    for c in cases {
+        let mut cfg = upstream_config();
+        cfg.localhost_node_ports = c.localhost;
+        cfg.node_port_addresses = c.addresses.clone();
+        let mut s = svc("ns1", "svc1", "p80", "172.30.0.41", 80);
+        s.service_type = ServiceType::NodePort;
+        s.node_port = 3001;
+        let m = model(
+            vec![s],
+            vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80), local(ep("10.180.2.1", 80))])],
+        );
+        let r = render_with(&m, &cfg);
+        let out = "10.180.0.1:80, 10.180.2.1:80";
+        let mut flows = vec![
+            flow("pod to cluster IP", "10.0.0.2", "172.30.0.41", 80, out, false),
+            flow("external to nodePort", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3001, out, true),
+            flow("node to nodePort", TEST_NODE_IP, TEST_NODE_IP, 3001, out, true),
+        ];
+        if c.localhost {
+            flows.push(flow("localhost to nodePort gets masqueraded", "127.0.0.1", "127.0.0.1", 3001, out, true));
+        } else {
+            flows.push(flow("localhost to nodePort is ignored", "127.0.0.1", "127.0.0.1", 3001, "", false));
+        }
+        if c.allow_alt_node_ip {
+            flows.push(flow("external to nodePort on secondary IP", TEST_EXTERNAL_CLIENT, TEST_NODE_IP_ALT, 3001, out, true));
+        } else {
+            flows.push(flow("secondary nodeIP ignores NodePorts", TEST_EXTERNAL_CLIENT, TEST_NODE_IP_ALT, 3001, "", false));
+        }
+        run_flows(&r.text, &flows);
+        let expected = if c.expect_firewall {
+            "-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n"
+        } else {
+            ""
+        };
+        assert_eq!(chain_text(&r.text, "filter", "KUBE-FIREWALL"), expected, "{}", c.name);
+    }
+}
+
+#[test]
+fn node_port_addresses_expand_to_one_rule_per_node_ip() {
+    let mut cfg = upstream_config();
+    cfg.node_port_addresses = Some(vec![cidr("192.168.0.0/16"), cidr("2001:db8::/64")]);
+    let r = render_with(&model(vec![], vec![]), &cfg);
+    let c = "\"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    assert_eq!(
+        chain_text(&r.text, "nat", "KUBE-SERVICES"),
+        format!(
+            "-A KUBE-SERVICES -m comment --comment {c} -d 192.168.0.2 -j KUBE-NODEPORTS\n\
+             -A KUBE-SERVICES -m comment --comment {c} -d 192.168.1.2 -j KUBE-NODEPORTS\n\
+             -A KUBE-SERVICES -m comment --comment {c} -d 192.168.99.11 -j KUBE-NODEPORTS\n"
+        )
+    );
+    // 127.0.0.0/8 is excluded by the addresses, so localhost node ports are off.
+    assert!(!cfg.effective_localhost_node_ports());
+    assert!(!r.text.contains("KUBE-FIREWALL"));
+
+    // Loopback listed explicitly: kept only while localhost node ports are enabled.
+    cfg.node_port_addresses = Some(vec![cidr("127.0.0.0/8")]);
+    let r = render_with(&model(vec![], vec![]), &cfg);
+    assert!(r.text.contains(&format!("--comment {c} -d 127.0.0.1 -j KUBE-NODEPORTS")));
+    cfg.localhost_node_ports = false;
+    let r = render_with(&model(vec![], vec![]), &cfg);
+    assert!(!r.text.contains("-j KUBE-NODEPORTS"));
+
+    // 0.0.0.0/0 means all local addresses; IPv6-only lists fall back to it too.
+    for addrs in [vec![cidr("0.0.0.0/0"), cidr("192.168.0.0/24")], vec![cidr("2001:db8::/64")]] {
+        cfg.node_port_addresses = Some(addrs);
+        assert_eq!(cfg.node_port_destinations(), NodePortDestinations::AllLocal);
+        let r = render_with(&model(vec![], vec![]), &cfg);
+        assert!(r.text.contains(&format!("--comment {c} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS")));
+    }
+}
