@@ -961,3 +961,372 @@ fn node_port_addresses_expand_to_one_rule_per_node_ip() {
         assert!(r.text.contains(&format!("--comment {c} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS")));
     }
 }
+
+#[test]
+fn health_check_node_port_is_accepted_while_the_service_exists() {
+    let mut cfg = upstream_config();
+    cfg.node_port_addresses = Some(vec![cidr("127.0.0.0/8")]);
+    let mut s = lb_service("ns1", "svc1", "p80", "172.30.0.42");
+    s.node_port = 3001;
+    s.health_check_node_port = 30000;
+    s.external_policy_local = true;
+    let r = render_with(&model(vec![s.clone()], vec![]), &cfg);
+    run_flows(&r.text, &[flow("firewall accepts HealthCheckNodePort", "1.2.3.4", TEST_NODE_IP, 30000, "ACCEPT", false)]);
+    assert_eq!(
+        r.health_check_node_ports,
+        BTreeMap::from([(ServiceName::new("ns1", "svc1"), (30000, 0))])
+    );
+    let r = render_with(&model(vec![], vec![]), &cfg);
+    run_flows(&r.text, &[flow("HealthCheckNodePort no longer has any rule", "1.2.3.4", TEST_NODE_IP, 30000, "", false)]);
+
+    // Only LoadBalancer services with eTP=Local have a health check port.
+    s.external_policy_local = false;
+    let r = render_with(&model(vec![s.clone()], vec![]), &cfg);
+    assert!(!r.text.contains("health check node port") && r.health_check_node_ports.is_empty());
+    s.external_policy_local = true;
+    s.service_type = ServiceType::NodePort;
+    let r = render_with(&model(vec![s], vec![]), &cfg);
+    assert!(!r.text.contains("health check node port") && r.health_check_node_ports.is_empty());
+}
+
+#[test]
+fn health_check_counts_distinct_local_ready_endpoint_ips() {
+    let mut a = lb_service("ns1", "svc1", "p80", "172.30.0.42");
+    a.external_policy_local = true;
+    a.node_port = 3001;
+    a.health_check_node_port = 30000;
+    let mut b = a.clone();
+    b.name = spn("ns1", "svc1", "p443");
+    b.port = 443;
+    let m = model(
+        vec![a, b],
+        vec![
+            (
+                spn("ns1", "svc1", "p80"),
+                vec![
+                    local(ep("10.0.1.1", 80)),
+                    local(ep("10.0.1.2", 80)),
+                    ep("10.0.1.3", 80),
+                    cond(local(ep("10.0.1.4", 80)), false, true, true),
+                ],
+            ),
+            (spn("ns1", "svc1", "p443"), vec![local(ep("10.0.1.1", 443))]),
+        ],
+    );
+    let r = render_full(&m);
+    assert_eq!(
+        r.health_check_node_ports,
+        BTreeMap::from([(ServiceName::new("ns1", "svc1"), (30000, 2))])
+    );
+    // One ACCEPT per service port, like upstream.
+    assert_eq!(chain_text(&r.text, "filter", "KUBE-NODEPORTS").lines().count(), 2);
+}
+
+#[test]
+fn drop_invalid_rule_variants() {
+    let rest = "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+                -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n";
+    for (nfacct, liberal, drop) in [
+        (false, false, "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n"),
+        (true, false, "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP\n"),
+        (false, true, ""),
+    ] {
+        let mut cfg = upstream_config();
+        cfg.nfacct_ct_state_invalid = nfacct;
+        cfg.conntrack_tcp_be_liberal = liberal;
+        let r = render_with(&model(vec![], vec![]), &cfg);
+        assert_eq!(chain_text(&r.text, "filter", "KUBE-FORWARD"), format!("{drop}{rest}"));
+    }
+}
+
+#[test]
+fn masquerade_rule_variants() {
+    let base = "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n";
+    let masq = "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j";
+    for (random_fully, snat, node_ip, target) in [
+        (false, false, TEST_NODE_IP, "MASQUERADE"),
+        (true, false, TEST_NODE_IP, "MASQUERADE --random-fully"),
+        (false, true, TEST_NODE_IP, "SNAT --to-source 192.168.0.2"),
+        (true, true, TEST_NODE_IP, "SNAT --to-source 192.168.0.2 --random-fully"),
+        (false, true, "127.0.0.1", "MASQUERADE"),
+    ] {
+        let mut cfg = upstream_config();
+        cfg.random_fully = random_fully;
+        cfg.snat_to_node_ip = snat;
+        cfg.primary_node_ip = Some(ip(node_ip));
+        let r = render_with(&model(vec![], vec![]), &cfg);
+        assert_eq!(chain_text(&r.text, "nat", "KUBE-POSTROUTING"), format!("{base}{masq} {target}\n"));
+    }
+}
+
+fn etp_service(local_policy: bool) -> ServicePort {
+    let mut s = lb_service("ns1", "svc1", "p80", "172.30.0.41");
+    s.external_ips = vec![ip("192.168.99.11")];
+    s.node_port = 3001;
+    s.load_balancer_ips = vec![ip("1.2.3.4")];
+    if local_policy {
+        s.external_policy_local = true;
+        s.health_check_node_port = 30000;
+    }
+    s
+}
+
+#[test]
+fn external_traffic_policy_local() {
+    let m = model(
+        vec![etp_service(true)],
+        vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80), local(ep("10.180.2.1", 80))])],
+    );
+    let r = render_full(&m);
+    let both = "10.180.0.1:80, 10.180.2.1:80";
+    let only_local = "10.180.2.1:80";
+    run_flows(
+        &r.text,
+        &[
+            flow("pod to cluster IP hits both endpoints, unmasqueraded", "10.0.0.2", "172.30.0.41", 80, both, false),
+            flow("pod to external IP hits both endpoints, unmasqueraded", "10.0.0.2", "192.168.99.11", 80, both, false),
+            flow("external to external IP hits only local endpoint, unmasqueraded", TEST_EXTERNAL_CLIENT, "192.168.99.11", 80, only_local, false),
+            flow("pod to LB IP hits only both endpoints, unmasqueraded", "10.0.0.2", "1.2.3.4", 80, both, false),
+            flow("external to LB IP hits only local endpoint, unmasqueraded", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, only_local, false),
+            flow("pod to NodePort hits both endpoints, unmasqueraded", "10.0.0.2", TEST_NODE_IP, 3001, both, false),
+            flow("external to NodePort hits only local endpoint, unmasqueraded", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3001, only_local, false),
+        ],
+    );
+    assert_eq!(
+        chain_text(&r.text, "nat", "KUBE-EXT-XPGD46QRK7WJZT7O"),
+        dedent(
+            r#"
+            -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "pod traffic for ns1/svc1:p80 external destinations" -s 10.0.0.0/8 -j KUBE-SVC-XPGD46QRK7WJZT7O
+            -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "masquerade LOCAL traffic for ns1/svc1:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ
+            -A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "route LOCAL traffic for ns1/svc1:p80 external destinations" -m addrtype --src-type LOCAL -j KUBE-SVC-XPGD46QRK7WJZT7O
+            -A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVL-XPGD46QRK7WJZT7O
+            "#
+        )
+    );
+    assert_eq!(
+        chain_text(&r.text, "nat", "KUBE-SVL-XPGD46QRK7WJZT7O"),
+        "-A KUBE-SVL-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.2.1:80\" -j KUBE-SEP-ZX7GRIZKSNUQ3LAJ\n"
+    );
+    assert_eq!(r.no_local_endpoints_external, 0);
+    assert_eq!(
+        r.health_check_node_ports,
+        BTreeMap::from([(ServiceName::new("ns1", "svc1"), (30000, 1))])
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints() {
+    let m = model(
+        vec![etp_service(true)],
+        vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80)])],
+    );
+    let r = render_full(&m);
+    assert!(!r.text.contains("KUBE-SVL-"), "no local endpoints, no SVL chain");
+    assert_eq!(r.no_local_endpoints_external, 1);
+    assert_eq!(
+        chain_text(&r.text, "filter", "KUBE-EXTERNAL-SERVICES"),
+        dedent(
+            r#"
+            -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1:p80 has no local endpoints" -m tcp -p tcp -d 192.168.99.11 --dport 80 -j DROP
+            -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1:p80 has no local endpoints" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j DROP
+            -A KUBE-EXTERNAL-SERVICES -m comment --comment "ns1/svc1:p80 has no local endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001 -j DROP
+            "#
+        )
+    );
+    run_flows(
+        &r.text,
+        &[
+            flow("external to LB is dropped", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, "DROP", false),
+            flow("external to NodePort is dropped", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3001, "DROP", false),
+            flow("pod to LB is short-circuited", "10.0.0.2", "1.2.3.4", 80, "10.180.0.1:80", false),
+            flow("node to LB is short-circuited and masqueraded", TEST_NODE_IP, "1.2.3.4", 80, "10.180.0.1:80", true),
+            flow("cluster IP still works", "10.0.0.2", "172.30.0.41", 80, "10.180.0.1:80", false),
+        ],
+    );
+}
+
+#[test]
+fn external_traffic_policy_cluster() {
+    let m = model(
+        vec![etp_service(false)],
+        vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80), local(ep("10.180.2.1", 80))])],
+    );
+    let r = render_full(&m);
+    let both = "10.180.0.1:80, 10.180.2.1:80";
+    run_flows(
+        &r.text,
+        &[
+            flow("pod to cluster IP hits both endpoints, unmasqueraded", "10.0.0.2", "172.30.0.41", 80, both, false),
+            flow("pod to external IP hits both endpoints, masqueraded", "10.0.0.2", "192.168.99.11", 80, both, true),
+            flow("external to external IP hits both endpoints, masqueraded", TEST_EXTERNAL_CLIENT, "192.168.99.11", 80, both, true),
+            flow("pod to LB IP hits both endpoints, masqueraded", "10.0.0.2", "1.2.3.4", 80, both, true),
+            flow("external to LB IP hits both endpoints, masqueraded", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, both, true),
+            flow("pod to NodePort hits both endpoints, masqueraded", "10.0.0.2", TEST_NODE_IP, 3001, both, true),
+            flow("external to NodePort hits both endpoints, masqueraded", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3001, both, true),
+        ],
+    );
+    assert!(r.health_check_node_ports.is_empty());
+}
+
+fn terminating_service(local_policy: bool) -> ServicePort {
+    let mut s = lb_service("ns1", "svc1", "", "172.30.1.1");
+    s.load_balancer_ips = vec![ip("1.2.3.4")];
+    s.health_check_node_port = 30000;
+    s.external_policy_local = local_policy;
+    s
+}
+
+fn run_terminating_cases(local_policy: bool, cases: Vec<(&str, Vec<Endpoint>, &str, &str, bool)>) {
+    let name = spn("ns1", "svc1", "");
+    for (case, eps, to_cluster_ip, to_lb, lb_masq) in cases {
+        let m = model(vec![terminating_service(local_policy)], vec![(name.clone(), eps)]);
+        let r = render_full(&m);
+        let flows = [
+            flow("pod to clusterIP", "10.0.0.2", "172.30.1.1", 80, to_cluster_ip, false),
+            flow("external to LB", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, to_lb, lb_masq),
+        ];
+        let dump = Dump::parse(&r.text).unwrap();
+        for f in &flows {
+            let t = trace_packet(&dump, &test_node_ips(), &Packet::tcp(ip(f.src), ip(f.dst), f.port));
+            assert_eq!((t.output(), t.masquerade), (f.output.clone(), f.masq), "{case}: {}", f.name);
+        }
+        // Endpoints deleted: everything is rejected.
+        let r = render_full(&model(vec![terminating_service(local_policy)], vec![]));
+        run_flows(
+            &r.text,
+            &[
+                flow("pod to clusterIP after endpoints deleted", "10.0.0.2", "172.30.1.1", 80, "REJECT", false),
+                flow("external to LB after endpoints deleted", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, "REJECT", false),
+            ],
+        );
+    }
+}
+
+#[test]
+fn terminating_endpoints_traffic_policy_local() {
+    let e = |a: &str| ep(a, 80);
+    run_terminating_cases(
+        true,
+        vec![
+            (
+                "ready endpoints exist",
+                vec![
+                    local(e("10.0.1.1")),
+                    local(e("10.0.1.2")),
+                    cond(local(e("10.0.1.3")), false, true, true),
+                    cond(local(e("10.0.1.4")), false, false, true),
+                    e("10.0.1.5"),
+                ],
+                "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80",
+                "10.0.1.1:80, 10.0.1.2:80",
+                false,
+            ),
+            (
+                "only terminating endpoints exist",
+                vec![
+                    cond(local(e("10.0.1.2")), false, true, true),
+                    cond(local(e("10.0.1.3")), false, true, true),
+                    cond(local(e("10.0.1.4")), false, false, true),
+                    e("10.0.1.5"),
+                ],
+                "10.0.1.5:80",
+                "10.0.1.2:80, 10.0.1.3:80",
+                false,
+            ),
+            (
+                "terminating endpoints on remote node",
+                vec![cond(e("10.0.1.5"), false, true, true)],
+                "10.0.1.5:80",
+                "DROP",
+                false,
+            ),
+            (
+                "no usable endpoints on any node",
+                vec![cond(local(e("10.0.1.5")), false, false, true)],
+                "REJECT",
+                "REJECT",
+                false,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn terminating_endpoints_traffic_policy_cluster() {
+    let e = |a: &str| ep(a, 80);
+    run_terminating_cases(
+        false,
+        vec![
+            (
+                "ready endpoints exist",
+                vec![
+                    local(e("10.0.1.1")),
+                    local(e("10.0.1.2")),
+                    cond(e("10.0.1.3"), false, true, true),
+                    cond(e("10.0.1.4"), false, false, true),
+                    e("10.0.1.5"),
+                ],
+                "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80",
+                "10.0.1.1:80, 10.0.1.2:80, 10.0.1.5:80",
+                true,
+            ),
+            (
+                "only terminating endpoints exist",
+                vec![
+                    cond(local(e("10.0.1.2")), false, true, true),
+                    cond(local(e("10.0.1.3")), false, true, true),
+                    cond(e("10.0.1.4"), false, false, true),
+                    cond(e("10.0.1.5"), false, true, true),
+                ],
+                "10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80",
+                "10.0.1.2:80, 10.0.1.3:80, 10.0.1.5:80",
+                true,
+            ),
+            (
+                "terminating endpoints on remote node",
+                vec![cond(e("10.0.1.5"), false, true, true)],
+                "10.0.1.5:80",
+                "10.0.1.5:80",
+                true,
+            ),
+            (
+                "no usable endpoints on any node",
+                vec![cond(local(e("10.0.1.5")), false, false, true)],
+                "REJECT",
+                "REJECT",
+                false,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn internal_traffic_policy() {
+    let name = spn("ns1", "svc1", "");
+    let cases: [(&str, bool, Vec<Endpoint>, &str); 4] = [
+        ("cluster", false, vec![local(ep("10.0.1.1", 80)), ep("10.0.1.2", 80), ep("10.0.1.3", 80)], "10.0.1.1:80, 10.0.1.2:80, 10.0.1.3:80"),
+        ("local, one local endpoint", true, vec![local(ep("10.0.1.1", 80)), ep("10.0.1.2", 80), ep("10.0.1.3", 80)], "10.0.1.1:80"),
+        ("local, two local endpoints", true, vec![local(ep("10.0.1.1", 80)), local(ep("10.0.1.2", 80)), ep("10.0.1.3", 80)], "10.0.1.1:80, 10.0.1.2:80"),
+        ("local, no local endpoints", true, vec![ep("10.0.1.1", 80), ep("10.0.1.2", 80), ep("10.0.1.3", 80)], "DROP"),
+    ];
+    for (case, itp_local, eps, out) in cases {
+        let mut s = svc("ns1", "svc1", "", "172.30.1.1", 80);
+        s.internal_policy_local = itp_local;
+        let r = render_full(&model(vec![s.clone()], vec![(name.clone(), eps)]));
+        let dump = Dump::parse(&r.text).unwrap();
+        let t = trace_packet(&dump, &test_node_ips(), &Packet::tcp(ip("10.0.0.2"), ip("172.30.1.1"), 80));
+        assert_eq!((t.output(), t.masquerade), (out.to_string(), false), "{case}");
+        assert_eq!(r.no_local_endpoints_internal, usize::from(out == "DROP"), "{case}");
+        if out == "DROP" {
+            assert!(r.text.contains("-A KUBE-SERVICES -m comment --comment \"ns1/svc1 has no local endpoints\" -m tcp -p tcp -d 172.30.1.1 --dport 80 -j DROP\n"));
+            assert!(!r.text.contains("KUBE-SEP-"));
+        }
+        if itp_local && out != "DROP" {
+            // Cluster IP goes straight to the SVL chain, which carries the masquerade rule.
+            assert!(r.text.contains("-j KUBE-SVL-"));
+            assert!(!r.text.contains("KUBE-SVC-"));
+        }
+        let r = render_full(&model(vec![s], vec![]));
+        run_flows(&r.text, &[flow("endpoints deleted", "10.0.0.2", "172.30.1.1", 80, "REJECT", false)]);
+    }
+}
