@@ -1330,3 +1330,536 @@ fn internal_traffic_policy() {
         run_flows(&r.text, &[flow("endpoints deleted", "10.0.0.2", "172.30.1.1", 80, "REJECT", false)]);
     }
 }
+
+#[test]
+fn internal_external_masquerade() {
+    let mut s1 = lb_service("ns1", "svc1", "p80", "172.30.0.41");
+    s1.node_port = 3001;
+    s1.health_check_node_port = 30001;
+    s1.load_balancer_ips = vec![ip("1.2.3.4")];
+    let mut s2 = lb_service("ns2", "svc2", "p80", "172.30.0.42");
+    s2.node_port = 3002;
+    s2.health_check_node_port = 30002;
+    s2.external_policy_local = true;
+    s2.load_balancer_ips = vec![ip("5.6.7.8")];
+    let mut s3 = lb_service("ns3", "svc3", "p80", "172.30.0.43");
+    s3.node_port = 3003;
+    s3.health_check_node_port = 30003;
+    s3.internal_policy_local = true;
+    s3.load_balancer_ips = vec![ip("9.10.11.12")];
+    let m = model(
+        vec![s1, s2, s3],
+        (1..=3)
+            .map(|i| {
+                let name = spn(&format!("ns{i}"), &format!("svc{i}"), "p80");
+                (name, vec![local(ep(&format!("10.180.0.{i}"), 80)), ep(&format!("10.180.1.{i}"), 80)])
+            })
+            .collect(),
+    );
+
+    let all1 = "10.180.0.1:80, 10.180.1.1:80";
+    let all2 = "10.180.0.2:80, 10.180.1.2:80";
+    let all3 = "10.180.0.3:80, 10.180.1.3:80";
+    let base = [
+        ("pod to ClusterIP", "10.0.0.2", "172.30.0.41", 80, all1, false),
+        ("pod to NodePort", "10.0.0.2", TEST_NODE_IP, 3001, all1, true),
+        ("pod to LB", "10.0.0.2", "1.2.3.4", 80, all1, true),
+        ("node to ClusterIP", TEST_NODE_IP, "172.30.0.41", 80, all1, true),
+        ("node to NodePort", TEST_NODE_IP, TEST_NODE_IP, 3001, all1, true),
+        ("localhost to NodePort", "127.0.0.1", "127.0.0.1", 3001, all1, true),
+        ("node to LB", TEST_NODE_IP, "1.2.3.4", 80, all1, true),
+        ("external to ClusterIP", TEST_EXTERNAL_CLIENT, "172.30.0.41", 80, all1, true),
+        ("external to NodePort", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3001, all1, true),
+        ("external to LB", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, all1, true),
+        ("pod to ClusterIP with eTP:Local", "10.0.0.2", "172.30.0.42", 80, all2, false),
+        ("pod to NodePort with eTP:Local", "10.0.0.2", TEST_NODE_IP, 3002, all2, false),
+        ("pod to LB with eTP:Local", "10.0.0.2", "5.6.7.8", 80, all2, false),
+        ("node to ClusterIP with eTP:Local", TEST_NODE_IP, "172.30.0.42", 80, all2, true),
+        ("node to NodePort with eTP:Local", TEST_NODE_IP, TEST_NODE_IP, 3001, all1, true),
+        ("localhost to NodePort with eTP:Local", "127.0.0.1", "127.0.0.1", 3002, all2, true),
+        ("node to LB with eTP:Local", TEST_NODE_IP, "5.6.7.8", 80, all2, true),
+        ("external to ClusterIP with eTP:Local", TEST_EXTERNAL_CLIENT, "172.30.0.42", 80, all2, true),
+        ("external to NodePort with eTP:Local", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3002, "10.180.0.2:80", false),
+        ("external to LB with eTP:Local", TEST_EXTERNAL_CLIENT, "5.6.7.8", 80, "10.180.0.2:80", false),
+        ("pod to ClusterIP with iTP:Local", "10.0.0.2", "172.30.0.43", 80, "10.180.0.3:80", false),
+        ("pod to NodePort with iTP:Local", "10.0.0.2", TEST_NODE_IP, 3003, all3, true),
+        ("pod to LB with iTP:Local", "10.0.0.2", "9.10.11.12", 80, all3, true),
+        ("node to ClusterIP with iTP:Local", TEST_NODE_IP, "172.30.0.43", 80, "10.180.0.3:80", true),
+        ("node to NodePort with iTP:Local", TEST_NODE_IP, TEST_NODE_IP, 3003, all3, true),
+        ("localhost to NodePort with iTP:Local", "127.0.0.1", "127.0.0.1", 3003, all3, true),
+        ("node to LB with iTP:Local", TEST_NODE_IP, "9.10.11.12", 80, all3, true),
+        ("external to ClusterIP with iTP:Local", TEST_EXTERNAL_CLIENT, "172.30.0.43", 80, "10.180.0.3:80", true),
+        ("external to NodePort with iTP:Local", TEST_EXTERNAL_CLIENT, TEST_NODE_IP, 3003, all3, true),
+        ("external to LB with iTP:Local", TEST_EXTERNAL_CLIENT, "9.10.11.12", 80, all3, true),
+    ];
+    type Overrides = &'static [(&'static str, Option<&'static str>, Option<bool>)];
+    let no_detector: Overrides = &[
+        ("node to ClusterIP", None, Some(false)),
+        ("node to ClusterIP with eTP:Local", None, Some(false)),
+        ("node to ClusterIP with iTP:Local", None, Some(false)),
+        ("external to ClusterIP", None, Some(false)),
+        ("external to ClusterIP with eTP:Local", None, Some(false)),
+        ("external to ClusterIP with iTP:Local", None, Some(false)),
+        ("pod to NodePort with eTP:Local", Some("10.180.0.2:80"), None),
+        ("pod to LB with eTP:Local", Some("10.180.0.2:80"), None),
+    ];
+    let masq_all: Overrides = &[
+        ("pod to ClusterIP", None, Some(true)),
+        ("pod to ClusterIP with eTP:Local", None, Some(true)),
+        ("pod to ClusterIP with iTP:Local", None, Some(true)),
+    ];
+    let masq_all_no_detector: Overrides = &[
+        ("pod to ClusterIP", None, Some(true)),
+        ("pod to ClusterIP with eTP:Local", None, Some(true)),
+        ("pod to ClusterIP with iTP:Local", None, Some(true)),
+        ("pod to NodePort with eTP:Local", Some("10.180.0.2:80"), None),
+        ("pod to LB with eTP:Local", Some("10.180.0.2:80"), None),
+    ];
+    for (case, masquerade_all, detector, overrides) in [
+        ("base", false, true, &[][..]),
+        ("no LocalTrafficDetector", false, false, no_detector),
+        ("masqueradeAll", true, true, masq_all),
+        ("masqueradeAll, no LocalTrafficDetector", true, false, masq_all_no_detector),
+    ] {
+        let mut cfg = upstream_config();
+        cfg.masquerade_all = masquerade_all;
+        if !detector {
+            cfg.local_detector = LocalDetector::None;
+        }
+        let r = render_with(&m, &cfg);
+        let mut applied = 0;
+        let flows: Vec<Flow> = base
+            .iter()
+            .map(|&(name, src, dst, port, out, masq)| {
+                let mut f = flow(name, src, dst, port, out, masq);
+                if let Some(&(_, o, q)) = overrides.iter().find(|o| o.0 == name) {
+                    applied += 1;
+                    if let Some(o) = o {
+                        assert_ne!(f.output, o, "{case}/{name}: override equals base");
+                        f.output = o.to_string();
+                    }
+                    if let Some(q) = q {
+                        assert_ne!(f.masq, q, "{case}/{name}: override equals base");
+                        f.masq = q;
+                    }
+                }
+                f
+            })
+            .collect();
+        assert_eq!(applied, overrides.len(), "{case}: unmatched overrides");
+        run_flows(&r.text, &flows);
+    }
+}
+
+#[test]
+fn masquerade_all_marks_every_cluster_ip_packet() {
+    let mut cfg = upstream_config();
+    cfg.masquerade_all = true;
+    let m = model(
+        vec![svc("ns1", "svc1", "p80", "172.30.0.41", 80)],
+        vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80)])],
+    );
+    let r = render_with(&m, &cfg);
+    assert_eq!(
+        chain_text(&r.text, "nat", "KUBE-SVC-XPGD46QRK7WJZT7O").lines().next(),
+        Some("-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-MARK-MASQ")
+    );
+    // Without a detector and without masquerade-all there is no masquerade rule at all.
+    cfg.masquerade_all = false;
+    cfg.local_detector = LocalDetector::None;
+    let r = render_with(&m, &cfg);
+    assert_eq!(chain_text(&r.text, "nat", "KUBE-SVC-XPGD46QRK7WJZT7O").lines().count(), 1);
+}
+
+#[test]
+fn interface_local_detectors() {
+    let mut s = etp_service(true);
+    s.external_ips.clear();
+    s.load_balancer_ips.clear();
+    let m = model(
+        vec![s],
+        vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80), local(ep("10.180.2.1", 80))])],
+    );
+    for (detector, not_local, is_local, pod_iface, other_iface) in [
+        (LocalDetector::BridgeInterface("cbr0".into()), "! -i cbr0", "-i cbr0", "cbr0", "eth0"),
+        (LocalDetector::InterfaceNamePrefix("veth".into()), "! -i veth+", "-i veth+", "veth1234", "eth0"),
+    ] {
+        let mut cfg = upstream_config();
+        cfg.local_detector = detector;
+        let r = render_with(&m, &cfg);
+        assert!(r.text.contains(&format!("--dport 80 {not_local} -j KUBE-MARK-MASQ\n")), "{}", r.text);
+        assert!(r.text.contains(&format!("external destinations\" {is_local} -j KUBE-SVC-XPGD46QRK7WJZT7O\n")));
+        let dump = Dump::parse(&r.text).unwrap();
+        let mut pkt = Packet::tcp(ip("10.0.0.2"), ip(TEST_NODE_IP), 3001);
+        // A pod (arriving on the pod interface) to the eTP:Local node port is short-circuited.
+        pkt.in_interface = Some(pod_iface.into());
+        assert_eq!(trace_packet(&dump, &test_node_ips(), &pkt).output(), "10.180.0.1:80, 10.180.2.1:80");
+        // Arriving from elsewhere only reaches the local endpoint.
+        pkt.in_interface = Some(other_iface.into());
+        assert_eq!(trace_packet(&dump, &test_node_ips(), &pkt).output(), "10.180.2.1:80");
+        // Cluster IP from a non-pod interface is masqueraded; from a pod it is not.
+        let mut pkt = Packet::tcp(ip("10.0.0.2"), ip("172.30.0.41"), 80);
+        pkt.in_interface = Some(other_iface.into());
+        assert!(trace_packet(&dump, &test_node_ips(), &pkt).masquerade);
+        pkt.in_interface = Some(pod_iface.into());
+        assert!(!trace_packet(&dump, &test_node_ips(), &pkt).masquerade);
+    }
+}
+
+// === large clusters and partial syncs ===
+
+fn dnat_lines(text: &str, matching: &str) -> (String, usize, usize) {
+    let (mut first, mut n, mut comments) = (String::new(), 0, 0);
+    for line in text.lines() {
+        if line.starts_with("-A KUBE-SEP-") && line.contains("-j DNAT") {
+            n += 1;
+            if line.contains("--comment") {
+                comments += 1;
+            }
+            if line.contains(matching) {
+                first = line.to_string();
+            }
+        }
+    }
+    (first, n, comments)
+}
+
+fn render_partial(m: &ProxyModel, cfg: &RenderConfig, changed: &[(&str, &str)], existing: Option<&BTreeSet<String>>) -> Rendered {
+    let changed: BTreeSet<ServiceName> = changed.iter().map(|(ns, n)| ServiceName::new(*ns, *n)).collect();
+    render(&RenderInput {
+        model: m,
+        config: cfg,
+        scope: SyncScope::Partial { changed: &changed },
+        existing_nat_chains: existing,
+    })
+}
+
+#[test]
+fn large_cluster_mode_drops_endpoint_comments() {
+    let mut cfg = upstream_config();
+    cfg.masquerade_all = true;
+    let half = LARGE_CLUSTER_THRESHOLD / 2 - 1;
+    let s1 = svc("ns1", "svc1", "p80", "172.30.0.41", 80);
+    let s2 = svc("ns2", "svc2", "p8080", "172.30.0.42", 8080);
+    let s3 = svc("ns3", "svc3", "p8081", "172.30.0.43", 8081);
+    let eps1: Vec<Endpoint> = (0..half).map(|i| ep(&format!("10.0.{}.{}", i % 256, i / 256), 80)).collect();
+    let eps2: Vec<Endpoint> = (0..half).map(|i| ep(&format!("10.1.{}.{}", i % 256, i / 256), 8080)).collect();
+    let mut m = model(
+        vec![s1, s2, s3],
+        vec![(spn("ns1", "svc1", "p80"), eps1), (spn("ns2", "svc2", "p8080"), eps2)],
+    );
+    let r = render_with(&m, &cfg);
+    assert!(!r.large_cluster);
+    let (first, n, comments) = dnat_lines(&r.text, "10.0.0.0:80");
+    assert_eq!(first, "-A KUBE-SEP-DKGQUZGBKLTPAR56 -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.0.0:80");
+    assert_eq!((n, comments), (2 * half, 2 * half));
+
+    // Crossing the threshold in a partial sync only rewrites the changed service.
+    m.endpoints.insert(
+        spn("ns3", "svc3", "p8081"),
+        vec![ep("203.0.113.12", 8081), ep("203.0.113.4", 8081), ep("203.0.113.8", 8081)],
+    );
+    let r = render_partial(&m, &cfg, &[("ns3", "svc3")], None);
+    assert!(r.large_cluster);
+    let (first, n, comments) = dnat_lines(&r.text, "203.0.113.4");
+    assert_eq!(first, "-A KUBE-SEP-RUVVH7YV3PHQBDOS -m tcp -p tcp -j DNAT --to-destination 203.0.113.4:8081");
+    assert_eq!((n, comments), (3, 0));
+    let svc3_chain = super::names::service_chain(&spn("ns3", "svc3", "p8081"));
+    let svc3_rules = chain_text(&r.text, "nat", &svc3_chain);
+    assert_eq!(
+        svc3_rules.lines().filter(|l| l.contains("-j KUBE-SEP-") && !l.contains("--comment")).count(),
+        3,
+        "per-endpoint comments dropped in SVC chains too:\n{svc3_rules}"
+    );
+    assert!(r.text.contains("--comment \"ns3/svc3:p8081 cluster IP\""), "service comments stay");
+
+    // A full sync rewrites everything without comments.
+    let r = render_with(&m, &cfg);
+    let (first, n, comments) = dnat_lines(&r.text, "10.0.0.0:80");
+    assert_eq!(first, "-A KUBE-SEP-DKGQUZGBKLTPAR56 -m tcp -p tcp -j DNAT --to-destination 10.0.0.0:80");
+    assert_eq!((n, comments), (2 * half + 3, 0));
+
+    // Adding svc4 syncs only svc4.
+    m.services.insert(spn("ns4", "svc4", "p8082"), svc("ns4", "svc4", "p8082", "172.30.0.44", 8082));
+    m.endpoints.insert(spn("ns4", "svc4", "p8082"), vec![ep("10.4.0.1", 8082)]);
+    let r = render_partial(&m, &cfg, &[("ns4", "svc4")], None);
+    let (line, n, _) = dnat_lines(&r.text, "10.4.0.1");
+    assert_eq!(line, "-A KUBE-SEP-SU5STNODRYEWJAUF -m tcp -p tcp -j DNAT --to-destination 10.4.0.1:8082");
+    assert_eq!(n, 1);
+    let mut kernel = Dump::default();
+    kernel.apply_restore(&render_with(&m, &cfg).text).unwrap();
+    let existing = kernel.chain_names("nat");
+
+    // Deleting it without a stale-chain scan leaves its chains alone...
+    m.services.remove(&spn("ns4", "svc4", "p8082"));
+    m.endpoints.remove(&spn("ns4", "svc4", "p8082"));
+    let r = render_partial(&m, &cfg, &[("ns4", "svc4")], None);
+    assert_eq!(dnat_lines(&r.text, "10.4.0.1").1, 0);
+    assert!(!r.text.contains("-X "));
+    // ...and the periodic scan deletes them.
+    let r = render_partial(&m, &cfg, &[], Some(&existing));
+    assert!(r.text.contains("-X KUBE-SVC-EBDQOQU5SJFXRIL3\n"));
+    assert!(r.text.contains("-X KUBE-SEP-SU5STNODRYEWJAUF\n"));
+    assert_eq!(r.deleted_chains, ["KUBE-SEP-SU5STNODRYEWJAUF", "KUBE-SVC-EBDQOQU5SJFXRIL3"]);
+    kernel.apply_restore(&r.text).unwrap();
+}
+
+/// Chains of every table sorted by name, for comparing kernel states.
+fn canonical(d: &Dump) -> String {
+    let mut d = d.clone();
+    d.tables.sort_by(|a, b| a.name.cmp(&b.name));
+    for t in &mut d.tables {
+        t.chains.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    d.to_string()
+}
+
+#[test]
+fn partial_syncs_match_upstream_and_converge_to_a_full_sync() {
+    let cfg = upstream_config();
+    let mut kernel = Dump::default();
+    let mut total = 0usize;
+
+    // Applies a sync to the fake kernel and checks the kernel equals what a fresh full
+    // sync of the same model produces: partial syncs must never diverge.
+    let mut step = |m: &ProxyModel, r: &Rendered, expected: &str, total_delta: isize| {
+        assert_rules_equal(expected, &r.text);
+        kernel.apply_restore(&r.text).expect("restore applies");
+        let mut fresh = Dump::default();
+        fresh.apply_restore(&render_full(m).text).unwrap();
+        assert_eq!(canonical(&kernel), canonical(&fresh), "partial sync diverged");
+        total = total.checked_add_signed(total_delta).unwrap();
+        assert_eq!(r.nat_rules, total, "nat rules total");
+        assert_eq!(r.nat_rules, fresh.rule_count("nat"));
+        let written = Dump::parse(&r.text).unwrap().rule_count("nat");
+        assert_eq!(r.nat_rules_written, written, "nat rules written");
+        kernel.chain_names("nat")
+    };
+
+    let filter = r#"
+        *filter
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-EXTERNAL-SERVICES - [0:0]
+        :KUBE-FIREWALL - [0:0]
+        :KUBE-FORWARD - [0:0]
+        :KUBE-PROXY-FIREWALL - [0:0]
+        -A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+        -A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+        -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+        COMMIT
+    "#;
+    let nat_head = r#"
+        *nat
+        :KUBE-NODEPORTS - [0:0]
+        :KUBE-SERVICES - [0:0]
+        :KUBE-MARK-MASQ - [0:0]
+        :KUBE-POSTROUTING - [0:0]
+    "#;
+    let nat_fixed = r#"
+        -A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+        -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+    "#;
+    let cluster_ip = |ns: &str, port: &str, ip: &str, p: u16, chain: &str| {
+        format!("-A KUBE-SERVICES -m comment --comment \"{ns}/svc{}:{port} cluster IP\" -m tcp -p tcp -d {ip} --dport {p} -j {chain}\n", &ns[2..])
+    };
+    let svc1_ip = cluster_ip("ns1", "p80", "172.30.0.41", 80, "KUBE-SVC-XPGD46QRK7WJZT7O");
+    let svc2_ip = cluster_ip("ns2", "p8080", "172.30.0.42", 8080, "KUBE-SVC-2VJB64SDSIJUP5T6");
+    let svc3_ip = cluster_ip("ns3", "p80", "172.30.0.43", 80, "KUBE-SVC-X27LE4BHSL4DOUIK");
+    let svc4_ip = cluster_ip("ns4", "p80", "172.30.0.44", 80, "KUBE-SVC-4SW47YFZTEDKD3PK");
+    let golden = |chains: &str, services: &[&String], rest: &str, filter_extra: &str| {
+        let f = filter.replace(
+            "-A KUBE-FIREWALL",
+            &format!("{filter_extra}-A KUBE-FIREWALL"),
+        );
+        let s: String = services.iter().map(|s| s.as_str()).collect();
+        format!("{f}{nat_head}{chains}\n{s}{nat_fixed}{rest}COMMIT\n")
+    };
+
+    // 1. Full sync of svc1 and svc2.
+    let mut m = model(
+        vec![svc("ns1", "svc1", "p80", "172.30.0.41", 80), svc("ns2", "svc2", "p8080", "172.30.0.42", 8080)],
+        vec![
+            (spn("ns1", "svc1", "p80"), vec![ep("10.0.1.1", 80)]),
+            (spn("ns2", "svc2", "p8080"), vec![ep("10.0.2.1", 8080)]),
+        ],
+    );
+    let r = render(&RenderInput { model: &m, config: &cfg, scope: SyncScope::Full, existing_nat_chains: Some(&BTreeSet::new()) });
+    let mut existing = step(
+        &m,
+        &r,
+        &golden(
+            ":KUBE-SEP-SNQ3ZNILQDEJNDQO - [0:0]\n:KUBE-SEP-UHEGFW77JX3KXTOV - [0:0]\n:KUBE-SVC-2VJB64SDSIJUP5T6 - [0:0]\n:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]",
+            &[&svc1_ip, &svc2_ip],
+            r#"
+            -A KUBE-SEP-SNQ3ZNILQDEJNDQO -m comment --comment ns1/svc1:p80 -s 10.0.1.1 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-SNQ3ZNILQDEJNDQO -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.1.1:80
+            -A KUBE-SEP-UHEGFW77JX3KXTOV -m comment --comment ns2/svc2:p8080 -s 10.0.2.1 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-UHEGFW77JX3KXTOV -m comment --comment ns2/svc2:p8080 -m tcp -p tcp -j DNAT --to-destination 10.0.2.1:8080
+            -A KUBE-SVC-2VJB64SDSIJUP5T6 -m comment --comment "ns2/svc2:p8080 cluster IP" -m tcp -p tcp -d 172.30.0.42 --dport 8080 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-2VJB64SDSIJUP5T6 -m comment --comment "ns2/svc2:p8080 -> 10.0.2.1:8080" -j KUBE-SEP-UHEGFW77JX3KXTOV
+            -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.0.1.1:80" -j KUBE-SEP-SNQ3ZNILQDEJNDQO
+            "#,
+            "",
+        ),
+        15,
+    );
+
+    // 2. Add svc3 and its endpoints: only svc3's chains are written.
+    m.services.insert(spn("ns3", "svc3", "p80"), svc("ns3", "svc3", "p80", "172.30.0.43", 80));
+    m.endpoints.insert(spn("ns3", "svc3", "p80"), vec![ep("10.0.3.1", 80)]);
+    let r = render_partial(&m, &cfg, &[("ns3", "svc3")], Some(&existing));
+    existing = step(
+        &m,
+        &r,
+        &golden(
+            ":KUBE-SEP-BSWRHOQ77KEXZLNL - [0:0]\n:KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]",
+            &[&svc1_ip, &svc2_ip, &svc3_ip],
+            r#"
+            -A KUBE-SEP-BSWRHOQ77KEXZLNL -m comment --comment ns3/svc3:p80 -s 10.0.3.1 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-BSWRHOQ77KEXZLNL -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.3.1:80
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.0.3.1:80" -j KUBE-SEP-BSWRHOQ77KEXZLNL
+            "#,
+            "",
+        ),
+        5,
+    );
+
+    // 3. Delete svc2: its chains are flushed and deleted.
+    m.services.remove(&spn("ns2", "svc2", "p8080"));
+    m.endpoints.remove(&spn("ns2", "svc2", "p8080"));
+    let r = render_partial(&m, &cfg, &[("ns2", "svc2")], Some(&existing));
+    assert_eq!(r.deleted_chains, ["KUBE-SEP-UHEGFW77JX3KXTOV", "KUBE-SVC-2VJB64SDSIJUP5T6"]);
+    existing = step(
+        &m,
+        &r,
+        &golden(
+            ":KUBE-SEP-UHEGFW77JX3KXTOV - [0:0]\n:KUBE-SVC-2VJB64SDSIJUP5T6 - [0:0]",
+            &[&svc1_ip, &svc3_ip],
+            "-X KUBE-SEP-UHEGFW77JX3KXTOV\n-X KUBE-SVC-2VJB64SDSIJUP5T6\n",
+            "",
+        ),
+        -5,
+    );
+
+    // 4. Add svc4 without endpoints: only a REJECT in filter.
+    m.services.insert(spn("ns4", "svc4", "p80"), svc("ns4", "svc4", "p80", "172.30.0.44", 80));
+    let r = render_partial(&m, &cfg, &[("ns4", "svc4")], Some(&existing));
+    existing = step(
+        &m,
+        &r,
+        &golden(
+            "",
+            &[&svc1_ip, &svc3_ip],
+            "",
+            "-A KUBE-SERVICES -m comment --comment \"ns4/svc4:p80 has no endpoints\" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j REJECT\n",
+        )
+        .replace("COMMIT\n*nat\n", "COMMIT\n*nat\n")
+        .replace(":KUBE-POSTROUTING - [0:0]\n\n", ":KUBE-POSTROUTING - [0:0]\n"),
+        0,
+    );
+
+    // 5. svc4 gets an endpoint.
+    m.endpoints.insert(spn("ns4", "svc4", "p80"), vec![ep("10.0.4.1", 80)]);
+    let r = render_partial(&m, &cfg, &[("ns4", "svc4")], Some(&existing));
+    existing = step(
+        &m,
+        &r,
+        &golden(
+            ":KUBE-SEP-AYCN5HPXMIRJNJXU - [0:0]\n:KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]",
+            &[&svc1_ip, &svc3_ip, &svc4_ip],
+            r#"
+            -A KUBE-SEP-AYCN5HPXMIRJNJXU -m comment --comment ns4/svc4:p80 -s 10.0.4.1 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-AYCN5HPXMIRJNJXU -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.4.1:80
+            -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.0.4.1:80" -j KUBE-SEP-AYCN5HPXMIRJNJXU
+            "#,
+            "",
+        ),
+        5,
+    );
+
+    // 6. svc3's endpoint moves: its SVC and SEP chains are rewritten, the old SEP deleted.
+    m.endpoints.insert(spn("ns3", "svc3", "p80"), vec![ep("10.0.3.2", 80)]);
+    let r = render_partial(&m, &cfg, &[("ns3", "svc3")], Some(&existing));
+    existing = step(
+        &m,
+        &r,
+        &golden(
+            ":KUBE-SEP-BSWRHOQ77KEXZLNL - [0:0]\n:KUBE-SEP-DKCFIS26GWF2WLWC - [0:0]\n:KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]",
+            &[&svc1_ip, &svc3_ip, &svc4_ip],
+            r#"
+            -A KUBE-SEP-DKCFIS26GWF2WLWC -m comment --comment ns3/svc3:p80 -s 10.0.3.2 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-DKCFIS26GWF2WLWC -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.3.2:80
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.0.3.2:80" -j KUBE-SEP-DKCFIS26GWF2WLWC
+            -X KUBE-SEP-BSWRHOQ77KEXZLNL
+            "#,
+            "",
+        ),
+        0,
+    );
+
+    // 7. svc3 gains a second endpoint.
+    m.endpoints.insert(spn("ns3", "svc3", "p80"), vec![ep("10.0.3.2", 80), ep("10.0.3.3", 80)]);
+    let r = render_partial(&m, &cfg, &[("ns3", "svc3")], Some(&existing));
+    existing = step(
+        &m,
+        &r,
+        &golden(
+            ":KUBE-SEP-DKCFIS26GWF2WLWC - [0:0]\n:KUBE-SEP-JVVZVJ7BSEPPRNBS - [0:0]\n:KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]",
+            &[&svc1_ip, &svc3_ip, &svc4_ip],
+            r#"
+            -A KUBE-SEP-DKCFIS26GWF2WLWC -m comment --comment ns3/svc3:p80 -s 10.0.3.2 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-DKCFIS26GWF2WLWC -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.3.2:80
+            -A KUBE-SEP-JVVZVJ7BSEPPRNBS -m comment --comment ns3/svc3:p80 -s 10.0.3.3 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-JVVZVJ7BSEPPRNBS -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.3.3:80
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.0.3.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-DKCFIS26GWF2WLWC
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.0.3.3:80" -j KUBE-SEP-JVVZVJ7BSEPPRNBS
+            "#,
+            "",
+        ),
+        3,
+    );
+
+    // 8. Nothing changed: no per-service chain is written.
+    let r = render_partial(&m, &cfg, &[], Some(&existing));
+    existing = step(&m, &r, &golden("", &[&svc1_ip, &svc3_ip, &svc4_ip], "", "").replace(":KUBE-POSTROUTING - [0:0]\n\n", ":KUBE-POSTROUTING - [0:0]\n"), 0);
+
+    // 9. Full sync after deleting svc4.
+    m.services.remove(&spn("ns4", "svc4", "p80"));
+    m.endpoints.remove(&spn("ns4", "svc4", "p80"));
+    let r = render(&RenderInput { model: &m, config: &cfg, scope: SyncScope::Full, existing_nat_chains: Some(&existing) });
+    step(
+        &m,
+        &r,
+        &golden(
+            ":KUBE-SEP-AYCN5HPXMIRJNJXU - [0:0]\n:KUBE-SEP-DKCFIS26GWF2WLWC - [0:0]\n:KUBE-SEP-JVVZVJ7BSEPPRNBS - [0:0]\n:KUBE-SEP-SNQ3ZNILQDEJNDQO - [0:0]\n:KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]\n:KUBE-SVC-X27LE4BHSL4DOUIK - [0:0]\n:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]",
+            &[&svc1_ip, &svc3_ip],
+            r#"
+            -A KUBE-SEP-DKCFIS26GWF2WLWC -m comment --comment ns3/svc3:p80 -s 10.0.3.2 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-DKCFIS26GWF2WLWC -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.3.2:80
+            -A KUBE-SEP-JVVZVJ7BSEPPRNBS -m comment --comment ns3/svc3:p80 -s 10.0.3.3 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-JVVZVJ7BSEPPRNBS -m comment --comment ns3/svc3:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.3.3:80
+            -A KUBE-SEP-SNQ3ZNILQDEJNDQO -m comment --comment ns1/svc1:p80 -s 10.0.1.1 -j KUBE-MARK-MASQ
+            -A KUBE-SEP-SNQ3ZNILQDEJNDQO -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.0.1.1:80
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 cluster IP" -m tcp -p tcp -d 172.30.0.43 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.0.3.2:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-DKCFIS26GWF2WLWC
+            -A KUBE-SVC-X27LE4BHSL4DOUIK -m comment --comment "ns3/svc3:p80 -> 10.0.3.3:80" -j KUBE-SEP-JVVZVJ7BSEPPRNBS
+            -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+            -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.0.1.1:80" -j KUBE-SEP-SNQ3ZNILQDEJNDQO
+            -X KUBE-SEP-AYCN5HPXMIRJNJXU
+            -X KUBE-SVC-4SW47YFZTEDKD3PK
+            "#,
+            "",
+        ),
+        -5,
+    );
+}
