@@ -8,6 +8,7 @@
 pub mod jumps;
 pub mod names;
 pub mod parse;
+pub mod proxier;
 pub mod render;
 pub mod tracer;
 

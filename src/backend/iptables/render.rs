@@ -143,7 +143,10 @@ impl RenderConfig {
     pub fn node_port_addresses_contain_loopback(&self) -> bool {
         let cidrs = self.ipv4_node_port_cidrs();
         let lo = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0));
-        cidrs.is_empty() || cidrs.iter().any(|c| c.addr().is_loopback() || c.contains(&lo))
+        cidrs.is_empty()
+            || cidrs
+                .iter()
+                .any(|c| c.addr().is_loopback() || c.contains(&lo))
     }
 
     /// Localhost node ports as actually in effect.
@@ -302,16 +305,43 @@ pub fn render(input: &RenderInput) -> Rendered {
     let mut nat_rules = Lines(Vec::new());
     let mut skipped_nat_rules = 0usize;
 
-    for c in [KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL]
-    {
+    for c in [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_FORWARD,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+    ] {
         filter_chains.0.push(chain_line(c));
     }
-    for c in [KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ] {
+    for c in [
+        KUBE_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+    ] {
         nat_chains.0.push(chain_line(c));
     }
 
-    nat_rules.push(&words!["-A", KUBE_POSTROUTING, "-m", "mark", "!", "--mark", &mark_match, "-j", "RETURN"]);
-    nat_rules.push(&words!["-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", &mark]);
+    nat_rules.push(&words![
+        "-A",
+        KUBE_POSTROUTING,
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        &mark_match,
+        "-j",
+        "RETURN"
+    ]);
+    nat_rules.push(&words![
+        "-A",
+        KUBE_POSTROUTING,
+        "-j",
+        "MARK",
+        "--xor-mark",
+        &mark
+    ]);
     let mut masq = words![
         "-A",
         KUBE_POSTROUTING,
@@ -320,7 +350,10 @@ pub fn render(input: &RenderInput) -> Rendered {
         "--comment",
         quoted("kubernetes service traffic requiring SNAT"),
     ];
-    match cfg.primary_node_ip.filter(|ip| cfg.snat_to_node_ip && !ip.is_loopback()) {
+    match cfg
+        .primary_node_ip
+        .filter(|ip| cfg.snat_to_node_ip && !ip.is_loopback())
+    {
         Some(ip) => masq.extend(words!["-j", "SNAT", "--to-source", ip.to_string()]),
         None => masq.extend(words!["-j", "MASQUERADE"]),
     }
@@ -328,7 +361,14 @@ pub fn render(input: &RenderInput) -> Rendered {
         masq.push("--random-fully".into());
     }
     nat_rules.push(&masq);
-    nat_rules.push(&words!["-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", &mark]);
+    nat_rules.push(&words![
+        "-A",
+        KUBE_MARK_MASQ,
+        "-j",
+        "MARK",
+        "--or-mark",
+        &mark
+    ]);
 
     if localhost_node_ports {
         filter_chains.0.push(chain_line(KUBE_FIREWALL));
@@ -354,7 +394,11 @@ pub fn render(input: &RenderInput) -> Rendered {
         ]);
     }
 
-    let total_endpoints: usize = model.services.keys().map(|n| model.endpoints_of(n).len()).sum();
+    let total_endpoints: usize = model
+        .services
+        .keys()
+        .map(|n| model.endpoints_of(n).len())
+        .sum();
     let large = total_endpoints > cfg.large_cluster_threshold;
     out.large_cluster = large;
 
@@ -660,7 +704,9 @@ pub fn render(input: &RenderInput) -> Rendered {
                     "-m",
                     "comment",
                     "--comment",
-                    quoted(&format!("masquerade traffic for {name_str} external destinations")),
+                    quoted(&format!(
+                        "masquerade traffic for {name_str} external destinations"
+                    )),
                     "-j",
                     KUBE_MARK_MASQ,
                 ]);
@@ -700,7 +746,9 @@ pub fn render(input: &RenderInput) -> Rendered {
                     "-m",
                     "comment",
                     "--comment",
-                    quoted(&format!("route LOCAL traffic for {name_str} external destinations")),
+                    quoted(&format!(
+                        "route LOCAL traffic for {name_str} external destinations"
+                    )),
                     "-m",
                     "addrtype",
                     "--src-type",
@@ -752,12 +800,26 @@ pub fn render(input: &RenderInput) -> Rendered {
         if uses_cluster_chain {
             svc_chains.0.push(chain_line(&cluster_chain));
             out.active_nat_chains.insert(cluster_chain.clone());
-            write_endpoint_rules(&mut svc_rules, &name_str, svc, &cluster_chain, &cat.cluster, large);
+            write_endpoint_rules(
+                &mut svc_rules,
+                &name_str,
+                svc,
+                &cluster_chain,
+                &cat.cluster,
+                large,
+            );
         }
         if uses_local_chain {
             svc_chains.0.push(chain_line(&local_chain));
             out.active_nat_chains.insert(local_chain.clone());
-            write_endpoint_rules(&mut svc_rules, &name_str, svc, &local_chain, &cat.local, large);
+            write_endpoint_rules(
+                &mut svc_rules,
+                &name_str,
+                svc,
+                &local_chain,
+                &cat.local,
+                large,
+            );
         }
 
         for ep in &cat.all_reachable {
@@ -768,7 +830,13 @@ pub fn render(input: &RenderInput) -> Rendered {
             if !large {
                 args.extend(words!["-m", "comment", "--comment", &name_str]);
             }
-            svc_rules.push(&words![&args, "-s", ep.ip.to_string(), "-j", KUBE_MARK_MASQ]);
+            svc_rules.push(&words![
+                &args,
+                "-s",
+                ep.ip.to_string(),
+                "-j",
+                KUBE_MARK_MASQ
+            ]);
             if svc.session_affinity_timeout.is_some() {
                 args.extend(words!["-m", "recent", "--name", &sep, "--set"]);
             }
@@ -848,9 +916,21 @@ pub fn render(input: &RenderInput) -> Rendered {
     }
 
     if !cfg.conntrack_tcp_be_liberal {
-        let mut rule = words!["-A", KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID"];
+        let mut rule = words![
+            "-A",
+            KUBE_FORWARD,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID"
+        ];
         if cfg.nfacct_ct_state_invalid {
-            rule.extend(words!["-m", "nfacct", "--nfacct-name", NFACCT_CT_STATE_INVALID]);
+            rule.extend(words![
+                "-m",
+                "nfacct",
+                "--nfacct-name",
+                NFACCT_CT_STATE_INVALID
+            ]);
         }
         rule.extend(words!["-j", "DROP"]);
         filter_rules.push(&rule);
@@ -891,7 +971,10 @@ pub fn render(input: &RenderInput) -> Rendered {
     out.health_check_node_ports = health_check_node_ports(model);
 
     let mut text = String::with_capacity(
-        64 * (filter_chains.0.len() + filter_rules.0.len() + nat_chains.0.len() + nat_rules.0.len()),
+        64 * (filter_chains.0.len()
+            + filter_rules.0.len()
+            + nat_chains.0.len()
+            + nat_rules.0.len()),
     );
     text.push_str("*filter\n");
     for l in filter_chains.0.iter().chain(&filter_rules.0) {
@@ -921,7 +1004,12 @@ fn write_endpoint_rules(
         if large {
             Vec::new()
         } else {
-            words!["-m", "comment", "--comment", quoted(&format!("{name_str} -> {}", ep.addr_string()))]
+            words![
+                "-m",
+                "comment",
+                "--comment",
+                quoted(&format!("{name_str} -> {}", ep.addr_string()))
+            ]
         }
     };
     if let Some(timeout) = svc.session_affinity_timeout {
@@ -949,7 +1037,14 @@ fn write_endpoint_rules(
         let sep = names::endpoint_chain(&svc.name, ep);
         let mut args = words!["-A", chain, comment(ep)];
         if i + 1 < n {
-            args.extend(words!["-m", "statistic", "--mode", "random", "--probability", probability(n - i)]);
+            args.extend(words![
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                probability(n - i)
+            ]);
         }
         rules.push(&words![args, "-j", &sep]);
     }

@@ -1,0 +1,195 @@
+//! The iptables [`Backend`]: renders with [`super::render`] and applies through
+//! [`crate::kernel::iptables`], one `iptables-restore` per sync.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use super::jumps::{cleanup_plan, jump_rules};
+use super::names::KUBE_PROXY_CANARY;
+use super::parse::Dump;
+use super::render::{RenderConfig, RenderInput, SyncScope, render};
+use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
+use crate::kernel::addrs::Addresses;
+use crate::kernel::conntrack::Conntrack;
+use crate::kernel::iptables::{Iptables, RulePosition, Table};
+use crate::sync::conntrack::{StaleFlowFilter, reconcile};
+
+/// The iptables-mode proxier.
+pub struct IptablesProxier {
+    ipt: Iptables,
+    conntrack: Conntrack,
+    addrs: Addresses,
+    config: RenderConfig,
+}
+
+fn table(name: &str) -> Table {
+    match name {
+        "nat" => Table::Nat,
+        "mangle" => Table::Mangle,
+        "raw" => Table::Raw,
+        _ => Table::Filter,
+    }
+}
+
+impl IptablesProxier {
+    /// A proxier writing through `ipt`; `config.node_ips` is refreshed from the kernel on
+    /// every sync.
+    pub fn new(
+        ipt: Iptables,
+        conntrack: Conntrack,
+        addrs: Addresses,
+        config: RenderConfig,
+    ) -> Self {
+        IptablesProxier {
+            ipt,
+            conntrack,
+            addrs,
+            config,
+        }
+    }
+
+    /// The render settings in use.
+    pub fn config(&self) -> &RenderConfig {
+        &self.config
+    }
+
+    async fn ensure_jumps(&self) -> Result<(), BackendError> {
+        for t in [Table::Mangle, Table::Nat, Table::Filter] {
+            self.ipt
+                .ensure_chain(t, KUBE_PROXY_CANARY)
+                .await
+                .map_err(|e| BackendError::Apply(e.to_string()))?;
+        }
+        for j in jump_rules() {
+            let t = table(j.table);
+            self.ipt
+                .ensure_chain(t, j.target)
+                .await
+                .map_err(|e| BackendError::Apply(e.to_string()))?;
+            self.ipt
+                .ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
+                .await
+                .map_err(|e| BackendError::Apply(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn refresh_node_ips(&mut self) {
+        match self.addrs.list().await {
+            Ok(list) => {
+                let ips: Vec<IpAddr> = list
+                    .into_iter()
+                    .map(|a| a.addr)
+                    .filter(IpAddr::is_ipv4)
+                    .collect();
+                self.config.node_ips = ips;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "listing local addresses failed, keeping the previous list")
+            }
+        }
+    }
+
+    async fn existing_nat_chains(&self) -> Option<BTreeSet<String>> {
+        match self.ipt.save(Table::Nat).await {
+            Ok(text) => match Dump::parse(&text) {
+                Ok(d) => Some(d.chain_names("nat")),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not parse iptables-save output; stale chains kept this time");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "iptables-save failed; stale chains kept this time");
+                None
+            }
+        }
+    }
+
+    /// `--cleanup`: removes every chain and jump rule kube-proxy (or kube-proxy-rs) creates in
+    /// iptables mode; foreign rules stay.
+    pub async fn cleanup(ipt: &Iptables) -> Result<(), BackendError> {
+        let read = |e: crate::kernel::KernelError| BackendError::Read(e.to_string());
+        let nat = ipt.save(Table::Nat).await.map_err(read)?;
+        let filter = ipt.save(Table::Filter).await.map_err(read)?;
+        let plan = cleanup_plan(&nat, &filter).map_err(|e| BackendError::Read(e.to_string()))?;
+        for j in &plan.delete_jumps {
+            if let Err(e) = ipt.delete_rule(table(j.table), j.chain, &j.args()).await {
+                tracing::warn!(error = %e, chain = j.chain, "deleting jump rule failed");
+            }
+        }
+        for input in [&plan.nat_restore, &plan.filter_restore] {
+            if !input.trim().is_empty() {
+                ipt.restore(input)
+                    .await
+                    .map_err(|e| BackendError::Apply(e.to_string()))?;
+            }
+        }
+        let (t, chain) = plan.delete_chain;
+        if let Err(e) = ipt.flush_and_delete_chain(table(t), chain).await {
+            tracing::debug!(error = %e, "deleting {chain} in {t}");
+        }
+        Ok(())
+    }
+}
+
+impl Backend for IptablesProxier {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
+        if req.full {
+            self.ensure_jumps().await?;
+        }
+        self.refresh_node_ips().await;
+        let existing = self.existing_nat_chains().await;
+        let scope = if req.full {
+            SyncScope::Full
+        } else {
+            SyncScope::Partial {
+                changed: req.changed,
+            }
+        };
+        let rendered = render(&RenderInput {
+            model: req.model,
+            config: &self.config,
+            scope,
+            existing_nat_chains: existing.as_ref(),
+        });
+        if let Err(e) = self.ipt.restore(&rendered.text).await {
+            return Err(BackendError::Apply(e.to_string()));
+        }
+        let filter = StaleFlowFilter::new(req.model, &self.config.node_ips);
+        if !filter.is_empty() {
+            match reconcile(&self.conntrack, &filter).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "stale conntrack flows deleted"),
+                Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
+            }
+        }
+        let mut outcome = SyncOutcome {
+            no_local_endpoints_internal: rendered.no_local_endpoints_internal,
+            no_local_endpoints_external: rendered.no_local_endpoints_external,
+            health_checks: rendered.health_check_node_ports,
+            ..Default::default()
+        };
+        outcome
+            .rules_per_table
+            .insert("filter".into(), rendered.filter_rules);
+        outcome
+            .rules_per_table
+            .insert("nat".into(), rendered.nat_rules);
+        Ok(outcome)
+    }
+
+    async fn needs_full_sync(&mut self) -> bool {
+        // Upstream monitors the mangle canary: if someone flushed our tables it is gone too.
+        matches!(
+            self.ipt
+                .chain_exists(Table::Mangle, KUBE_PROXY_CANARY)
+                .await,
+            Ok(false)
+        )
+    }
+}
