@@ -103,7 +103,10 @@ pub fn parse_command_line(
     if !positional.is_empty() {
         return Err(ConfigError::UnexpectedArguments(positional));
     }
-    if parsed.str("version").is_some_and(|v| v != "false") {
+    if parsed
+        .str("version")
+        .is_some_and(|v| v == "raw" || flags::parse_go_bool(v) == Ok(true))
+    {
         return Ok(defaults_invocation(system_hostname, Action::Version));
     }
     let built = build(&parsed, system_hostname, &[])?;

@@ -1097,3 +1097,38 @@ fn render_arguments() {
     );
     assert!(parse_render_args(&args(&["--bogus"]), "s").is_err());
 }
+
+#[test]
+fn every_flag_config_field_exists_in_the_schema() {
+    use file::{SCHEMA, Ty};
+    for spec in flag_table() {
+        let Some(path) = spec.config_field else {
+            continue;
+        };
+        let mut fields = SCHEMA;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let (_, ty) = fields
+                .iter()
+                .find(|(name, _)| name == part)
+                .unwrap_or_else(|| panic!("--{}: {path} is not a config field", spec.name));
+            if i + 1 < parts.len() {
+                match ty {
+                    Ty::Obj(f) => fields = f,
+                    other => panic!(
+                        "--{}: {path}: {part} is {other:?}, not an object",
+                        spec.name
+                    ),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn version_values() {
+    assert_eq!(run(&["--version=raw"]).unwrap().action, Action::Version);
+    assert_eq!(run(&["--version=true"]).unwrap().action, Action::Version);
+    // --version=vX.Y.Z only overrides the reported version upstream; it does not exit.
+    assert_eq!(run(&["--version=v1.31.0"]).unwrap().action, Action::Run);
+}
