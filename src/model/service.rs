@@ -135,9 +135,10 @@ impl ServicePort {
         self.node_port != 0 || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
     }
 
-    /// Upstream `UsesClusterEndpoints`.
+    /// Upstream `UsesClusterEndpoints`: even with an external Local policy, external traffic
+    /// from local sources short-circuits to the cluster-wide chain.
     pub fn uses_cluster_endpoints(&self) -> bool {
-        !self.internal_policy_local || (self.externally_accessible() && !self.external_policy_local)
+        !self.internal_policy_local || self.externally_accessible()
     }
 
     /// Upstream `UsesLocalEndpoints`.

@@ -20,6 +20,7 @@ pub struct IptablesProxier {
     conntrack: Conntrack,
     addrs: Addresses,
     config: RenderConfig,
+    node_cidr_mode: bool,
 }
 
 fn table(name: &str) -> Table {
@@ -45,6 +46,7 @@ impl IptablesProxier {
             conntrack,
             addrs,
             config,
+            node_cidr_mode,
         }
     }
 
@@ -143,6 +145,12 @@ impl Backend for IptablesProxier {
             self.ensure_jumps().await?;
         }
         self.refresh_node_ips().await;
+        if let Some(ip) = req.model.node.ips.iter().copied().find(IpAddr::is_ipv4) {
+            self.config.primary_node_ip = Some(ip);
+        }
+        if self.node_cidr_mode {
+            self.config.local_detector = node_cidr_detector(&req.model.node);
+        }
         let existing = self.existing_nat_chains().await;
         let scope = if req.full {
             SyncScope::Full
@@ -192,4 +200,54 @@ impl Backend for IptablesProxier {
             Ok(false)
         )
     }
+}
+
+/// Render settings from the options and what is known of the node (`node_ips`: addresses
+/// node ports may be served on; the daemon refreshes them from the kernel on every sync).
+pub fn render_config(
+    opts: &crate::config::ProxyOptions,
+    node: &crate::model::NodeInfo,
+    node_ips: Vec<IpAddr>,
+) -> RenderConfig {
+    use crate::config::{DetectLocal, NodePortAddresses};
+    use crate::model::Cidr;
+    use super::render::LocalDetector;
+
+    let local_detector = match &opts.detect_local {
+        DetectLocal::None => LocalDetector::None,
+        DetectLocal::ClusterCidr(cidrs) => cidrs
+            .iter()
+            .find(|c| c.is_ipv4())
+            .map(|c| LocalDetector::Cidr(*c))
+            .unwrap_or_default(),
+        DetectLocal::NodeCidr => node_cidr_detector(node),
+        DetectLocal::BridgeInterface(i) => LocalDetector::BridgeInterface(i.clone()),
+        DetectLocal::InterfaceNamePrefix(p) => LocalDetector::InterfaceNamePrefix(p.clone()),
+    };
+    let primary_node_ip = node.ips.iter().copied().find(IpAddr::is_ipv4);
+    let node_port_addresses = match &opts.node_port_addresses {
+        NodePortAddresses::All => None,
+        NodePortAddresses::Cidrs(c) => Some(c.clone()),
+        NodePortAddresses::Primary => primary_node_ip.map(|ip| vec![Cidr::host(ip)]),
+    };
+    RenderConfig {
+        masquerade_bit: opts.masquerade_bit,
+        masquerade_all: opts.masquerade_all,
+        local_detector,
+        node_port_addresses,
+        node_ips,
+        primary_node_ip,
+        localhost_node_ports: opts.localhost_node_ports,
+        conntrack_tcp_be_liberal: opts.conntrack.tcp_be_liberal,
+        ..RenderConfig::default()
+    }
+}
+
+/// NodeCIDR mode: the Node's IPv4 podCIDR, if it has one yet.
+pub fn node_cidr_detector(node: &crate::model::NodeInfo) -> super::render::LocalDetector {
+    node.pod_cidrs
+        .iter()
+        .find(|c| c.is_ipv4())
+        .map(|c| super::render::LocalDetector::Cidr(*c))
+        .unwrap_or_default()
 }
