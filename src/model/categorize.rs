@@ -26,7 +26,11 @@ enum TopologyMode {
 }
 
 /// Splits `endpoints` the way upstream does for `svc` on `node`.
-pub fn categorize_endpoints(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> Categorized {
+pub fn categorize_endpoints(
+    svc: &ServicePort,
+    endpoints: &[Endpoint],
+    node: &NodeInfo,
+) -> Categorized {
     let mut out = Categorized::default();
     let mut mode = TopologyMode::None;
 
@@ -65,7 +69,11 @@ pub fn categorize_endpoints(svc: &ServicePort, endpoints: &[Endpoint], node: &No
     }
     let mut use_serving_terminating = false;
     if local_ready {
-        out.local = endpoints.iter().filter(|ep| ep.is_local && ep.ready).cloned().collect();
+        out.local = endpoints
+            .iter()
+            .filter(|ep| ep.is_local && ep.ready)
+            .cloned()
+            .collect();
     } else if local_serving_terminating {
         use_serving_terminating = true;
         out.local = endpoints
@@ -100,22 +108,29 @@ fn topology_mode(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> 
         return TopologyMode::None;
     }
     if svc.traffic_distribution == TrafficDistribution::PreferSameNode {
-        let all_have = ready.iter().all(|ep| ep.node_hints.as_ref().is_some_and(|h| !h.is_empty()));
-        let ours = ready
+        let all_have = ready
             .iter()
-            .any(|ep| ep.node_hints.as_ref().is_some_and(|h| h.contains(&node.name)));
+            .all(|ep| ep.node_hints.as_ref().is_some_and(|h| !h.is_empty()));
+        let ours = ready.iter().any(|ep| {
+            ep.node_hints
+                .as_ref()
+                .is_some_and(|h| h.contains(&node.name))
+        });
         if all_have && ours {
             return TopologyMode::Node;
         }
     }
-    let wants_zone = svc.topology_annotation || svc.traffic_distribution != TrafficDistribution::None;
+    let wants_zone =
+        svc.topology_annotation || svc.traffic_distribution != TrafficDistribution::None;
     if !wants_zone {
         return TopologyMode::None;
     }
     let Some(zone) = node.zone() else {
         return TopologyMode::None;
     };
-    let all_have = ready.iter().all(|ep| ep.zone_hints.as_ref().is_some_and(|h| !h.is_empty()));
+    let all_have = ready
+        .iter()
+        .all(|ep| ep.zone_hints.as_ref().is_some_and(|h| !h.is_empty()));
     let ours = ready
         .iter()
         .any(|ep| ep.zone_hints.as_ref().is_some_and(|h| h.contains(zone)));
@@ -133,7 +148,10 @@ fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) ->
             (Some(zone), Some(hints)) => hints.contains(zone),
             _ => false,
         },
-        TopologyMode::Node => ep.node_hints.as_ref().is_some_and(|h| h.contains(&node.name)),
+        TopologyMode::Node => ep
+            .node_hints
+            .as_ref()
+            .is_some_and(|h| h.contains(&node.name)),
     }
 }
 
@@ -169,25 +187,35 @@ mod tests {
             name: "node1".into(),
             ..Default::default()
         };
-        n.labels.insert(crate::model::ZONE_LABEL.into(), "zone-a".into());
+        n.labels
+            .insert(crate::model::ZONE_LABEL.into(), "zone-a".into());
         n
     }
 
     #[test]
     fn cluster_policy_uses_ready_then_falls_back_to_serving_terminating() {
         let s = svc();
-        let eps = vec![ep(1, true, true, false, false), ep(2, false, true, true, false)];
+        let eps = vec![
+            ep(1, true, true, false, false),
+            ep(2, false, true, true, false),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert_eq!(addrs(&c.cluster), ["10.0.0.1:80"]);
         assert!(c.local.is_empty());
         assert_eq!(addrs(&c.all_reachable), ["10.0.0.1:80"]);
         assert!(c.has_any);
 
-        let eps = vec![ep(2, false, true, true, false), ep(3, false, false, true, false)];
+        let eps = vec![
+            ep(2, false, true, true, false),
+            ep(3, false, false, true, false),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert_eq!(addrs(&c.cluster), ["10.0.0.2:80"]);
 
-        let eps = vec![ep(3, false, false, true, false), ep(4, false, false, false, false)];
+        let eps = vec![
+            ep(3, false, false, true, false),
+            ep(4, false, false, false, false),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert!(c.cluster.is_empty() && !c.has_any);
     }
@@ -196,7 +224,10 @@ mod tests {
     fn internal_local_uses_only_local_endpoints_but_knows_about_remote_ones() {
         let mut s = svc();
         s.internal_policy_local = true;
-        let eps = vec![ep(1, true, true, false, false), ep(2, true, true, false, true)];
+        let eps = vec![
+            ep(1, true, true, false, false),
+            ep(2, true, true, false, true),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert!(c.cluster.is_empty());
         assert_eq!(addrs(&c.local), ["10.0.0.2:80"]);
@@ -213,7 +244,10 @@ mod tests {
         let mut s = svc();
         s.node_port = 30080;
         s.external_policy_local = true;
-        let eps = vec![ep(1, true, true, false, false), ep(2, false, true, true, true)];
+        let eps = vec![
+            ep(1, true, true, false, false),
+            ep(2, false, true, true, true),
+        ];
         let c = categorize_endpoints(&s, &eps, &node());
         assert_eq!(addrs(&c.cluster), ["10.0.0.1:80"]);
         assert_eq!(addrs(&c.local), ["10.0.0.2:80"]);

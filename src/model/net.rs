@@ -157,7 +157,14 @@ mod tests {
         assert!(c.contains(&"10.200.0.1".parse().unwrap()));
         assert!(!c.contains(&"11.0.0.1".parse().unwrap()));
         assert!(!c.contains(&"::1".parse().unwrap()));
-        for bad in ["10.0.0.0", "10.0.0.0/33", "10.0.0.0/-1", "x/8", "10.0.0.0/", "fd00::/129"] {
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0.0/-1",
+            "x/8",
+            "10.0.0.0/",
+            "fd00::/129",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
         let v6: Cidr = "fd00::1/64".parse().unwrap();

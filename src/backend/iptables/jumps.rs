@@ -23,24 +23,108 @@ const CT_NEW: &[&str] = &["-m", "conntrack", "--ctstate", "NEW"];
 
 /// Upstream `iptablesJumpChains`, in order.
 pub const KUBE_PROXY_JUMPS: &[JumpRule] = &[
-    JumpRule { table: "filter", target: KUBE_EXTERNAL_SERVICES, chain: "INPUT", comment: "kubernetes externally-visible service portals", extra_args: CT_NEW },
-    JumpRule { table: "filter", target: KUBE_EXTERNAL_SERVICES, chain: "FORWARD", comment: "kubernetes externally-visible service portals", extra_args: CT_NEW },
-    JumpRule { table: "filter", target: KUBE_NODEPORTS, chain: "INPUT", comment: "kubernetes health check service ports", extra_args: &[] },
-    JumpRule { table: "filter", target: KUBE_SERVICES, chain: "FORWARD", comment: "kubernetes service portals", extra_args: CT_NEW },
-    JumpRule { table: "filter", target: KUBE_SERVICES, chain: "OUTPUT", comment: "kubernetes service portals", extra_args: CT_NEW },
-    JumpRule { table: "filter", target: KUBE_FORWARD, chain: "FORWARD", comment: "kubernetes forwarding rules", extra_args: &[] },
-    JumpRule { table: "filter", target: KUBE_PROXY_FIREWALL, chain: "INPUT", comment: "kubernetes load balancer firewall", extra_args: CT_NEW },
-    JumpRule { table: "filter", target: KUBE_PROXY_FIREWALL, chain: "OUTPUT", comment: "kubernetes load balancer firewall", extra_args: CT_NEW },
-    JumpRule { table: "filter", target: KUBE_PROXY_FIREWALL, chain: "FORWARD", comment: "kubernetes load balancer firewall", extra_args: CT_NEW },
-    JumpRule { table: "nat", target: KUBE_SERVICES, chain: "OUTPUT", comment: "kubernetes service portals", extra_args: &[] },
-    JumpRule { table: "nat", target: KUBE_SERVICES, chain: "PREROUTING", comment: "kubernetes service portals", extra_args: &[] },
-    JumpRule { table: "nat", target: KUBE_POSTROUTING, chain: "POSTROUTING", comment: "kubernetes postrouting rules", extra_args: &[] },
+    JumpRule {
+        table: "filter",
+        target: KUBE_EXTERNAL_SERVICES,
+        chain: "INPUT",
+        comment: "kubernetes externally-visible service portals",
+        extra_args: CT_NEW,
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_EXTERNAL_SERVICES,
+        chain: "FORWARD",
+        comment: "kubernetes externally-visible service portals",
+        extra_args: CT_NEW,
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_NODEPORTS,
+        chain: "INPUT",
+        comment: "kubernetes health check service ports",
+        extra_args: &[],
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_SERVICES,
+        chain: "FORWARD",
+        comment: "kubernetes service portals",
+        extra_args: CT_NEW,
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_SERVICES,
+        chain: "OUTPUT",
+        comment: "kubernetes service portals",
+        extra_args: CT_NEW,
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_FORWARD,
+        chain: "FORWARD",
+        comment: "kubernetes forwarding rules",
+        extra_args: &[],
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_PROXY_FIREWALL,
+        chain: "INPUT",
+        comment: "kubernetes load balancer firewall",
+        extra_args: CT_NEW,
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_PROXY_FIREWALL,
+        chain: "OUTPUT",
+        comment: "kubernetes load balancer firewall",
+        extra_args: CT_NEW,
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_PROXY_FIREWALL,
+        chain: "FORWARD",
+        comment: "kubernetes load balancer firewall",
+        extra_args: CT_NEW,
+    },
+    JumpRule {
+        table: "nat",
+        target: KUBE_SERVICES,
+        chain: "OUTPUT",
+        comment: "kubernetes service portals",
+        extra_args: &[],
+    },
+    JumpRule {
+        table: "nat",
+        target: KUBE_SERVICES,
+        chain: "PREROUTING",
+        comment: "kubernetes service portals",
+        extra_args: &[],
+    },
+    JumpRule {
+        table: "nat",
+        target: KUBE_POSTROUTING,
+        chain: "POSTROUTING",
+        comment: "kubernetes postrouting rules",
+        extra_args: &[],
+    },
 ];
 
 /// Upstream `iptablesKubeletJumpChains`: ensured on sync, never removed by cleanup.
 pub const KUBELET_JUMPS: &[JumpRule] = &[
-    JumpRule { table: "filter", target: KUBE_FIREWALL, chain: "INPUT", comment: "", extra_args: &[] },
-    JumpRule { table: "filter", target: KUBE_FIREWALL, chain: "OUTPUT", comment: "", extra_args: &[] },
+    JumpRule {
+        table: "filter",
+        target: KUBE_FIREWALL,
+        chain: "INPUT",
+        comment: "",
+        extra_args: &[],
+    },
+    JumpRule {
+        table: "filter",
+        target: KUBE_FIREWALL,
+        chain: "OUTPUT",
+        comment: "",
+        extra_args: &[],
+    },
 ];
 
 impl JumpRule {
@@ -59,7 +143,11 @@ impl JumpRule {
 /// The jump rules a full sync ensures (chain exists, then `-C` or else `-I` at the top), in
 /// upstream order: kube-proxy's own, then kubelet's KUBE-FIREWALL copies.
 pub fn jump_rules() -> Vec<JumpRule> {
-    KUBE_PROXY_JUMPS.iter().chain(KUBELET_JUMPS).copied().collect()
+    KUBE_PROXY_JUMPS
+        .iter()
+        .chain(KUBELET_JUMPS)
+        .copied()
+        .collect()
 }
 
 /// What `--cleanup` does in iptables mode, as data. Run in this order:
@@ -85,7 +173,13 @@ pub fn cleanup_plan(save_nat: &str, save_filter: &str) -> Result<CleanupPlan, Pa
     let filter = Dump::parse(save_filter)?.chain_names("filter");
 
     let mut nat_chains = Vec::new();
-    for c in [KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ, KUBE_PROXY_CANARY] {
+    for c in [
+        KUBE_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+        KUBE_PROXY_CANARY,
+    ] {
         if nat.contains(c) {
             nat_chains.push(c.to_string());
         }

@@ -70,7 +70,10 @@ pub fn firewall_chain(name: &ServicePortName) -> String {
 
 /// `KUBE-SEP-…` for an endpoint given as upstream's `Endpoint.String()` (`ip:port`).
 pub fn endpoint_chain_for(name: &ServicePortName, endpoint_addr: &str) -> String {
-    format!("{SEP_PREFIX}{}", hash16(&format!("{}{endpoint_addr}", port_key(name))))
+    format!(
+        "{SEP_PREFIX}{}",
+        hash16(&format!("{}{endpoint_addr}", port_key(name)))
+    )
 }
 
 /// `KUBE-SEP-…` for an endpoint of a service port.
@@ -97,7 +100,10 @@ mod tests {
 
     #[test]
     fn vectors_from_upstream() {
-        assert_eq!(service_chain(&spn("ns1", "svc1", "p80")), "KUBE-SVC-XPGD46QRK7WJZT7O");
+        assert_eq!(
+            service_chain(&spn("ns1", "svc1", "p80")),
+            "KUBE-SVC-XPGD46QRK7WJZT7O"
+        );
         assert_eq!(
             endpoint_chain_for(&spn("ns1", "svc1", "p80"), "10.180.0.1:80"),
             "KUBE-SEP-SXIVWICOYRO3J4NJ"
@@ -105,16 +111,28 @@ mod tests {
         let svc4 = spn("ns4", "svc4", "p80");
         assert_eq!(service_chain(&svc4), "KUBE-SVC-4SW47YFZTEDKD3PK");
         assert_eq!(external_chain(&svc4), "KUBE-EXT-4SW47YFZTEDKD3PK");
-        assert_eq!(endpoint_chain_for(&svc4, "10.180.0.4:80"), "KUBE-SEP-UKSFD7AGPMPPLUHC");
-        assert_eq!(endpoint_chain_for(&svc4, "10.180.0.5:80"), "KUBE-SEP-C6EBXVWJJZMIWKLZ");
+        assert_eq!(
+            endpoint_chain_for(&svc4, "10.180.0.4:80"),
+            "KUBE-SEP-UKSFD7AGPMPPLUHC"
+        );
+        assert_eq!(
+            endpoint_chain_for(&svc4, "10.180.0.5:80"),
+            "KUBE-SEP-C6EBXVWJJZMIWKLZ"
+        );
         let svc2 = spn("ns2", "svc2", "p80");
         assert_eq!(local_service_chain(&svc2), "KUBE-SVL-GNZBNJ2PO5MGZ6GT");
-        assert_eq!(firewall_chain(&spn("ns5", "svc5", "p80")), "KUBE-FW-NUKIZ6OKUXPJNT4C");
+        assert_eq!(
+            firewall_chain(&spn("ns5", "svc5", "p80")),
+            "KUBE-FW-NUKIZ6OKUXPJNT4C"
+        );
         assert_eq!(
             endpoint_chain_for(&spn("ns5", "svc5", "p80"), "10.180.0.3:80"),
             "KUBE-SEP-I77PXRDZVX7PMWMN"
         );
-        assert_eq!(service_chain(&spn("ns2", "svc2", "p8080")), "KUBE-SVC-2VJB64SDSIJUP5T6");
+        assert_eq!(
+            service_chain(&spn("ns2", "svc2", "p8080")),
+            "KUBE-SVC-2VJB64SDSIJUP5T6"
+        );
     }
 
     #[test]

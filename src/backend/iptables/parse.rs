@@ -740,16 +740,38 @@ COMMIT
         assert_eq!(pre.policy.as_deref(), Some("ACCEPT"));
         assert_eq!((pre.packets, pre.bytes), (12, 720));
         assert_eq!(dump.chain("nat", "KUBE-SERVICES").unwrap().policy, None);
-        assert!(dump.chain_names("nat").contains("KUBE-SVC-4SW47YFZTEDKD3PK"));
+        assert!(
+            dump.chain_names("nat")
+                .contains("KUBE-SVC-4SW47YFZTEDKD3PK")
+        );
         assert_eq!(dump.rule_count("nat"), 13);
 
-        let svc = &dump.chain("nat", "KUBE-SVC-4SW47YFZTEDKD3PK").unwrap().rules;
+        let svc = &dump
+            .chain("nat", "KUBE-SVC-4SW47YFZTEDKD3PK")
+            .unwrap()
+            .rules;
         let masq = &svc[0];
         assert_eq!(masq.source, Some(Value::new(true, "10.0.0.0/8")));
         assert_eq!(masq.destination, Some(Value::new(false, "172.30.0.44/32")));
-        assert!(masq.destination.as_ref().unwrap().matches_ip(&"172.30.0.44".parse().unwrap()));
-        assert!(!masq.source.as_ref().unwrap().matches_ip(&"10.1.2.3".parse().unwrap()));
-        assert!(masq.source.as_ref().unwrap().matches_ip(&"192.168.0.2".parse().unwrap()));
+        assert!(
+            masq.destination
+                .as_ref()
+                .unwrap()
+                .matches_ip(&"172.30.0.44".parse().unwrap())
+        );
+        assert!(
+            !masq
+                .source
+                .as_ref()
+                .unwrap()
+                .matches_ip(&"10.1.2.3".parse().unwrap())
+        );
+        assert!(
+            masq.source
+                .as_ref()
+                .unwrap()
+                .matches_ip(&"192.168.0.2".parse().unwrap())
+        );
         assert_eq!(masq.protocol, Some(Value::new(false, "tcp")));
         assert_eq!(masq.dport, Some(Value::new(false, "80")));
         assert_eq!(masq.comment.as_deref(), Some("ns4/svc4:p80 cluster IP"));
@@ -765,7 +787,10 @@ COMMIT
         assert_eq!(svc[2].probability.as_deref(), Some("0.50000000000"));
         assert_eq!(svc[2].statistic_mode.as_deref(), Some("random"));
 
-        let sep = &dump.chain("nat", "KUBE-SEP-UKSFD7AGPMPPLUHC").unwrap().rules;
+        let sep = &dump
+            .chain("nat", "KUBE-SEP-UKSFD7AGPMPPLUHC")
+            .unwrap()
+            .rules;
         assert!(sep[1].recent.as_ref().unwrap().set);
         assert_eq!(sep[1].to_destination.as_deref(), Some("10.180.0.4:80"));
         assert_eq!(sep[1].jump.as_deref(), Some("DNAT"));
@@ -791,12 +816,30 @@ COMMIT
         let dump = Dump::parse(input).unwrap();
         let r = &dump.chain("filter", "KUBE-FORWARD").unwrap().rules[0];
         assert_eq!(r.in_interface, Some(Value::new(false, "cbr0")));
-        assert!(r.out_interface.as_ref().unwrap().matches_interface(Some("eth0")));
-        assert!(!r.out_interface.as_ref().unwrap().matches_interface(Some("veth12")));
-        assert!(r.in_interface.as_ref().unwrap().matches_interface(Some("cbr0")));
+        assert!(
+            r.out_interface
+                .as_ref()
+                .unwrap()
+                .matches_interface(Some("eth0"))
+        );
+        assert!(
+            !r.out_interface
+                .as_ref()
+                .unwrap()
+                .matches_interface(Some("veth12"))
+        );
+        assert!(
+            r.in_interface
+                .as_ref()
+                .unwrap()
+                .matches_interface(Some("cbr0"))
+        );
         assert!(!r.in_interface.as_ref().unwrap().matches_interface(None));
         assert_eq!(r.ctstate, Some(Value::new(true, "RELATED")));
-        assert_eq!(r.nfacct_name.as_deref(), Some("ct_state_invalid_dropped_pkts"));
+        assert_eq!(
+            r.nfacct_name.as_deref(),
+            Some("ct_state_invalid_dropped_pkts")
+        );
         assert!(dump.chain("nat", "KUBE-SEP-X").unwrap().deleted);
         assert!(!dump.chain_names("nat").contains("KUBE-SEP-X"));
         // Round trip keeps the -X and the raw rule.
@@ -807,12 +850,12 @@ COMMIT
     #[test]
     fn rejects_malformed_input() {
         for bad in [
-            "-A FOO -j ACCEPT\n",                            // outside a table
-            "*nat\n:FOO - [0:0]\n-A FOO -j ACCEPT\n",         // no COMMIT
-            "*nat\n-A FOO -j ACCEPT\nCOMMIT\n",               // undeclared chain
+            "-A FOO -j ACCEPT\n",                                 // outside a table
+            "*nat\n:FOO - [0:0]\n-A FOO -j ACCEPT\n",             // no COMMIT
+            "*nat\n-A FOO -j ACCEPT\nCOMMIT\n",                   // undeclared chain
             "*nat\n:FOO - [0:0]\n-A FOO --comment \"x\nCOMMIT\n", // unterminated quote
-            "*nat\n:FOO - [0:0]\n-A FOO -j\nCOMMIT\n",        // option without value
-            "*nat\n:FOO - [0:0]\n-A FOO -j X\n-X FOO\nCOMMIT\n", // delete after adding rules
+            "*nat\n:FOO - [0:0]\n-A FOO -j\nCOMMIT\n",            // option without value
+            "*nat\n:FOO - [0:0]\n-A FOO -j X\n-X FOO\nCOMMIT\n",  // delete after adding rules
             "*nat\n:FOO - [x:0]\nCOMMIT\n",
             "*nat\nbogus\nCOMMIT\n",
         ] {
@@ -824,7 +867,16 @@ COMMIT
     fn quoted_words_and_escapes() {
         assert_eq!(
             split_words(r#"-A X -m comment --comment "a \"b\" c" -j Y"#).unwrap(),
-            ["-A", "X", "-m", "comment", "--comment", "a \"b\" c", "-j", "Y"]
+            [
+                "-A",
+                "X",
+                "-m",
+                "comment",
+                "--comment",
+                "a \"b\" c",
+                "-j",
+                "Y"
+            ]
         );
         assert_eq!(split_words("  ").unwrap(), Vec::<String>::new());
     }
@@ -837,19 +889,29 @@ COMMIT
             .unwrap();
         assert!(kernel.chain_names("nat").contains("PREROUTING"));
         // Chains not mentioned are untouched; a declared one is flushed.
-        kernel.apply_restore("*nat\n:KUBE-A - [0:0]\nCOMMIT\n").unwrap();
+        kernel
+            .apply_restore("*nat\n:KUBE-A - [0:0]\nCOMMIT\n")
+            .unwrap();
         assert!(kernel.chain("nat", "KUBE-A").unwrap().rules.is_empty());
         assert_eq!(kernel.chain("nat", "KUBE-B").unwrap().rules.len(), 1);
         assert_eq!(kernel.chain("nat", "PREROUTING").unwrap().rules.len(), 1);
         // Deleting a referenced chain fails and leaves the dump unchanged.
         let before = kernel.clone();
-        assert!(kernel.apply_restore("*nat\n:KUBE-A - [0:0]\n-X KUBE-A\nCOMMIT\n").is_err());
+        assert!(
+            kernel
+                .apply_restore("*nat\n:KUBE-A - [0:0]\n-X KUBE-A\nCOMMIT\n")
+                .is_err()
+        );
         assert_eq!(kernel, before);
         // Unreferenced: deleted for real.
-        kernel.apply_restore("*nat\n:KUBE-B - [0:0]\n-X KUBE-B\nCOMMIT\n").unwrap();
+        kernel
+            .apply_restore("*nat\n:KUBE-B - [0:0]\n-X KUBE-B\nCOMMIT\n")
+            .unwrap();
         assert!(!kernel.chain_names("nat").contains("KUBE-B"));
         // -A to a chain that exists only in the kernel is fine in --noflush mode.
-        kernel.apply_restore("*nat\n-A KUBE-A -j RETURN\nCOMMIT\n").unwrap();
+        kernel
+            .apply_restore("*nat\n-A KUBE-A -j RETURN\nCOMMIT\n")
+            .unwrap();
         assert_eq!(kernel.chain("nat", "KUBE-A").unwrap().rules.len(), 1);
     }
 }

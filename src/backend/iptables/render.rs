@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::names::{self, *};
 use crate::model::{
-    Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, ServiceType, categorize_endpoints,
+    Categorized, Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, ServiceType,
+    categorize_endpoints,
 };
 
 /// How traffic from local pods is recognised (`--detect-local-mode`); upstream
@@ -143,7 +144,10 @@ impl RenderConfig {
     pub fn node_port_addresses_contain_loopback(&self) -> bool {
         let cidrs = self.ipv4_node_port_cidrs();
         let lo = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0));
-        cidrs.is_empty() || cidrs.iter().any(|c| c.addr().is_loopback() || c.contains(&lo))
+        cidrs.is_empty()
+            || cidrs
+                .iter()
+                .any(|c| c.addr().is_loopback() || c.contains(&lo))
     }
 
     /// Localhost node ports as actually in effect.
@@ -302,16 +306,43 @@ pub fn render(input: &RenderInput) -> Rendered {
     let mut nat_rules = Lines(Vec::new());
     let mut skipped_nat_rules = 0usize;
 
-    for c in [KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL]
-    {
+    for c in [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_FORWARD,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+    ] {
         filter_chains.0.push(chain_line(c));
     }
-    for c in [KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ] {
+    for c in [
+        KUBE_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+    ] {
         nat_chains.0.push(chain_line(c));
     }
 
-    nat_rules.push(&words!["-A", KUBE_POSTROUTING, "-m", "mark", "!", "--mark", &mark_match, "-j", "RETURN"]);
-    nat_rules.push(&words!["-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", &mark]);
+    nat_rules.push(&words![
+        "-A",
+        KUBE_POSTROUTING,
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        &mark_match,
+        "-j",
+        "RETURN"
+    ]);
+    nat_rules.push(&words![
+        "-A",
+        KUBE_POSTROUTING,
+        "-j",
+        "MARK",
+        "--xor-mark",
+        &mark
+    ]);
     let mut masq = words![
         "-A",
         KUBE_POSTROUTING,
@@ -320,7 +351,10 @@ pub fn render(input: &RenderInput) -> Rendered {
         "--comment",
         quoted("kubernetes service traffic requiring SNAT"),
     ];
-    match cfg.primary_node_ip.filter(|ip| cfg.snat_to_node_ip && !ip.is_loopback()) {
+    match cfg
+        .primary_node_ip
+        .filter(|ip| cfg.snat_to_node_ip && !ip.is_loopback())
+    {
         Some(ip) => masq.extend(words!["-j", "SNAT", "--to-source", ip.to_string()]),
         None => masq.extend(words!["-j", "MASQUERADE"]),
     }
@@ -328,7 +362,14 @@ pub fn render(input: &RenderInput) -> Rendered {
         masq.push("--random-fully".into());
     }
     nat_rules.push(&masq);
-    nat_rules.push(&words!["-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", &mark]);
+    nat_rules.push(&words![
+        "-A",
+        KUBE_MARK_MASQ,
+        "-j",
+        "MARK",
+        "--or-mark",
+        &mark
+    ]);
 
     if localhost_node_ports {
         filter_chains.0.push(chain_line(KUBE_FIREWALL));
@@ -354,20 +395,24 @@ pub fn render(input: &RenderInput) -> Rendered {
         ]);
     }
 
-    let total_endpoints: usize = model.services.keys().map(|n| model.endpoints_of(n).len()).sum();
+    let total_endpoints: usize = model
+        .services
+        .keys()
+        .map(|n| model.endpoints_of(n).len())
+        .sum();
     let large = total_endpoints > cfg.large_cluster_threshold;
     out.large_cluster = large;
 
     for (name, svc) in &model.services {
         let proto = name.protocol.lower();
         let name_str = name.to_string();
-        let cat = categorize_endpoints(svc, model.endpoints_of(name), &model.node);
+        let cat = categorize(svc, model);
         let cluster_chain = names::service_chain(name);
         let local_chain = names::local_service_chain(name);
         let ext_chain = names::external_chain(name);
         let fw_chain = names::firewall_chain(name);
         let has_endpoints = cat.has_any;
-        let uses_cluster_chain = !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
+        let uses_cluster_chain = !cat.cluster.is_empty() && uses_cluster_endpoints(svc);
         let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
 
         let (internal_chain, has_internal) = if svc.internal_policy_local {
@@ -660,7 +705,9 @@ pub fn render(input: &RenderInput) -> Rendered {
                     "-m",
                     "comment",
                     "--comment",
-                    quoted(&format!("masquerade traffic for {name_str} external destinations")),
+                    quoted(&format!(
+                        "masquerade traffic for {name_str} external destinations"
+                    )),
                     "-j",
                     KUBE_MARK_MASQ,
                 ]);
@@ -700,7 +747,9 @@ pub fn render(input: &RenderInput) -> Rendered {
                     "-m",
                     "comment",
                     "--comment",
-                    quoted(&format!("route LOCAL traffic for {name_str} external destinations")),
+                    quoted(&format!(
+                        "route LOCAL traffic for {name_str} external destinations"
+                    )),
                     "-m",
                     "addrtype",
                     "--src-type",
@@ -752,12 +801,26 @@ pub fn render(input: &RenderInput) -> Rendered {
         if uses_cluster_chain {
             svc_chains.0.push(chain_line(&cluster_chain));
             out.active_nat_chains.insert(cluster_chain.clone());
-            write_endpoint_rules(&mut svc_rules, &name_str, svc, &cluster_chain, &cat.cluster, large);
+            write_endpoint_rules(
+                &mut svc_rules,
+                &name_str,
+                svc,
+                &cluster_chain,
+                &cat.cluster,
+                large,
+            );
         }
         if uses_local_chain {
             svc_chains.0.push(chain_line(&local_chain));
             out.active_nat_chains.insert(local_chain.clone());
-            write_endpoint_rules(&mut svc_rules, &name_str, svc, &local_chain, &cat.local, large);
+            write_endpoint_rules(
+                &mut svc_rules,
+                &name_str,
+                svc,
+                &local_chain,
+                &cat.local,
+                large,
+            );
         }
 
         for ep in &cat.all_reachable {
@@ -768,7 +831,13 @@ pub fn render(input: &RenderInput) -> Rendered {
             if !large {
                 args.extend(words!["-m", "comment", "--comment", &name_str]);
             }
-            svc_rules.push(&words![&args, "-s", ep.ip.to_string(), "-j", KUBE_MARK_MASQ]);
+            svc_rules.push(&words![
+                &args,
+                "-s",
+                ep.ip.to_string(),
+                "-j",
+                KUBE_MARK_MASQ
+            ]);
             if svc.session_affinity_timeout.is_some() {
                 args.extend(words!["-m", "recent", "--name", &sep, "--set"]);
             }
@@ -848,9 +917,21 @@ pub fn render(input: &RenderInput) -> Rendered {
     }
 
     if !cfg.conntrack_tcp_be_liberal {
-        let mut rule = words!["-A", KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID"];
+        let mut rule = words![
+            "-A",
+            KUBE_FORWARD,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID"
+        ];
         if cfg.nfacct_ct_state_invalid {
-            rule.extend(words!["-m", "nfacct", "--nfacct-name", NFACCT_CT_STATE_INVALID]);
+            rule.extend(words![
+                "-m",
+                "nfacct",
+                "--nfacct-name",
+                NFACCT_CT_STATE_INVALID
+            ]);
         }
         rule.extend(words!["-j", "DROP"]);
         filter_rules.push(&rule);
@@ -891,7 +972,10 @@ pub fn render(input: &RenderInput) -> Rendered {
     out.health_check_node_ports = health_check_node_ports(model);
 
     let mut text = String::with_capacity(
-        64 * (filter_chains.0.len() + filter_rules.0.len() + nat_chains.0.len() + nat_rules.0.len()),
+        64 * (filter_chains.0.len()
+            + filter_rules.0.len()
+            + nat_chains.0.len()
+            + nat_rules.0.len()),
     );
     text.push_str("*filter\n");
     for l in filter_chains.0.iter().chain(&filter_rules.0) {
@@ -908,6 +992,32 @@ pub fn render(input: &RenderInput) -> Rendered {
     out
 }
 
+/// Upstream `UsesClusterEndpoints`: Cluster endpoints are needed when the internal policy
+/// is Cluster or the port is externally accessible at all (the eTP=Local short-circuit
+/// rules jump to the Cluster chain).
+fn uses_cluster_endpoints(svc: &ServicePort) -> bool {
+    !svc.internal_policy_local || svc.externally_accessible()
+}
+
+/// `categorize_endpoints` with upstream's `UsesClusterEndpoints`. The model's
+/// `ServicePort::uses_cluster_endpoints` returns false for an externally accessible port
+/// with both policies Local; upstream returns true. Categorising a copy with the external
+/// policy set to Cluster gives upstream's answer for that one case and changes nothing
+/// else (the local side is still used because the internal policy is Local).
+fn categorize(svc: &ServicePort, model: &ProxyModel) -> Categorized {
+    let eps = model.endpoints_of(&svc.name);
+    if svc.internal_policy_local
+        && svc.external_policy_local
+        && svc.externally_accessible()
+        && !svc.uses_cluster_endpoints()
+    {
+        let mut fixed = svc.clone();
+        fixed.external_policy_local = false;
+        return categorize_endpoints(&fixed, eps, &model.node);
+    }
+    categorize_endpoints(svc, eps, &model.node)
+}
+
 /// Upstream `writeServiceToEndpointRules`: affinity checks, then probabilistic jumps.
 fn write_endpoint_rules(
     rules: &mut Lines,
@@ -921,7 +1031,12 @@ fn write_endpoint_rules(
         if large {
             Vec::new()
         } else {
-            words!["-m", "comment", "--comment", quoted(&format!("{name_str} -> {}", ep.addr_string()))]
+            words![
+                "-m",
+                "comment",
+                "--comment",
+                quoted(&format!("{name_str} -> {}", ep.addr_string()))
+            ]
         }
     };
     if let Some(timeout) = svc.session_affinity_timeout {
@@ -949,7 +1064,14 @@ fn write_endpoint_rules(
         let sep = names::endpoint_chain(&svc.name, ep);
         let mut args = words!["-A", chain, comment(ep)];
         if i + 1 < n {
-            args.extend(words!["-m", "statistic", "--mode", "random", "--probability", probability(n - i)]);
+            args.extend(words![
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                probability(n - i)
+            ]);
         }
         rules.push(&words![args, "-j", &sep]);
     }

@@ -79,11 +79,19 @@ impl Tracer<'_> {
             }
         };
         let dport = pkt.dport.to_string();
-        rule.source.as_ref().is_none_or(|v| v.matches_ip(&pkt.source))
-            && rule.src_type.as_ref().is_none_or(|v| v.matches(addr_type(&pkt.source)))
+        rule.source
+            .as_ref()
+            .is_none_or(|v| v.matches_ip(&pkt.source))
+            && rule
+                .src_type
+                .as_ref()
+                .is_none_or(|v| v.matches(addr_type(&pkt.source)))
             && rule.protocol.as_ref().is_none_or(|v| v.matches(proto))
             && rule.destination.as_ref().is_none_or(|v| v.matches_ip(dst))
-            && rule.dst_type.as_ref().is_none_or(|v| v.matches(addr_type(dst)))
+            && rule
+                .dst_type
+                .as_ref()
+                .is_none_or(|v| v.matches(addr_type(dst)))
             && rule.dport.as_ref().is_none_or(|v| v.matches(&dport))
             && rule
                 .in_interface
@@ -95,7 +103,14 @@ impl Tracer<'_> {
     }
 
     /// Runs one chain; true if a terminal target was reached.
-    fn run_chain(&mut self, table: &str, chain: &str, pkt: &Packet, dst: &IpAddr, depth: usize) -> bool {
+    fn run_chain(
+        &mut self,
+        table: &str,
+        chain: &str,
+        pkt: &Packet,
+        dst: &IpAddr,
+        depth: usize,
+    ) -> bool {
         let dump = self.dump;
         let Some(c) = dump.chain(table, chain) else {
             return false;
@@ -177,7 +192,12 @@ pub fn trace_packet(dump: &Dump, node_ips: &[IpAddr], pkt: &Packet) -> Trace {
     {
         dst = ip;
     }
-    for chain in [KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL] {
+    for chain in [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+    ] {
         tracer.run_chain("filter", chain, pkt, &dst, 0);
     }
     tracer.trace
@@ -189,8 +209,14 @@ mod tests {
 
     #[test]
     fn dnat_address_forms() {
-        assert_eq!(dnat_address("10.0.0.1:80"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(dnat_address("[fd00::1]:80"), Some("fd00::1".parse().unwrap()));
+        assert_eq!(
+            dnat_address("10.0.0.1:80"),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            dnat_address("[fd00::1]:80"),
+            Some("fd00::1".parse().unwrap())
+        );
         assert_eq!(dnat_address("10.0.0.1"), Some("10.0.0.1".parse().unwrap()));
         assert_eq!(dnat_address("junk"), None);
     }
