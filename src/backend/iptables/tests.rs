@@ -3402,3 +3402,40 @@ fn both_traffic_policies_local_keep_the_cluster_chain_for_short_circuiting() {
         ],
     );
 }
+
+#[test]
+fn large_cluster_mode_starts_above_the_threshold() {
+    let mut cfg = upstream_config();
+    cfg.large_cluster_threshold = 3;
+    let name = spn("ns1", "svc1", "p80");
+    let s = svc("ns1", "svc1", "p80", "172.30.0.41", 80);
+    let eps = |n: usize| {
+        (1..=n)
+            .map(|i| ep(&format!("10.180.0.{i}"), 80))
+            .collect::<Vec<_>>()
+    };
+    // Endpoints of ports without a service do not count.
+    let mut m = model(
+        vec![s.clone()],
+        vec![
+            (name.clone(), eps(3)),
+            (spn("ns9", "orphan", "p80"), eps(5)),
+        ],
+    );
+    let r = render_with(&m, &cfg);
+    assert!(!r.large_cluster);
+    assert_eq!(
+        dnat_lines(&r.text, "").2,
+        3,
+        "at the threshold: comments kept"
+    );
+    m.endpoints.insert(name, eps(4));
+    let r = render_with(&m, &cfg);
+    assert!(r.large_cluster);
+    assert_eq!(dnat_lines(&r.text, "").1, 4);
+    assert_eq!(
+        dnat_lines(&r.text, "").2,
+        0,
+        "above the threshold: comments dropped"
+    );
+}
