@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::names::{self, *};
 use crate::model::{
-    Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, ServiceType, categorize_endpoints,
+    Categorized, Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, ServiceType,
+    categorize_endpoints,
 };
 
 /// How traffic from local pods is recognised (`--detect-local-mode`); upstream
@@ -405,13 +406,13 @@ pub fn render(input: &RenderInput) -> Rendered {
     for (name, svc) in &model.services {
         let proto = name.protocol.lower();
         let name_str = name.to_string();
-        let cat = categorize_endpoints(svc, model.endpoints_of(name), &model.node);
+        let cat = categorize(svc, model);
         let cluster_chain = names::service_chain(name);
         let local_chain = names::local_service_chain(name);
         let ext_chain = names::external_chain(name);
         let fw_chain = names::firewall_chain(name);
         let has_endpoints = cat.has_any;
-        let uses_cluster_chain = !cat.cluster.is_empty() && svc.uses_cluster_endpoints();
+        let uses_cluster_chain = !cat.cluster.is_empty() && uses_cluster_endpoints(svc);
         let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
 
         let (internal_chain, has_internal) = if svc.internal_policy_local {
@@ -989,6 +990,32 @@ pub fn render(input: &RenderInput) -> Rendered {
     text.push_str("COMMIT\n");
     out.text = text;
     out
+}
+
+/// Upstream `UsesClusterEndpoints`: Cluster endpoints are needed when the internal policy
+/// is Cluster or the port is externally accessible at all (the eTP=Local short-circuit
+/// rules jump to the Cluster chain).
+fn uses_cluster_endpoints(svc: &ServicePort) -> bool {
+    !svc.internal_policy_local || svc.externally_accessible()
+}
+
+/// `categorize_endpoints` with upstream's `UsesClusterEndpoints`. The model's
+/// `ServicePort::uses_cluster_endpoints` returns false for an externally accessible port
+/// with both policies Local; upstream returns true. Categorising a copy with the external
+/// policy set to Cluster gives upstream's answer for that one case and changes nothing
+/// else (the local side is still used because the internal policy is Local).
+fn categorize(svc: &ServicePort, model: &ProxyModel) -> Categorized {
+    let eps = model.endpoints_of(&svc.name);
+    if svc.internal_policy_local
+        && svc.external_policy_local
+        && svc.externally_accessible()
+        && !svc.uses_cluster_endpoints()
+    {
+        let mut fixed = svc.clone();
+        fixed.external_policy_local = false;
+        return categorize_endpoints(&fixed, eps, &model.node);
+    }
+    categorize_endpoints(svc, eps, &model.node)
 }
 
 /// Upstream `writeServiceToEndpointRules`: affinity checks, then probabilistic jumps.

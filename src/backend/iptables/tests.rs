@@ -2837,9 +2837,7 @@ fn partial_syncs_match_upstream_and_converge_to_a_full_sync() {
             &[&svc1_ip, &svc3_ip],
             "",
             "-A KUBE-SERVICES -m comment --comment \"ns4/svc4:p80 has no endpoints\" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j REJECT\n",
-        )
-        .replace("COMMIT\n*nat\n", "COMMIT\n*nat\n")
-        .replace(":KUBE-POSTROUTING - [0:0]\n\n", ":KUBE-POSTROUTING - [0:0]\n"),
+        ),
         0,
     );
 
@@ -2917,10 +2915,7 @@ fn partial_syncs_match_upstream_and_converge_to_a_full_sync() {
     existing = step(
         &m,
         &r,
-        &golden("", &[&svc1_ip, &svc3_ip, &svc4_ip], "", "").replace(
-            ":KUBE-POSTROUTING - [0:0]\n\n",
-            ":KUBE-POSTROUTING - [0:0]\n",
-        ),
+        &golden("", &[&svc1_ip, &svc3_ip, &svc4_ip], "", ""),
         0,
     );
 
@@ -2957,5 +2952,490 @@ fn partial_syncs_match_upstream_and_converge_to_a_full_sync() {
             "",
         ),
         -5,
+    );
+}
+
+// === number_generated_rules_test.go ===
+
+fn generated(n_services: u32, n_endpoints: u32, load_balancer: bool) -> ProxyModel {
+    let mut services = Vec::new();
+    let mut endpoints = Vec::new();
+    for i in 0..n_services {
+        let name = spn("namespace", &format!("svc{i}"), "8080");
+        let cluster_ip = IpAddr::from(std::net::Ipv4Addr::from(
+            u32::from(std::net::Ipv4Addr::new(10, 0, 0, 1)) + i,
+        ));
+        let mut s = ServicePort::basic(name.clone(), cluster_ip, 80 + i as u16);
+        if load_balancer {
+            s.service_type = ServiceType::LoadBalancer;
+            s.external_ips = vec![ip("1.2.3.4")];
+            s.source_ranges = vec![cidr("1.2.3.4/28")];
+            s.load_balancer_ips = vec![ip("1.2.3.4")];
+            s.node_port = 30000 + i as u16;
+            s.health_check_node_port = (32000 + n_services + i) as u16;
+        }
+        services.push(s);
+        let eps = (0..n_endpoints)
+            .map(|j| {
+                Endpoint::ready(
+                    IpAddr::from(std::net::Ipv4Addr::from(
+                        u32::from(std::net::Ipv4Addr::new(172, 16, 0, 1)) + j,
+                    )),
+                    8080,
+                )
+            })
+            .collect();
+        endpoints.push((name, eps));
+    }
+    model(services, endpoints)
+}
+
+#[test]
+fn number_of_generated_rules_matches_upstream() {
+    // (services, endpoints per service, filter rules, nat rules)
+    let cluster_ip = [
+        (0, 0, 4, 5),
+        (1, 0, 5, 5),
+        (1, 1, 4, 10),
+        (1, 2, 4, 13),
+        (1, 10, 4, 37),
+        (10, 0, 14, 5),
+        (10, 1, 4, 55),
+        (10, 2, 4, 85),
+        (10, 10, 4, 325),
+    ];
+    let load_balancer = [
+        (0, 0, 4, 5),
+        (1, 0, 8, 5),
+        (1, 1, 5, 18),
+        (1, 2, 5, 21),
+        (1, 10, 5, 45),
+        (10, 0, 44, 5),
+        (10, 1, 14, 135),
+        (10, 2, 14, 165),
+        (10, 10, 14, 405),
+    ];
+    for (lb, table) in [(false, &cluster_ip), (true, &load_balancer)] {
+        for &(svcs, eps, filter, nat) in table.iter() {
+            let r = render_full(&generated(svcs, eps, lb));
+            assert_eq!(
+                (r.filter_rules, r.nat_rules),
+                (filter, nat),
+                "lb={lb} {svcs} services x {eps} endpoints"
+            );
+        }
+    }
+    // The 10 x 10 ClusterIP oracle: baseline 5 plus 2 + 3N per service.
+    assert_eq!(
+        render_full(&generated(10, 10, false)).nat_rules,
+        5 + 10 * (2 + 3 * 10)
+    );
+}
+
+#[test]
+fn no_local_endpoints_counts() {
+    type Case = (
+        &'static str,
+        bool,
+        bool,
+        &'static [(&'static str, bool)],
+        usize,
+        usize,
+    );
+    let cases: [Case; 7] = [
+        (
+            "iTP local, local endpoints",
+            true,
+            false,
+            &[("10.0.1.1", true), ("10.0.1.2", false), ("10.0.1.3", false)],
+            0,
+            0,
+        ),
+        (
+            "eTP local, local endpoints",
+            false,
+            true,
+            &[("10.0.1.1", true), ("10.0.1.2", false), ("10.0.1.3", false)],
+            0,
+            0,
+        ),
+        (
+            "both, local endpoints",
+            true,
+            true,
+            &[("10.0.1.1", true), ("10.0.1.2", false), ("10.0.1.3", false)],
+            0,
+            0,
+        ),
+        (
+            "iTP local, no local endpoints",
+            true,
+            false,
+            &[
+                ("10.0.1.1", false),
+                ("10.0.1.2", false),
+                ("10.0.1.3", false),
+            ],
+            1,
+            0,
+        ),
+        (
+            "eTP local, no local endpoints",
+            false,
+            true,
+            &[
+                ("10.0.1.1", false),
+                ("10.0.1.2", false),
+                ("10.0.1.3", false),
+            ],
+            0,
+            1,
+        ),
+        (
+            "both, no local endpoints",
+            true,
+            true,
+            &[
+                ("10.0.1.1", false),
+                ("10.0.1.2", false),
+                ("10.0.1.3", false),
+            ],
+            1,
+            1,
+        ),
+        ("both, no endpoints at all", true, true, &[], 0, 0),
+    ];
+    for (case, itp, etp, eps, internal, external) in cases {
+        let mut s = svc("ns1", "svc1", "", "172.30.1.1", 80);
+        s.node_port = 123;
+        s.internal_policy_local = itp;
+        if etp {
+            s.service_type = ServiceType::NodePort;
+            s.external_policy_local = true;
+        }
+        let eps = eps
+            .iter()
+            .map(|&(a, is_local)| {
+                if is_local {
+                    local(ep(a, 80))
+                } else {
+                    ep(a, 80)
+                }
+            })
+            .collect();
+        let r = render_full(&model(vec![s], vec![(spn("ns1", "svc1", ""), eps)]));
+        assert_eq!(
+            (r.no_local_endpoints_internal, r.no_local_endpoints_external),
+            (internal, external),
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn session_affinity_rules() {
+    let mut s = svc("ns1", "svc1", "p80", "172.30.0.41", 80);
+    s.session_affinity_timeout = Some(600);
+    let m = model(
+        vec![s],
+        vec![(
+            spn("ns1", "svc1", "p80"),
+            vec![ep("10.180.0.1", 80), ep("10.180.0.2", 80)],
+        )],
+    );
+    let r = render_full(&m);
+    let sep1 = super::names::endpoint_chain_for(&spn("ns1", "svc1", "p80"), "10.180.0.1:80");
+    let sep2 = super::names::endpoint_chain_for(&spn("ns1", "svc1", "p80"), "10.180.0.2:80");
+    assert_eq!(
+        chain_text(&r.text, "nat", "KUBE-SVC-XPGD46QRK7WJZT7O"),
+        format!(
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ\n\
+             -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m recent --name {sep1} --rcheck --seconds 600 --reap -j {sep1}\n\
+             -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.2:80\" -m recent --name {sep2} --rcheck --seconds 600 --reap -j {sep2}\n\
+             -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m statistic --mode random --probability 0.5000000000 -j {sep1}\n\
+             -A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.2:80\" -j {sep2}\n"
+        )
+    );
+    assert_eq!(
+        chain_text(&r.text, "nat", &sep2),
+        format!(
+            "-A {sep2} -m comment --comment ns1/svc1:p80 -s 10.180.0.2 -j KUBE-MARK-MASQ\n\
+             -A {sep2} -m comment --comment ns1/svc1:p80 -m recent --name {sep2} --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.2:80\n"
+        )
+    );
+    // The tracer ignores affinity checks (no history), so both endpoints are candidates.
+    run_flows(
+        &r.text,
+        &[flow(
+            "affinity",
+            "10.0.0.2",
+            "172.30.0.41",
+            80,
+            "10.180.0.1:80, 10.180.0.2:80",
+            false,
+        )],
+    );
+}
+
+// === jump rules and cleanup ===
+
+#[test]
+fn jump_rules_are_upstreams_in_order() {
+    let rules = super::jumps::jump_rules();
+    let rendered: Vec<String> = rules
+        .iter()
+        .map(|j| format!("{} {} {}", j.table, j.chain, j.args().join(" ")))
+        .collect();
+    assert_eq!(
+        rendered,
+        [
+            "filter INPUT -m conntrack --ctstate NEW -m comment --comment kubernetes externally-visible service portals -j KUBE-EXTERNAL-SERVICES",
+            "filter FORWARD -m conntrack --ctstate NEW -m comment --comment kubernetes externally-visible service portals -j KUBE-EXTERNAL-SERVICES",
+            "filter INPUT -m comment --comment kubernetes health check service ports -j KUBE-NODEPORTS",
+            "filter FORWARD -m conntrack --ctstate NEW -m comment --comment kubernetes service portals -j KUBE-SERVICES",
+            "filter OUTPUT -m conntrack --ctstate NEW -m comment --comment kubernetes service portals -j KUBE-SERVICES",
+            "filter FORWARD -m comment --comment kubernetes forwarding rules -j KUBE-FORWARD",
+            "filter INPUT -m conntrack --ctstate NEW -m comment --comment kubernetes load balancer firewall -j KUBE-PROXY-FIREWALL",
+            "filter OUTPUT -m conntrack --ctstate NEW -m comment --comment kubernetes load balancer firewall -j KUBE-PROXY-FIREWALL",
+            "filter FORWARD -m conntrack --ctstate NEW -m comment --comment kubernetes load balancer firewall -j KUBE-PROXY-FIREWALL",
+            "nat OUTPUT -m comment --comment kubernetes service portals -j KUBE-SERVICES",
+            "nat PREROUTING -m comment --comment kubernetes service portals -j KUBE-SERVICES",
+            "nat POSTROUTING -m comment --comment kubernetes postrouting rules -j KUBE-POSTROUTING",
+            "filter INPUT -j KUBE-FIREWALL",
+            "filter OUTPUT -j KUBE-FIREWALL",
+        ]
+    );
+    // The comment is one argument (exec'd, not shell-split).
+    assert_eq!(
+        rules[0].args()[7],
+        "kubernetes externally-visible service portals"
+    );
+}
+
+#[test]
+fn cleanup_removes_only_our_chains() {
+    // A node running kube-proxy plus foreign chains (Docker, a CNI).
+    let mut kernel = Dump::default();
+    kernel
+        .apply_restore(
+            "*nat\n:DOCKER - [0:0]\n:CNI-HOSTPORT-DNAT - [0:0]\n:KUBE-MARK-DROP - [0:0]\n\
+             -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n-A PREROUTING -j CNI-HOSTPORT-DNAT\n\
+             -A KUBE-MARK-DROP -j MARK --or-mark 0x8000\nCOMMIT\n\
+             *filter\n:DOCKER-USER - [0:0]\n-A FORWARD -j DOCKER-USER\nCOMMIT\n",
+        )
+        .unwrap();
+    kernel
+        .apply_restore(&render_full(&overall_model()).text)
+        .unwrap();
+    let mut canary = Dump::default();
+    canary
+        .apply_restore("*nat\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n")
+        .unwrap();
+    kernel
+        .apply_restore("*nat\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n")
+        .unwrap();
+    // Jump rules as a full sync ensures them (inserted at the top).
+    let mut jumps = String::new();
+    for table in ["filter", "nat"] {
+        jumps.push_str(&format!("*{table}\n"));
+        for j in super::jumps::jump_rules()
+            .iter()
+            .filter(|j| j.table == table)
+        {
+            let args: Vec<String> = j
+                .args()
+                .iter()
+                .map(|a| {
+                    if a.contains(' ') {
+                        format!("\"{a}\"")
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect();
+            jumps.push_str(&format!("-I {} 1 {}\n", j.chain, args.join(" ")));
+        }
+        jumps.push_str("COMMIT\n");
+    }
+    kernel.apply_restore(&jumps).unwrap();
+    let save = |table: &str| {
+        let mut d = kernel.clone();
+        d.tables.retain(|t| t.name == table);
+        d.to_string()
+    };
+    let plan = super::jumps::cleanup_plan(&save("nat"), &save("filter")).unwrap();
+    assert_eq!(plan.delete_chain, ("mangle", "KUBE-PROXY-CANARY"));
+    assert_eq!(
+        plan.delete_jumps.len(),
+        12,
+        "kubelet's KUBE-FIREWALL jumps stay"
+    );
+    assert!(plan.nat_restore.starts_with(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-PROXY-CANARY - [0:0]\n:KUBE-EXT-"
+    ));
+    assert_eq!(
+        plan.filter_restore,
+        "*filter\n:KUBE-SERVICES - [0:0]\n:KUBE-EXTERNAL-SERVICES - [0:0]\n:KUBE-FORWARD - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-PROXY-FIREWALL - [0:0]\n\
+         -X KUBE-SERVICES\n-X KUBE-EXTERNAL-SERVICES\n-X KUBE-FORWARD\n-X KUBE-NODEPORTS\n-X KUBE-PROXY-FIREWALL\nCOMMIT\n"
+    );
+
+    // Execute the plan against the fake kernel.
+    for j in &plan.delete_jumps {
+        let chain = kernel.chain_mut(j.table, j.chain).unwrap();
+        let before = chain.rules.len();
+        chain.rules.retain(|r| r.args != j.args());
+        assert_eq!(chain.rules.len(), before - 1, "jump {j:?} found once");
+    }
+    kernel
+        .apply_restore(&plan.nat_restore)
+        .expect("nat cleanup applies");
+    kernel
+        .apply_restore(&plan.filter_restore)
+        .expect("filter cleanup applies");
+
+    let nat = kernel.chain_names("nat");
+    assert!(
+        nat.iter()
+            .all(|c| !c.starts_with("KUBE-") || c == "KUBE-MARK-DROP"),
+        "{nat:?}"
+    );
+    assert!(
+        nat.contains("DOCKER")
+            && nat.contains("CNI-HOSTPORT-DNAT")
+            && nat.contains("KUBE-MARK-DROP")
+    );
+    assert_eq!(kernel.chain("nat", "PREROUTING").unwrap().rules.len(), 2);
+    let filter = kernel.chain_names("filter");
+    assert!(filter.contains("DOCKER-USER"));
+    // kubelet's KUBE-FIREWALL chain and its jumps are left in place.
+    assert!(filter.contains("KUBE-FIREWALL"));
+    assert_eq!(kernel.chain("filter", "INPUT").unwrap().rules.len(), 1);
+    assert_eq!(kernel.chain("filter", "FORWARD").unwrap().rules.len(), 1);
+
+    // Cleaning a clean node is a no-op restore.
+    let plan = super::jumps::cleanup_plan("*nat\nCOMMIT\n", "*filter\nCOMMIT\n").unwrap();
+    assert_eq!(
+        (plan.nat_restore.as_str(), plan.filter_restore.as_str()),
+        ("*nat\nCOMMIT\n", "*filter\nCOMMIT\n")
+    );
+    assert!(super::jumps::cleanup_plan("garbage", "*filter\nCOMMIT\n").is_err());
+}
+
+#[test]
+fn stale_chain_detection_ignores_foreign_and_active_chains() {
+    let m = overall_model();
+    let existing: BTreeSet<String> = [
+        "KUBE-SVC-XPGD46QRK7WJZT7O", // active
+        "KUBE-SVC-AAAAAAAAAAAAAAAA", // stale
+        "KUBE-SEP-BBBBBBBBBBBBBBBB", // stale
+        "KUBE-MARK-DROP",            // kubelet's
+        "KUBE-SERVICES",
+        "DOCKER",
+    ]
+    .map(String::from)
+    .into();
+    let r = render(&RenderInput {
+        model: &m,
+        config: &upstream_config(),
+        scope: SyncScope::Full,
+        existing_nat_chains: Some(&existing),
+    });
+    assert_eq!(
+        r.deleted_chains,
+        ["KUBE-SEP-BBBBBBBBBBBBBBBB", "KUBE-SVC-AAAAAAAAAAAAAAAA"]
+    );
+    // "-X" lines come right before the node-ports tail call and are not counted as rules.
+    assert!(r.text.contains(
+        "-X KUBE-SEP-BBBBBBBBBBBBBBBB\n-X KUBE-SVC-AAAAAAAAAAAAAAAA\n-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports;"
+    ));
+    assert_eq!(r.nat_rules, 55);
+    let parsed = Dump::parse(&r.text).unwrap();
+    assert!(
+        parsed
+            .chain("nat", "KUBE-SVC-AAAAAAAAAAAAAAAA")
+            .unwrap()
+            .deleted
+    );
+}
+
+#[test]
+fn both_traffic_policies_local_keep_the_cluster_chain_for_short_circuiting() {
+    let mut s = etp_service(true);
+    s.internal_policy_local = true;
+    let m = model(
+        vec![s],
+        vec![(
+            spn("ns1", "svc1", "p80"),
+            vec![ep("10.180.0.1", 80), local(ep("10.180.2.1", 80))],
+        )],
+    );
+    // render_full also checks that every jump target exists.
+    let r = render_full(&m);
+    assert!(r.text.contains(":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]\n"));
+    run_flows(
+        &r.text,
+        &[
+            flow(
+                "pod to cluster IP: internal policy Local",
+                "10.0.0.2",
+                "172.30.0.41",
+                80,
+                "10.180.2.1:80",
+                false,
+            ),
+            flow(
+                "pod to LB: short-circuited to all endpoints",
+                "10.0.0.2",
+                "1.2.3.4",
+                80,
+                "10.180.0.1:80, 10.180.2.1:80",
+                false,
+            ),
+            flow(
+                "external to LB: external policy Local",
+                TEST_EXTERNAL_CLIENT,
+                "1.2.3.4",
+                80,
+                "10.180.2.1:80",
+                false,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn large_cluster_mode_starts_above_the_threshold() {
+    let mut cfg = upstream_config();
+    cfg.large_cluster_threshold = 3;
+    let name = spn("ns1", "svc1", "p80");
+    let s = svc("ns1", "svc1", "p80", "172.30.0.41", 80);
+    let eps = |n: usize| {
+        (1..=n)
+            .map(|i| ep(&format!("10.180.0.{i}"), 80))
+            .collect::<Vec<_>>()
+    };
+    // Endpoints of ports without a service do not count.
+    let mut m = model(
+        vec![s.clone()],
+        vec![
+            (name.clone(), eps(3)),
+            (spn("ns9", "orphan", "p80"), eps(5)),
+        ],
+    );
+    let r = render_with(&m, &cfg);
+    assert!(!r.large_cluster);
+    assert_eq!(
+        dnat_lines(&r.text, "").2,
+        3,
+        "at the threshold: comments kept"
+    );
+    m.endpoints.insert(name, eps(4));
+    let r = render_with(&m, &cfg);
+    assert!(r.large_cluster);
+    assert_eq!(dnat_lines(&r.text, "").1, 4);
+    assert_eq!(
+        dnat_lines(&r.text, "").2,
+        0,
+        "above the threshold: comments dropped"
     );
 }
