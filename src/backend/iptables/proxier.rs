@@ -34,12 +34,14 @@ fn table(name: &str) -> Table {
 
 impl IptablesProxier {
     /// A proxier writing through `ipt`; `config.node_ips` is refreshed from the kernel on
-    /// every sync.
+    /// every sync. `node_cidr_mode`: take the local detector from the Node's podCIDR at every
+    /// sync.
     pub fn new(
         ipt: Iptables,
         conntrack: Conntrack,
         addrs: Addresses,
         config: RenderConfig,
+        node_cidr_mode: bool,
     ) -> Self {
         IptablesProxier {
             ipt,
@@ -209,9 +211,9 @@ pub fn render_config(
     node: &crate::model::NodeInfo,
     node_ips: Vec<IpAddr>,
 ) -> RenderConfig {
+    use super::render::LocalDetector;
     use crate::config::{DetectLocal, NodePortAddresses};
     use crate::model::Cidr;
-    use super::render::LocalDetector;
 
     let local_detector = match &opts.detect_local {
         DetectLocal::None => LocalDetector::None,

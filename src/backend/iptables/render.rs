@@ -1005,17 +1005,7 @@ fn uses_cluster_endpoints(svc: &ServicePort) -> bool {
 /// policy set to Cluster gives upstream's answer for that one case and changes nothing
 /// else (the local side is still used because the internal policy is Local).
 fn categorize(svc: &ServicePort, model: &ProxyModel) -> Categorized {
-    let eps = model.endpoints_of(&svc.name);
-    if svc.internal_policy_local
-        && svc.external_policy_local
-        && svc.externally_accessible()
-        && !svc.uses_cluster_endpoints()
-    {
-        let mut fixed = svc.clone();
-        fixed.external_policy_local = false;
-        return categorize_endpoints(&fixed, eps, &model.node);
-    }
-    categorize_endpoints(svc, eps, &model.node)
+    categorize_endpoints(svc, model.endpoints_of(&svc.name), &model.node)
 }
 
 /// Upstream `writeServiceToEndpointRules`: affinity checks, then probabilistic jumps.
