@@ -8,8 +8,10 @@
 
 pub mod backend;
 pub mod config;
+pub mod daemon;
 pub mod kernel;
 pub mod model;
+pub mod render;
 pub mod server;
 pub mod sync;
 pub mod watch;

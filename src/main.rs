@@ -1,1 +1,105 @@
-fn main() {}
+//! `kube-proxy-rs`: the daemon, `render`, and the one-shot actions (`--cleanup`, ...).
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use kube_proxy_rs::config::{self, Action, LogFormat};
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// klog-like verbosity: `-v=0/1` info, `-v=2/3` adds per-sync lines (debug), `-v>=4` traces our
+/// code and shows the API client's debug logs from `-v>=6`. `RUST_LOG` overrides.
+fn init_logging(verbosity: u8, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let ours = match verbosity {
+        0..=1 => "info",
+        2..=3 => "debug",
+        _ => "trace",
+    };
+    let others = if verbosity >= 6 { "debug" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{others},kube_proxy_rs={ours}")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            // Logging may not be set up yet (bad flags): print plainly too.
+            eprintln!("kube-proxy-rs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let hostname = system_hostname();
+    if args.first().map(String::as_str) == Some("render") {
+        return render(&args[1..], &hostname);
+    }
+    let inv = config::parse_command_line(&args, &hostname)?;
+    match &inv.action {
+        Action::Help(text) => {
+            println!("{text}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Action::Version => {
+            println!("kube-proxy-rs {}", env!("CARGO_PKG_VERSION"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    init_logging(inv.options.verbosity, inv.options.log_format);
+    for w in &inv.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match inv.action.clone() {
+        Action::WriteConfig(path) => {
+            config::write_config_file(&inv.config, &path)?;
+            tracing::info!(path = %path.display(), "configuration written");
+        }
+        Action::Cleanup => runtime.block_on(kube_proxy_rs::daemon::cleanup())?,
+        Action::InitOnly => {
+            tracing::info!(
+                "--init-only: nothing to initialise beyond flag validation in this mode"
+            );
+        }
+        Action::Run => runtime.block_on(kube_proxy_rs::daemon::run(inv))?,
+        Action::Help(_) | Action::Version => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(args: &[String], hostname: &str) -> anyhow::Result<ExitCode> {
+    let parsed = config::parse_render_args(args, hostname)?;
+    init_logging(parsed.options.verbosity, parsed.options.log_format);
+    for w in &parsed.warnings {
+        tracing::warn!("{w}");
+    }
+    let explicit_hostname = parsed.options.hostname != hostname.to_lowercase();
+    let mut warnings = Vec::new();
+    let text = kube_proxy_rs::render::run(&parsed, explicit_hostname, &mut warnings);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    print!("{}", text?);
+    Ok(ExitCode::SUCCESS)
+}

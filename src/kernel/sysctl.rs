@@ -161,6 +161,14 @@ impl Sysctl {
             })
     }
 
+    /// Sets this process's `oom_score_adj` (upstream's `--oom-score-adj`).
+    pub fn set_oom_score_adj(&self, value: i32) -> Result<(), KernelError> {
+        self.write_path(
+            &self.root.join("proc/self/oom_score_adj"),
+            &value.to_string(),
+        )
+    }
+
     fn write_path(&self, path: &Path, value: &str) -> Result<(), KernelError> {
         // No create: a sysctl that does not exist is an error, not a new file.
         use std::io::Write;

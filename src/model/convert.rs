@@ -54,10 +54,10 @@ pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<Conv
         name: name.clone(),
         ports: Vec::new(),
     };
-    if let Some(labels) = &svc.metadata.labels {
-        if labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS) {
-            return Some(out);
-        }
+    if let Some(labels) = &svc.metadata.labels
+        && (labels.contains_key(LABEL_SERVICE_PROXY_NAME) || labels.contains_key(LABEL_HEADLESS))
+    {
+        return Some(out);
     }
     let Some(spec) = &svc.spec else {
         return Some(out);
@@ -78,10 +78,10 @@ pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<Conv
     if let Some(ips) = &spec.cluster_ips {
         ip_strings.extend(ips.iter().map(String::as_str));
     }
-    if ip_strings.is_empty() {
-        if let Some(ip) = &spec.cluster_ip {
-            ip_strings.push(ip.as_str());
-        }
+    if ip_strings.is_empty()
+        && let Some(ip) = &spec.cluster_ip
+    {
+        ip_strings.push(ip.as_str());
     }
     if ip_strings.iter().all(|s| s.is_empty() || *s == "None") {
         return Some(out);
@@ -134,19 +134,18 @@ pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<Conv
     }
     let mut range_strings: Vec<String> =
         spec.load_balancer_source_ranges.clone().unwrap_or_default();
-    if range_strings.is_empty() {
-        if let Some(a) = svc
+    if range_strings.is_empty()
+        && let Some(a) = svc
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(ANNOTATION_LB_SOURCE_RANGES))
-        {
-            range_strings = a
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
-        }
+    {
+        range_strings = a
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
     }
     let mut source_ranges = Vec::new();
     for s in &range_strings {
@@ -421,10 +420,10 @@ pub fn convert_node(node: &Node, name: &str) -> NodeInfo {
     }
     if let Some(status) = &node.status {
         for a in status.addresses.iter().flatten() {
-            if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-                if let Ok(ip) = a.address.parse() {
-                    info.ips.push(ip);
-                }
+            if (a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                && let Ok(ip) = a.address.parse()
+            {
+                info.ips.push(ip);
             }
         }
     }

@@ -122,10 +122,10 @@ impl ClusterState {
         let mut warnings = Vec::new();
         let key = slice_key(slice);
         let info = convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings);
-        if self.set_slice(key, info) {
-            if let Some(t) = trigger_time(slice) {
-                self.changes.trigger_times.push(t);
-            }
+        if self.set_slice(key, info)
+            && let Some(t) = trigger_time(slice)
+        {
+            self.changes.trigger_times.push(t);
         }
         warnings
     }

@@ -92,6 +92,33 @@ impl StaleFlowFilter {
     }
 }
 
+/// Lists UDP/SCTP flows and deletes the stale ones; returns how many were deleted.
+/// Failures are per flow and logged: one flow that vanished meanwhile must not stop the rest.
+pub async fn reconcile(
+    conntrack: &crate::kernel::conntrack::Conntrack,
+    filter: &StaleFlowFilter,
+) -> Result<u64, crate::kernel::KernelError> {
+    let mut deleted = 0;
+    for proto in filter.protocols() {
+        for flow in conntrack.list(proto).await? {
+            let key = FlowKey {
+                protocol: flow.proto,
+                orig_dst: flow.orig_dst,
+                orig_dport: flow.orig_dport,
+                reply_src: flow.reply_src,
+            };
+            if !filter.is_stale(&key) {
+                continue;
+            }
+            match conntrack.delete(&flow).await {
+                Ok(n) => deleted += n,
+                Err(e) => tracing::warn!(error = %e, "deleting a stale conntrack flow failed"),
+            }
+        }
+    }
+    Ok(deleted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,31 +181,4 @@ mod tests {
             "forwarded flow, not a node port"
         );
     }
-}
-
-/// Lists UDP/SCTP flows and deletes the stale ones; returns how many were deleted.
-/// Failures are per flow and logged: one flow that vanished meanwhile must not stop the rest.
-pub async fn reconcile(
-    conntrack: &crate::kernel::conntrack::Conntrack,
-    filter: &StaleFlowFilter,
-) -> Result<u64, crate::kernel::KernelError> {
-    let mut deleted = 0;
-    for proto in filter.protocols() {
-        for flow in conntrack.list(proto).await? {
-            let key = FlowKey {
-                protocol: flow.proto,
-                orig_dst: flow.orig_dst,
-                orig_dport: flow.orig_dport,
-                reply_src: flow.reply_src,
-            };
-            if !filter.is_stale(&key) {
-                continue;
-            }
-            match conntrack.delete(&flow).await {
-                Ok(n) => deleted += n,
-                Err(e) => tracing::warn!(error = %e, "deleting a stale conntrack flow failed"),
-            }
-        }
-    }
-    Ok(deleted)
 }

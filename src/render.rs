@@ -1,0 +1,106 @@
+//! `kube-proxy-rs render`: the ruleset a full sync would write for a set of objects, with no
+//! kernel and no root.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use crate::backend::iptables::proxier::render_config;
+use crate::backend::iptables::render::{RenderInput, SyncScope, render};
+use crate::config::{ProxyMode, RenderArgs};
+use crate::model::ClusterState;
+use crate::watch::file::{FileError, Objects, parse_objects};
+
+/// The example cluster bundled into the binary (`examples/demo-cluster.yaml`), rendered when
+/// no `--objects` is given.
+pub const DEMO_CLUSTER: &str = include_str!("../examples/demo-cluster.yaml");
+
+/// Why `render` could not produce output.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// An objects file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// An objects file is not YAML.
+    #[error(transparent)]
+    Syntax(#[from] FileError),
+    /// The mode has no renderer yet.
+    #[error("render does not support --proxy-mode={0} yet")]
+    Unsupported(String),
+}
+
+/// Reads the objects named in `args` (or the bundled demo cluster).
+pub fn load(args: &RenderArgs, warnings: &mut Vec<String>) -> Result<Objects, RenderError> {
+    let mut objects = Objects::default();
+    if args.objects.is_empty() {
+        parse_objects("demo-cluster.yaml", DEMO_CLUSTER, &mut objects, warnings)?;
+    }
+    for path in &args.objects {
+        let text = std::fs::read_to_string(path).map_err(|source| RenderError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        parse_objects(&path.display().to_string(), &text, &mut objects, warnings)?;
+    }
+    Ok(objects)
+}
+
+/// The node the render is for: `--hostname-override` if given, else the only Node in the
+/// objects, else the options' hostname.
+fn node_name(args: &RenderArgs, explicit_hostname: bool, objects: &Objects) -> String {
+    if !explicit_hostname
+        && objects.nodes.len() == 1
+        && let Some(n) = &objects.nodes[0].metadata.name
+    {
+        return n.clone();
+    }
+    args.options.hostname.clone()
+}
+
+/// Builds the cluster state the objects describe, as seen from `node`.
+pub fn state_from(objects: &Objects, node: &str, warnings: &mut Vec<String>) -> ClusterState {
+    let mut state = ClusterState::new(node);
+    warnings.extend(state.replace_services(objects.services.iter()));
+    warnings.extend(state.replace_slices(objects.slices.iter()));
+    state.set_node(
+        objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node)),
+    );
+    state
+}
+
+/// Renders `args`; `explicit_hostname` tells whether `--hostname-override` was given.
+/// Returns the text to print; `warnings` gets one line per skipped object or part.
+pub fn run(
+    args: &RenderArgs,
+    explicit_hostname: bool,
+    warnings: &mut Vec<String>,
+) -> Result<String, RenderError> {
+    if args.options.mode != ProxyMode::Iptables {
+        return Err(RenderError::Unsupported(args.options.mode.to_string()));
+    }
+    let objects = load(args, warnings)?;
+    let node = node_name(args, explicit_hostname, &objects);
+    let state = state_from(&objects, &node, warnings);
+    let model = state.snapshot();
+    let mut node_ips: Vec<IpAddr> = args.node_ips.clone();
+    if node_ips.is_empty() {
+        node_ips = model.node.ips.clone();
+    }
+    let mut config = render_config(&args.options, &model.node, node_ips);
+    // Upstream probes iptables for --random-fully; every supported distribution has it.
+    config.random_fully = true;
+    let rendered = render(&RenderInput {
+        model: &model,
+        config: &config,
+        scope: SyncScope::Full,
+        existing_nat_chains: Some(&BTreeSet::new()),
+    });
+    Ok(rendered.text)
+}
