@@ -1,1 +1,2 @@
 //! Thin wrappers over the system: iptables-restore/save, conntrack, sysctl, netlink.
+pub mod ipvs;
