@@ -11,10 +11,11 @@
 //!
 //! Choices, each checked against the kernel (`net/netfilter/ipvs/ip_vs_ctl.c`) and against
 //! what `ipvsadm` (libipvs) sends:
-//! - Nested attributes (`IPVS_CMD_ATTR_SERVICE`, `IPVS_CMD_ATTR_DEST`) are emitted *without*
-//!   `NLA_F_NESTED`, as the kernel's own replies (`nla_nest_start_noflag`) and moby/ipvs do;
-//!   the IPVS ops are registered with `GENL_DONT_VALIDATE_STRICT`, so the flag is optional.
-//!   Parsing masks both `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER` off the type.
+//! - Nested attributes (`IPVS_CMD_ATTR_SERVICE`, `IPVS_CMD_ATTR_DEST`) are emitted *with*
+//!   `NLA_F_NESTED`, as `ipvsadm` 1.31 (libnl-3) does (seen in a capture on Linux 6.1); the
+//!   kernel's own replies (`nla_nest_start_noflag`) and moby/ipvs leave it off, and the IPVS
+//!   ops are registered with `GENL_DONT_VALIDATE_STRICT`, so the kernel takes either. Parsing
+//!   masks both `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER` off the type.
 //! - `IPVS_SVC_ATTR_ADDR` / `IPVS_DEST_ATTR_ADDR` are `NLA_BINARY` of at most
 //!   `sizeof(union nf_inet_addr)` = 16 and copied with `nla_memcpy` (shorter is zero-filled),
 //!   so 4 bytes (moby) and 16 bytes (libipvs, and every kernel reply) are both accepted. We
@@ -1279,12 +1280,12 @@ fn put_string(out: &mut Vec<u8>, ty: u16, s: &str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Starts a nested attribute (no `NLA_F_NESTED`, as the kernel's IPVS replies); returns
-/// its offset for [`nest_end`].
+/// Starts a nested attribute (with `NLA_F_NESTED`, as libnl sets it); returns its offset
+/// for [`nest_end`].
 fn nest_start(out: &mut Vec<u8>, ty: u16) -> usize {
     let at = out.len();
     out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
     at
 }
 
@@ -1380,3 +1381,6 @@ impl<'a> Iterator for Attrs<'a> {
 
 #[cfg(all(test, target_endian = "little"))]
 mod tests;
+
+#[cfg(all(test, target_endian = "little"))]
+mod captured_tests;
