@@ -11,6 +11,7 @@
 pub mod addrs;
 pub mod conntrack;
 pub mod iptables;
+pub mod ipvs;
 pub mod sysctl;
 
 mod exec;
