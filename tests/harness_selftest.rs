@@ -17,9 +17,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use serde_json::json;
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service, with_label};
 use support::netns::{Netns, Topology};
-use support::pods::{
-    EchoServer, tcp_request, tcp_request_peer, udp_request, udp_request_peer,
-};
+use support::pods::{EchoServer, tcp_request, tcp_request_peer, udp_request, udp_request_peer};
 
 const T: Duration = Duration::from_secs(3);
 const SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
@@ -48,8 +46,18 @@ fn topology_routes_pods_node_and_outside() {
     for p in &topo.pods {
         let a = sa(p.ip, 8080);
         for from in [&topo.node, &topo.outside] {
-            assert_eq!(tcp_request(from, a, T).unwrap(), p.name, "tcp {a} from {}", from.name());
-            assert_eq!(udp_request(from, a, T, None).unwrap(), p.name, "udp {a} from {}", from.name());
+            assert_eq!(
+                tcp_request(from, a, T).unwrap(),
+                p.name,
+                "tcp {a} from {}",
+                from.name()
+            );
+            assert_eq!(
+                udp_request(from, a, T, None).unwrap(),
+                p.name,
+                "udp {a} from {}",
+                from.name()
+            );
         }
         // Plain routing, no NAT: the pod sees the real source addresses.
         assert_eq!(
@@ -73,7 +81,10 @@ fn topology_routes_pods_node_and_outside() {
     );
     // Pods reach the node's outside address.
     let node_srv = EchoServer::start(&topo.node, "node", "0.0.0.0:8081".parse().unwrap());
-    assert_eq!(tcp_request(&p1.ns, sa(Topology::NODE_IP, 8081), T).unwrap(), "node");
+    assert_eq!(
+        tcp_request(&p1.ns, sa(Topology::NODE_IP, 8081), T).unwrap(),
+        "node"
+    );
     drop(node_srv);
 
     // No listener: refused (TCP RST / ICMP port unreachable), not a timeout.
@@ -85,7 +96,13 @@ fn topology_routes_pods_node_and_outside() {
     let short = Duration::from_millis(400);
     let e = tcp_request(&topo.outside, "10.244.0.250:80".parse().unwrap(), short).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
-    let e = udp_request(&topo.outside, "10.244.0.250:80".parse().unwrap(), short, None).unwrap_err();
+    let e = udp_request(
+        &topo.outside,
+        "10.244.0.250:80".parse().unwrap(),
+        short,
+        None,
+    )
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
     assert!(servers.iter().all(|s| s.served() >= 6));
 
@@ -98,7 +115,10 @@ fn topology_routes_pods_node_and_outside() {
 
     drop(servers);
     drop(topo);
-    assert!(names.iter().all(|n| !netns_exists(n)), "namespaces left behind");
+    assert!(
+        names.iter().all(|n| !netns_exists(n)),
+        "namespaces left behind"
+    );
 }
 
 #[test]
@@ -120,33 +140,57 @@ fn fake_api_serves_a_client_inside_a_netns() {
     support::require_root();
     let ns = Netns::new("api");
     let api = FakeApiServer::start_in(Some(&ns), "127.0.0.1".parse().unwrap());
-    api.apply(service("default", "web", "10.96.0.10", &[("http", 80, "TCP", 8080)]));
+    api.apply(service(
+        "default",
+        "web",
+        "10.96.0.10",
+        &[("http", 80, "TCP", 8080)],
+    ));
     let addr = api.addr();
     // Raw HTTP from inside the namespace.
     let body = ns.in_netns(|| {
         let mut s = std::net::TcpStream::connect_timeout(&addr, T).unwrap();
         s.set_read_timeout(Some(T)).unwrap();
-        s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
     });
-    assert!(body.starts_with("HTTP/1.1 200") && body.contains("gitVersion"), "{body}");
+    assert!(
+        body.starts_with("HTTP/1.1 200") && body.contains("gitVersion"),
+        "{body}"
+    );
     // A kube-rs client built from the written kubeconfig, running in the namespace.
     let dir = tempfile::tempdir().unwrap();
     let kc = api.write_kubeconfig(dir.path());
     let names = ns.in_netns(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let kc = kube::config::Kubeconfig::read_from(&kc).unwrap();
-            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap();
             let client = kube::Client::try_from(cfg).unwrap();
-            let list = Api::<Service>::all(client).list(&ListParams::default()).await.unwrap();
-            list.items.into_iter().map(|s| s.metadata.name.unwrap()).collect::<Vec<_>>()
+            let list = Api::<Service>::all(client)
+                .list(&ListParams::default())
+                .await
+                .unwrap();
+            list.items
+                .into_iter()
+                .map(|s| s.metadata.name.unwrap())
+                .collect::<Vec<_>>()
         })
     });
     assert_eq!(names, vec!["web".to_string()]);
-    assert!(api.requests().iter().any(|r| r == "GET /api/v1/services"), "{:?}", api.requests());
+    assert!(
+        api.requests().iter().any(|r| r == "GET /api/v1/services"),
+        "{:?}",
+        api.requests()
+    );
 }
 
 type WStream = BoxStream<'static, Result<Event<Service>, watcher::Error>>;
@@ -290,7 +334,9 @@ async fn watcher_scenario(streaming: bool) {
     api.apply(service("default", "g", "10.96.0.7", port));
     assert_eq!(svc_key(&expect_apply(&mut s).await), "default/g");
     assert!(
-        api.requests().iter().any(|r| r.contains(&format!("labelSelector={SELECTOR}"))),
+        api.requests()
+            .iter()
+            .any(|r| r.contains(&format!("labelSelector={SELECTOR}"))),
         "label selector not sent as expected"
     );
 }
@@ -314,18 +360,33 @@ async fn fake_api_selectors_nodes_slices_events() {
 
     // Nodes: field selector list, GET by name, 404.
     let nodes: Api<Node> = Api::all(client.clone());
-    let l = nodes.list(&ListParams::default().fields("metadata.name=node1")).await.unwrap();
+    let l = nodes
+        .list(&ListParams::default().fields("metadata.name=node1"))
+        .await
+        .unwrap();
     assert_eq!(l.items.len(), 1);
-    assert_eq!(l.items[0].spec.as_ref().unwrap().pod_cidr.as_deref(), Some("10.244.0.0/24"));
+    assert_eq!(
+        l.items[0].spec.as_ref().unwrap().pod_cidr.as_deref(),
+        Some("10.244.0.0/24")
+    );
     assert!(nodes.get("node2").await.is_ok());
     match nodes.get("nope").await {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 404),
         other => panic!("expected 404, got {other:?}"),
     }
-    let mut w = watcher(Api::<Node>::all(client.clone()), watcher::Config::default().fields("metadata.name=node2")).boxed();
+    let mut w = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields("metadata.name=node2"),
+    )
+    .boxed();
     let mut seen = vec![];
     loop {
-        match tokio::time::timeout(T, w.next()).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(T, w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             Event::InitApply(n) => seen.push(n.metadata.name.unwrap()),
             Event::InitDone => break,
             _ => {}
@@ -334,8 +395,20 @@ async fn fake_api_selectors_nodes_slices_events() {
     assert_eq!(seen, vec!["node2"]);
 
     // Label selectors on a list.
-    for (i, labels) in [json!({"app": "web", "tier": "fe"}), json!({"app": "db"}), json!({})].iter().enumerate() {
-        let mut s = service("ns1", &format!("s{i}"), &format!("10.96.1.{i}"), &[("p", 80, "TCP", 80)]);
+    for (i, labels) in [
+        json!({"app": "web", "tier": "fe"}),
+        json!({"app": "db"}),
+        json!({}),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut s = service(
+            "ns1",
+            &format!("s{i}"),
+            &format!("10.96.1.{i}"),
+            &[("p", 80, "TCP", 80)],
+        );
         s["metadata"]["labels"] = labels.clone();
         api.apply(s);
     }
@@ -350,16 +423,33 @@ async fn fake_api_selectors_nodes_slices_events() {
         ("app notin (web)", vec!["s1", "s2"]),
     ] {
         let l = svcs.list(&ListParams::default().labels(sel)).await.unwrap();
-        let got: Vec<String> = l.items.into_iter().map(|s| s.metadata.name.unwrap()).collect();
+        let got: Vec<String> = l
+            .items
+            .into_iter()
+            .map(|s| s.metadata.name.unwrap())
+            .collect();
         assert_eq!(got, want, "selector {sel}");
     }
 
     // EndpointSlices by service-name label.
-    api.apply(endpoint_slice("ns1", "s0-abc", "s0", &[("p", 80, "TCP")], &["10.244.0.10"], Some("node1")));
+    api.apply(endpoint_slice(
+        "ns1",
+        "s0-abc",
+        "s0",
+        &[("p", 80, "TCP")],
+        &["10.244.0.10"],
+        Some("node1"),
+    ));
     let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::all(client.clone());
-    let l = slices.list(&ListParams::default().labels("kubernetes.io/service-name=s0")).await.unwrap();
+    let l = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=s0"))
+        .await
+        .unwrap();
     assert_eq!(l.items.len(), 1);
-    assert_eq!(l.items[0].endpoints.as_ref().unwrap()[0].addresses, vec!["10.244.0.10"]);
+    assert_eq!(
+        l.items[0].endpoints.as_ref().unwrap()[0].addresses,
+        vec!["10.244.0.10"]
+    );
 
     // Events (events.k8s.io/v1) are stored.
     let ev: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
@@ -373,5 +463,9 @@ async fn fake_api_selectors_nodes_slices_events() {
     events.create(&PostParams::default(), &ev).await.unwrap();
     assert_eq!(api.events().len(), 1);
     assert_eq!(api.events()[0]["reason"], "Starting");
-    assert!(api.requests().iter().any(|r| r == "POST /apis/events.k8s.io/v1/namespaces/default/events"));
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r == "POST /apis/events.k8s.io/v1/namespaces/default/events")
+    );
 }

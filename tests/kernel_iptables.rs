@@ -1,0 +1,263 @@
+//! iptables mode against the real kernel: renders applied with the real `iptables-restore` in a
+//! fresh network namespace, read back with `iptables-save`, for both iptables back ends.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube_proxy_rs::backend::iptables::parse::Dump;
+use kube_proxy_rs::backend::iptables::proxier::{IptablesProxier, render_config};
+use kube_proxy_rs::backend::{Backend, SyncRequest};
+use kube_proxy_rs::config::parse_render_args;
+use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant, Table};
+use kube_proxy_rs::kernel::{Addresses, Conntrack, IpFamily};
+use kube_proxy_rs::model::{ProxyModel, ServiceName};
+use kube_proxy_rs::render::{DEMO_CLUSTER, state_from};
+use kube_proxy_rs::watch::file::{Objects, parse_objects};
+use support::netns::Netns;
+
+fn demo_objects() -> Objects {
+    let mut o = Objects::default();
+    parse_objects("demo", DEMO_CLUSTER, &mut o, &mut Vec::new()).unwrap();
+    o
+}
+
+fn model_of(objects: &Objects) -> ProxyModel {
+    state_from(objects, "node1", &mut Vec::new()).snapshot()
+}
+
+fn proxier(
+    ns: &Netns,
+    variant: IptablesVariant,
+    model: &ProxyModel,
+) -> (IptablesProxier, Iptables) {
+    let args = parse_render_args(&["--cluster-cidr=10.244.0.0/16".to_string()], "node1").unwrap();
+    let ipt = Iptables::new(variant, IpFamily::V4).with_netns(ns.name());
+    let mut config = render_config(&args.options, &model.node, Vec::new());
+    config.random_fully = true;
+    let p = IptablesProxier::new(
+        ipt.clone(),
+        Conntrack::new().with_netns(ns.name()),
+        Addresses::new().with_netns(ns.name()),
+        config,
+        false,
+    );
+    (p, ipt)
+}
+
+async fn save(ipt: &Iptables) -> (Dump, Dump) {
+    let nat = Dump::parse(&ipt.save(Table::Nat).await.unwrap()).unwrap();
+    let filter = Dump::parse(&ipt.save(Table::Filter).await.unwrap()).unwrap();
+    (nat, filter)
+}
+
+/// Rules per chain, with counters and iptables-save's normalisations left as the kernel
+/// prints them: equality of two of these means the kernel state did not change.
+fn rules_by_chain(d: &Dump, table: &str) -> BTreeMap<String, Vec<String>> {
+    d.table(table)
+        .map(|t| {
+            t.chains
+                .iter()
+                .map(|c| {
+                    (
+                        c.name.clone(),
+                        c.rules.iter().map(|r| r.raw.clone()).collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn full_sync(p: &mut IptablesProxier, model: &ProxyModel) {
+    p.sync(SyncRequest {
+        model,
+        changed: &BTreeSet::new(),
+        full: true,
+    })
+    .await
+    .expect("full sync");
+}
+
+async fn check_variant(variant: IptablesVariant) {
+    support::require_root();
+    let ns = Netns::new("kipt");
+    let objects = demo_objects();
+    let model = model_of(&objects);
+    let (mut p, ipt) = proxier(&ns, variant, &model);
+    full_sync(&mut p, &model).await;
+
+    // Every chain and rule count of the render is what the kernel holds.
+    let rendered = kube_proxy_rs::backend::iptables::render::render(
+        &kube_proxy_rs::backend::iptables::RenderInput {
+            model: &model,
+            config: p.config(),
+            scope: kube_proxy_rs::backend::iptables::SyncScope::Full,
+            existing_nat_chains: None,
+        },
+    );
+    let want = Dump::parse(&rendered.text).unwrap();
+    let (nat, filter) = save(&ipt).await;
+    for (table, got) in [("nat", &nat), ("filter", &filter)] {
+        for chain in &want.table(table).unwrap().chains {
+            let kernel = got
+                .chain(table, &chain.name)
+                .unwrap_or_else(|| panic!("{variant}: {table} chain {} missing", chain.name));
+            assert_eq!(
+                kernel.rules.len(),
+                chain.rules.len(),
+                "{variant}: {table} {} rule count\nkernel: {:#?}",
+                chain.name,
+                kernel.rules.iter().map(|r| &r.raw).collect::<Vec<_>>()
+            );
+        }
+    }
+    // DNAT targets survive the round trip exactly.
+    let dnat = |d: &Dump| -> BTreeSet<String> {
+        d.table("nat")
+            .unwrap()
+            .chains
+            .iter()
+            .flat_map(|c| c.rules.iter())
+            .filter_map(|r| r.to_destination.clone())
+            .collect()
+    };
+    assert_eq!(dnat(&nat), dnat(&want), "{variant}: DNAT destinations");
+    assert!(dnat(&nat).contains("10.244.1.11:8080"));
+    // Jump rules from the builtin chains exist exactly once.
+    let services_jumps = nat
+        .chain("nat", "PREROUTING")
+        .unwrap()
+        .rules
+        .iter()
+        .filter(|r| r.jump.as_deref() == Some("KUBE-SERVICES"))
+        .count();
+    assert_eq!(services_jumps, 1, "{variant}");
+    assert!(
+        ipt.chain_exists(Table::Mangle, "KUBE-PROXY-CANARY")
+            .await
+            .unwrap()
+    );
+
+    // A second full sync of the same state changes nothing (jump rules are not duplicated).
+    full_sync(&mut p, &model).await;
+    let (nat2, filter2) = save(&ipt).await;
+    assert_eq!(
+        rules_by_chain(&nat2, "nat"),
+        rules_by_chain(&nat, "nat"),
+        "{variant}: nat changed"
+    );
+    assert_eq!(
+        rules_by_chain(&filter2, "filter"),
+        rules_by_chain(&filter, "filter"),
+        "{variant}: filter changed"
+    );
+    assert!(!p.needs_full_sync().await);
+
+    // Partial sync: mark two service chains, change one service, sync partially. The unchanged
+    // service's chain keeps the marker (not rewritten); the changed one is rewritten.
+    let web = ServiceName::new("demo", "web");
+    let shop = ServiceName::new("demo", "shop");
+    let chain_of = |m: &ProxyModel, svc: &ServiceName| {
+        let (name, _) = m.services.iter().find(|(k, _)| &k.service == svc).unwrap();
+        kube_proxy_rs::backend::iptables::names::service_chain(name)
+    };
+    let (web_chain, shop_chain) = (chain_of(&model, &web), chain_of(&model, &shop));
+    for chain in [&web_chain, &shop_chain] {
+        ipt.restore(&format!(
+            "*nat\n-A {chain} -m comment --comment marker -j RETURN\nCOMMIT\n"
+        ))
+        .await
+        .unwrap();
+    }
+    let mut objects2 = objects.clone();
+    for s in objects2
+        .slices
+        .iter_mut()
+        .filter(|s| s.metadata.name.as_deref() == Some("web-7x2k9"))
+    {
+        s.endpoints.as_mut().unwrap().pop();
+    }
+    let model2 = model_of(&objects2);
+    let changed = BTreeSet::from([web.clone()]);
+    p.sync(SyncRequest {
+        model: &model2,
+        changed: &changed,
+        full: false,
+    })
+    .await
+    .expect("partial sync");
+    let (nat3, _) = save(&ipt).await;
+    let has_marker = |chain: &str| {
+        nat3.chain("nat", chain)
+            .unwrap()
+            .rules
+            .iter()
+            .any(|r| r.comment.as_deref() == Some("marker"))
+    };
+    assert!(
+        !has_marker(&web_chain),
+        "{variant}: changed service chain must be rewritten"
+    );
+    assert!(
+        has_marker(&shop_chain),
+        "{variant}: unchanged service chain must not be touched"
+    );
+    // The removed endpoint's SEP chain is gone, the others stay.
+    assert!(
+        !dnat(&nat3).contains("10.244.3.13:8080"),
+        "{variant}: stale endpoint chain left"
+    );
+    assert!(dnat(&nat3).contains("10.244.2.12:8080"));
+
+    // Cleanup removes every chain of ours and keeps a foreign chain and jump.
+    ipt.restore("*nat\n:FOREIGN - [0:0]\n-A FOREIGN -j RETURN\n-A PREROUTING -j FOREIGN\nCOMMIT\n")
+        .await
+        .unwrap();
+    IptablesProxier::cleanup(&ipt).await.expect("cleanup");
+    let (nat4, filter4) = save(&ipt).await;
+    let ours = |d: &Dump, t: &str| -> Vec<String> {
+        d.chain_names(t)
+            .into_iter()
+            .filter(|c| c.starts_with("KUBE-") && c != "KUBE-FIREWALL")
+            .collect()
+    };
+    assert!(
+        ours(&nat4, "nat").is_empty(),
+        "{variant}: left {:?}",
+        ours(&nat4, "nat")
+    );
+    assert!(
+        ours(&filter4, "filter").is_empty(),
+        "{variant}: left {:?}",
+        ours(&filter4, "filter")
+    );
+    assert!(nat4.chain("nat", "FOREIGN").is_some());
+    assert!(
+        nat4.chain("nat", "PREROUTING")
+            .unwrap()
+            .rules
+            .iter()
+            .any(|r| r.jump.as_deref() == Some("FOREIGN"))
+    );
+    assert!(
+        !ipt.chain_exists(Table::Mangle, "KUBE-PROXY-CANARY")
+            .await
+            .unwrap()
+    );
+    // And a full sync brings everything back after the canary is gone.
+    assert!(
+        p.needs_full_sync().await,
+        "{variant}: missing canary must force a full sync"
+    );
+}
+
+#[tokio::test]
+async fn iptables_legacy_apply_resync_partial_cleanup() {
+    check_variant(IptablesVariant::Legacy).await;
+}
+
+#[tokio::test]
+async fn iptables_nft_apply_resync_partial_cleanup() {
+    check_variant(IptablesVariant::Nft).await;
+}
