@@ -50,6 +50,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
     if args.first().map(String::as_str) == Some("render") {
         return render(&args[1..], &hostname);
     }
+    if args.first().map(String::as_str) == Some("explain") {
+        return explain(&args[1..], &hostname);
+    }
     let inv = config::parse_command_line(&args, &hostname)?;
     match &inv.action {
         Action::Help(text) => {
@@ -97,6 +100,40 @@ fn render(args: &[String], hostname: &str) -> anyhow::Result<ExitCode> {
     let explicit_hostname = parsed.options.hostname != hostname.to_lowercase();
     let mut warnings = Vec::new();
     let text = kube_proxy_rs::render::run(&parsed, explicit_hostname, &mut warnings);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    print!("{}", text?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn explain(args: &[String], hostname: &str) -> anyhow::Result<ExitCode> {
+    use kube_proxy_rs::explain::{ExplainError, USAGE, parse_explain_args, run_parsed};
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let parsed = match parse_explain_args(args, hostname) {
+        Ok(p) => p,
+        Err(ExplainError::Usage(m)) => {
+            eprintln!("kube-proxy-rs explain: {m}\n\n{USAGE}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    init_logging(
+        parsed.render.options.verbosity,
+        parsed.render.options.log_format,
+    );
+    for w in &parsed.render.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut warnings = Vec::new();
+    let text = runtime.block_on(run_parsed(&parsed, &mut warnings));
     for w in &warnings {
         tracing::warn!("{w}");
     }

@@ -51,7 +51,7 @@ pub fn load(args: &RenderArgs, warnings: &mut Vec<String>) -> Result<Objects, Re
 
 /// The node the render is for: `--hostname-override` if given, else the only Node in the
 /// objects, else the options' hostname.
-fn node_name(args: &RenderArgs, explicit_hostname: bool, objects: &Objects) -> String {
+pub fn node_name(args: &RenderArgs, explicit_hostname: bool, objects: &Objects) -> String {
     if !explicit_hostname
         && objects.nodes.len() == 1
         && let Some(n) = &objects.nodes[0].metadata.name

@@ -1191,7 +1191,9 @@ pub fn usage() -> String {
          the Kubernetes API on each node and can do simple TCP, UDP, and SCTP stream forwarding \
          or round robin TCP, UDP, and SCTP forwarding across a set of backends.\n\n\
          Usage:\n  kube-proxy [flags]\n  kube-proxy render [--proxy-mode M] [--config F] \
-         [--hostname-override N] [--cluster-cidr C] [--node-ip IP] [--objects FILE...]\n\n\
+         [--hostname-override N] [--cluster-cidr C] [--node-ip IP] [--objects FILE...]\n  \
+         kube-proxy explain --to IP:PORT[/PROTO] [--from IP] [--mode iptables] \
+         [--objects FILE...]\n\n\
          Flags:\n",
     );
     for (l, r) in rows {
