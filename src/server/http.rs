@@ -169,7 +169,8 @@ impl MetricsEndpoint {
         Arc::new(move |path: &str| match path {
             "/proxyMode" => respond(200, TEXT_PLAIN, mode.clone()),
             "/metrics" => match metrics.encode() {
-                Ok(text) => respond(200, metrics::CONTENT_TYPE, text),
+                // client_golang's process collector: process_* sorts after kubeproxy_*.
+                Ok(text) => respond(200, metrics::CONTENT_TYPE, text + &super::process::encode()),
                 Err(e) => respond(500, TEXT_PLAIN, format!("{e}\n")),
             },
             // component-base healthz with only the ping check.

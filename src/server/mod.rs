@@ -13,6 +13,7 @@ mod format;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod process;
 pub mod reporter;
 pub mod service_health;
 
