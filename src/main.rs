@@ -26,7 +26,9 @@ fn init_logging(verbosity: u8, format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new(format!("{others},kube_proxy_rs={ours}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: container logs and files get plain klog-like text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -103,6 +103,25 @@ fn render_json_logs_warn_per_skipped_object() {
     }
 }
 
+#[test]
+fn text_logs_have_no_colour_codes_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects.yaml");
+    std::fs::write(&objects, BAD_OBJECTS).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["render", "--objects"])
+        .arg(&objects)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("WARN"), "expected a warning: {stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "ANSI escapes in piped logs: {stderr:?}"
+    );
+}
+
 fn metrics_sync_count(ns: &Netns) -> Option<u64> {
     let text = ns
         .in_netns(|| -> std::io::Result<String> {
