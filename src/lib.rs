@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod config;
 pub mod daemon;
+pub mod docgen;
 pub mod explain;
 pub mod kernel;
 pub mod model;

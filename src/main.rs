@@ -52,6 +52,16 @@ fn real_main() -> anyhow::Result<ExitCode> {
     if args.first().map(String::as_str) == Some("render") {
         return render(&args[1..], &hostname);
     }
+    // Hidden: regenerates docs/configuration.md (see src/docgen.rs).
+    if args.first().map(String::as_str) == Some("gen-docs") {
+        return match args.get(1).map(String::as_str) {
+            Some("configuration") => {
+                print!("{}", kube_proxy_rs::docgen::configuration_md());
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => anyhow::bail!("usage: kube-proxy-rs gen-docs configuration"),
+        };
+    }
     if args.first().map(String::as_str) == Some("explain") {
         return explain(&args[1..], &hostname);
     }
