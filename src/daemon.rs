@@ -15,6 +15,7 @@ use crate::kernel::conntrack::Conntrack;
 use crate::kernel::iptables::{Iptables, detect_variant};
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
 use crate::model::ClusterState;
+use crate::server::events::{self, NodeEvents};
 use crate::server::health::ProxyHealth;
 use crate::server::http::{HttpServer, MetricsEndpoint, serve_healthz, serve_metrics};
 use crate::server::metrics::Metrics;
@@ -118,11 +119,17 @@ fn localhost_in_node_ports(opts: &ProxyOptions) -> bool {
     }
 }
 
-fn bind_or_warn(
+async fn bind_or_warn(
     opts: &ProxyOptions,
+    events: &NodeEvents,
     what: &str,
     r: Result<HttpServer, crate::server::ServerError>,
 ) -> Result<Option<HttpServer>, DaemonError> {
+    let reason = if what == "healthz" {
+        events::REASON_HEALTHZ_FAILED
+    } else {
+        events::REASON_METRICS_FAILED
+    };
     match r {
         Ok(s) => {
             tracing::info!(address = %s.local_addr(), "{what} server listening");
@@ -130,9 +137,14 @@ fn bind_or_warn(
         }
         Err(e) if !opts.bind_address_hard_fail => {
             tracing::error!(error = %e, "{what} server not started");
+            events.spawn_post(true, reason, e.to_string());
             Ok(None)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            // Fatal: wait for the Event before the process exits.
+            let _ = events.post(true, reason, &e.to_string()).await;
+            Err(e.into())
+        }
     }
 }
 
@@ -152,6 +164,7 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         return Err(DaemonError::UnsupportedMode(opts.mode.to_string()));
     }
     let client = client(&opts).await?;
+    let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
     host_setup(&opts);
 
     let variant = detect_variant(None).await?;
@@ -170,22 +183,34 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     let metrics = Metrics::new();
     let health = ProxyHealth::new(opts.sync_period).with_metrics(metrics.clone());
     let _metrics_server = match opts.metrics_bind_address {
-        Some(addr) => bind_or_warn(
-            &opts,
-            "metrics",
-            serve_metrics(
-                addr,
-                MetricsEndpoint {
-                    proxy_mode: opts.mode.to_string(),
-                    metrics: metrics.clone(),
-                    config: serde_json::to_value(&inv.config).unwrap_or_default(),
-                },
-            ),
-        )?,
+        Some(addr) => {
+            bind_or_warn(
+                &opts,
+                &events,
+                "metrics",
+                serve_metrics(
+                    addr,
+                    MetricsEndpoint {
+                        proxy_mode: opts.mode.to_string(),
+                        metrics: metrics.clone(),
+                        config: serde_json::to_value(&inv.config).unwrap_or_default(),
+                    },
+                ),
+            )
+            .await?
+        }
         None => None,
     };
     let _healthz_server = match opts.healthz_bind_address {
-        Some(addr) => bind_or_warn(&opts, "healthz", serve_healthz(addr, health.clone()))?,
+        Some(addr) => {
+            bind_or_warn(
+                &opts,
+                &events,
+                "healthz",
+                serve_healthz(addr, health.clone()),
+            )
+            .await?
+        }
         None => None,
     };
     let hc_ips: Vec<IpAddr> = match &opts.node_port_addresses {
@@ -215,6 +240,8 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     };
     let sync = tokio::spawn(SyncLoop::new(shared, backend, reporter, settings).run(None));
     tracing::info!(node = %opts.hostname, mode = %opts.mode, "kube-proxy-rs started");
+    // Upstream's "birth cry".
+    events.spawn_post(false, events::REASON_STARTING, String::new());
 
     let config_watch = watch_config_file(opts.config_file.clone());
     let result = tokio::select! {

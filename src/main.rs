@@ -65,7 +65,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
     if args.first().map(String::as_str) == Some("explain") {
         return explain(&args[1..], &hostname);
     }
-    let inv = config::parse_command_line(&args, &hostname)?;
+    let inv = match config::parse_command_line(&args, &hostname) {
+        Ok(inv) => inv,
+        Err(e) => {
+            report_refused(&args, &hostname, &e.to_string());
+            return Err(e.into());
+        }
+    };
     match &inv.action {
         Action::Help(text) => {
             println!("{text}");
@@ -97,7 +103,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 "--init-only: nothing to initialise beyond flag validation in this mode"
             );
         }
-        Action::Run => runtime.block_on(kube_proxy_rs::daemon::run(inv))?,
+        Action::Run => {
+            let opts = inv.options.clone();
+            if let Err(e) = runtime.block_on(kube_proxy_rs::daemon::run(inv)) {
+                runtime.block_on(report_start_failure(&opts, &e));
+                return Err(e.into());
+            }
+        }
         Action::Help(_) | Action::Version => {}
     }
     Ok(ExitCode::SUCCESS)
@@ -151,4 +163,49 @@ fn explain(args: &[String], hostname: &str) -> anyhow::Result<ExitCode> {
     }
     print!("{}", text?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A refused command line or configuration becomes a `FailedToStartProxier` Event on the Node
+/// when the API server can be found (best effort, bounded in time).
+fn report_refused(args: &[String], hostname: &str, error: &str) {
+    use kube_proxy_rs::server::events::report_refused_configuration;
+    if args
+        .iter()
+        .any(|a| a == "--write-config-to" || a.starts_with("--write-config-to="))
+    {
+        return;
+    }
+    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        let report = report_refused_configuration(args, hostname, error);
+        let _ = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), report).await
+        });
+    }
+}
+
+/// A backend that cannot start (unsupported mode, kernel tools missing) becomes a
+/// `FailedToStartProxier` Event. Server bind failures post their own Events in the daemon.
+async fn report_start_failure(
+    opts: &kube_proxy_rs::config::ProxyOptions,
+    e: &kube_proxy_rs::daemon::DaemonError,
+) {
+    use kube_proxy_rs::daemon::DaemonError;
+    use kube_proxy_rs::server::events::{NodeEvents, REASON_PROXIER_FAILED};
+    if !matches!(e, DaemonError::UnsupportedMode(_) | DaemonError::Kernel(_)) {
+        return;
+    }
+    let Ok(Ok(client)) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        kube_proxy_rs::daemon::client(opts),
+    )
+    .await
+    else {
+        return;
+    };
+    let _ = NodeEvents::new(client, &opts.hostname, &opts.hostname)
+        .post(true, REASON_PROXIER_FAILED, &e.to_string())
+        .await;
 }

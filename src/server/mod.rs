@@ -9,6 +9,7 @@
 //! [`service_health`] put that state on the network with hyper.
 
 mod error;
+pub mod events;
 mod format;
 pub mod health;
 pub mod http;
