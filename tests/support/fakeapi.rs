@@ -16,7 +16,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::SinkExt;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -37,20 +36,61 @@ pub struct ResInfo {
 
 /// Resource types the fake server knows.
 pub const RESOURCES: &[ResInfo] = &[
-    ResInfo { plural: "services", api_version: "v1", kind: "Service", namespaced: true },
-    ResInfo { plural: "endpointslices", api_version: "discovery.k8s.io/v1", kind: "EndpointSlice", namespaced: true },
-    ResInfo { plural: "nodes", api_version: "v1", kind: "Node", namespaced: false },
-    ResInfo { plural: "pods", api_version: "v1", kind: "Pod", namespaced: true },
-    ResInfo { plural: "namespaces", api_version: "v1", kind: "Namespace", namespaced: false },
-    ResInfo { plural: "servicecidrs", api_version: "networking.k8s.io/v1", kind: "ServiceCIDR", namespaced: false },
-    ResInfo { plural: "events", api_version: "v1", kind: "Event", namespaced: true },
-    ResInfo { plural: "events", api_version: "events.k8s.io/v1", kind: "Event", namespaced: true },
+    ResInfo {
+        plural: "services",
+        api_version: "v1",
+        kind: "Service",
+        namespaced: true,
+    },
+    ResInfo {
+        plural: "endpointslices",
+        api_version: "discovery.k8s.io/v1",
+        kind: "EndpointSlice",
+        namespaced: true,
+    },
+    ResInfo {
+        plural: "nodes",
+        api_version: "v1",
+        kind: "Node",
+        namespaced: false,
+    },
+    ResInfo {
+        plural: "pods",
+        api_version: "v1",
+        kind: "Pod",
+        namespaced: true,
+    },
+    ResInfo {
+        plural: "namespaces",
+        api_version: "v1",
+        kind: "Namespace",
+        namespaced: false,
+    },
+    ResInfo {
+        plural: "servicecidrs",
+        api_version: "networking.k8s.io/v1",
+        kind: "ServiceCIDR",
+        namespaced: false,
+    },
+    ResInfo {
+        plural: "events",
+        api_version: "v1",
+        kind: "Event",
+        namespaced: true,
+    },
+    ResInfo {
+        plural: "events",
+        api_version: "events.k8s.io/v1",
+        kind: "Event",
+        namespaced: true,
+    },
 ];
 
 /// Finds a resource by kind or plural (case-insensitive), optionally with apiVersion.
 pub fn res_info(kind_or_plural: &str, api_version: Option<&str>) -> Option<&'static ResInfo> {
     RESOURCES.iter().find(|r| {
-        (r.kind.eq_ignore_ascii_case(kind_or_plural) || r.plural.eq_ignore_ascii_case(kind_or_plural))
+        (r.kind.eq_ignore_ascii_case(kind_or_plural)
+            || r.plural.eq_ignore_ascii_case(kind_or_plural))
             && api_version.is_none_or(|v| v == r.api_version)
     })
 }
@@ -58,11 +98,22 @@ pub fn res_info(kind_or_plural: &str, api_version: Option<&str>) -> Option<&'sta
 type Key = (usize, String, String); // (index in RESOURCES, namespace, name)
 
 fn rid(r: &ResInfo) -> usize {
-    RESOURCES.iter().position(|x| x == r).expect("known resource")
+    RESOURCES
+        .iter()
+        .position(|x| x == r)
+        .expect("known resource")
 }
 
 fn key(r: &ResInfo, ns: &str, name: &str) -> Key {
-    (rid(r), if r.namespaced { ns.to_string() } else { String::new() }, name.to_string())
+    (
+        rid(r),
+        if r.namespaced {
+            ns.to_string()
+        } else {
+            String::new()
+        },
+        name.to_string(),
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +133,7 @@ struct State {
     objects: BTreeMap<Key, Value>,
     log: Vec<LogEntry>,
     unavailable: bool,
+    down: bool,
     requests: Vec<String>,
     bookmark_interval: Duration,
     open_watches: HashMap<usize, usize>,
@@ -147,6 +199,7 @@ impl FakeApiServer {
                 objects: BTreeMap::new(),
                 log: Vec::new(),
                 unavailable: false,
+                down: false,
                 requests: Vec::new(),
                 bookmark_interval: Duration::from_secs(2),
                 open_watches: HashMap::new(),
@@ -176,7 +229,13 @@ impl FakeApiServer {
                                 tokio::spawn(async move {
                                     let svc = hyper::service::service_fn(move |req| {
                                         let sh = sh.clone();
-                                        async move { Ok::<_, Infallible>(handle(sh, req).await) }
+                                        async move {
+                                            if sh.lock().down {
+                                                // Fails the connection: no response at all.
+                                                return Err(io::Error::other("fake API server is down"));
+                                            }
+                                            Ok(handle(sh, req).await)
+                                        }
                                     });
                                     let _ = hyper::server::conn::http1::Builder::new()
                                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -212,10 +271,17 @@ impl FakeApiServer {
     /// `creationTimestamp` (kept across updates), logs ADDED/MODIFIED and wakes
     /// watches. Returns the stored object.
     pub fn apply(&self, obj: Value) -> Value {
-        let kind = obj["kind"].as_str().expect("object needs a kind").to_string();
+        let kind = obj["kind"]
+            .as_str()
+            .expect("object needs a kind")
+            .to_string();
         let r = res_info(&kind, obj["apiVersion"].as_str())
             .unwrap_or_else(|| panic!("fake API server does not serve kind {kind}"));
-        let out = self.shared.lock().upsert(r, obj, Mode::Apply).expect("apply");
+        let out = self
+            .shared
+            .lock()
+            .upsert(r, obj, Mode::Apply)
+            .expect("apply");
         self.shared.notify();
         out
     }
@@ -269,10 +335,23 @@ impl FakeApiServer {
     }
 
     /// While true every request gets 503 ServiceUnavailable; turning it on also
-    /// cuts all open watches (an API server outage).
+    /// cuts all open watches. NB: kube-rs (default config) retries 503 itself
+    /// (up to 15 times, exponential backoff from 5 ms), so a short 503 window
+    /// is mostly invisible to its callers: requests just take longer.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.shared.lock().unavailable = unavailable;
         if unavailable {
+            self.shared.cut_watches();
+        }
+    }
+
+    /// While true the server answers nothing: every request's connection is
+    /// closed without a response (callers see transport errors, which kube-rs
+    /// does not retry). Turning it on also cuts all open watches. Requests are
+    /// not logged meanwhile.
+    pub fn set_down(&self, down: bool) {
+        self.shared.lock().down = down;
+        if down {
             self.shared.cut_watches();
         }
     }
@@ -293,7 +372,13 @@ impl FakeApiServer {
 
     /// Events posted by clients (core v1 and events.k8s.io/v1).
     pub fn events(&self) -> Vec<Value> {
-        self.list("events")
+        self.shared
+            .lock()
+            .objects
+            .iter()
+            .filter(|(k, _)| RESOURCES[k.0].kind == "Event")
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Number of currently open watch streams for a plural (e.g. "services").
@@ -370,7 +455,12 @@ impl State {
             obj["metadata"] = json!({});
         }
         let md = obj["metadata"].as_object_mut().unwrap();
-        if md.get("name").and_then(Value::as_str).unwrap_or("").is_empty() {
+        if md
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+        {
             match md.get("generateName").and_then(Value::as_str) {
                 Some(g) => {
                     self.uid_counter += 1;
@@ -398,10 +488,18 @@ impl State {
         let old = self.objects.get(&k).cloned();
         match (mode, &old) {
             (Mode::Create, Some(_)) => {
-                return Err((409, "AlreadyExists", format!("{} \"{name}\" already exists", r.plural)));
+                return Err((
+                    409,
+                    "AlreadyExists",
+                    format!("{} \"{name}\" already exists", r.plural),
+                ));
             }
             (Mode::Update, None) => {
-                return Err((404, "NotFound", format!("{} \"{name}\" not found", r.plural)));
+                return Err((
+                    404,
+                    "NotFound",
+                    format!("{} \"{name}\" not found", r.plural),
+                ));
             }
             _ => {}
         }
@@ -416,7 +514,11 @@ impl State {
             });
         let created = old
             .as_ref()
-            .and_then(|o| o["metadata"]["creationTimestamp"].as_str().map(str::to_string))
+            .and_then(|o| {
+                o["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .unwrap_or_else(now_rfc3339);
         md.insert("uid".into(), json!(uid));
         md.insert("creationTimestamp".into(), json!(created));
@@ -474,7 +576,10 @@ fn split_top(s: &str) -> Vec<String> {
         cur.push(c);
     }
     out.push(cur);
-    out.into_iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
+    out.into_iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 fn parse_label_selector(s: &str) -> Result<Vec<LabelReq>, String> {
@@ -484,7 +589,10 @@ fn parse_label_selector(s: &str) -> Result<Vec<LabelReq>, String> {
             let set = |op: &str| -> Option<(String, Vec<String>)> {
                 let (k, rest) = t.split_once(op)?;
                 let vals = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
-                Some((k.trim().to_string(), vals.split(',').map(|v| v.trim().to_string()).collect()))
+                Some((
+                    k.trim().to_string(),
+                    vals.split(',').map(|v| v.trim().to_string()).collect(),
+                ))
             };
             if let Some(k) = t.strip_prefix('!') {
                 Ok(LabelReq::NotExists(k.trim().to_string()))
@@ -560,7 +668,9 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, obj: &Value) -> bool {
-        self.ns.as_deref().is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
+        self.ns
+            .as_deref()
+            .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
             && labels_match(&self.labels, obj)
             && fields_match(&self.fields, obj)
     }
@@ -623,7 +733,10 @@ fn status_obj(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn err(code: u16, reason: &str, message: &str) -> Response<Body> {
-    full(StatusCode::from_u16(code).unwrap(), &status_obj(code, reason, message))
+    full(
+        StatusCode::from_u16(code).unwrap(),
+        &status_obj(code, reason, message),
+    )
 }
 
 async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
@@ -642,7 +755,11 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         st.unavailable
     };
     if unavailable {
-        return err(503, "ServiceUnavailable", "the server is currently unable to handle the request");
+        return err(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+        );
     }
     let q: HashMap<String, String> = query.into_iter().collect();
     let body = match req.into_body().collect().await {
@@ -659,7 +776,11 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             );
         }
         ["healthz"] | ["livez"] | ["readyz"] => {
-            return Response::new(Full::new(Bytes::from("ok")).map_err(|n: Infallible| match n {}).boxed());
+            return Response::new(
+                Full::new(Bytes::from("ok"))
+                    .map_err(|n: Infallible| match n {})
+                    .boxed(),
+            );
         }
         ["api"] => {
             return full(
@@ -681,14 +802,23 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
                 })
                 .collect();
-            return full(StatusCode::OK, &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}));
+            return full(
+                StatusCode::OK,
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            );
         }
         _ => {}
     }
     let (gv, rest): (String, &[&str]) = match segs.as_slice() {
         ["api", v, rest @ ..] => (v.to_string(), rest),
         ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
-        _ => return err(404, "NotFound", &format!("the server could not find the requested resource: {path}")),
+        _ => {
+            return err(
+                404,
+                "NotFound",
+                &format!("the server could not find the requested resource: {path}"),
+            );
+        }
     };
     if rest.is_empty() {
         let resources: Vec<Value> = RESOURCES
@@ -712,10 +842,20 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         [plural, name] => (None, plural, Some(name)),
         _ => return err(404, "NotFound", &format!("unsupported path {path}")),
     };
-    let Some(r) = RESOURCES.iter().find(|r| r.api_version == gv && r.plural == plural) else {
-        return err(404, "NotFound", &format!("the server could not find the requested resource: {path}"));
+    let Some(r) = RESOURCES
+        .iter()
+        .find(|r| r.api_version == gv && r.plural == plural)
+    else {
+        return err(
+            404,
+            "NotFound",
+            &format!("the server could not find the requested resource: {path}"),
+        );
     };
-    let mut filter = Filter { ns: ns.filter(|_| r.namespaced).map(str::to_string), ..Default::default() };
+    let mut filter = Filter {
+        ns: ns.filter(|_| r.namespaced).map(str::to_string),
+        ..Default::default()
+    };
     if let Some(s) = q.get("labelSelector") {
         match parse_label_selector(s) {
             Ok(l) => filter.labels = l,
@@ -751,7 +891,11 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::GET, Some(name)) => match sh.lock().objects.get(&key(r, ns_str, name)) {
             Some(o) => full(StatusCode::OK, o),
-            None => err(404, "NotFound", &format!("{} \"{name}\" not found", r.plural)),
+            None => err(
+                404,
+                "NotFound",
+                &format!("{} \"{name}\" not found", r.plural),
+            ),
         },
         (&Method::POST, None) | (&Method::PUT, Some(_)) => {
             let mut obj: Value = match serde_json::from_slice(&body) {
@@ -764,12 +908,23 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             if let Some(n) = name {
                 obj["metadata"]["name"] = json!(n);
             }
-            let mode = if method == Method::POST { Mode::Create } else { Mode::Update };
+            let mode = if method == Method::POST {
+                Mode::Create
+            } else {
+                Mode::Update
+            };
             let res = sh.lock().upsert(r, obj, mode);
             match res {
                 Ok(o) => {
                     sh.notify();
-                    full(if mode == Mode::Create { StatusCode::CREATED } else { StatusCode::OK }, &o)
+                    full(
+                        if mode == Mode::Create {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        },
+                        &o,
+                    )
                 }
                 Err((c, reason, m)) => err(c, reason, &m),
             }
@@ -786,7 +941,11 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                         merge_patch(&mut o, &patch);
                         st.upsert(r, o, Mode::Update)
                     }
-                    None => Err((404, "NotFound", format!("{} \"{name}\" not found", r.plural))),
+                    None => Err((
+                        404,
+                        "NotFound",
+                        format!("{} \"{name}\" not found", r.plural),
+                    )),
                 }
             };
             match res {
@@ -804,10 +963,18 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                     sh.notify();
                     full(StatusCode::OK, &o)
                 }
-                None => err(404, "NotFound", &format!("{} \"{name}\" not found", r.plural)),
+                None => err(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{name}\" not found", r.plural),
+                ),
             }
         }
-        _ => err(405, "MethodNotAllowed", &format!("{method} not supported on {path}")),
+        _ => err(
+            405,
+            "MethodNotAllowed",
+            &format!("{method} not supported on {path}"),
+        ),
     }
 }
 
@@ -842,7 +1009,10 @@ fn bookmark(r: &ResInfo, rv: u64, initial_end: bool) -> Bytes {
     if initial_end {
         md["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    event_line("BOOKMARK", &json!({"kind": r.kind, "apiVersion": r.api_version, "metadata": md}))
+    event_line(
+        "BOOKMARK",
+        &json!({"kind": r.kind, "apiVersion": r.api_version, "metadata": md}),
+    )
 }
 
 /// Maps a logged change to what a watch with `filter` sees (like the real
@@ -875,7 +1045,12 @@ impl Drop for WatchGuard {
     }
 }
 
-fn start_watch(sh: Arc<Shared>, r: &'static ResInfo, filter: Filter, q: &HashMap<String, String>) -> Response<Body> {
+fn start_watch(
+    sh: Arc<Shared>,
+    r: &'static ResInfo,
+    filter: Filter,
+    q: &HashMap<String, String>,
+) -> Response<Body> {
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let send_initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
     let timeout = q
@@ -910,7 +1085,11 @@ fn start_watch(sh: Arc<Shared>, r: &'static ResInfo, filter: Filter, q: &HashMap
             }
         } else {
             let Ok(rv) = rv_param.parse::<u64>() else {
-                return err(400, "BadRequest", &format!("invalid resource version {rv_param:?}"));
+                return err(
+                    400,
+                    "BadRequest",
+                    &format!("invalid resource version {rv_param:?}"),
+                );
             };
             if rv < st.compacted {
                 let msg = format!("too old resource version: {rv} ({})", st.compacted);
@@ -923,7 +1102,7 @@ fn start_watch(sh: Arc<Shared>, r: &'static ResInfo, filter: Filter, q: &HashMap
     }
     let guard = WatchGuard { sh: sh.clone(), id };
 
-    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(16);
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, io::Error>>();
     tokio::spawn(async move {
         let _guard = guard;
         let mut cursor = cursor;
@@ -931,7 +1110,7 @@ fn start_watch(sh: Arc<Shared>, r: &'static ResInfo, filter: Filter, q: &HashMap
         let interval = sh.lock().bookmark_interval;
         let mut next_bookmark = tokio::time::Instant::now() + interval;
         for line in initial {
-            if tx.send(Ok(Frame::data(line))).await.is_err() {
+            if tx.unbounded_send(Ok(Frame::data(line))).is_err() {
                 return;
             }
         }
@@ -949,7 +1128,7 @@ fn start_watch(sh: Arc<Shared>, r: &'static ResInfo, filter: Filter, q: &HashMap
                 out
             };
             for line in lines {
-                if tx.send(Ok(Frame::data(line))).await.is_err() {
+                if tx.unbounded_send(Ok(Frame::data(line))).is_err() {
                     return;
                 }
             }
@@ -957,12 +1136,12 @@ fn start_watch(sh: Arc<Shared>, r: &'static ResInfo, filter: Filter, q: &HashMap
                 r = changed.changed() => { if r.is_err() { return; } }
                 _ = cut.changed() => {
                     // Abort the connection: hyper drops it without the final chunk.
-                    let _ = tx.send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "watch dropped"))).await;
+                    let _ = tx.unbounded_send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "watch dropped")));
                     return;
                 }
                 _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
                     next_bookmark = tokio::time::Instant::now() + interval;
-                    if tx.send(Ok(Frame::data(bookmark(r, cursor, false)))).await.is_err() {
+                    if tx.unbounded_send(Ok(Frame::data(bookmark(r, cursor, false)))).is_err() {
                         return;
                     }
                 }
@@ -987,7 +1166,10 @@ fn full_stream(frames: Vec<Result<Bytes, io::Error>>) -> Response<Body> {
 }
 
 fn now_rfc3339() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
@@ -999,7 +1181,12 @@ fn now_rfc3339() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 // ---------------------------------------------------------------- builders
@@ -1057,7 +1244,9 @@ pub fn node(name: &str, internal_ips: &[&str], pod_cidr: Option<&str>) -> Value 
     let addrs: Vec<Value> = internal_ips
         .iter()
         .map(|ip| json!({"type": "InternalIP", "address": ip}))
-        .chain(std::iter::once(json!({"type": "Hostname", "address": name})))
+        .chain(std::iter::once(
+            json!({"type": "Hostname", "address": name}),
+        ))
         .collect();
     let mut n = json!({
         "apiVersion": "v1", "kind": "Node",

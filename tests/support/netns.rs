@@ -207,14 +207,13 @@ impl Netns {
 
 fn enter(path: &std::path::Path) {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    setns(&f, CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+    setns(&f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         // Anything still running inside is ours (the name is unique): kill it.
-        for pid in self.pids() {
+        for pid in self.pids().into_iter().filter(|p| *p != std::process::id()) {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .output();
@@ -266,10 +265,29 @@ impl Drop for NsChild {
 /// Creates a veth pair: `a_if` in `a` and `b_if` in `b`, optionally addressed
 /// (`Some("10.0.0.1/24")`), both up. The pair is created inside `a`, so the
 /// root namespace never sees the names.
-pub fn veth(a: &Netns, a_if: &str, a_cidr: Option<&str>, b: &Netns, b_if: &str, b_cidr: Option<&str>) {
-    assert!(a_if.len() <= 15 && b_if.len() <= 15, "interface names must be ≤ 15 chars");
+pub fn veth(
+    a: &Netns,
+    a_if: &str,
+    a_cidr: Option<&str>,
+    b: &Netns,
+    b_if: &str,
+    b_cidr: Option<&str>,
+) {
+    assert!(
+        a_if.len() <= 15 && b_if.len() <= 15,
+        "interface names must be ≤ 15 chars"
+    );
     a.ip(&[
-        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ]);
     if let Some(c) = a_cidr {
         a.ip(&["addr", "add", c, "dev", a_if]);
@@ -377,7 +395,14 @@ impl Topology {
             node.sysctl(k, v);
         }
         let outside = Netns::new("out");
-        veth(&node, "ext0", Some("192.168.50.1/24"), &outside, "eth0", Some("192.168.50.2/24"));
+        veth(
+            &node,
+            "ext0",
+            Some("192.168.50.1/24"),
+            &outside,
+            "eth0",
+            Some("192.168.50.2/24"),
+        );
         outside.set_default_route("192.168.50.1");
         node.set_default_route("192.168.50.2");
 
@@ -386,7 +411,14 @@ impl Topology {
             let ns = Netns::new(name);
             let ip = Ipv4Addr::new(10, 244, 0, 10 + i as u8);
             let node_if = format!("vpod{i}");
-            veth(&node, &node_if, Some("10.244.0.1/32"), &ns, "eth0", Some(&format!("{ip}/32")));
+            veth(
+                &node,
+                &node_if,
+                Some("10.244.0.1/32"),
+                &ns,
+                "eth0",
+                Some(&format!("{ip}/32")),
+            );
             node.add_route(&format!("{ip}/32"), &["dev", &node_if, "src", "10.244.0.1"]);
             ns.add_route("10.244.0.1/32", &["dev", "eth0"]);
             ns.set_default_route("10.244.0.1");
@@ -397,7 +429,11 @@ impl Topology {
                 node_if,
             });
         }
-        Topology { node, pods, outside }
+        Topology {
+            node,
+            pods,
+            outside,
+        }
     }
 
     /// The pod with this name (panics if absent).
@@ -410,7 +446,10 @@ impl Topology {
 
     /// Names of all namespaces of this topology.
     pub fn netns_names(&self) -> Vec<String> {
-        let mut v = vec![self.node.name().to_string(), self.outside.name().to_string()];
+        let mut v = vec![
+            self.node.name().to_string(),
+            self.outside.name().to_string(),
+        ];
         v.extend(self.pods.iter().map(|p| p.ns.name().to_string()));
         v
     }

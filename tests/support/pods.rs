@@ -56,9 +56,8 @@ impl EchoServer {
                 .as_ref()
                 .map(|l| l.local_addr().unwrap().port())
                 .unwrap_or(bind.port());
-            let us = udp.then(|| {
-                UdpSocket::bind(SocketAddr::new(bind.ip(), port)).expect("bind udp echo")
-            });
+            let us = udp
+                .then(|| UdpSocket::bind(SocketAddr::new(bind.ip(), port)).expect("bind udp echo"));
             (tl, us)
         });
         let addr = tl
@@ -71,11 +70,15 @@ impl EchoServer {
         let mut threads = Vec::new();
         if let Some(l) = tl {
             let (stop, served, name) = (stop.clone(), served.clone(), name.to_string());
-            threads.push(std::thread::spawn(move || tcp_loop(l, &name, &stop, &served)));
+            threads.push(std::thread::spawn(move || {
+                tcp_loop(l, &name, &stop, &served)
+            }));
         }
         if let Some(u) = us {
             let (stop, served, name) = (stop.clone(), served.clone(), name.to_string());
-            threads.push(std::thread::spawn(move || udp_loop(u, &name, &stop, &served)));
+            threads.push(std::thread::spawn(move || {
+                udp_loop(u, &name, &stop, &served)
+            }));
         }
         EchoServer {
             name: name.to_string(),
