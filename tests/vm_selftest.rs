@@ -61,7 +61,9 @@ fn vmrun(cmd: &[&str], envs: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     let started = std::time::Instant::now();
-    let out = c.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", vmrun_path().display()));
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", vmrun_path().display()));
     eprintln!(
         "vmrun {:?}: {:?} after {:.1} s\n--- stdout ---\n{}--- stderr ---\n{}---",
         cmd,
@@ -120,48 +122,98 @@ exit 3
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
 
-    assert_eq!(out.status.code(), Some(3), "the script's `exit 3` must come back as vmrun's status");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the script's `exit 3` must come back as vmrun's status"
+    );
 
     let guest_kernel = section(&stdout, "uname").trim().to_string();
     assert!(!guest_kernel.is_empty(), "no guest kernel version");
-    assert_ne!(guest_kernel, host_kernel(), "the command must run in the guest kernel, not the host's");
+    assert_ne!(
+        guest_kernel,
+        host_kernel(),
+        "the command must run in the guest kernel, not the host's"
+    );
 
-    assert!(section(&stdout, "proc").contains("ip_vs present"), "/proc/net/ip_vs missing in the guest");
+    assert!(
+        section(&stdout, "proc").contains("ip_vs present"),
+        "/proc/net/ip_vs missing in the guest"
+    );
 
     let ipvs = section(&stdout, "ipvsadm");
     assert!(!ipvs.contains("failed"), "ipvsadm failed:\n{ipvs}");
-    assert!(ipvs.contains("IP Virtual Server version"), "ipvsadm -Ln header missing:\n{ipvs}");
     assert!(
-        ipvs.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TCP", "10.0.0.1:80", "rr"]),
+        ipvs.contains("IP Virtual Server version"),
+        "ipvsadm -Ln header missing:\n{ipvs}"
+    );
+    assert!(
+        ipvs.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["TCP", "10.0.0.1:80", "rr"]),
         "virtual server 10.0.0.1:80 rr not listed:\n{ipvs}"
     );
-    assert!(ipvs.contains("-> 10.0.1.5:8080"), "real server not listed:\n{ipvs}");
+    assert!(
+        ipvs.contains("-> 10.0.1.5:8080"),
+        "real server not listed:\n{ipvs}"
+    );
 
     let dummy = section(&stdout, "dummy");
     assert!(!dummy.contains("failed"), "dummy link failed:\n{dummy}");
-    assert!(dummy.contains("kube-ipvs0:"), "kube-ipvs0 not shown:\n{dummy}");
-    assert!(dummy.contains("inet 10.0.0.1/32"), "address not on kube-ipvs0:\n{dummy}");
+    assert!(
+        dummy.contains("kube-ipvs0:"),
+        "kube-ipvs0 not shown:\n{dummy}"
+    );
+    assert!(
+        dummy.contains("inet 10.0.0.1/32"),
+        "address not on kube-ipvs0:\n{dummy}"
+    );
 
     let ipset = section(&stdout, "ipset");
     assert!(!ipset.contains("failed"), "ipset failed:\n{ipset}");
-    assert!(ipset.contains("Name: KUBE-TEST"), "set not listed:\n{ipset}");
-    assert!(ipset.contains("Type: hash:ip,port"), "set type wrong:\n{ipset}");
-    assert!(ipset.contains("10.0.1.5,tcp:8080"), "member not listed:\n{ipset}");
+    assert!(
+        ipset.contains("Name: KUBE-TEST"),
+        "set not listed:\n{ipset}"
+    );
+    assert!(
+        ipset.contains("Type: hash:ip,port"),
+        "set type wrong:\n{ipset}"
+    );
+    assert!(
+        ipset.contains("10.0.1.5,tcp:8080"),
+        "member not listed:\n{ipset}"
+    );
 
     assert_eq!(section(&stdout, "env").trim(), "KPRS_IN_VM=1");
 
-    assert!(stderr.contains("this goes to stderr"), "guest stderr must come back on stderr");
-    assert!(!stdout.contains("this goes to stderr"), "guest stderr leaked into stdout");
+    assert!(
+        stderr.contains("this goes to stderr"),
+        "guest stderr must come back on stderr"
+    );
+    assert!(
+        !stdout.contains("this goes to stderr"),
+        "guest stderr leaked into stdout"
+    );
     for noise in ["SeaBIOS", "Linux version", "vmrun-init", "vmrun-guest"] {
-        assert!(!stdout.contains(noise), "console noise `{noise}` in stdout:\n{stdout}");
+        assert!(
+            !stdout.contains(noise),
+            "console noise `{noise}` in stdout:\n{stdout}"
+        );
     }
 }
 
 #[test]
 fn guest_false_exits_1() {
     let out = vmrun(&["false"], &[]);
-    assert_eq!(out.status.code(), Some(1), "`false` in the guest must make vmrun exit 1");
-    assert!(out.stdout.is_empty(), "unexpected stdout: {:?}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "`false` in the guest must make vmrun exit 1"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "unexpected stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Runs this very test binary (built on the host) in the guest, selecting
@@ -169,18 +221,38 @@ fn guest_false_exits_1() {
 #[test]
 fn host_built_rust_test_binary_runs_in_guest() {
     let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd: Vec<&str> =
-        vec![exe.to_str().unwrap(), "in_guest_probe", "--exact", "--ignored", "--nocapture", "--test-threads=1"];
+    let mut cmd: Vec<&str> = vec![
+        exe.to_str().unwrap(),
+        "in_guest_probe",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ];
     cmd.extend(TRICKY_ARGS);
     let host = host_kernel();
     let out = vmrun(
         &cmd,
-        &[("KPRS_HOST_KERNEL", host.as_str()), ("KPRS_SELFTEST_TOKEN", TOKEN), ("SELFTEST_NOT_PASSED", "1")],
+        &[
+            ("KPRS_HOST_KERNEL", host.as_str()),
+            ("KPRS_SELFTEST_TOKEN", TOKEN),
+            ("SELFTEST_NOT_PASSED", "1"),
+        ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "the probe failed in the guest:\n{stdout}");
-    assert!(stdout.contains("GUEST-PROBE-OK"), "probe marker missing:\n{stdout}");
-    assert!(stdout.contains("1 passed"), "the probe did not run:\n{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the probe failed in the guest:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("GUEST-PROBE-OK"),
+        "probe marker missing:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the probe did not run:\n{stdout}"
+    );
 }
 
 /// Not a host test: `host_built_rust_test_binary_runs_in_guest` runs it inside
@@ -188,17 +260,37 @@ fn host_built_rust_test_binary_runs_in_guest() {
 #[test]
 #[ignore = "runs inside the VM, driven by host_built_rust_test_binary_runs_in_guest"]
 fn in_guest_probe() {
-    assert_eq!(std::env::var("KPRS_IN_VM").as_deref(), Ok("1"), "not running under tests/vm/vmrun");
-    let guest = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim().to_string();
+    assert_eq!(
+        std::env::var("KPRS_IN_VM").as_deref(),
+        Ok("1"),
+        "not running under tests/vm/vmrun"
+    );
+    let guest = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_string();
     let host = std::env::var("KPRS_HOST_KERNEL").expect("KPRS_HOST_KERNEL passed through");
     assert_ne!(guest, host, "guest kernel must differ from the host kernel");
-    assert_eq!(std::env::var("KPRS_VM_KERNEL").as_deref(), Ok(guest.as_str()));
+    assert_eq!(
+        std::env::var("KPRS_VM_KERNEL").as_deref(),
+        Ok(guest.as_str())
+    );
     let ipvs = std::fs::read_to_string("/proc/net/ip_vs").expect("/proc/net/ip_vs in the guest");
     assert!(ipvs.starts_with("IP Virtual Server version"), "{ipvs}");
-    assert_eq!(std::env::var("KPRS_SELFTEST_TOKEN").as_deref(), Ok(TOKEN), "KPRS_ variable mangled");
-    assert!(std::env::var_os("SELFTEST_NOT_PASSED").is_none(), "unlisted variable leaked into the guest");
+    assert_eq!(
+        std::env::var("KPRS_SELFTEST_TOKEN").as_deref(),
+        Ok(TOKEN),
+        "KPRS_ variable mangled"
+    );
+    assert!(
+        std::env::var_os("SELFTEST_NOT_PASSED").is_none(),
+        "unlisted variable leaked into the guest"
+    );
     let args: Vec<String> = std::env::args().collect();
     let tail = &args[args.len() - TRICKY_ARGS.len()..];
-    assert_eq!(tail, TRICKY_ARGS, "arguments mangled on the way into the guest");
+    assert_eq!(
+        tail, TRICKY_ARGS,
+        "arguments mangled on the way into the guest"
+    );
     println!("GUEST-PROBE-OK guest={guest} host={host}");
 }
