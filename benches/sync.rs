@@ -4,6 +4,7 @@
 //! - our work: snapshot of the state store, full render, partial render of one service;
 //! - the kernel floor: `iptables-restore` of that full ruleset into a fresh network namespace
 //!   (legacy and nft), and a `--noflush` restore of the one-service partial.
+//!
 //! Prints each figure and its ratio to the floor. Needs root for the floor (network namespace).
 //!
 //! `cargo bench --bench sync [-- N]` (default N = 10000).
