@@ -171,6 +171,13 @@ fn slice(name: &str, svc: &str, proto: &str, ips: &[(&str, &str)]) -> Value {
     s
 }
 
+fn udp_node_port(port: u16) -> Value {
+    let mut s = svc("dnsnp", "10.96.0.54", 53, "UDP");
+    s["spec"]["type"] = json!("NodePort");
+    s["spec"]["ports"][0]["nodePort"] = json!(port);
+    s
+}
+
 /// Which scenarios a mode supports.
 #[derive(Debug, Clone, Copy)]
 pub struct Features {
@@ -221,6 +228,8 @@ pub fn run_all(features: Features) {
         svc("dns", "10.96.0.53", 53, "UDP"),
         slice("dns-1", "dns", "UDP", &[(&p2, "node2")]),
         svc("empty", "10.96.0.20", 80, "TCP"),
+        udp_node_port(30053),
+        slice("dnsnp-1", "dnsnp", "UDP", &[(&p2, "node2")]),
         sticky,
         slice(
             "sticky-1",
@@ -411,6 +420,24 @@ pub fn run_all(features: Features) {
         }
     });
     assert!(r.is_ok(), "UDP flow stuck on the old endpoint: {r:?}");
+
+    // A changed UDP nodePort: the old port's flow is deleted, not left pointing at the pod.
+    let old = sa("192.168.50.1", 30053);
+    let r = eventually(PROGRAMMED, POLL, || {
+        udp_request(outside, old, T, Some(40054))
+    });
+    assert_eq!(r.unwrap(), "pod2");
+    c.api.apply(udp_node_port(30054));
+    let r = eventually(PROGRAMMED, POLL, || {
+        udp_request(outside, sa("192.168.50.1", 30054), T, Some(40055))
+    });
+    assert_eq!(r.unwrap(), "pod2", "new node port never worked");
+    let e = udp_request(outside, old, T, Some(40054)).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "old node port flow still alive: {e}"
+    );
 
     // Headless and ExternalName services program nothing; bad objects are logged and skipped.
     let logs = c.logs();
