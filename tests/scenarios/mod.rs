@@ -453,6 +453,31 @@ pub fn run_all(features: Features) {
     }
     c.assert_alive();
 
+    // API server outage: rules stay in force while it is down; a relist after 410 Gone
+    // (history compacted while down) brings in what changed meanwhile.
+    c.api.set_down(true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        tcp_request(node, sa("10.96.0.90", 80), T).unwrap(),
+        "pod3",
+        "rules lost during outage"
+    );
+    c.api
+        .apply(slice("manual-1", "manual", "TCP", &[(&p4, "node2")]));
+    c.api.compact();
+    c.api.set_down(false);
+    let r = eventually(Duration::from_secs(20), POLL, || {
+        match tcp_request(node, sa("10.96.0.90", 80), T) {
+            Ok(n) if n == "pod4" => Ok(n),
+            other => Err(other),
+        }
+    });
+    assert!(
+        r.is_ok(),
+        "change made during the outage never programmed: {r:?}"
+    );
+    c.assert_alive();
+
     // HTTP endpoints as upstream.
     let (code, body) = c.http_get(sa("127.0.0.1", 10249), "/proxyMode").unwrap();
     assert_eq!(code, 200);
