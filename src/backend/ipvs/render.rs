@@ -233,12 +233,11 @@ impl Builder<'_> {
             &cat.cluster
         };
         let unique: BTreeSet<(IpAddr, u16)> = chosen.iter().map(|e| (e.ip, e.port)).collect();
-        let mut dests: Vec<RealServer> = unique
+        // Sorted by (address, port) through the set.
+        unique
             .into_iter()
             .map(|(ip, port)| real_server(ip, port))
-            .collect();
-        dests.sort_by(|a, b| (a.address, a.port).cmp(&(b.address, b.port)));
-        dests
+            .collect()
     }
 
     fn sync_service(&mut self, svc: &ServicePort, addr: IpAddr, port: u16, only_local: bool) {
