@@ -845,7 +845,7 @@ fn external_ips_cluster_and_local_policy() {
     let b = spn("ns1", "svc2", "p80", Protocol::Tcp);
     let none = spn("ns1", "svc3", "p80", Protocol::Tcp);
     let mut sa = svc(&a, "10.20.30.41", 80);
-    sa.external_ips = vec![ip("50.60.70.81"), ip("127.0.0.1")];
+    sa.external_ips = vec![ip("50.60.70.81"), ip("127.0.0.1"), ip("192.168.99.11")];
     let mut sb = svc(&b, "10.20.30.42", 80);
     sb.service_type = ServiceType::NodePort;
     sb.node_port = 3002;
@@ -864,8 +864,9 @@ fn external_ips_cluster_and_local_policy() {
         ],
     );
     let mut c = cfg();
-    // 127.0.0.1 is a local address: it gets a VS but is not bound to kube-ipvs0.
-    c.host_addrs = vec![ip("127.0.0.1"), ip(NODE_IP)];
+    // 192.168.99.11 is on another interface: it gets a VS but is not bound to kube-ipvs0.
+    // Loopback addresses do not count as local (upstream's nodeAddressSet skips them).
+    c.host_addrs = vec![ip("127.0.0.1"), ip(NODE_IP), ip("192.168.99.11")];
     let d = render_ok(&m, &c);
     assert_eq!(
         vs_of(&d, "50.60.70.81", 80).dests,
@@ -885,6 +886,7 @@ fn external_ips_cluster_and_local_policy() {
         entries(&d, sets::EXTERNAL_IP),
         strs(&[
             "127.0.0.1,tcp:80",
+            "192.168.99.11,tcp:80",
             "50.60.70.81,tcp:80",
             "50.60.70.83,tcp:80"
         ])
@@ -893,8 +895,10 @@ fn external_ips_cluster_and_local_policy() {
         entries(&d, sets::EXTERNAL_IP_LOCAL),
         strs(&["50.60.70.82,tcp:80"])
     );
-    assert!(!d.bound_addrs.contains(&ip("127.0.0.1")));
-    for a in ["50.60.70.81", "50.60.70.82", "50.60.70.83"] {
+    assert!(vs_of(&d, "192.168.99.11", 80).dests.len() == 1);
+    assert!(!d.bound_addrs.contains(&ip("192.168.99.11")));
+    assert!(!entries(&d, sets::IPVS_IPS).contains(&"192.168.99.11".to_string()));
+    for a in ["127.0.0.1", "50.60.70.81", "50.60.70.82", "50.60.70.83"] {
         assert!(d.bound_addrs.contains(&ip(a)), "{a} not bound");
     }
     // TestAcceptIPVSTraffic order; the LOCAL set gets the two ACCEPTs but no MARK-MASQ.
@@ -1584,11 +1588,25 @@ fn demo_cluster_render_golden() {
         panic!("render output differs from the golden file; wrote {path}");
     }
     assert!(warnings.is_empty(), "{warnings:?}");
-    // The three sections are each what the structured render says.
-    let iptables = out
-        .split("# iptables (iptables-restore --noflush)\n")
-        .nth(1)
-        .unwrap();
-    let dump = Dump::parse(iptables).unwrap();
-    assert!(dump.chain("nat", rules::KUBE_SERVICES).is_some());
+    // The output is the three renderings of one consistent IpvsDesired.
+    let objects = crate::render::load(&args, &mut warnings).unwrap();
+    let model = crate::render::state_from(&objects, "node1", &mut warnings).snapshot();
+    let mut c = ipvs_config(&args.options, &model.node, model.node.ips.clone());
+    c.random_fully = true;
+    let d = render_ok(&model, &c);
+    assert_eq!(
+        out,
+        format!(
+            "# IPVS virtual servers (ipvsadm -Sn)\n{}# ipsets (ipset save)\n{}\
+             # iptables (iptables-restore --noflush)\n{}",
+            ipvsadm_save(&d),
+            ipset_save(&d),
+            d.iptables_restore
+        )
+    );
+    assert_eq!(d.no_local_endpoints_internal, 0);
+    assert_eq!(
+        d.health_checks,
+        BTreeMap::from([(ServiceName::new("demo", "edge"), (32100, 1))])
+    );
 }
