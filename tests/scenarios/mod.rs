@@ -478,6 +478,13 @@ pub fn run_all(features: Features) {
     );
     c.assert_alive();
 
+    // For the record (not asserted): the daemon's resident memory after all of the above.
+    let pid = c.proxy.lock().unwrap_or_else(|p| p.into_inner()).id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    if let Some(rss) = status.lines().find(|l| l.starts_with("VmRSS")) {
+        eprintln!("kube-proxy-rs {rss}");
+    }
+
     // HTTP endpoints as upstream.
     let (code, body) = c.http_get(sa("127.0.0.1", 10249), "/proxyMode").unwrap();
     assert_eq!(code, 200);
