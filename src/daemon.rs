@@ -9,7 +9,8 @@ use kube::config::{Config as KubeConfig, KubeConfigOptions, Kubeconfig};
 
 use crate::backend::Backend;
 use crate::backend::iptables::proxier::{IptablesProxier, render_config};
-use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_config, ipvs_settings};
+use crate::backend::ipvs::ipvs_config;
+use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_settings};
 use crate::config::{DetectLocal, Invocation, NodePortAddresses, ProxyMode, ProxyOptions};
 use crate::kernel::IpFamily;
 use crate::kernel::addrs::Addresses;
@@ -176,7 +177,7 @@ async fn ipvs_backend(
     let client = IpvsClient::connect()
         .await
         .map_err(|e| DaemonError::Ipvs(format!("IPVS proxy mode cannot be used: {e}")))?;
-    let mut config = ipvs_config(opts, &crate::model::NodeInfo::default());
+    let mut config = ipvs_config(opts, &crate::model::NodeInfo::default(), Vec::new());
     config.random_fully = random_fully;
     let kernel = IpvsKernel {
         iptables: ipt,
@@ -206,7 +207,7 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     let random_fully = ipt.supports_random_fully().await;
     if opts.mode == ProxyMode::Ipvs {
         let backend = ipvs_backend(&opts, ipt, random_fully).await?;
-        tracing::info!(scheduler = %backend.config().scheduler, "using IPVS");
+        tracing::info!(scheduler = backend.config().scheduler(), "using IPVS");
         return serve(inv, client, backend).await;
     }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());

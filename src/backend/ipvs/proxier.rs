@@ -27,7 +27,7 @@ use tokio::sync::Mutex;
 use super::{DesiredService, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
 use crate::backend::iptables::parse::Dump;
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
-use crate::kernel::addrs::{AddrScope, Addresses};
+use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::ipset::{DesiredSet, Ipset, IpsetVersion, plan_restore};
 use crate::kernel::iptables::{Iptables, RulePosition, Table};
@@ -37,6 +37,7 @@ use crate::kernel::ipvs::{
 use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::Sysctl;
 use crate::model::{Cidr, ProxyModel};
+
 use crate::sync::conntrack::{StaleFlowFilter, reconcile};
 
 /// How often terminating real servers are re-checked besides every sync (upstream
@@ -65,27 +66,6 @@ const CLEANUP_CHAINS: &[(&str, &str)] = &[
     ("filter", "KUBE-SOURCE-RANGES-FIREWALL"),
     ("filter", "KUBE-IPVS-FILTER"),
     ("filter", "KUBE-IPVS-OUT-FILTER"),
-];
-
-/// Sets `--cleanup` destroys (upstream `ipsetInfo`), after the rules using them are gone.
-const CLEANUP_SETS: &[&str] = &[
-    "KUBE-LOOP-BACK",
-    "KUBE-CLUSTER-IP",
-    "KUBE-EXTERNAL-IP",
-    "KUBE-EXTERNAL-IP-LOCAL",
-    "KUBE-LOAD-BALANCER",
-    "KUBE-LOAD-BALANCER-FW",
-    "KUBE-LOAD-BALANCER-LOCAL",
-    "KUBE-LOAD-BALANCER-SOURCE-IP",
-    "KUBE-LOAD-BALANCER-SOURCE-CIDR",
-    "KUBE-NODE-PORT-TCP",
-    "KUBE-NODE-PORT-LOCAL-TCP",
-    "KUBE-NODE-PORT-UDP",
-    "KUBE-NODE-PORT-LOCAL-UDP",
-    "KUBE-NODE-PORT-SCTP-HASH",
-    "KUBE-NODE-PORT-LOCAL-SCTP-HASH",
-    "KUBE-HEALTH-CHECK-NODE-PORT",
-    "KUBE-IPVS-IPS",
 ];
 
 /// Kernel changes made so far, by kind (for tests and debug logs).
@@ -351,7 +331,7 @@ impl IpvsProxier {
         config: IpvsConfig,
         settings: IpvsSettings,
     ) -> Result<Self, IpvsStartError> {
-        check_ipvs_usable(&mut client, &kernel.ipset, &config.scheduler).await?;
+        check_ipvs_usable(&mut client, &kernel.ipset, config.scheduler()).await?;
         apply_sysctls(&kernel.sysctl, config.strict_arp)?;
         let (tcp, fin, udp) = (
             secs(settings.tcp_timeout),
@@ -402,48 +382,45 @@ impl IpvsProxier {
         v
     }
 
-    /// Node IPs NodePort virtual servers go on: local IPv4 addresses except loopback and the
-    /// dummy link's, filtered by `--nodeport-addresses` (upstream `NodeIPs` and
-    /// `GetNodeAddresses`).
-    async fn node_ips(&self, model: &ProxyModel) -> Option<Vec<IpAddr>> {
-        if self.settings.node_port_primary_only {
-            return Some(
-                model
-                    .node
-                    .ips
-                    .iter()
-                    .copied()
-                    .filter(IpAddr::is_ipv4)
-                    .take(1)
-                    .collect(),
-            );
+    /// Refreshes the node addresses in the render config: `host_addrs` (every local IPv4
+    /// address except the dummy link's), `node_ips` (those NodePort virtual servers go on:
+    /// no loopback, filtered by `--nodeport-addresses`, upstream `NodeIPs` and
+    /// `GetNodeAddresses`) and the primary node IP. Keeps the previous lists if listing fails.
+    async fn refresh_node_addresses(&mut self, model: &ProxyModel) {
+        let primary = model.node.ips.iter().copied().find(IpAddr::is_ipv4);
+        if primary.is_some() {
+            self.config.primary_node_ip = primary;
         }
         let list = match self.kernel.addrs.list().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing local addresses failed, keeping the previous node IPs");
-                return None;
+                return;
             }
         };
-        let mut ips: Vec<IpAddr> = list
+        let mut host: Vec<IpAddr> = list
             .into_iter()
-            .filter(|a| {
-                a.addr.is_ipv4()
-                    && !a.addr.is_loopback()
-                    && a.scope != AddrScope::Host
-                    && a.interface != self.kernel.link.name()
-            })
+            .filter(|a| a.addr.is_ipv4() && a.interface != self.kernel.link.name())
             .map(|a| a.addr)
-            .filter(|ip| {
-                self.settings
-                    .node_port_cidrs
-                    .as_ref()
-                    .is_none_or(|cidrs| cidrs.iter().any(|c| c.contains(ip)))
-            })
             .collect();
-        ips.sort();
-        ips.dedup();
-        Some(ips)
+        host.sort();
+        host.dedup();
+        let node_ips: Vec<IpAddr> = if self.settings.node_port_primary_only {
+            self.config.primary_node_ip.into_iter().collect()
+        } else {
+            host.iter()
+                .copied()
+                .filter(|ip| !ip.is_loopback())
+                .filter(|ip| {
+                    self.settings
+                        .node_port_cidrs
+                        .as_ref()
+                        .is_none_or(|cidrs| cidrs.iter().any(|c| c.contains(ip)))
+                })
+                .collect()
+        };
+        self.config.node_ips = node_ips;
+        self.config.host_addrs = host;
     }
 
     fn excluded(&self, ip: &IpAddr) -> bool {
@@ -666,7 +643,8 @@ impl IpvsProxier {
                 errors.push(format!("deleting {t} chains: {e}"));
             }
         }
-        for set in CLEANUP_SETS {
+        // After the rules using them are gone (a referenced set cannot be destroyed).
+        for (set, _, _) in super::ipset::SET_INFO {
             if let Err(e) = ipset.destroy(set).await {
                 errors.push(format!("destroying ipset {set}: {e}"));
             }
@@ -859,9 +837,7 @@ impl Backend for IpvsProxier {
         if req.full {
             self.ensure_jumps().await?;
         }
-        if let Some(ips) = self.node_ips(req.model).await {
-            self.config.node_ips = ips;
-        }
+        self.refresh_node_addresses(req.model).await;
         if self.settings.node_cidr_mode {
             self.config.local_detector =
                 crate::backend::iptables::proxier::node_cidr_detector(&req.model.node);
@@ -924,34 +900,6 @@ impl Backend for IpvsProxier {
                 .await,
             Ok(false)
         )
-    }
-}
-
-/// Render settings from the options (`node_ips` are filled in at every sync).
-pub fn ipvs_config(
-    opts: &crate::config::ProxyOptions,
-    node: &crate::model::NodeInfo,
-) -> IpvsConfig {
-    let iptables = crate::backend::iptables::proxier::render_config(opts, node, Vec::new());
-    IpvsConfig {
-        scheduler: if opts.ipvs.scheduler.is_empty() {
-            "rr".to_string()
-        } else {
-            opts.ipvs.scheduler.clone()
-        },
-        masquerade_all: opts.masquerade_all,
-        masquerade_bit: opts.masquerade_bit,
-        local_detector: iptables.local_detector,
-        node_ips: Vec::new(),
-        exclude_cidrs: opts
-            .ipvs
-            .exclude_cidrs
-            .iter()
-            .copied()
-            .filter(Cidr::is_ipv4)
-            .collect(),
-        strict_arp: opts.ipvs.strict_arp,
-        random_fully: false,
     }
 }
 
