@@ -171,11 +171,18 @@ fn slice(name: &str, svc: &str, proto: &str, ips: &[(&str, &str)]) -> Value {
     s
 }
 
-/// Which scenarios a mode supports.
+/// Which scenarios a mode supports, and where a mode's upstream semantics differ.
 #[derive(Debug, Clone, Copy)]
 pub struct Features {
     /// `/proxyMode` body.
     pub mode: &'static str,
+    /// externalTrafficPolicy=Local with no local endpoint: upstream IPVS mode keeps the
+    /// cluster endpoints on the external virtual servers (kubernetes/kubernetes#97081, so
+    /// local pods can still reach the service) instead of dropping external traffic as
+    /// iptables mode does. In this single-node topology the reply returns through the node,
+    /// so the connection succeeds (to the remote endpoint) rather than timing out. The
+    /// health check still answers 503 with zero local endpoints.
+    pub etp_local_falls_back_to_cluster: bool,
 }
 
 /// Runs every scenario against one running proxy.
@@ -306,9 +313,18 @@ pub fn run_all(features: Features) {
         "out-of-range source must be dropped: {e}"
     );
 
-    // eTP=Local without a local endpoint: dropped, health check 503 with localEndpoints 0.
-    let e = tcp_request(outside, sa("192.168.50.1", 30060), T).unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    // eTP=Local without a local endpoint: dropped (IPVS: the cluster endpoint serves, see
+    // `Features`), health check 503 with localEndpoints 0.
+    if features.etp_local_falls_back_to_cluster {
+        assert_eq!(
+            tcp_request(outside, sa("192.168.50.1", 30060), T).unwrap(),
+            "pod3",
+            "IPVS eTP=Local without local endpoints falls back to cluster endpoints"
+        );
+    } else {
+        let e = tcp_request(outside, sa("192.168.50.1", 30060), T).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    }
     let (code, body) = eventually(PROGRAMMED, POLL, || {
         http_get_in(outside, sa("192.168.50.1", 32000), "/")
     })
