@@ -155,11 +155,17 @@ pub async fn cleanup() -> Result<(), DaemonError> {
     let variant = detect_variant(None).await?;
     let ipt = Iptables::new(variant, IpFamily::V4);
     let mut errors = Vec::new();
-    if let Err(e) = IptablesProxier::cleanup(&ipt).await {
-        errors.push(format!("iptables mode: {e}"));
-    }
+    let first = IptablesProxier::cleanup(&ipt).await;
     if let Err(e) = IpvsProxier::cleanup(&ipt, &Ipset::new(), &DummyLink::default()).await {
         errors.push(format!("ipvs mode: {e}"));
+    }
+    // Both modes share chain names (KUBE-MARK-MASQ, jumped to from IPVS-mode chains): when
+    // IPVS-mode rules were present the iptables-mode pass fails on them; once they are gone
+    // a second pass completes it.
+    if first.is_err()
+        && let Err(e) = IptablesProxier::cleanup(&ipt).await
+    {
+        errors.push(format!("iptables mode: {e}"));
     }
     if errors.is_empty() {
         Ok(())
