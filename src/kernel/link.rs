@@ -141,6 +141,38 @@ impl DummyLink {
         }
     }
 
+    /// Binds `add` and unbinds `del` in one `ip -force -batch -` run (one fork/exec however
+    /// many addresses change: a first sync binds every service IP at once). Binding a bound
+    /// address or unbinding an absent one fails only that line; the run goes on and reports
+    /// the failures (callers re-list the addresses to see what took effect).
+    pub async fn change_addresses(
+        &self,
+        add: &[IpAddr],
+        del: &[IpAddr],
+    ) -> Result<(), KernelError> {
+        if add.is_empty() && del.is_empty() {
+            return Ok(());
+        }
+        let mut input = String::new();
+        for ip in add {
+            input.push_str(&format!("addr add {} dev {}", host_prefix(ip), self.name));
+            if ip.is_ipv6() {
+                input.push_str(" nodad");
+            }
+            input.push('\n');
+        }
+        for ip in del {
+            input.push_str(&format!("addr del {} dev {}\n", host_prefix(ip), self.name));
+        }
+        let args: Vec<String> = ["-force", "-batch", "-"].map(String::from).to_vec();
+        let out = self.exec.run("ip", &args, Some(input.as_bytes())).await?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(out.into_error())
+        }
+    }
+
     /// Deletes the link (only `--cleanup` does this). Returns `false` if it did not exist.
     pub async fn delete(&self) -> Result<bool, KernelError> {
         let out = self.ip(&["link", "del", &self.name]).await?;

@@ -489,6 +489,8 @@ impl IpvsProxier {
         Ok(())
     }
 
+    /// Binds missing addresses and unbinds stale ones (IPv4, not in `--ipvs-exclude-cidrs`)
+    /// in one `ip -batch` run. Returns what could not be changed.
     async fn sync_addresses(&self, desired: &IpvsDesired) -> Result<Vec<String>, BackendError> {
         let link = &self.kernel.link;
         let current: BTreeSet<IpAddr> = link
@@ -497,26 +499,38 @@ impl IpvsProxier {
             .map_err(read_err)?
             .into_iter()
             .collect();
-        let mut errors = Vec::new();
-        for ip in desired.bound_addrs.difference(&current) {
-            match link.add_address(*ip).await {
-                Ok(_) => {
-                    self.counters.addresses.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => errors.push(format!("binding {ip}: {e}")),
-            }
+        let add: Vec<IpAddr> = desired.bound_addrs.difference(&current).copied().collect();
+        let del: Vec<IpAddr> = current
+            .difference(&desired.bound_addrs)
+            .filter(|ip| ip.is_ipv4() && !self.excluded(ip))
+            .copied()
+            .collect();
+        if add.is_empty() && del.is_empty() {
+            return Ok(Vec::new());
         }
-        for ip in current.difference(&desired.bound_addrs) {
-            if !ip.is_ipv4() || self.excluded(ip) {
-                continue;
-            }
-            match link.del_address(*ip).await {
-                Ok(_) => {
-                    self.counters.addresses.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => errors.push(format!("unbinding {ip}: {e}")),
-            }
-        }
+        self.counters
+            .addresses
+            .fetch_add((add.len() + del.len()) as u64, Ordering::Relaxed);
+        let Err(e) = link.change_addresses(&add, &del).await else {
+            return Ok(Vec::new());
+        };
+        // Some lines failed: report the addresses that are still wrong.
+        let now: BTreeSet<IpAddr> = link
+            .addresses()
+            .await
+            .map_err(read_err)?
+            .into_iter()
+            .collect();
+        let mut errors: Vec<String> = add
+            .iter()
+            .filter(|ip| !now.contains(ip))
+            .map(|ip| format!("binding {ip} to {}: {e}", link.name()))
+            .collect();
+        errors.extend(
+            del.iter()
+                .filter(|ip| now.contains(ip))
+                .map(|ip| format!("unbinding {ip} from {}: {e}", link.name())),
+        );
         Ok(errors)
     }
 
