@@ -50,7 +50,7 @@ pub struct IpvsConfig {
     pub primary_node_ip: Option<IpAddr>,
     /// Every local address except kube-ipvs0's (upstream `nodeAddressSet`): externalIPs and
     /// LB IPs already on another interface are not bound to kube-ipvs0. `node_ips` counts
-    /// too.
+    /// too; loopback addresses do not (upstream leaves them out of the set).
     pub host_addrs: Vec<IpAddr>,
 }
 
@@ -233,12 +233,11 @@ impl Builder<'_> {
             &cat.cluster
         };
         let unique: BTreeSet<(IpAddr, u16)> = chosen.iter().map(|e| (e.ip, e.port)).collect();
-        let mut dests: Vec<RealServer> = unique
+        // Sorted by (address, port) through the set.
+        unique
             .into_iter()
             .map(|(ip, port)| real_server(ip, port))
-            .collect();
-        dests.sort_by(|a, b| (a.address, a.port).cmp(&(b.address, b.port)));
-        dests
+            .collect()
     }
 
     fn sync_service(&mut self, svc: &ServicePort, addr: IpAddr, port: u16, only_local: bool) {
@@ -260,6 +259,10 @@ impl Builder<'_> {
 /// A NAT real server at weight 1.
 pub fn real_server(address: IpAddr, port: u16) -> RealServer {
     RealServer::new(address, port, 1)
+}
+
+fn is_ipv6_link_local(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
 }
 
 /// Upstream `HealthCheckNodePort()`: only LoadBalancer services with eTP=Local have one.
@@ -308,11 +311,14 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
         no_local_external: BTreeSet::new(),
     };
     let mut bound: BTreeSet<IpAddr> = BTreeSet::new();
+    // Upstream's nodeAddressSet leaves out loopback (and IPv6 link-local) addresses, so an
+    // externalIP of 127.0.0.1 is still bound to kube-ipvs0.
     let host: BTreeSet<IpAddr> = cfg
         .host_addrs
         .iter()
         .chain(&cfg.node_ips)
         .copied()
+        .filter(|ip| !ip.is_loopback() && !is_ipv6_link_local(ip))
         .collect();
     let node_ips: Vec<IpAddr> = {
         let set: BTreeSet<IpAddr> = cfg
