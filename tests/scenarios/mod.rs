@@ -16,6 +16,16 @@ use crate::support::pods::{EchoServer, eventually, tcp_request, tcp_request_peer
 
 /// Wait for a rule change: min-sync-period (1s) plus a second, plus slack for slow CI.
 pub const PROGRAMMED: Duration = Duration::from_secs(6);
+
+/// [`PROGRAMMED`], tripled inside the emulated (TCG) VM of tests/vm, where every fork/exec
+/// of a kernel tool costs ~0.1 s and a sync takes seconds.
+pub fn programmed() -> Duration {
+    if std::env::var("KPRS_IN_VM").as_deref() == Ok("1") {
+        PROGRAMMED * 3
+    } else {
+        PROGRAMMED
+    }
+}
 const T: Duration = Duration::from_millis(800);
 const POLL: Duration = Duration::from_millis(200);
 const NODE: &str = "node1";
@@ -258,7 +268,8 @@ pub fn run_all(features: Features) {
     let outside = &c.topo.outside;
 
     // ClusterIP TCP reaches every endpoint (named targetPort resolved through the slice).
-    let r = eventually(Duration::from_secs(15), POLL, || {
+    // Generous: the first full sync takes ~15 s in the emulated VM (each tool exec is slow).
+    let r = eventually(Duration::from_secs(60), POLL, || {
         tcp_request(node, sa("10.96.0.10", 80), T)
     });
     c.assert_alive();
@@ -325,7 +336,7 @@ pub fn run_all(features: Features) {
         let e = tcp_request(outside, sa("192.168.50.1", 30060), T).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
     }
-    let (code, body) = eventually(PROGRAMMED, POLL, || {
+    let (code, body) = eventually(programmed(), POLL, || {
         http_get_in(outside, sa("192.168.50.1", 32000), "/")
     })
     .unwrap();
@@ -338,7 +349,7 @@ pub fn run_all(features: Features) {
         "TCP",
         &[(&p3, "node2"), (&p4, NODE)],
     ));
-    let r = eventually(PROGRAMMED, POLL, || {
+    let r = eventually(programmed(), POLL, || {
         match tcp_request_peer(outside, sa("192.168.50.1", 30060), T) {
             // With the IPVS fallback the remote endpoint answers until the change lands.
             Ok((n, _)) if features.etp_local_falls_back_to_cluster && n != "pod4" => {
@@ -356,7 +367,7 @@ pub fn run_all(features: Features) {
     );
     // The health check follows the end of the sync, which in IPVS mode comes a little after
     // the virtual servers (and so the traffic) changed.
-    let (code, body) = eventually(PROGRAMMED, POLL, || {
+    let (code, body) = eventually(programmed(), POLL, || {
         match http_get_in(outside, sa("192.168.50.1", 32000), "/") {
             Ok((200, b)) => Ok((200, b)),
             Ok((c, b)) => Err(format!("{c}: {b}")),
@@ -405,7 +416,7 @@ pub fn run_all(features: Features) {
         json!({"endpoints.kubernetes.io/last-change-trigger-time": stamp});
     c.api.apply(added);
     let t0 = Instant::now();
-    let r = eventually(PROGRAMMED, POLL, || {
+    let r = eventually(programmed(), POLL, || {
         if names_seen(&c, node, sa("10.96.0.10", 80), 15).contains("pod2") {
             Ok(())
         } else {
@@ -420,7 +431,7 @@ pub fn run_all(features: Features) {
         "TCP",
         &[(&p1, "node2"), (&p2, "node2")],
     ));
-    let r = eventually(PROGRAMMED, POLL, || {
+    let r = eventually(programmed(), POLL, || {
         if names_seen(&c, node, sa("10.96.0.10", 80), 15).contains("pod0") {
             Err(())
         } else {
@@ -435,7 +446,7 @@ pub fn run_all(features: Features) {
         "pod2"
     );
     c.api.apply(slice("dns-1", "dns", "UDP", &[(&p3, "node2")]));
-    let r = eventually(PROGRAMMED, POLL, || {
+    let r = eventually(programmed(), POLL, || {
         match udp_request(c.pod_ns(4), sa("10.96.0.53", 53), T, Some(40053)) {
             Ok(n) if n == "pod3" => Ok(n),
             other => Err(other),
