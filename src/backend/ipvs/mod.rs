@@ -5,9 +5,9 @@
 //! proxier applies that through [`crate::kernel::ipvs`], `ipset` and `iptables-restore`.
 
 pub mod ipset;
+pub mod proxier;
 pub mod render;
 pub mod rules;
-// `pub mod proxier;` (the kernel side) lives on the ipvs-apply branch.
 
 #[cfg(test)]
 mod tests;
