@@ -7,12 +7,18 @@ use std::time::Duration;
 use kube::Client;
 use kube::config::{Config as KubeConfig, KubeConfigOptions, Kubeconfig};
 
+use crate::backend::Backend;
 use crate::backend::iptables::proxier::{IptablesProxier, render_config};
+use crate::backend::ipvs::ipvs_config;
+use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_settings};
 use crate::config::{DetectLocal, Invocation, NodePortAddresses, ProxyMode, ProxyOptions};
 use crate::kernel::IpFamily;
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
+use crate::kernel::ipset::Ipset;
 use crate::kernel::iptables::{Iptables, detect_variant};
+use crate::kernel::ipvs::IpvsClient;
+use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
 use crate::model::ClusterState;
 use crate::server::events::{self, NodeEvents};
@@ -39,6 +45,9 @@ pub enum DaemonError {
     /// The mode is not available.
     #[error("--proxy-mode={0} is not supported yet")]
     UnsupportedMode(String),
+    /// IPVS mode cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
+    #[error("{0}")]
+    Ipvs(String),
     /// `--cleanup` failed.
     #[error("cleanup failed: {0}")]
     Cleanup(String),
@@ -103,7 +112,10 @@ fn host_setup(opts: &ProxyOptions) {
             }
         }
     }
-    if opts.localhost_node_ports && localhost_in_node_ports(opts) {
+    if opts.mode == ProxyMode::Iptables
+        && opts.localhost_node_ports
+        && localhost_in_node_ports(opts)
+    {
         // Node ports on 127.0.0.1 need route_localnet, as upstream sets it.
         if let Err(e) = sysctl.write("net/ipv4/conf/all/route_localnet", "1") {
             tracing::warn!(error = %e, "could not enable route_localnet; localhost node ports will not work");
@@ -148,19 +160,60 @@ async fn bind_or_warn(
     }
 }
 
-/// `--cleanup`: removes what iptables mode (ours or upstream's) created.
+/// `--cleanup`: removes what iptables mode and IPVS mode (ours or upstream's) created, as
+/// upstream's `--cleanup` tears down every mode. Every step runs; failures are reported
+/// together.
 pub async fn cleanup() -> Result<(), DaemonError> {
     let variant = detect_variant(None).await?;
     let ipt = Iptables::new(variant, IpFamily::V4);
-    IptablesProxier::cleanup(&ipt)
+    let mut errors = Vec::new();
+    let first = IptablesProxier::cleanup(&ipt).await;
+    if let Err(e) = IpvsProxier::cleanup(&ipt, &Ipset::new(), &DummyLink::default()).await {
+        errors.push(format!("ipvs mode: {e}"));
+    }
+    // Both modes share chain names (KUBE-MARK-MASQ, jumped to from IPVS-mode chains): when
+    // IPVS-mode rules were present the iptables-mode pass fails on them; once they are gone
+    // a second pass completes it.
+    if first.is_err()
+        && let Err(e) = IptablesProxier::cleanup(&ipt).await
+    {
+        errors.push(format!("iptables mode: {e}"));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(DaemonError::Cleanup(errors.join("; ")))
+    }
+}
+
+/// The IPVS backend: probes IPVS, sets its sysctls, starts the graceful-termination checker.
+async fn ipvs_backend(
+    opts: &ProxyOptions,
+    ipt: Iptables,
+    random_fully: bool,
+) -> Result<IpvsProxier, DaemonError> {
+    let client = IpvsClient::connect()
         .await
-        .map_err(|e| DaemonError::Cleanup(e.to_string()))
+        .map_err(|e| DaemonError::Ipvs(format!("IPVS proxy mode cannot be used: {e}")))?;
+    let mut config = ipvs_config(opts, &crate::model::NodeInfo::default(), Vec::new());
+    config.random_fully = random_fully;
+    let kernel = IpvsKernel {
+        iptables: ipt,
+        ipset: Ipset::new(),
+        link: DummyLink::default(),
+        conntrack: Conntrack::new(),
+        addrs: Addresses::new(),
+        sysctl: Sysctl::new(),
+    };
+    IpvsProxier::start(client, kernel, config, ipvs_settings(opts))
+        .await
+        .map_err(|e| DaemonError::Ipvs(e.to_string()))
 }
 
 /// Runs the proxy until a signal or a fatal error.
 pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
-    if opts.mode != ProxyMode::Iptables {
+    if !matches!(opts.mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
         return Err(DaemonError::UnsupportedMode(opts.mode.to_string()));
     }
     let client = client(&opts).await?;
@@ -170,8 +223,14 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     let variant = detect_variant(None).await?;
     let ipt = Iptables::new(variant, IpFamily::V4);
     tracing::info!(variant = %variant, "using iptables");
+    let random_fully = ipt.supports_random_fully().await;
+    if opts.mode == ProxyMode::Ipvs {
+        let backend = ipvs_backend(&opts, ipt, random_fully).await?;
+        tracing::info!(scheduler = backend.config().scheduler(), "using IPVS");
+        return serve(inv, client, backend).await;
+    }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
-    config.random_fully = ipt.supports_random_fully().await;
+    config.random_fully = random_fully;
     let backend = IptablesProxier::new(
         ipt,
         Conntrack::new(),
@@ -179,7 +238,16 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         config,
         opts.detect_local == DetectLocal::NodeCidr,
     );
+    serve(inv, client, backend).await
+}
 
+/// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error.
+async fn serve<B: Backend + 'static>(
+    inv: Invocation,
+    client: Client,
+    backend: B,
+) -> Result<(), DaemonError> {
+    let opts = inv.options.clone();
     let metrics = Metrics::new();
     let health = ProxyHealth::new(opts.sync_period).with_metrics(metrics.clone());
     let _metrics_server = match opts.metrics_bind_address {

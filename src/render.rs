@@ -82,7 +82,7 @@ pub fn run(
     explicit_hostname: bool,
     warnings: &mut Vec<String>,
 ) -> Result<String, RenderError> {
-    if args.options.mode != ProxyMode::Iptables {
+    if !matches!(args.options.mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
         return Err(RenderError::Unsupported(args.options.mode.to_string()));
     }
     let objects = load(args, warnings)?;
@@ -92,6 +92,9 @@ pub fn run(
     let mut node_ips: Vec<IpAddr> = args.node_ips.clone();
     if node_ips.is_empty() {
         node_ips = model.node.ips.clone();
+    }
+    if args.options.mode == ProxyMode::Ipvs {
+        return Ok(render_ipvs(args, &model, node_ips));
     }
     let mut config = render_config(&args.options, &model.node, node_ips);
     // Upstream probes iptables for --random-fully; every supported distribution has it.
@@ -103,4 +106,25 @@ pub fn run(
         existing_nat_chains: Some(&BTreeSet::new()),
     });
     Ok(rendered.text)
+}
+
+/// IPVS mode: the virtual servers (`ipvsadm -Sn`), the ipsets (`ipset save`) and the
+/// iptables-restore input, each under a `#` header.
+fn render_ipvs(
+    args: &RenderArgs,
+    model: &crate::model::ProxyModel,
+    node_ips: Vec<IpAddr>,
+) -> String {
+    use crate::backend::ipvs;
+    let mut config = ipvs::ipvs_config(&args.options, &model.node, node_ips);
+    // Upstream probes iptables for --random-fully; every supported distribution has it.
+    config.random_fully = true;
+    let desired = ipvs::render(model, &config);
+    let mut out = String::from("# IPVS virtual servers (ipvsadm -Sn)\n");
+    out.push_str(&ipvs::ipvsadm_save(&desired));
+    out.push_str("# ipsets (ipset save)\n");
+    out.push_str(&ipvs::ipset_save(&desired));
+    out.push_str("# iptables (iptables-restore --noflush)\n");
+    out.push_str(&desired.iptables_restore);
+    out
 }

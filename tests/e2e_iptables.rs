@@ -5,5 +5,8 @@ mod support;
 
 #[test]
 fn iptables_mode_end_to_end() {
-    scenarios::run_all(scenarios::Features { mode: "iptables" });
+    scenarios::run_all(scenarios::Features {
+        mode: "iptables",
+        etp_local_falls_back_to_cluster: false,
+    });
 }

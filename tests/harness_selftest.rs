@@ -17,7 +17,9 @@ use kube::runtime::watcher::{self, Event, watcher};
 use serde_json::json;
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service, with_label};
 use support::netns::{Netns, Topology};
-use support::pods::{EchoServer, tcp_request, tcp_request_peer, udp_request, udp_request_peer};
+use support::pods::{
+    EchoServer, eventually, tcp_request, tcp_request_peer, udp_request, udp_request_peer,
+};
 
 const T: Duration = Duration::from_secs(3);
 const SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
@@ -104,12 +106,55 @@ fn topology_routes_pods_node_and_outside() {
     )
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
-    assert!(servers.iter().all(|s| s.served() >= 6));
+    assert!(servers.iter().all(|s| s.served() >= 7));
+
+    // The topology is fit for kube-proxy-style NAT: DNAT a "service" to pod0,
+    // from outside, the node itself, another pod, and pod0 itself (hairpin,
+    // which needs masquerading).
+    let ipt = |args: &str| {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        topo.node.run_ok("iptables", &args);
+    };
+    for chain in ["PREROUTING", "OUTPUT"] {
+        for proto in ["tcp", "udp"] {
+            ipt(&format!(
+                "-t nat -A {chain} -d 10.96.0.10 -p {proto} --dport 80 -j DNAT --to-destination {}:8080",
+                p0.ip
+            ));
+        }
+    }
+    let svc = sa([10, 96, 0, 10], 80);
+    let hairpin = tcp_request(&p0.ns, svc, Duration::from_millis(400));
+    assert!(
+        hairpin.is_err(),
+        "hairpin without masquerade should fail: {hairpin:?}"
+    );
+    ipt(&format!(
+        "-t nat -A POSTROUTING -s {0} -d {0} -j MASQUERADE",
+        p0.ip
+    ));
+    let via_svc = |from: &Netns| tcp_request_peer(from, svc, T).unwrap();
+    assert_eq!(
+        via_svc(&topo.outside),
+        (p0.name.clone(), IpAddr::from(Topology::OUTSIDE_IP))
+    );
+    assert_eq!(via_svc(&p1.ns), (p0.name.clone(), IpAddr::from(p1.ip)));
+    assert_eq!(
+        via_svc(&p0.ns),
+        (p0.name.clone(), IpAddr::from(Topology::POD_GATEWAY))
+    );
+    assert_eq!(tcp_request(&topo.node, svc, T).unwrap(), p0.name);
+    assert_eq!(udp_request(&p0.ns, svc, T, None).unwrap(), p0.name);
+    assert_eq!(udp_request(&topo.outside, svc, T, None).unwrap(), p0.name);
 
     // Processes spawned in a namespace live there and die with their handle.
     let child = topo.node.spawn("sleep", ["60"]);
     let pid = child.id();
-    assert!(topo.node.pids().contains(&pid));
+    // (`ip netns exec` joins the namespace just after the fork.)
+    let inside = eventually(T, Duration::from_millis(20), || {
+        topo.node.pids().contains(&pid).then_some(()).ok_or(())
+    });
+    assert!(inside.is_ok(), "spawned process not in the namespace");
     drop(child);
     assert!(!topo.node.pids().contains(&pid));
 
@@ -193,10 +238,24 @@ fn fake_api_serves_a_client_inside_a_netns() {
     );
 }
 
-type WStream = BoxStream<'static, Result<Event<Service>, watcher::Error>>;
+/// Events of a watcher driven continuously by a background task (as a real
+/// consumer would), so reconnects happen while the test waits.
+type WStream = tokio::sync::mpsc::UnboundedReceiver<Result<Event<Service>, watcher::Error>>;
+
+fn drive(mut w: BoxStream<'static, Result<Event<Service>, watcher::Error>>) -> WStream {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(e) = w.next().await {
+            if tx.send(e).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
 
 async fn next_ev(s: &mut WStream) -> Result<Event<Service>, watcher::Error> {
-    tokio::time::timeout(Duration::from_secs(15), s.next())
+    tokio::time::timeout(Duration::from_secs(15), s.recv())
         .await
         .expect("watcher produced nothing within 15 s")
         .expect("watcher stream ended")
@@ -211,13 +270,13 @@ fn svc_key(s: &Service) -> String {
 }
 
 /// Consumes events up to InitDone: returns (errors seen before Init, listed keys).
-async fn expect_relist(s: &mut WStream) -> (usize, BTreeSet<String>) {
-    let (mut errors, mut keys, mut in_init) = (0, BTreeSet::new(), false);
+async fn expect_relist(s: &mut WStream) -> (Vec<watcher::Error>, BTreeSet<String>) {
+    let (mut errors, mut keys, mut in_init) = (vec![], BTreeSet::new(), false);
     for _ in 0..200 {
         match next_ev(s).await {
             Err(e) => {
                 assert!(!in_init, "error during init: {e}");
-                errors += 1;
+                errors.push(e);
             }
             Ok(Event::Init) => in_init = true,
             Ok(Event::InitApply(o)) => {
@@ -238,11 +297,26 @@ async fn expect_apply(s: &mut WStream) -> Service {
     }
 }
 
+async fn expect_apply_skipping_errors(s: &mut WStream) -> Service {
+    for _ in 0..50 {
+        match next_ev(s).await {
+            Ok(Event::Apply(o)) => return o,
+            Err(_) => {}
+            other => panic!("expected Apply, got {other:?}"),
+        }
+    }
+    panic!("no Apply within 50 events");
+}
+
 async fn expect_delete(s: &mut WStream) -> Service {
     match next_ev(s).await {
         Ok(Event::Delete(o)) => o,
         other => panic!("expected Delete, got {other:?}"),
     }
+}
+
+fn is_gone(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchError(s) if s.code == 410 && s.reason == "Expired")
 }
 
 fn set(keys: &[&str]) -> BTreeSet<String> {
@@ -268,13 +342,16 @@ async fn watcher_scenario(streaming: bool) {
     if streaming {
         cfg = cfg.streaming_lists();
     }
-    let mut s: WStream = watcher(Api::<Service>::all(api.client()), cfg)
-        .default_backoff()
-        .boxed();
+    let mut s = drive(
+        watcher(Api::<Service>::all(api.client()), cfg)
+            .default_backoff()
+            .boxed(),
+    );
 
     // Initial list: only the proxyable service.
     let (errors, keys) = expect_relist(&mut s).await;
-    assert_eq!((errors, keys), (0, set(&["default/a"])));
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(keys, set(&["default/a"]));
 
     // Changes arrive as Apply / Delete.
     api.apply(service("default", "d", "10.96.0.4", port));
@@ -307,7 +384,10 @@ async fn watcher_scenario(streaming: bool) {
     api.compact();
     api.drop_watches();
     let (errors, keys) = expect_relist(&mut s).await;
-    assert!(errors >= 1, "expected an error before the relist");
+    assert!(
+        errors.iter().any(is_gone),
+        "expected a 410 before the relist: {errors:?}"
+    );
     assert_eq!(keys, set(&["default/e"]));
     let reqs = api.requests();
     let relist = reqs[bookmark_rv_seen..].iter().any(|r| {
@@ -319,16 +399,37 @@ async fn watcher_scenario(streaming: bool) {
     });
     assert!(relist, "no relist request in {reqs:#?}");
 
-    // Outage: 503s, changes made meanwhile, history compacted; the watcher ends
-    // with the current state.
+    // 503 window: the cut watch resumes from its resourceVersion (kube-rs
+    // retries the 503s), no relist; the change made meanwhile arrives.
     api.set_unavailable(true);
+    api.apply(service("default", "h", "10.96.0.8", port));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.set_unavailable(false);
+    assert_eq!(
+        svc_key(&expect_apply_skipping_errors(&mut s).await),
+        "default/h"
+    );
+
+    // Outage (server down), changes made meanwhile, history compacted: the
+    // watcher reports errors, gets a 410, relists, ends with the current state.
+    api.set_down(true);
     api.apply(service("default", "f", "10.96.0.6", port));
     api.delete("Service", "default", "e");
+    api.delete("Service", "default", "h");
     api.compact();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    api.set_unavailable(false);
+    api.set_down(false);
     let (errors, keys) = expect_relist(&mut s).await;
-    assert!(errors >= 1);
+    assert!(
+        errors
+            .iter()
+            .any(|e| matches!(e, watcher::Error::WatchStartFailed(_))),
+        "expected failed watch starts while down: {errors:?}"
+    );
+    assert!(
+        errors.iter().any(is_gone),
+        "expected a 410 before the relist: {errors:?}"
+    );
     assert_eq!(keys, set(&["default/f"]));
     // And it keeps watching afterwards.
     api.apply(service("default", "g", "10.96.0.7", port));
@@ -339,6 +440,9 @@ async fn watcher_scenario(streaming: bool) {
             .any(|r| r.contains(&format!("labelSelector={SELECTOR}"))),
         "label selector not sent as expected"
     );
+    if std::env::var_os("HARNESS_DUMP_REQUESTS").is_some() {
+        eprintln!("{:#?}", api.requests());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,6 +554,73 @@ async fn fake_api_selectors_nodes_slices_events() {
         l.items[0].endpoints.as_ref().unwrap()[0].addresses,
         vec!["10.244.0.10"]
     );
+
+    // Raw watch: bookmarks every interval, timeoutSeconds ends the stream cleanly.
+    api.set_bookmark_interval(Duration::from_millis(300));
+    let rv = api.resource_version();
+    let raw = |q: String| {
+        let c = client.clone();
+        async move {
+            let req = hyper::Request::builder()
+                .uri(format!("/api/v1/services?{q}"))
+                .body(vec![])
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), c.request_text(req))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let body = raw(format!(
+        "watch=true&allowWatchBookmarks=true&timeoutSeconds=1&resourceVersion={rv}"
+    ))
+    .await;
+    let lines: Vec<serde_json::Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 2, "{body}");
+    for l in &lines {
+        assert_eq!(l["type"], "BOOKMARK");
+        assert_eq!(l["object"]["kind"], "Service");
+        assert_eq!(l["object"]["metadata"]["resourceVersion"], rv.to_string());
+    }
+    // Watch from a compacted resourceVersion: one ERROR event with a 410 Status.
+    api.compact();
+    let body = raw(format!("watch=true&resourceVersion={rv}")).await;
+    let ev: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(ev["type"], "ERROR");
+    assert_eq!(ev["object"]["kind"], "Status");
+    assert_eq!(ev["object"]["code"], 410);
+    assert_eq!(ev["object"]["reason"], "Expired");
+    assert_eq!(
+        ev["object"]["message"],
+        format!("too old resource version: {rv} ({})", rv + 1)
+    );
+    // 503 while unavailable: kube-rs retries until the server is back.
+    api.set_unavailable(true);
+    let n2 = nodes.clone();
+    let pending = tokio::spawn(async move { n2.get("node1").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let attempts = |api: &FakeApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| *r == "GET /api/v1/nodes/node1")
+            .count()
+    };
+    assert!(attempts(&api) >= 2, "503 not retried: {:?}", api.requests());
+    api.set_unavailable(false);
+    let got = tokio::time::timeout(Duration::from_secs(10), pending).await;
+    assert!(got.unwrap().unwrap().is_ok());
+    // Down: transport errors, not retried.
+    api.set_down(true);
+    let r = tokio::time::timeout(T, nodes.get("node1")).await.unwrap();
+    assert!(
+        matches!(r, Err(ref e) if !matches!(e, kube::Error::Api(_))),
+        "{r:?}"
+    );
+    api.set_down(false);
+    assert!(nodes.get("node1").await.is_ok());
 
     // Events (events.k8s.io/v1) are stored.
     let ev: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({

@@ -4,6 +4,7 @@
 //! shared and a mode switch changes only how the kernel is written.
 
 pub mod iptables;
+pub mod ipvs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;

@@ -1,4 +1,5 @@
-//! Thin wrappers over the system: iptables-restore/save, conntrack, sysctl, local addresses.
+//! Thin wrappers over the system: iptables-restore/save, ipset, IPVS, conntrack, sysctl, local
+//! addresses and the IPVS dummy link.
 //!
 //! This is the only module that touches the host. It makes no policy decisions: callers
 //! decide what to write or delete; this module runs the tools, parses their output into
@@ -10,8 +11,10 @@
 
 pub mod addrs;
 pub mod conntrack;
+pub mod ipset;
 pub mod iptables;
 pub mod ipvs;
+pub mod link;
 pub mod sysctl;
 
 mod exec;
@@ -22,7 +25,9 @@ use std::path::PathBuf;
 
 pub use addrs::{AddrScope, Addresses, LocalAddress};
 pub use conntrack::{Conntrack, Flow};
+pub use ipset::{Ipset, IpsetVersion};
 pub use iptables::{Iptables, IptablesVariant, IptablesVersion, RulePosition, Table};
+pub use link::DummyLink;
 pub use sysctl::{ConntrackSettings, SettingOutcome, SettingReport, Sysctl};
 
 /// IP family a tool invocation works on (`iptables` vs `ip6tables`).

@@ -26,6 +26,7 @@ pub struct FlowKey {
 pub struct StaleFlowFilter {
     by_vip: BTreeMap<(Protocol, IpAddr, u16), BTreeSet<IpAddr>>,
     by_node_port: BTreeMap<(Protocol, u16), BTreeSet<IpAddr>>,
+    retired_node_ports: BTreeSet<(Protocol, u16)>,
     node_ips: BTreeSet<IpAddr>,
 }
 
@@ -62,9 +63,25 @@ impl StaleFlowFilter {
         f
     }
 
+    /// Node ports (UDP/SCTP) this filter's services use, to pass as `previous` next time.
+    pub fn node_ports(&self) -> BTreeSet<(Protocol, u16)> {
+        self.by_node_port.keys().copied().collect()
+    }
+
+    /// Also treats DNATed flows to node ports served before (`previous`) but not any more as
+    /// stale: a changed nodePort must not leave clients on the old port's flow.
+    pub fn with_retired_node_ports(mut self, previous: &BTreeSet<(Protocol, u16)>) -> Self {
+        self.retired_node_ports = previous
+            .iter()
+            .filter(|k| !self.by_node_port.contains_key(*k))
+            .copied()
+            .collect();
+        self
+    }
+
     /// Whether no service flow can be affected (skip listing conntrack at all).
     pub fn is_empty(&self) -> bool {
-        self.by_vip.is_empty() && self.by_node_port.is_empty()
+        self.by_vip.is_empty() && self.by_node_port.is_empty() && self.retired_node_ports.is_empty()
     }
 
     /// Protocols worth listing.
@@ -73,6 +90,7 @@ impl StaleFlowFilter {
             .keys()
             .map(|k| k.0)
             .chain(self.by_node_port.keys().map(|k| k.0))
+            .chain(self.retired_node_ports.iter().map(|k| k.0))
             .collect()
     }
 
@@ -87,6 +105,13 @@ impl StaleFlowFilter {
         if let Some(eps) = self.by_node_port.get(&(flow.protocol, flow.orig_dport)) {
             let local = self.node_ips.is_empty() || self.node_ips.contains(&flow.orig_dst);
             return local && !eps.contains(&flow.reply_src);
+        }
+        if self
+            .retired_node_ports
+            .contains(&(flow.protocol, flow.orig_dport))
+        {
+            let local = self.node_ips.is_empty() || self.node_ips.contains(&flow.orig_dst);
+            return local && flow.reply_src != flow.orig_dst;
         }
         false
     }
@@ -180,5 +205,27 @@ mod tests {
             !f.is_stale(&flow("8.8.8.8", 30053, "8.8.8.8")),
             "forwarded flow, not a node port"
         );
+    }
+
+    #[test]
+    fn flows_to_a_retired_node_port_are_stale() {
+        let previous = BTreeSet::from([(Protocol::Udp, 30053), (Protocol::Udp, 30099)]);
+        let f = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")])
+            .with_retired_node_ports(&previous);
+        assert_eq!(f.node_ports(), BTreeSet::from([(Protocol::Udp, 30053)]));
+        assert!(
+            f.is_stale(&flow("192.168.50.1", 30099, "10.0.0.5")),
+            "DNATed flow to a port no longer served"
+        );
+        assert!(
+            !f.is_stale(&flow("192.168.50.1", 30099, "192.168.50.1")),
+            "not DNATed: not ours"
+        );
+        assert!(
+            !f.is_stale(&flow("192.168.50.1", 30053, "10.0.0.5")),
+            "still served, valid endpoint"
+        );
+        let without = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")]);
+        assert!(!without.is_stale(&flow("192.168.50.1", 30099, "10.0.0.5")));
     }
 }

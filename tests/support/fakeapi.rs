@@ -16,7 +16,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::SinkExt;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -134,6 +133,7 @@ struct State {
     objects: BTreeMap<Key, Value>,
     log: Vec<LogEntry>,
     unavailable: bool,
+    down: bool,
     requests: Vec<String>,
     bookmark_interval: Duration,
     open_watches: HashMap<usize, usize>,
@@ -199,6 +199,7 @@ impl FakeApiServer {
                 objects: BTreeMap::new(),
                 log: Vec::new(),
                 unavailable: false,
+                down: false,
                 requests: Vec::new(),
                 bookmark_interval: Duration::from_secs(2),
                 open_watches: HashMap::new(),
@@ -228,7 +229,13 @@ impl FakeApiServer {
                                 tokio::spawn(async move {
                                     let svc = hyper::service::service_fn(move |req| {
                                         let sh = sh.clone();
-                                        async move { Ok::<_, Infallible>(handle(sh, req).await) }
+                                        async move {
+                                            if sh.lock().down {
+                                                // Fails the connection: no response at all.
+                                                return Err(io::Error::other("fake API server is down"));
+                                            }
+                                            Ok(handle(sh, req).await)
+                                        }
                                     });
                                     let _ = hyper::server::conn::http1::Builder::new()
                                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -328,10 +335,23 @@ impl FakeApiServer {
     }
 
     /// While true every request gets 503 ServiceUnavailable; turning it on also
-    /// cuts all open watches (an API server outage).
+    /// cuts all open watches. NB: kube-rs (default config) retries 503 itself
+    /// (up to 15 times, exponential backoff from 5 ms), so a short 503 window
+    /// is mostly invisible to its callers: requests just take longer.
     pub fn set_unavailable(&self, unavailable: bool) {
         self.shared.lock().unavailable = unavailable;
         if unavailable {
+            self.shared.cut_watches();
+        }
+    }
+
+    /// While true the server answers nothing: every request's connection is
+    /// closed without a response (callers see transport errors, which kube-rs
+    /// does not retry). Turning it on also cuts all open watches. Requests are
+    /// not logged meanwhile.
+    pub fn set_down(&self, down: bool) {
+        self.shared.lock().down = down;
+        if down {
             self.shared.cut_watches();
         }
     }
@@ -352,7 +372,13 @@ impl FakeApiServer {
 
     /// Events posted by clients (core v1 and events.k8s.io/v1).
     pub fn events(&self) -> Vec<Value> {
-        self.list("events")
+        self.shared
+            .lock()
+            .objects
+            .iter()
+            .filter(|(k, _)| RESOURCES[k.0].kind == "Event")
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Number of currently open watch streams for a plural (e.g. "services").
@@ -1076,7 +1102,7 @@ fn start_watch(
     }
     let guard = WatchGuard { sh: sh.clone(), id };
 
-    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(16);
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, io::Error>>();
     tokio::spawn(async move {
         let _guard = guard;
         let mut cursor = cursor;
@@ -1084,7 +1110,7 @@ fn start_watch(
         let interval = sh.lock().bookmark_interval;
         let mut next_bookmark = tokio::time::Instant::now() + interval;
         for line in initial {
-            if tx.send(Ok(Frame::data(line))).await.is_err() {
+            if tx.unbounded_send(Ok(Frame::data(line))).is_err() {
                 return;
             }
         }
@@ -1102,7 +1128,7 @@ fn start_watch(
                 out
             };
             for line in lines {
-                if tx.send(Ok(Frame::data(line))).await.is_err() {
+                if tx.unbounded_send(Ok(Frame::data(line))).is_err() {
                     return;
                 }
             }
@@ -1110,12 +1136,12 @@ fn start_watch(
                 r = changed.changed() => { if r.is_err() { return; } }
                 _ = cut.changed() => {
                     // Abort the connection: hyper drops it without the final chunk.
-                    let _ = tx.send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "watch dropped"))).await;
+                    let _ = tx.unbounded_send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "watch dropped")));
                     return;
                 }
                 _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
                     next_bookmark = tokio::time::Instant::now() + interval;
-                    if tx.send(Ok(Frame::data(bookmark(r, cursor, false)))).await.is_err() {
+                    if tx.unbounded_send(Ok(Frame::data(bookmark(r, cursor, false)))).is_err() {
                         return;
                     }
                 }

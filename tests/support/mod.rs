@@ -5,6 +5,7 @@
 pub mod fakeapi;
 pub mod netns;
 pub mod pods;
+pub mod vm;
 
 /// Panics with a clear message unless the test runs as root (effective uid 0).
 /// End-to-end tests need root for network namespaces; they must never skip silently.

@@ -213,7 +213,7 @@ fn enter(path: &std::path::Path) {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Anything still running inside is ours (the name is unique): kill it.
-        for pid in self.pids() {
+        for pid in self.pids().into_iter().filter(|p| *p != std::process::id()) {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .output();

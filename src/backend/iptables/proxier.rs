@@ -21,6 +21,7 @@ pub struct IptablesProxier {
     addrs: Addresses,
     config: RenderConfig,
     node_cidr_mode: bool,
+    served_node_ports: BTreeSet<(crate::model::Protocol, u16)>,
 }
 
 fn table(name: &str) -> Table {
@@ -49,6 +50,7 @@ impl IptablesProxier {
             addrs,
             config,
             node_cidr_mode,
+            served_node_ports: BTreeSet::new(),
         }
     }
 
@@ -170,7 +172,9 @@ impl Backend for IptablesProxier {
         if let Err(e) = self.ipt.restore(&rendered.text).await {
             return Err(BackendError::Apply(e.to_string()));
         }
-        let filter = StaleFlowFilter::new(req.model, &self.config.node_ips);
+        let filter = StaleFlowFilter::new(req.model, &self.config.node_ips)
+            .with_retired_node_ports(&self.served_node_ports);
+        self.served_node_ports = filter.node_ports();
         if !filter.is_empty() {
             match reconcile(&self.conntrack, &filter).await {
                 Ok(0) => {}

@@ -96,10 +96,11 @@ pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x0001;
 pub const IP_VS_SVC_F_HASHED: u32 = 0x0002;
 /// `IP_VS_SVC_F_ONEPACKET`: one-packet scheduling (UDP).
 pub const IP_VS_SVC_F_ONEPACKET: u32 = 0x0004;
-/// `IP_VS_SVC_F_SCHED1` (`IP_VS_SVC_F_SCHED_SH_FALLBACK`; upstream kube-proxy and moby call it
-/// `FlagSourceHash` and set it for `mh`; `sh` and `mh` both read it as "fallback").
+/// `IP_VS_SVC_F_SCHED1` (`IP_VS_SVC_F_SCHED_SH_FALLBACK`: `sh`/`mh` fall back to another real
+/// server when the chosen one is unavailable).
 pub const IP_VS_SVC_F_SCHED1: u32 = 0x0008;
-/// `IP_VS_SVC_F_SCHED2` (`IP_VS_SVC_F_SCHED_SH_PORT`: hash the source port too).
+/// `IP_VS_SVC_F_SCHED2` (`IP_VS_SVC_F_SCHED_SH_PORT`: hash the source port too). Upstream
+/// kube-proxy and moby call this `FlagSourceHash` (0x10) and set it for `mh`.
 pub const IP_VS_SVC_F_SCHED2: u32 = 0x0010;
 /// `IP_VS_SVC_F_SCHED3`.
 pub const IP_VS_SVC_F_SCHED3: u32 = 0x0020;

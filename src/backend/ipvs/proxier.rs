@@ -1,0 +1,1117 @@
+//! The IPVS [`Backend`]: renders with [`super::render`] and applies the result to the kernel:
+//! the `kube-ipvs0` dummy link and its addresses, ipsets, one `iptables-restore`, and the
+//! IPVS virtual/real servers as one batched netlink diff.
+//!
+//! Upstream behaviours kept (KK `pkg/proxy/ipvs/{proxier,graceful_termination}.go`):
+//! - start-up: IPVS answers, ipset ≥ 6.0, and a dummy virtual server at 198.51.100.0:20000
+//!   can be added with the configured scheduler (skipped when a service already uses it);
+//!   the `net/ipv4/vs/*`, `ip_forward` and strict-ARP sysctls; `--ipvs-*-timeout`.
+//! - per sync: the dummy link exists (created down), missing addresses are bound and stale
+//!   ones unbound (never in `--ipvs-exclude-cidrs`), ipsets are diffed (never flushed),
+//!   services not desired are deleted (except excluded and other-family ones), real servers
+//!   are added/updated/removed; a second identical sync sends nothing to the kernel.
+//! - graceful termination: a removed TCP real server gets weight 0 and is deleted once
+//!   `ActiveConn + InActConn == 0`, checked every sync and every minute by a background task;
+//!   UDP and SCTP real servers are deleted at once (`expire_nodest_conn` drops their flows).
+//! - `--cleanup` flushes every IPVS service (as upstream does), deletes the link, the IPVS-mode
+//!   chains and the ipsets.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use super::{DesiredService, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
+use crate::backend::iptables::parse::Dump;
+use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
+use crate::kernel::addrs::Addresses;
+use crate::kernel::conntrack::Conntrack;
+use crate::kernel::ipset::{DesiredSet, Ipset, IpsetVersion, plan_restore};
+use crate::kernel::iptables::{Iptables, RulePosition, Table};
+use crate::kernel::ipvs::{
+    AddressFamily, IpvsClient, IpvsError, IpvsOp, Protocol, RealServer, VirtualService,
+};
+use crate::kernel::link::DummyLink;
+use crate::kernel::sysctl::Sysctl;
+use crate::model::{Cidr, ProxyModel};
+
+use crate::sync::conntrack::{StaleFlowFilter, reconcile};
+
+/// How often terminating real servers are re-checked besides every sync (upstream
+/// `rsCheckDeleteInterval`).
+pub const GRACEFUL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The start-up probe's virtual server (TEST-NET-2, upstream `CanUseIPVSProxier`).
+pub const PROBE_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
+/// The start-up probe's port.
+pub const PROBE_PORT: u16 = 20000;
+
+/// Kernel versions bracketing the `conn_reuse_mode=0` workaround (upstream #93297).
+const CONN_REUSE_MIN_KERNEL: (u32, u32) = (4, 1);
+const CONN_REUSE_FIXED_KERNEL: (u32, u32) = (5, 9);
+
+/// Chains `--cleanup` removes in IPVS mode (upstream `iptablesCleanupChains`), flushed first
+/// so links between them go away, then deleted.
+const CLEANUP_CHAINS: &[(&str, &str)] = &[
+    ("nat", "KUBE-SERVICES"),
+    ("nat", "KUBE-POSTROUTING"),
+    ("nat", "KUBE-NODE-PORT"),
+    ("nat", "KUBE-LOAD-BALANCER"),
+    ("filter", "KUBE-FORWARD"),
+    ("filter", "KUBE-NODE-PORT"),
+    ("filter", "KUBE-PROXY-FIREWALL"),
+    ("filter", "KUBE-SOURCE-RANGES-FIREWALL"),
+    ("filter", "KUBE-IPVS-FILTER"),
+    ("filter", "KUBE-IPVS-OUT-FILTER"),
+];
+
+/// Kernel changes made so far, by kind (for tests and debug logs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeCount {
+    /// IPVS netlink requests (service and real-server add/update/delete) sent.
+    pub ipvs: u64,
+    /// Addresses bound to or unbound from the dummy link.
+    pub addresses: u64,
+    /// Dummy links created.
+    pub links: u64,
+    /// ipset entries added or deleted, and sets created or destroyed.
+    pub ipsets: u64,
+}
+
+impl ChangeCount {
+    /// All changes.
+    pub fn total(&self) -> u64 {
+        self.ipvs + self.addresses + self.links + self.ipsets
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    ipvs: AtomicU64,
+    addresses: AtomicU64,
+    links: AtomicU64,
+    ipsets: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ChangeCount {
+        ChangeCount {
+            ipvs: self.ipvs.load(Ordering::Relaxed),
+            addresses: self.addresses.load(Ordering::Relaxed),
+            links: self.links.load(Ordering::Relaxed),
+            ipsets: self.ipsets.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A terminating real server: (service key, address, port).
+type RsKey = (VirtualService, IpAddr, u16);
+
+struct IpvsState {
+    client: IpvsClient,
+    /// Removed TCP real servers at weight 0 waiting for their connections to end.
+    terminating: HashMap<RsKey, (VirtualService, RealServer)>,
+}
+
+fn rs_key(vs: &VirtualService, rs: &RealServer) -> RsKey {
+    (vs.key(), rs.address, rs.port)
+}
+
+/// The tools the proxier drives, all bound to the same network namespace.
+#[derive(Debug, Clone)]
+pub struct IpvsKernel {
+    /// iptables (IPv4).
+    pub iptables: Iptables,
+    /// ipset.
+    pub ipset: Ipset,
+    /// The dummy link (`kube-ipvs0`).
+    pub link: DummyLink,
+    /// conntrack, for stale UDP/SCTP flows.
+    pub conntrack: Conntrack,
+    /// Local addresses (node IPs for NodePort virtual servers).
+    pub addrs: Addresses,
+    /// Sysctls (start-up only).
+    pub sysctl: Sysctl,
+}
+
+/// Settings that are not part of the render config.
+#[derive(Debug, Clone)]
+pub struct IpvsSettings {
+    /// `--ipvs-tcp-timeout` (zero: leave the kernel's).
+    pub tcp_timeout: Duration,
+    /// `--ipvs-tcpfin-timeout` (zero: leave).
+    pub tcp_fin_timeout: Duration,
+    /// `--ipvs-udp-timeout` (zero: leave).
+    pub udp_timeout: Duration,
+    /// How often terminating real servers are re-checked between syncs.
+    pub graceful_check_interval: Duration,
+    /// `--nodeport-addresses` as CIDRs (`None`: every local address). Node IPs outside are
+    /// not given NodePort virtual servers.
+    pub node_port_cidrs: Option<Vec<Cidr>>,
+    /// `--nodeport-addresses=primary`: only the Node's primary IP.
+    pub node_port_primary_only: bool,
+    /// Detect-local NodeCIDR: refresh the detector from the Node's podCIDR every sync.
+    pub node_cidr_mode: bool,
+}
+
+impl Default for IpvsSettings {
+    fn default() -> Self {
+        IpvsSettings {
+            tcp_timeout: Duration::ZERO,
+            tcp_fin_timeout: Duration::ZERO,
+            udp_timeout: Duration::ZERO,
+            graceful_check_interval: GRACEFUL_CHECK_INTERVAL,
+            node_port_cidrs: None,
+            node_port_primary_only: false,
+            node_cidr_mode: false,
+        }
+    }
+}
+
+/// Why IPVS mode cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error("IPVS proxy mode cannot be used: {0}")]
+pub struct IpvsStartError(pub String);
+
+/// The IPVS-mode proxier.
+pub struct IpvsProxier {
+    state: Arc<Mutex<IpvsState>>,
+    kernel: IpvsKernel,
+    config: IpvsConfig,
+    settings: IpvsSettings,
+    counters: Arc<Counters>,
+    graceful_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for IpvsProxier {
+    fn drop(&mut self) {
+        self.graceful_task.abort();
+    }
+}
+
+fn read_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Read(e.to_string())
+}
+
+fn apply_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Apply(e.to_string())
+}
+
+fn table(name: &str) -> Table {
+    match name {
+        "nat" => Table::Nat,
+        "mangle" => Table::Mangle,
+        "raw" => Table::Raw,
+        _ => Table::Filter,
+    }
+}
+
+/// Upstream `CanUseIPVSProxier`: IPVS answers, ipset is recent enough, and a virtual server
+/// with `scheduler` can be created (proving its module loads). Skips the dummy service when
+/// an existing one already uses the scheduler (a restart).
+pub async fn check_ipvs_usable(
+    client: &mut IpvsClient,
+    ipset: &Ipset,
+    scheduler: &str,
+) -> Result<(), IpvsStartError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| IpvsStartError(format!("{what}: {e}"));
+    client
+        .probe()
+        .await
+        .map_err(|e| fail("IPVS does not answer", &e))?;
+    let version = ipset
+        .version()
+        .await
+        .map_err(|e| fail("cannot get the ipset version", &e))?;
+    if version < IpsetVersion::MIN {
+        return Err(IpvsStartError(format!(
+            "ipset version {version} is less than the minimum required {}",
+            IpsetVersion::MIN
+        )));
+    }
+    let existing = client
+        .services()
+        .await
+        .map_err(|e| fail("cannot list IPVS services", &e))?;
+    if existing.iter().any(|s| s.scheduler == scheduler) {
+        tracing::debug!(scheduler, "an IPVS service already uses the scheduler");
+        return Ok(());
+    }
+    let probe = VirtualService::new(
+        IpAddr::V4(PROBE_ADDRESS),
+        Protocol::Tcp,
+        PROBE_PORT,
+        scheduler,
+    );
+    client.add_service(&probe).await.map_err(|e| {
+        IpvsStartError(format!(
+            "cannot create a virtual server with scheduler {scheduler:?} (is the kernel module \
+             ip_vs_{scheduler} available?): {e}"
+        ))
+    })?;
+    let listed = client
+        .services()
+        .await
+        .map_err(|e| fail("cannot list IPVS services", &e))?;
+    let found = listed.iter().any(|s| s.same_key(&probe));
+    let deleted = client.delete_service(&probe).await;
+    if !found {
+        return Err(IpvsStartError(
+            "a virtual server was accepted but is not listed: IPVS is not working".into(),
+        ));
+    }
+    deleted.map_err(|e| fail("cannot delete the probe virtual server", &e))?;
+    Ok(())
+}
+
+/// `major.minor` of a kernel release string such as `6.1.0-56-amd64`.
+pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn ensure_sysctl(sysctl: &Sysctl, name: &str, value: i64) -> Result<(), IpvsStartError> {
+    let current = sysctl
+        .read_int(name)
+        .map_err(|e| IpvsStartError(format!("cannot read sysctl {name}: {e}")))?;
+    if current != value {
+        sysctl
+            .write(name, &value.to_string())
+            .map_err(|e| IpvsStartError(format!("cannot set sysctl {name}={value}: {e}")))?;
+        tracing::info!(name, from = current, to = value, "set sysctl");
+    }
+    Ok(())
+}
+
+/// The sysctls IPVS mode needs (upstream `NewProxier`).
+pub fn apply_sysctls(sysctl: &Sysctl, strict_arp: bool) -> Result<(), IpvsStartError> {
+    ensure_sysctl(sysctl, "net/ipv4/vs/conntrack", 1)?;
+    let release = sysctl.read("kernel/osrelease").unwrap_or_default();
+    match parse_kernel_version(&release) {
+        None => {
+            return Err(IpvsStartError(format!(
+                "cannot parse the kernel version {release:?}"
+            )));
+        }
+        Some(v) if v < CONN_REUSE_MIN_KERNEL => tracing::error!(
+            kernel = %release,
+            "cannot set net/ipv4/vs/conn_reuse_mode: kernel older than 4.1"
+        ),
+        Some(v) if v >= CONN_REUSE_FIXED_KERNEL => {
+            tracing::debug!(kernel = %release, "net/ipv4/vs/conn_reuse_mode left as is")
+        }
+        Some(_) => ensure_sysctl(sysctl, "net/ipv4/vs/conn_reuse_mode", 0)?,
+    }
+    ensure_sysctl(sysctl, "net/ipv4/vs/expire_nodest_conn", 1)?;
+    ensure_sysctl(sysctl, "net/ipv4/vs/expire_quiescent_template", 1)?;
+    ensure_sysctl(sysctl, "net/ipv4/ip_forward", 1)?;
+    if strict_arp {
+        ensure_sysctl(sysctl, "net/ipv4/conf/all/arp_ignore", 1)?;
+        ensure_sysctl(sysctl, "net/ipv4/conf/all/arp_announce", 2)?;
+    }
+    Ok(())
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+impl IpvsProxier {
+    /// Checks that IPVS mode can run, sets the sysctls and timeouts, and starts the
+    /// graceful-termination checker. `client` must be connected in the namespace the
+    /// `kernel` handles work in. Must be called within a tokio runtime.
+    pub async fn start(
+        mut client: IpvsClient,
+        kernel: IpvsKernel,
+        config: IpvsConfig,
+        settings: IpvsSettings,
+    ) -> Result<Self, IpvsStartError> {
+        check_ipvs_usable(&mut client, &kernel.ipset, config.scheduler()).await?;
+        apply_sysctls(&kernel.sysctl, config.strict_arp)?;
+        let (tcp, fin, udp) = (
+            secs(settings.tcp_timeout),
+            secs(settings.tcp_fin_timeout),
+            secs(settings.udp_timeout),
+        );
+        if tcp > 0 || fin > 0 || udp > 0 {
+            // As upstream: a failure is logged, not fatal.
+            if let Err(e) = client.set_timeouts(tcp, fin, udp).await {
+                tracing::error!(error = %e, "failed to configure IPVS timeouts");
+            }
+        }
+        let state = Arc::new(Mutex::new(IpvsState {
+            client,
+            terminating: HashMap::new(),
+        }));
+        let counters = Arc::new(Counters::default());
+        let graceful_task = tokio::spawn(graceful_loop(
+            state.clone(),
+            counters.clone(),
+            settings.graceful_check_interval,
+        ));
+        Ok(IpvsProxier {
+            state,
+            kernel,
+            config,
+            settings,
+            counters,
+            graceful_task,
+        })
+    }
+
+    /// The render settings in use (node IPs as of the last sync).
+    pub fn config(&self) -> &IpvsConfig {
+        &self.config
+    }
+
+    /// Kernel changes made since start (the start-up probe excluded).
+    pub fn changes(&self) -> ChangeCount {
+        self.counters.snapshot()
+    }
+
+    /// Real servers at weight 0 waiting for their connections to end.
+    pub async fn terminating(&self) -> Vec<(VirtualService, RealServer)> {
+        let st = self.state.lock().await;
+        let mut v: Vec<_> = st.terminating.values().cloned().collect();
+        v.sort_by_key(|(s, r)| (s.to_string(), r.to_string()));
+        v
+    }
+
+    /// Refreshes the node addresses in the render config: `host_addrs` (every local IPv4
+    /// address except the dummy link's), `node_ips` (those NodePort virtual servers go on:
+    /// no loopback, filtered by `--nodeport-addresses`, upstream `NodeIPs` and
+    /// `GetNodeAddresses`) and the primary node IP. Keeps the previous lists if listing fails.
+    async fn refresh_node_addresses(&mut self, model: &ProxyModel) {
+        let primary = model.node.ips.iter().copied().find(IpAddr::is_ipv4);
+        if primary.is_some() {
+            self.config.primary_node_ip = primary;
+        }
+        let list = match self.kernel.addrs.list().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing local addresses failed, keeping the previous node IPs");
+                return;
+            }
+        };
+        let mut host: Vec<IpAddr> = list
+            .into_iter()
+            .filter(|a| a.addr.is_ipv4() && a.interface != self.kernel.link.name())
+            .map(|a| a.addr)
+            .collect();
+        host.sort();
+        host.dedup();
+        let node_ips: Vec<IpAddr> = if self.settings.node_port_primary_only {
+            self.config.primary_node_ip.into_iter().collect()
+        } else {
+            host.iter()
+                .copied()
+                .filter(|ip| !ip.is_loopback())
+                .filter(|ip| {
+                    self.settings
+                        .node_port_cidrs
+                        .as_ref()
+                        .is_none_or(|cidrs| cidrs.iter().any(|c| c.contains(ip)))
+                })
+                .collect()
+        };
+        self.config.node_ips = node_ips;
+        self.config.host_addrs = host;
+    }
+
+    fn excluded(&self, ip: &IpAddr) -> bool {
+        self.config.exclude_cidrs.iter().any(|c| c.contains(ip))
+    }
+
+    async fn ensure_jumps(&self) -> Result<(), BackendError> {
+        let ipt = &self.kernel.iptables;
+        for j in ipvs_jump_rules() {
+            let t = table(j.table);
+            ipt.ensure_chain(t, j.target).await.map_err(apply_err)?;
+            ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
+                .await
+                .map_err(apply_err)?;
+        }
+        Ok(())
+    }
+
+    async fn sync_link(&self) -> Result<(), BackendError> {
+        if self.kernel.link.ensure().await.map_err(apply_err)? {
+            tracing::info!(
+                link = self.kernel.link.name(),
+                "created the IPVS dummy link"
+            );
+            self.counters.links.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn sync_ipsets(&self, desired: &IpvsDesired) -> Result<(), BackendError> {
+        let ipset = &self.kernel.ipset;
+        let current = ipset.save_all().await.map_err(read_err)?;
+        let options: Vec<String> = desired.ipsets.iter().map(|s| s.create_options()).collect();
+        let sets: Vec<DesiredSet<'_>> = desired
+            .ipsets
+            .iter()
+            .zip(&options)
+            .map(|(s, o)| DesiredSet {
+                name: &s.name,
+                set_type: &s.set_type,
+                create_options: o,
+                entries: &s.entries,
+            })
+            .collect();
+        let plan = plan_restore(&sets, &current);
+        for name in &plan.type_mismatch {
+            tracing::warn!(set = %name, "ipset has another type; recreating it");
+            ipset.destroy(name).await.map_err(|e| {
+                apply_err(format!(
+                    "ipset {name} has the wrong type and cannot be destroyed: {e}"
+                ))
+            })?;
+            self.counters.ipsets.fetch_add(1, Ordering::Relaxed);
+        }
+        if !plan.is_empty() {
+            ipset.restore(&plan.input).await.map_err(apply_err)?;
+            let n = plan.created.len() + plan.added + plan.deleted;
+            self.counters.ipsets.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::debug!(
+                created = plan.created.len(),
+                added = plan.added,
+                deleted = plan.deleted,
+                "ipsets updated"
+            );
+        }
+        Ok(())
+    }
+
+    /// Binds missing addresses and unbinds stale ones (IPv4, not in `--ipvs-exclude-cidrs`)
+    /// in one `ip -batch` run. Returns what could not be changed.
+    async fn sync_addresses(&self, desired: &IpvsDesired) -> Result<Vec<String>, BackendError> {
+        let link = &self.kernel.link;
+        let current: BTreeSet<IpAddr> = link
+            .addresses()
+            .await
+            .map_err(read_err)?
+            .into_iter()
+            .collect();
+        let add: Vec<IpAddr> = desired.bound_addrs.difference(&current).copied().collect();
+        let del: Vec<IpAddr> = current
+            .difference(&desired.bound_addrs)
+            .filter(|ip| ip.is_ipv4() && !self.excluded(ip))
+            .copied()
+            .collect();
+        if add.is_empty() && del.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.counters
+            .addresses
+            .fetch_add((add.len() + del.len()) as u64, Ordering::Relaxed);
+        let Err(e) = link.change_addresses(&add, &del).await else {
+            return Ok(Vec::new());
+        };
+        // Some lines failed: report the addresses that are still wrong.
+        let now: BTreeSet<IpAddr> = link
+            .addresses()
+            .await
+            .map_err(read_err)?
+            .into_iter()
+            .collect();
+        let mut errors: Vec<String> = add
+            .iter()
+            .filter(|ip| !now.contains(ip))
+            .map(|ip| format!("binding {ip} to {}: {e}", link.name()))
+            .collect();
+        errors.extend(
+            del.iter()
+                .filter(|ip| now.contains(ip))
+                .map(|ip| format!("unbinding {ip} from {}: {e}", link.name())),
+        );
+        Ok(errors)
+    }
+
+    /// Brings IPVS to `desired` with one batched `apply`. Returns the failed operations.
+    async fn sync_ipvs(&self, desired: &[DesiredService]) -> Result<Vec<String>, BackendError> {
+        let mut st = self.state.lock().await;
+        let current = st.client.services().await.map_err(read_err)?;
+        let mut current: HashMap<VirtualService, VirtualService> =
+            current.into_iter().map(|s| (s.key(), s)).collect();
+        let mut plan = Plan::default();
+        let mut seen = BTreeSet::new();
+        for d in desired {
+            let key = d.vs.key();
+            if !seen.insert(d.vs.to_string()) {
+                tracing::warn!(service = %d.vs, "virtual server rendered twice; keeping the first");
+                continue;
+            }
+            match current.remove(&key) {
+                None => {
+                    plan.services.push(IpvsOp::AddService(d.vs.clone()));
+                    for rs in &d.dests {
+                        plan.dests
+                            .push(IpvsOp::AddDestination(d.vs.clone(), rs.clone()));
+                    }
+                }
+                Some(cur) => {
+                    if !same_service(&cur, &d.vs) {
+                        plan.services.push(IpvsOp::UpdateService(d.vs.clone()));
+                    }
+                    let cur_dests = st.client.destinations(&cur).await.map_err(read_err)?;
+                    diff_dests(&d.vs, &d.dests, &cur_dests, &mut plan);
+                }
+            }
+        }
+        for (_, cur) in current {
+            if cur.address_family != AddressFamily::Inet || self.excluded(&cur.address) {
+                continue;
+            }
+            plan.deletes.push(IpvsOp::DeleteService(cur));
+        }
+        Ok(self.run_plan(&mut st, plan).await)
+    }
+
+    async fn run_plan(&self, st: &mut IpvsState, plan: Plan) -> Vec<String> {
+        let ops: Vec<IpvsOp> = plan
+            .deletes
+            .into_iter()
+            .chain(plan.services)
+            .chain(plan.dests)
+            .collect();
+        for (vs, rs) in plan.still_terminating {
+            st.terminating.insert(rs_key(&vs, &rs), (vs, rs));
+        }
+        if ops.is_empty() {
+            return Vec::new();
+        }
+        let results = st.client.apply(&ops).await;
+        self.counters
+            .ipvs
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
+        record_results(st, &ops, results)
+    }
+
+    /// `--cleanup`: flushes every IPVS service (upstream assumes only kube-proxy creates
+    /// them), deletes the dummy link, the IPVS-mode jump rules and chains, then the ipsets.
+    /// A kernel without IPVS is not an error. Errors are collected; the other steps still run.
+    pub async fn cleanup(
+        ipt: &Iptables,
+        ipset: &Ipset,
+        link: &DummyLink,
+    ) -> Result<(), BackendError> {
+        let mut errors: Vec<String> = Vec::new();
+        match IpvsClient::connect().await {
+            Ok(mut c) => {
+                if let Err(e) = c.flush().await {
+                    errors.push(format!("flushing IPVS: {e}"));
+                }
+            }
+            Err(IpvsError::NotAvailable) => {
+                tracing::debug!("no IPVS in this kernel, nothing to flush")
+            }
+            Err(e) => errors.push(format!("connecting to IPVS: {e}")),
+        }
+        if let Err(e) = link.delete().await {
+            errors.push(format!("deleting {}: {e}", link.name()));
+        }
+        for j in ipvs_jump_rules() {
+            if let Err(e) = ipt.delete_rule(table(j.table), j.chain, &j.args()).await {
+                errors.push(format!("deleting jump to {}: {e}", j.target));
+            }
+        }
+        for t in ["nat", "filter"] {
+            let text = match ipt.save(table(t)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(format!("iptables-save -t {t}: {e}"));
+                    continue;
+                }
+            };
+            let existing = match Dump::parse(&text) {
+                Ok(d) => d.chain_names(t),
+                Err(e) => {
+                    errors.push(format!("parsing iptables-save -t {t}: {e}"));
+                    continue;
+                }
+            };
+            let chains: Vec<&str> = CLEANUP_CHAINS
+                .iter()
+                .filter(|(tt, c)| *tt == t && existing.contains(*c))
+                .map(|(_, c)| *c)
+                .collect();
+            if chains.is_empty() {
+                continue;
+            }
+            let mut input = format!("*{t}\n");
+            for c in &chains {
+                input.push_str(&format!(":{c} - [0:0]\n"));
+            }
+            for c in &chains {
+                input.push_str(&format!("-X {c}\n"));
+            }
+            input.push_str("COMMIT\n");
+            if let Err(e) = ipt.restore(&input).await {
+                errors.push(format!("deleting {t} chains: {e}"));
+            }
+        }
+        // After the rules using them are gone (a referenced set cannot be destroyed).
+        for (set, _, _) in super::ipset::SET_INFO {
+            if let Err(e) = ipset.destroy(set).await {
+                errors.push(format!("destroying ipset {set}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Apply(errors.join("; ")))
+        }
+    }
+}
+
+/// IPVS operations of one sync, in the order they are sent.
+#[derive(Debug, Default)]
+struct Plan {
+    /// Stale services.
+    deletes: Vec<IpvsOp>,
+    /// New and changed services (before their real servers).
+    services: Vec<IpvsOp>,
+    /// Real-server changes.
+    dests: Vec<IpvsOp>,
+    /// Real servers already at weight 0 with connections: tracked, nothing sent.
+    still_terminating: Vec<(VirtualService, RealServer)>,
+}
+
+/// Upstream `VirtualServer.Equal` on the fields a sync sets (the key already matches).
+fn same_service(cur: &VirtualService, want: &VirtualService) -> bool {
+    cur.scheduler == want.scheduler
+        && cur.flags.effective() == want.flags.effective()
+        && cur.timeout == want.timeout
+}
+
+fn same_dest(cur: &RealServer, want: &RealServer) -> bool {
+    cur.weight == want.weight
+        && cur.forward == want.forward
+        && cur.upper_threshold == want.upper_threshold
+        && cur.lower_threshold == want.lower_threshold
+}
+
+/// Upstream `IsRsGracefulTerminationNeeded`: not for UDP and SCTP.
+fn graceful_needed(vs: &VirtualService) -> bool {
+    !matches!(vs.protocol, Protocol::Udp | Protocol::Sctp)
+}
+
+fn diff_dests(vs: &VirtualService, want: &[RealServer], cur: &[RealServer], plan: &mut Plan) {
+    let wanted: BTreeMap<(IpAddr, u16), &RealServer> =
+        want.iter().map(|r| ((r.address, r.port), r)).collect();
+    let mut present = BTreeSet::new();
+    for c in cur {
+        present.insert((c.address, c.port));
+        match wanted.get(&(c.address, c.port)) {
+            Some(w) => {
+                if !same_dest(c, w) {
+                    plan.dests
+                        .push(IpvsOp::UpdateDestination(vs.clone(), (*w).clone()));
+                }
+            }
+            None => retire(vs, c, plan),
+        }
+    }
+    for (k, w) in wanted {
+        if !present.contains(&k) {
+            plan.dests
+                .push(IpvsOp::AddDestination(vs.clone(), w.clone()));
+        }
+    }
+}
+
+/// A real server no longer wanted: deleted when idle or not TCP-like, else quiesced.
+fn retire(vs: &VirtualService, rs: &RealServer, plan: &mut Plan) {
+    let conns = u64::from(rs.active_conns) + u64::from(rs.inactive_conns);
+    if !graceful_needed(vs) || conns == 0 {
+        plan.dests
+            .push(IpvsOp::DeleteDestination(vs.clone(), rs.clone()));
+    } else if rs.weight != 0 {
+        let mut quiet = rs.clone();
+        quiet.weight = 0;
+        plan.dests
+            .push(IpvsOp::UpdateDestination(vs.clone(), quiet));
+    } else {
+        plan.still_terminating.push((vs.clone(), rs.clone()));
+    }
+}
+
+/// Logs failures, updates the terminating list from what succeeded, returns the failures.
+fn record_results(
+    st: &mut IpvsState,
+    ops: &[IpvsOp],
+    results: Vec<Result<(), IpvsError>>,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (op, r) in ops.iter().zip(results) {
+        match (&r, op) {
+            (Ok(()), IpvsOp::UpdateDestination(vs, rs)) if rs.weight == 0 => {
+                tracing::info!(service = %vs, server = %rs, "real server quiesced (weight 0) until its connections end");
+                st.terminating
+                    .insert(rs_key(vs, rs), (vs.clone(), rs.clone()));
+            }
+            (Ok(()), IpvsOp::UpdateDestination(vs, rs) | IpvsOp::AddDestination(vs, rs)) => {
+                st.terminating.remove(&rs_key(vs, rs));
+            }
+            (Ok(()), IpvsOp::DeleteDestination(vs, rs)) => {
+                st.terminating.remove(&rs_key(vs, rs));
+                tracing::debug!(service = %vs, server = %rs, "real server deleted");
+            }
+            (Ok(()), IpvsOp::DeleteService(vs)) => {
+                let key = vs.key();
+                st.terminating.retain(|k, _| k.0 != key);
+                tracing::debug!(service = %vs, "virtual server deleted");
+            }
+            // Deleting something already gone reached the goal.
+            (Err(e), IpvsOp::DeleteDestination(vs, rs)) if e.is_not_found() => {
+                st.terminating.remove(&rs_key(vs, rs));
+            }
+            (Err(e), IpvsOp::DeleteService(_)) if e.is_not_found() => {}
+            (Err(e), _) => {
+                tracing::error!(error = %e, "IPVS change failed");
+                errors.push(e.to_string());
+            }
+            (Ok(()), _) => {}
+        }
+    }
+    errors
+}
+
+/// Deletes terminating real servers whose connections have ended; forgets those that are gone
+/// or were given a weight again.
+async fn check_terminating(st: &mut IpvsState, counters: &Counters) {
+    if st.terminating.is_empty() {
+        return;
+    }
+    let mut by_service: HashMap<VirtualService, Vec<RsKey>> = HashMap::new();
+    for k in st.terminating.keys() {
+        by_service.entry(k.0.clone()).or_default().push(k.clone());
+    }
+    let mut ops = Vec::new();
+    for (svc, keys) in by_service {
+        let Some(vs) = st.terminating.get(&keys[0]).map(|(vs, _)| vs.clone()) else {
+            continue;
+        };
+        let dests = match st.client.destinations(&vs).await {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, service = %svc, "cannot list real servers; retrying later");
+                continue;
+            }
+        };
+        for k in keys {
+            match dests.iter().find(|d| d.address == k.1 && d.port == k.2) {
+                None => {
+                    st.terminating.remove(&k);
+                }
+                Some(d) if d.weight != 0 => {
+                    st.terminating.remove(&k);
+                }
+                Some(d) if u64::from(d.active_conns) + u64::from(d.inactive_conns) == 0 => {
+                    ops.push(IpvsOp::DeleteDestination(vs.clone(), d.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if ops.is_empty() {
+        return;
+    }
+    let results = st.client.apply(&ops).await;
+    counters.ipvs.fetch_add(ops.len() as u64, Ordering::Relaxed);
+    for e in record_results(st, &ops, results) {
+        tracing::warn!(error = %e, "deleting a terminated real server failed; retrying later");
+    }
+}
+
+async fn graceful_loop(state: Arc<Mutex<IpvsState>>, counters: Arc<Counters>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut st = state.lock().await;
+        check_terminating(&mut st, &counters).await;
+    }
+}
+
+impl Backend for IpvsProxier {
+    fn mode(&self) -> &'static str {
+        "ipvs"
+    }
+
+    async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
+        if req.full {
+            self.ensure_jumps().await?;
+        }
+        self.refresh_node_addresses(req.model).await;
+        if self.settings.node_cidr_mode {
+            self.config.local_detector =
+                crate::backend::iptables::proxier::node_cidr_detector(&req.model.node);
+        }
+        let desired = render(req.model, &self.config);
+
+        self.sync_link().await?;
+        self.sync_ipsets(&desired).await?;
+        self.kernel
+            .iptables
+            .restore(&desired.iptables_restore)
+            .await
+            .map_err(apply_err)?;
+        // The diff is also the per-sync graceful-termination check: an unwanted real server
+        // that has become idle is deleted by it.
+        let mut errors = self.sync_ipvs(&desired.services).await?;
+        errors.extend(self.sync_addresses(&desired).await?);
+
+        let filter = StaleFlowFilter::new(req.model, &self.config.node_ips);
+        if !filter.is_empty() {
+            match reconcile(&self.kernel.conntrack, &filter).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "stale conntrack flows deleted"),
+                Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
+            }
+        }
+        if !errors.is_empty() {
+            let n = errors.len();
+            errors.truncate(5);
+            return Err(BackendError::Apply(format!(
+                "{n} IPVS change(s) failed: {}",
+                errors.join("; ")
+            )));
+        }
+        let mut outcome = SyncOutcome {
+            no_local_endpoints_internal: desired.no_local_endpoints_internal,
+            no_local_endpoints_external: desired.no_local_endpoints_external,
+            health_checks: desired.health_checks,
+            ..Default::default()
+        };
+        outcome
+            .rules_per_table
+            .insert("filter".into(), desired.filter_rules);
+        outcome
+            .rules_per_table
+            .insert("nat".into(), desired.nat_rules);
+        tracing::debug!(changes = ?self.counters.snapshot(), "IPVS sync applied");
+        Ok(outcome)
+    }
+
+    async fn needs_full_sync(&mut self) -> bool {
+        // IPVS mode has no canary; a missing first jump rule means someone flushed the tables.
+        let Some(j) = ipvs_jump_rules().into_iter().next() else {
+            return false;
+        };
+        matches!(
+            self.kernel
+                .iptables
+                .rule_exists(table(j.table), j.chain, &j.args())
+                .await,
+            Ok(false)
+        )
+    }
+}
+
+/// Settings from the options.
+pub fn ipvs_settings(opts: &crate::config::ProxyOptions) -> IpvsSettings {
+    use crate::config::{DetectLocal, NodePortAddresses};
+    IpvsSettings {
+        tcp_timeout: opts.ipvs.tcp_timeout,
+        tcp_fin_timeout: opts.ipvs.tcp_fin_timeout,
+        udp_timeout: opts.ipvs.udp_timeout,
+        graceful_check_interval: GRACEFUL_CHECK_INTERVAL,
+        node_port_cidrs: match &opts.node_port_addresses {
+            NodePortAddresses::Cidrs(c) if !c.iter().any(|c| c.prefix() == 0) => {
+                Some(c.iter().copied().filter(Cidr::is_ipv4).collect())
+            }
+            _ => None,
+        },
+        node_port_primary_only: opts.node_port_addresses == NodePortAddresses::Primary,
+        node_cidr_mode: opts.detect_local == DetectLocal::NodeCidr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn vs(proto: Protocol) -> VirtualService {
+        VirtualService::new(ip("10.96.0.10"), proto, 80, "rr")
+    }
+
+    fn rs(addr: &str, weight: i32, active: u32, inactive: u32) -> RealServer {
+        let mut r = RealServer::new(ip(addr), 8080, weight);
+        r.active_conns = active;
+        r.inactive_conns = inactive;
+        r
+    }
+
+    fn ops_text(plan: &Plan) -> Vec<String> {
+        plan.dests
+            .iter()
+            .map(|o| match o {
+                IpvsOp::UpdateDestination(_, r) => format!("update {r} w{}", r.weight),
+                other => other.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn identical_destinations_need_no_operation() {
+        let want = [rs("10.244.0.10", 1, 0, 0), rs("10.244.0.11", 1, 0, 0)];
+        let cur = [rs("10.244.0.11", 1, 3, 1), rs("10.244.0.10", 1, 0, 2)];
+        let mut plan = Plan::default();
+        diff_dests(&vs(Protocol::Tcp), &want, &cur, &mut plan);
+        assert!(plan.dests.is_empty(), "{:?}", plan.dests);
+        assert!(plan.still_terminating.is_empty());
+    }
+
+    #[test]
+    fn new_destinations_are_added_and_reweighted_ones_updated() {
+        let want = [rs("10.244.0.10", 1, 0, 0), rs("10.244.0.12", 1, 0, 0)];
+        let cur = [rs("10.244.0.10", 0, 0, 0)];
+        let mut plan = Plan::default();
+        diff_dests(&vs(Protocol::Tcp), &want, &cur, &mut plan);
+        assert_eq!(
+            ops_text(&plan),
+            [
+                "update 10.244.0.10:8080 w1",
+                "add destination 10.244.0.12:8080 to TCP 10.96.0.10:80"
+            ]
+        );
+    }
+
+    #[test]
+    fn removed_tcp_destination_with_connections_is_quiesced_not_deleted() {
+        let mut plan = Plan::default();
+        diff_dests(
+            &vs(Protocol::Tcp),
+            &[],
+            &[rs("10.244.0.10", 1, 1, 0), rs("10.244.0.11", 1, 0, 0)],
+            &mut plan,
+        );
+        assert_eq!(
+            ops_text(&plan),
+            [
+                "update 10.244.0.10:8080 w0",
+                "delete destination 10.244.0.11:8080 of TCP 10.96.0.10:80"
+            ]
+        );
+        // Already quiesced with connections left: tracked, nothing sent.
+        let mut plan = Plan::default();
+        diff_dests(
+            &vs(Protocol::Tcp),
+            &[],
+            &[rs("10.244.0.10", 0, 0, 1)],
+            &mut plan,
+        );
+        assert!(plan.dests.is_empty());
+        assert_eq!(plan.still_terminating.len(), 1);
+        // Once idle: deleted.
+        let mut plan = Plan::default();
+        diff_dests(
+            &vs(Protocol::Tcp),
+            &[],
+            &[rs("10.244.0.10", 0, 0, 0)],
+            &mut plan,
+        );
+        assert_eq!(
+            ops_text(&plan),
+            ["delete destination 10.244.0.10:8080 of TCP 10.96.0.10:80"]
+        );
+    }
+
+    #[test]
+    fn removed_udp_and_sctp_destinations_are_deleted_at_once() {
+        for p in [Protocol::Udp, Protocol::Sctp] {
+            let mut plan = Plan::default();
+            diff_dests(&vs(p), &[], &[rs("10.244.0.10", 1, 5, 5)], &mut plan);
+            assert_eq!(plan.dests.len(), 1);
+            assert!(matches!(plan.dests[0], IpvsOp::DeleteDestination(..)));
+        }
+    }
+
+    #[test]
+    fn service_equality_ignores_kernel_only_fields() {
+        let want = vs(Protocol::Tcp);
+        let mut cur = want.clone();
+        cur.flags.mask = u32::MAX;
+        cur.netmask = 0;
+        assert!(same_service(&cur, &want));
+        cur.scheduler = "wrr".into();
+        assert!(!same_service(&cur, &want));
+        let mut cur = want.clone();
+        cur.timeout = 10800;
+        assert!(!same_service(&cur, &want));
+    }
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(parse_kernel_version("6.1.0-56-amd64"), Some((6, 1)));
+        assert_eq!(parse_kernel_version("4.19.0\n"), Some((4, 19)));
+        assert_eq!(parse_kernel_version("5.10"), Some((5, 10)));
+        assert_eq!(parse_kernel_version("x"), None);
+        assert!((5, 4) < CONN_REUSE_FIXED_KERNEL && (5, 4) >= CONN_REUSE_MIN_KERNEL);
+    }
+
+    #[test]
+    fn sysctls_are_written_only_when_different() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let set = |name: &str, v: &str| {
+            let p = root.join("proc/sys").join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, v).unwrap();
+        };
+        let get = |name: &str| {
+            std::fs::read_to_string(root.join("proc/sys").join(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        for (n, v) in [
+            ("net/ipv4/vs/conntrack", "0"),
+            ("net/ipv4/vs/conn_reuse_mode", "1"),
+            ("net/ipv4/vs/expire_nodest_conn", "0"),
+            ("net/ipv4/vs/expire_quiescent_template", "0"),
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv4/conf/all/arp_ignore", "0"),
+            ("net/ipv4/conf/all/arp_announce", "0"),
+            ("kernel/osrelease", "5.4.0-1-amd64"),
+        ] {
+            set(n, v);
+        }
+        apply_sysctls(&Sysctl::with_root(root), true).unwrap();
+        for (n, v) in [
+            ("net/ipv4/vs/conntrack", "1"),
+            ("net/ipv4/vs/conn_reuse_mode", "0"),
+            ("net/ipv4/vs/expire_nodest_conn", "1"),
+            ("net/ipv4/vs/expire_quiescent_template", "1"),
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv4/conf/all/arp_ignore", "1"),
+            ("net/ipv4/conf/all/arp_announce", "2"),
+        ] {
+            assert_eq!(get(n), v, "{n}");
+        }
+        // A fixed kernel keeps conn_reuse_mode; no strict ARP leaves arp_* alone.
+        set("kernel/osrelease", "6.1.0");
+        set("net/ipv4/vs/conn_reuse_mode", "1");
+        set("net/ipv4/conf/all/arp_ignore", "0");
+        apply_sysctls(&Sysctl::with_root(root), false).unwrap();
+        assert_eq!(get("net/ipv4/vs/conn_reuse_mode"), "1");
+        assert_eq!(get("net/ipv4/conf/all/arp_ignore"), "0");
+        // Missing IPVS sysctls (no ip_vs module) are a clear start-up error.
+        std::fs::remove_file(root.join("proc/sys/net/ipv4/vs/conntrack")).unwrap();
+        let err = apply_sysctls(&Sysctl::with_root(root), false).unwrap_err();
+        assert!(err.to_string().contains("net/ipv4/vs/conntrack"), "{err}");
+    }
+}
