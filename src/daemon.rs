@@ -217,7 +217,6 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         return Err(DaemonError::UnsupportedMode(opts.mode.to_string()));
     }
     let client = client(&opts).await?;
-    let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
     host_setup(&opts);
 
     let variant = detect_variant(None).await?;
@@ -248,6 +247,7 @@ async fn serve<B: Backend + 'static>(
     backend: B,
 ) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
+    let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
     let metrics = Metrics::new();
     let health = ProxyHealth::new(opts.sync_period).with_metrics(metrics.clone());
     let _metrics_server = match opts.metrics_bind_address {

@@ -24,7 +24,7 @@ pub const MODES: &[(&str, &str)] = &[
     ),
     (
         "ipvs",
-        "in progress: accepted by the parser, refused at start-up until the IPVS backend lands",
+        "supported (deprecated upstream since 1.35; `explain` reads iptables rules only)",
     ),
     (
         "nftables",
@@ -69,14 +69,17 @@ pub const NOTES: &[(&str, &str)] = &[
         "accepted, not applied: no feature gate changes behaviour",
     ),
     ("iptables.snatNodeInternalIP", "accepted, not applied"),
-    ("ipvs.", "ipvs mode only (see Modes)"),
+    ("ipvs.", "supported; applies in ipvs mode only"),
     (
         "logging.flushFrequency",
         "accepted, not applied: logs are written unbuffered",
     ),
     ("logging.options.", "accepted, not applied"),
     ("logging.vmodule", "accepted, not applied"),
-    ("nftables.", "nftables mode only (see Modes)"),
+    (
+        "nftables.",
+        "nftables mode only, which is not supported (see Modes)",
+    ),
     (
         "portRange",
         "no effect: it configured the removed userspace proxy",
@@ -97,7 +100,8 @@ const FLAG_NOTES: &[(&str, &str)] = &[
     ),
     (
         "cleanup",
-        "supported: removes iptables-mode chains and jump rules (ours or upstream's)",
+        "supported: removes iptables-mode chains and jump rules and IPVS-mode state (virtual \
+         servers, kube-ipvs0, ipsets), ours or upstream's",
     ),
 ];
 

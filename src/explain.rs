@@ -252,7 +252,10 @@ pub fn ruleset_from_render(
     args: &ExplainArgs,
     warnings: &mut Vec<String>,
 ) -> Result<Ruleset, ExplainError> {
-    let text = crate::render::run(&args.render, args.explicit_hostname, warnings)?;
+    // The iptables rules whatever mode the flags or config file name (--mode decided).
+    let mut render = args.render.clone();
+    render.options.mode = ProxyMode::Iptables;
+    let text = crate::render::run(&render, args.explicit_hostname, warnings)?;
     let mut dump = Dump::parse(&text)?;
     add_jump_rules(&mut dump);
     let mut node_ips = args.render.node_ips.clone();

@@ -186,7 +186,7 @@ fn report_refused(args: &[String], hostname: &str, error: &str) {
     }
 }
 
-/// A backend that cannot start (unsupported mode, kernel tools missing) becomes a
+/// A backend that cannot start (unsupported mode, kernel tools missing, IPVS unavailable) becomes a
 /// `FailedToStartProxier` Event. Server bind failures post their own Events in the daemon.
 async fn report_start_failure(
     opts: &kube_proxy_rs::config::ProxyOptions,
@@ -194,7 +194,10 @@ async fn report_start_failure(
 ) {
     use kube_proxy_rs::daemon::DaemonError;
     use kube_proxy_rs::server::events::{NodeEvents, REASON_PROXIER_FAILED};
-    if !matches!(e, DaemonError::UnsupportedMode(_) | DaemonError::Kernel(_)) {
+    if !matches!(
+        e,
+        DaemonError::UnsupportedMode(_) | DaemonError::Kernel(_) | DaemonError::Ipvs(_)
+    ) {
         return;
     }
     let Ok(Ok(client)) = tokio::time::timeout(
