@@ -1472,6 +1472,30 @@ mod tests {
     }
 
     #[test]
+    fn render_is_iptables_whatever_the_configured_mode() {
+        let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo-cluster.yaml");
+        let args: Vec<String> = [
+            "--to",
+            "10.96.0.10:80",
+            "--proxy-mode=ipvs",
+            "--mode",
+            "iptables",
+            "--objects",
+            demo,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let parsed = parse_explain_args(&args, "node1").unwrap();
+        assert_eq!(parsed.mode, ProxyMode::Iptables);
+        let rs = ruleset_from_render(&parsed, &mut Vec::new()).unwrap();
+        assert_eq!(rs.node_ips, vec!["192.168.50.1".parse::<IpAddr>().unwrap()]);
+        let e = explain(&rs, &parsed.packet);
+        assert_eq!(endpoints(&e).len(), 3);
+        assert!(rs.origin.contains("demo-cluster.yaml"), "{}", rs.origin);
+    }
+
+    #[test]
     fn cluster_ip_three_endpoints() {
         let (e, text) = run_demo(&[], Some("10.244.1.5"), "10.96.0.10:80");
         assert_eq!(
