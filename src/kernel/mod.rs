@@ -6,8 +6,10 @@
 //! plain structs and reports failures with the tool's own words.
 //!
 //! Every tool is run through [`tokio::process::Command`] with an argument vector (never a
-//! shell). A handle can be bound to a named network namespace (`ip netns exec NAME ...`),
-//! which the tests use; the daemon runs in its own namespace without it.
+//! shell); the IPVS dummy link is managed over rtnetlink and IPVS over generic netlink. A
+//! handle can be bound to a named network namespace (`ip netns exec NAME ...`, or a netlink
+//! socket opened inside it), which the tests use; the daemon runs in its own namespace
+//! without it.
 
 pub mod addrs;
 pub mod conntrack;
@@ -79,6 +81,16 @@ pub enum KernelError {
         line: Option<usize>,
         /// That line of the input, if it exists.
         input_line: Option<String>,
+    },
+    /// An rtnetlink request failed: the kernel refused it (the errno, e.g. `EPERM`), or the
+    /// netlink socket could not be opened, written or read.
+    #[error("rtnetlink: {op}: {source}")]
+    Netlink {
+        /// What was being done, e.g. `adding 10.96.0.1/32 to kube-ipvs0`.
+        op: String,
+        /// The errno or I/O error.
+        #[source]
+        source: std::io::Error,
     },
     /// Output of a tool could not be understood.
     #[error("cannot parse output of `{command}`: {detail}")]

@@ -490,7 +490,7 @@ impl IpvsProxier {
     }
 
     /// Binds missing addresses and unbinds stale ones (IPv4, not in `--ipvs-exclude-cidrs`)
-    /// in one `ip -batch` run. Returns what could not be changed.
+    /// in one rtnetlink batch. Returns what could not be changed.
     async fn sync_addresses(&self, desired: &IpvsDesired) -> Result<Vec<String>, BackendError> {
         let link = &self.kernel.link;
         let current: BTreeSet<IpAddr> = link
