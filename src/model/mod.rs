@@ -9,7 +9,7 @@ pub mod net;
 pub mod service;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 pub use categorize::{Categorized, categorize_endpoints};
@@ -64,6 +64,32 @@ impl ProxyModel {
     /// Endpoints of one service port (empty if none).
     pub fn endpoints_of(&self, name: &ServicePortName) -> &[Endpoint] {
         self.endpoints.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Health-check node ports of eTP=Local LoadBalancer services, with upstream's
+    /// `LocalReadyEndpoints` count: distinct local, ready endpoint IPs over all the service's
+    /// ports. One pass over the endpoints, whatever the number of services.
+    pub fn health_checks(&self) -> BTreeMap<ServiceName, (u16, usize)> {
+        let ports: BTreeMap<&ServiceName, u16> = self
+            .services
+            .values()
+            .filter_map(|svc| svc.health_check_port().map(|p| (&svc.name.service, p)))
+            .collect();
+        if ports.is_empty() {
+            return BTreeMap::new();
+        }
+        let mut ips: BTreeMap<&ServiceName, BTreeSet<IpAddr>> = BTreeMap::new();
+        for (name, eps) in &self.endpoints {
+            if ports.contains_key(&name.service) {
+                ips.entry(&name.service)
+                    .or_default()
+                    .extend(eps.iter().filter(|e| e.is_local && e.ready).map(|e| e.ip));
+            }
+        }
+        ports
+            .into_iter()
+            .map(|(svc, port)| (svc.clone(), (port, ips.get(svc).map_or(0, BTreeSet::len))))
+            .collect()
     }
 
     /// Total number of endpoints over all service ports (drives large-cluster mode).

@@ -135,6 +135,14 @@ impl ServicePort {
         self.node_port != 0 || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
     }
 
+    /// Upstream `HealthCheckNodePort()`: only LoadBalancer services with eTP=Local have one.
+    pub fn health_check_port(&self) -> Option<u16> {
+        (self.service_type == ServiceType::LoadBalancer
+            && self.external_policy_local
+            && self.health_check_node_port != 0)
+            .then_some(self.health_check_node_port)
+    }
+
     /// Upstream `UsesClusterEndpoints`: even with an external Local policy, external traffic
     /// from local sources short-circuits to the cluster-wide chain.
     pub fn uses_cluster_endpoints(&self) -> bool {

@@ -6,8 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::names::{self, *};
 use crate::model::{
-    Categorized, Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, ServiceType,
-    categorize_endpoints,
+    Categorized, Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, categorize_endpoints,
 };
 
 /// How traffic from local pods is recognised (`--detect-local-mode`); upstream
@@ -646,7 +645,7 @@ pub fn render(input: &RenderInput) -> Rendered {
         }
 
         // Health-check node port.
-        if let Some(hc) = health_check_node_port(svc) {
+        if let Some(hc) = svc.health_check_port() {
             filter_rules.push(&words![
                 "-A",
                 KUBE_NODEPORTS,
@@ -969,7 +968,7 @@ pub fn render(input: &RenderInput) -> Rendered {
     out.filter_rules = filter_rules.0.len();
     out.nat_rules_written = nat_rules.0.len() - deleted;
     out.nat_rules = nat_rules.0.len() + skipped_nat_rules - deleted;
-    out.health_check_node_ports = health_check_node_ports(model);
+    out.health_check_node_ports = model.health_checks();
 
     let mut text = String::with_capacity(
         64 * (filter_chains.0.len()
@@ -1065,33 +1064,4 @@ fn write_endpoint_rules(
         }
         rules.push(&words![args, "-j", &sep]);
     }
-}
-
-/// Upstream `HealthCheckNodePort()`: only LoadBalancer services with eTP=Local have one.
-fn health_check_node_port(svc: &ServicePort) -> Option<u16> {
-    (svc.service_type == ServiceType::LoadBalancer
-        && svc.external_policy_local
-        && svc.health_check_node_port != 0)
-        .then_some(svc.health_check_node_port)
-}
-
-/// Health-check ports with upstream's `LocalReadyEndpoints` counts (distinct local, ready
-/// endpoint IPs over all ports of the service).
-fn health_check_node_ports(model: &ProxyModel) -> BTreeMap<ServiceName, (u16, usize)> {
-    let mut out = BTreeMap::new();
-    for svc in model.services.values() {
-        let Some(port) = health_check_node_port(svc) else {
-            continue;
-        };
-        let ips: BTreeSet<IpAddr> = model
-            .endpoints
-            .iter()
-            .filter(|(n, _)| n.service == svc.name.service)
-            .flat_map(|(_, eps)| eps.iter())
-            .filter(|ep| ep.is_local && ep.ready)
-            .map(|ep| ep.ip)
-            .collect();
-        out.insert(svc.name.service.clone(), (port, ips.len()));
-    }
-    out
 }

@@ -13,9 +13,7 @@ use crate::kernel::ipvs::codec::{
     ForwardMethod, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED1, IP_VS_SVC_F_SCHED2,
     IP_VS_SVC_F_SCHED3, Protocol as IpvsProtocol, RealServer, ServiceFlags, VirtualService,
 };
-use crate::model::{
-    Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, ServiceType, categorize_endpoints,
-};
+use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, categorize_endpoints};
 
 /// Upstream's default scheduler.
 pub const DEFAULT_SCHEDULER: &str = "rr";
@@ -265,33 +263,6 @@ fn is_ipv6_link_local(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
 }
 
-/// Upstream `HealthCheckNodePort()`: only LoadBalancer services with eTP=Local have one.
-fn health_check_node_port(svc: &ServicePort) -> Option<u16> {
-    (svc.service_type == ServiceType::LoadBalancer
-        && svc.external_policy_local
-        && svc.health_check_node_port != 0)
-        .then_some(svc.health_check_node_port)
-}
-
-fn health_checks(model: &ProxyModel) -> BTreeMap<ServiceName, (u16, usize)> {
-    let mut out = BTreeMap::new();
-    for svc in model.services.values() {
-        let Some(port) = health_check_node_port(svc) else {
-            continue;
-        };
-        let ips: BTreeSet<IpAddr> = model
-            .endpoints
-            .iter()
-            .filter(|(n, _)| n.service == svc.name.service)
-            .flat_map(|(_, eps)| eps.iter())
-            .filter(|ep| ep.is_local && ep.ready)
-            .map(|ep| ep.ip)
-            .collect();
-        out.insert(svc.name.service.clone(), (port, ips.len()));
-    }
-    out
-}
-
 /// Renders one sync.
 pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
     let mut b = Builder {
@@ -440,7 +411,7 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
             }
         }
 
-        if let Some(hc) = health_check_node_port(svc) {
+        if let Some(hc) = svc.health_check_port() {
             b.add(ipset::HEALTH_CHECK_NODE_PORT, hc.to_string());
         }
     }
@@ -477,7 +448,7 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
         nat_rules: text.nat_rules,
         no_local_endpoints_internal: b.no_local_internal.len(),
         no_local_endpoints_external: b.no_local_external.len(),
-        health_checks: health_checks(model),
+        health_checks: model.health_checks(),
     }
 }
 
