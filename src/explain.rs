@@ -13,6 +13,8 @@
 //! Everything here but [`ruleset_from_kernel`] is pure: the walk and the text are unit-tested
 //! on rendered rulesets; the kernel read is two `iptables-save` calls and `ip -j addr`.
 
+pub mod ipvs;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -55,11 +57,11 @@ pub enum ExplainError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A mode without an explainer yet.
-    #[error(
-        "explain does not support --mode={0} yet: only iptables rules can be explained for now \
-         (for IPVS, `ipvsadm -Ln` lists the virtual servers)"
-    )]
+    #[error("explain does not support --mode={0} yet: iptables and ipvs can be explained")]
     Unsupported(ProxyMode),
+    /// The IPVS table could not be read.
+    #[error("cannot read the IPVS table from the kernel: {0}")]
+    Ipvs(String),
     /// The objects could not be rendered.
     #[error(transparent)]
     Render(#[from] crate::render::RenderError),
@@ -1048,6 +1050,11 @@ fn common_prefix<'a>(lists: &[Vec<&'a Step>]) -> Vec<&'a Step> {
     first[..n].to_vec()
 }
 
+/// `ip:port`, IPv6 in brackets.
+fn endpoint_string(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
 fn endpoint_label(o: &Outcome) -> String {
     match &o.dnat {
         Some(d) => d.clone(),
@@ -1340,8 +1347,17 @@ pub async fn run_parsed(
     args: &ExplainArgs,
     warnings: &mut Vec<String>,
 ) -> Result<String, ExplainError> {
-    if args.mode != ProxyMode::Iptables {
-        return Err(ExplainError::Unsupported(args.mode));
+    match args.mode {
+        ProxyMode::Iptables => {}
+        ProxyMode::Ipvs => {
+            let table = if args.render.objects.is_empty() {
+                ipvs::table_from_kernel(&args.packet).await?
+            } else {
+                ipvs::table_from_render(args, warnings)?
+            };
+            return Ok(ipvs::explain(&table, &args.packet));
+        }
+        other => return Err(ExplainError::Unsupported(other)),
     }
     let ruleset = if args.render.objects.is_empty() {
         ruleset_from_kernel(args.packet.destination).await?
@@ -1456,7 +1472,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_modes_are_refused_clearly() {
-        for m in ["ipvs", "nftables"] {
+        for m in ["nftables"] {
             let args: Vec<String> = ["--to", "10.96.0.10:80", "--mode", m]
                 .iter()
                 .map(|s| s.to_string())

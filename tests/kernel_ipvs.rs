@@ -463,6 +463,38 @@ async fn scenario(topo: &Topology) {
         "{dests:?}"
     );
 
+    // ---- `explain --mode ipvs` reads this kernel's IPVS table (built binary, in the netns)
+    let bin = env!("CARGO_BIN_EXE_kube-proxy-rs");
+    let explain = |to: &str| {
+        let out = node.run(bin, ["explain", "--mode", "ipvs", "--to", to]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "explain {to}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let text = explain("10.96.0.30:80");
+    assert!(
+        text.contains("Rules:      the kernel's IPVS table"),
+        "{text}"
+    );
+    assert!(
+        text.contains("scheduler rr, persistent for 10800 s"),
+        "{text}"
+    );
+    for d in web {
+        assert!(text.contains(&format!(" 50.00%  {d}  weight 1")), "{text}");
+    }
+    let text = explain("10.96.0.53:53/udp");
+    assert!(text.contains("100.00%  10.244.0.12:8080"), "{text}");
+    let text = explain("10.96.0.10:81");
+    assert!(
+        text.contains("no IPVS virtual server for TCP 10.96.0.10:81"),
+        "{text}"
+    );
+
     let vips = [
         "10.96.0.10",
         "10.96.0.30",
