@@ -144,6 +144,40 @@ pub async fn reconcile(
     Ok(deleted)
 }
 
+/// Deletes stale flows after each sync, for every backend. It remembers the node ports it
+/// served last time so that a changed nodePort's old flows are deleted too.
+#[derive(Debug, Clone)]
+pub struct ConntrackCleaner {
+    conntrack: crate::kernel::conntrack::Conntrack,
+    served_node_ports: BTreeSet<(Protocol, u16)>,
+}
+
+impl ConntrackCleaner {
+    /// A cleaner working through `conntrack`.
+    pub fn new(conntrack: crate::kernel::conntrack::Conntrack) -> Self {
+        ConntrackCleaner {
+            conntrack,
+            served_node_ports: BTreeSet::new(),
+        }
+    }
+
+    /// Deletes the flows `model` makes stale; failures are logged, never fatal (the rules are
+    /// already in place, and the next sync tries again).
+    pub async fn after_sync(&mut self, model: &ProxyModel, node_ips: &[IpAddr]) {
+        let filter =
+            StaleFlowFilter::new(model, node_ips).with_retired_node_ports(&self.served_node_ports);
+        self.served_node_ports = filter.node_ports();
+        if filter.is_empty() {
+            return;
+        }
+        match reconcile(&self.conntrack, &filter).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "stale conntrack flows deleted"),
+            Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,16 +12,15 @@ use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::iptables::{Iptables, RulePosition, Table};
-use crate::sync::conntrack::{StaleFlowFilter, reconcile};
+use crate::sync::conntrack::ConntrackCleaner;
 
 /// The iptables-mode proxier.
 pub struct IptablesProxier {
     ipt: Iptables,
-    conntrack: Conntrack,
+    conntrack: ConntrackCleaner,
     addrs: Addresses,
     config: RenderConfig,
     node_cidr_mode: bool,
-    served_node_ports: BTreeSet<(crate::model::Protocol, u16)>,
 }
 
 fn table(name: &str) -> Table {
@@ -46,11 +45,10 @@ impl IptablesProxier {
     ) -> Self {
         IptablesProxier {
             ipt,
-            conntrack,
+            conntrack: ConntrackCleaner::new(conntrack),
             addrs,
             config,
             node_cidr_mode,
-            served_node_ports: BTreeSet::new(),
         }
     }
 
@@ -172,16 +170,9 @@ impl Backend for IptablesProxier {
         if let Err(e) = self.ipt.restore(&rendered.text).await {
             return Err(BackendError::Apply(e.to_string()));
         }
-        let filter = StaleFlowFilter::new(req.model, &self.config.node_ips)
-            .with_retired_node_ports(&self.served_node_ports);
-        self.served_node_ports = filter.node_ports();
-        if !filter.is_empty() {
-            match reconcile(&self.conntrack, &filter).await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(deleted = n, "stale conntrack flows deleted"),
-                Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
-            }
-        }
+        self.conntrack
+            .after_sync(req.model, &self.config.node_ips)
+            .await;
         let mut outcome = SyncOutcome {
             no_local_endpoints_internal: rendered.no_local_endpoints_internal,
             no_local_endpoints_external: rendered.no_local_endpoints_external,

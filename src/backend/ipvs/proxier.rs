@@ -38,7 +38,7 @@ use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::Sysctl;
 use crate::model::{Cidr, ProxyModel};
 
-use crate::sync::conntrack::{StaleFlowFilter, reconcile};
+use crate::sync::conntrack::ConntrackCleaner;
 
 /// How often terminating real servers are re-checked besides every sync (upstream
 /// `rsCheckDeleteInterval`).
@@ -184,6 +184,7 @@ pub struct IpvsProxier {
     settings: IpvsSettings,
     counters: Arc<Counters>,
     graceful_task: tokio::task::JoinHandle<()>,
+    conntrack: ConntrackCleaner,
 }
 
 impl Drop for IpvsProxier {
@@ -356,6 +357,7 @@ impl IpvsProxier {
         ));
         Ok(IpvsProxier {
             state,
+            conntrack: ConntrackCleaner::new(kernel.conntrack.clone()),
             kernel,
             config,
             settings,
@@ -870,14 +872,9 @@ impl Backend for IpvsProxier {
         let mut errors = self.sync_ipvs(&desired.services).await?;
         errors.extend(self.sync_addresses(&desired).await?);
 
-        let filter = StaleFlowFilter::new(req.model, &self.config.node_ips);
-        if !filter.is_empty() {
-            match reconcile(&self.kernel.conntrack, &filter).await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(deleted = n, "stale conntrack flows deleted"),
-                Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
-            }
-        }
+        self.conntrack
+            .after_sync(req.model, &self.config.node_ips)
+            .await;
         if !errors.is_empty() {
             let n = errors.len();
             errors.truncate(5);
