@@ -35,6 +35,27 @@ pub struct SyncOutcome {
     pub health_checks: BTreeMap<ServiceName, (u16, usize)>,
 }
 
+impl SyncOutcome {
+    /// An outcome with the rule counts of the `filter` and `nat` tables.
+    pub fn new(
+        filter_rules: usize,
+        nat_rules: usize,
+        no_local_endpoints_internal: usize,
+        no_local_endpoints_external: usize,
+        health_checks: BTreeMap<ServiceName, (u16, usize)>,
+    ) -> Self {
+        SyncOutcome {
+            rules_per_table: BTreeMap::from([
+                ("filter".to_string(), filter_rules),
+                ("nat".to_string(), nat_rules),
+            ]),
+            no_local_endpoints_internal,
+            no_local_endpoints_external,
+            health_checks,
+        }
+    }
+}
+
 /// Why a sync failed. The loop keeps the previous rules and retries with a full sync.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

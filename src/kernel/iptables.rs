@@ -71,6 +71,17 @@ pub enum Table {
 }
 
 impl Table {
+    /// The table called `name`; anything else is `filter`, the table iptables uses without
+    /// `-t`.
+    pub fn from_name(name: &str) -> Table {
+        match name {
+            "nat" => Table::Nat,
+            "mangle" => Table::Mangle,
+            "raw" => Table::Raw,
+            _ => Table::Filter,
+        }
+    }
+
     /// The table name as given to `-t`.
     pub fn as_str(&self) -> &'static str {
         match self {

@@ -97,3 +97,32 @@ impl ProxyModel {
         self.endpoints.values().map(Vec::len).sum()
     }
 }
+
+#[cfg(test)]
+impl ProxyModel {
+    /// A model as the watch layer builds it (endpoints sorted by `ip:port` and de-duplicated)
+    /// for the present node `node`: the fixture of the backends' golden tests.
+    pub(crate) fn for_tests(
+        node: &str,
+        services: Vec<ServicePort>,
+        endpoints: Vec<(ServicePortName, Vec<Endpoint>)>,
+    ) -> Self {
+        let mut m = ProxyModel {
+            node: NodeInfo {
+                name: node.into(),
+                present: true,
+                ..NodeInfo::default()
+            },
+            ..ProxyModel::default()
+        };
+        for s in services {
+            m.services.insert(s.name.clone(), s);
+        }
+        for (name, mut eps) in endpoints {
+            eps.sort_by_key(Endpoint::addr_string);
+            eps.dedup_by_key(|e| e.addr_string());
+            m.endpoints.insert(name, eps);
+        }
+        m
+    }
+}

@@ -23,15 +23,6 @@ pub struct IptablesProxier {
     node_cidr_mode: bool,
 }
 
-fn table(name: &str) -> Table {
-    match name {
-        "nat" => Table::Nat,
-        "mangle" => Table::Mangle,
-        "raw" => Table::Raw,
-        _ => Table::Filter,
-    }
-}
-
 impl IptablesProxier {
     /// A proxier writing through `ipt`; `config.node_ips` is refreshed from the kernel on
     /// every sync. `node_cidr_mode`: take the local detector from the Node's podCIDR at every
@@ -65,7 +56,7 @@ impl IptablesProxier {
                 .map_err(|e| BackendError::Apply(e.to_string()))?;
         }
         for j in jump_rules() {
-            let t = table(j.table);
+            let t = Table::from_name(j.table);
             self.ipt
                 .ensure_chain(t, j.target)
                 .await
@@ -118,7 +109,10 @@ impl IptablesProxier {
         let filter = ipt.save(Table::Filter).await.map_err(read)?;
         let plan = cleanup_plan(&nat, &filter).map_err(|e| BackendError::Read(e.to_string()))?;
         for j in &plan.delete_jumps {
-            if let Err(e) = ipt.delete_rule(table(j.table), j.chain, &j.args()).await {
+            if let Err(e) = ipt
+                .delete_rule(Table::from_name(j.table), j.chain, &j.args())
+                .await
+            {
                 tracing::warn!(error = %e, chain = j.chain, "deleting jump rule failed");
             }
         }
@@ -130,7 +124,7 @@ impl IptablesProxier {
             }
         }
         let (t, chain) = plan.delete_chain;
-        if let Err(e) = ipt.flush_and_delete_chain(table(t), chain).await {
+        if let Err(e) = ipt.flush_and_delete_chain(Table::from_name(t), chain).await {
             tracing::debug!(error = %e, "deleting {chain} in {t}");
         }
         Ok(())
@@ -173,18 +167,13 @@ impl Backend for IptablesProxier {
         self.conntrack
             .after_sync(req.model, &self.config.node_ips)
             .await;
-        let mut outcome = SyncOutcome {
-            no_local_endpoints_internal: rendered.no_local_endpoints_internal,
-            no_local_endpoints_external: rendered.no_local_endpoints_external,
-            health_checks: rendered.health_check_node_ports,
-            ..Default::default()
-        };
-        outcome
-            .rules_per_table
-            .insert("filter".into(), rendered.filter_rules);
-        outcome
-            .rules_per_table
-            .insert("nat".into(), rendered.nat_rules);
+        let outcome = SyncOutcome::new(
+            rendered.filter_rules,
+            rendered.nat_rules,
+            rendered.no_local_endpoints_internal,
+            rendered.no_local_endpoints_external,
+            rendered.health_check_node_ports,
+        );
         Ok(outcome)
     }
 

@@ -10,8 +10,7 @@ use super::parse::{Dump, Rule};
 use super::render::*;
 use super::tracer::{Packet, trace_packet};
 use crate::model::{
-    Cidr, Endpoint, NodeInfo, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName,
-    ServiceType,
+    Cidr, Endpoint, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName, ServiceType,
 };
 
 const TEST_NODE_NAME: &str = "test-node";
@@ -82,23 +81,7 @@ fn model(
     services: Vec<ServicePort>,
     endpoints: Vec<(ServicePortName, Vec<Endpoint>)>,
 ) -> ProxyModel {
-    let mut m = ProxyModel {
-        node: NodeInfo {
-            name: TEST_NODE_NAME.into(),
-            present: true,
-            ..NodeInfo::default()
-        },
-        ..ProxyModel::default()
-    };
-    for s in services {
-        m.services.insert(s.name.clone(), s);
-    }
-    for (name, mut eps) in endpoints {
-        eps.sort_by_key(Endpoint::addr_string);
-        eps.dedup_by_key(|e| e.addr_string());
-        m.endpoints.insert(name, eps);
-    }
-    m
+    ProxyModel::for_tests(TEST_NODE_NAME, services, endpoints)
 }
 
 fn render_with(m: &ProxyModel, cfg: &RenderConfig) -> Rendered {

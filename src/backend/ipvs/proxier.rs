@@ -201,15 +201,6 @@ fn apply_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Apply(e.to_string())
 }
 
-fn table(name: &str) -> Table {
-    match name {
-        "nat" => Table::Nat,
-        "mangle" => Table::Mangle,
-        "raw" => Table::Raw,
-        _ => Table::Filter,
-    }
-}
-
 /// Upstream `CanUseIPVSProxier`: IPVS answers, ipset is recent enough, and a virtual server
 /// with `scheduler` can be created (proving its module loads). Skips the dummy service when
 /// an existing one already uses the scheduler (a restart).
@@ -432,7 +423,7 @@ impl IpvsProxier {
     async fn ensure_jumps(&self) -> Result<(), BackendError> {
         let ipt = &self.kernel.iptables;
         for j in ipvs_jump_rules() {
-            let t = table(j.table);
+            let t = Table::from_name(j.table);
             ipt.ensure_chain(t, j.target).await.map_err(apply_err)?;
             ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
                 .await
@@ -620,12 +611,15 @@ impl IpvsProxier {
             errors.push(format!("deleting {}: {e}", link.name()));
         }
         for j in ipvs_jump_rules() {
-            if let Err(e) = ipt.delete_rule(table(j.table), j.chain, &j.args()).await {
+            if let Err(e) = ipt
+                .delete_rule(Table::from_name(j.table), j.chain, &j.args())
+                .await
+            {
                 errors.push(format!("deleting jump to {}: {e}", j.target));
             }
         }
         for t in ["nat", "filter"] {
-            let text = match ipt.save(table(t)).await {
+            let text = match ipt.save(Table::from_name(t)).await {
                 Ok(s) => s,
                 Err(e) => {
                     errors.push(format!("iptables-save -t {t}: {e}"));
@@ -883,18 +877,13 @@ impl Backend for IpvsProxier {
                 errors.join("; ")
             )));
         }
-        let mut outcome = SyncOutcome {
-            no_local_endpoints_internal: desired.no_local_endpoints_internal,
-            no_local_endpoints_external: desired.no_local_endpoints_external,
-            health_checks: desired.health_checks,
-            ..Default::default()
-        };
-        outcome
-            .rules_per_table
-            .insert("filter".into(), desired.filter_rules);
-        outcome
-            .rules_per_table
-            .insert("nat".into(), desired.nat_rules);
+        let outcome = SyncOutcome::new(
+            desired.filter_rules,
+            desired.nat_rules,
+            desired.no_local_endpoints_internal,
+            desired.no_local_endpoints_external,
+            desired.health_checks,
+        );
         tracing::debug!(changes = ?self.counters.snapshot(), "IPVS sync applied");
         Ok(outcome)
     }
@@ -907,7 +896,7 @@ impl Backend for IpvsProxier {
         matches!(
             self.kernel
                 .iptables
-                .rule_exists(table(j.table), j.chain, &j.args())
+                .rule_exists(Table::from_name(j.table), j.chain, &j.args())
                 .await,
             Ok(false)
         )

@@ -576,30 +576,27 @@ pub fn write_rules(
         p.mark,
     ]));
 
-    let mut text = String::from("*nat\n");
-    for (t, c) in IPVS_CHAINS {
-        if *t == "nat" {
-            text.push_str(&format!(":{c} - [0:0]\n"));
-        }
-    }
-    for l in &nat {
-        text.push_str(l);
-        text.push('\n');
-    }
-    text.push_str("COMMIT\n*filter\n");
-    for (t, c) in IPVS_CHAINS {
-        if *t == "filter" {
-            text.push_str(&format!(":{c} - [0:0]\n"));
-        }
-    }
-    for l in &filter {
-        text.push_str(l);
-        text.push('\n');
-    }
-    text.push_str("COMMIT\n");
+    let mut text = String::new();
+    write_table(&mut text, "nat", &nat);
+    write_table(&mut text, "filter", &filter);
     RulesText {
         text,
         filter_rules: filter.len(),
         nat_rules: nat.len(),
     }
+}
+
+/// Appends one table's section: its chain lines (from [`IPVS_CHAINS`]), rules and `COMMIT`.
+fn write_table(text: &mut String, table: &str, rules: &[String]) {
+    text.push_str(&format!("*{table}\n"));
+    for (t, c) in IPVS_CHAINS {
+        if *t == table {
+            text.push_str(&format!(":{c} - [0:0]\n"));
+        }
+    }
+    for l in rules {
+        text.push_str(l);
+        text.push('\n');
+    }
+    text.push_str("COMMIT\n");
 }

@@ -51,23 +51,7 @@ fn model(
     services: Vec<ServicePort>,
     endpoints: Vec<(ServicePortName, Vec<Endpoint>)>,
 ) -> ProxyModel {
-    let mut m = ProxyModel {
-        node: NodeInfo {
-            name: NODE.into(),
-            present: true,
-            ..NodeInfo::default()
-        },
-        ..ProxyModel::default()
-    };
-    for s in services {
-        m.services.insert(s.name.clone(), s);
-    }
-    for (name, mut eps) in endpoints {
-        eps.sort_by_key(Endpoint::addr_string);
-        eps.dedup_by_key(|e| e.addr_string());
-        m.endpoints.insert(name, eps);
-    }
-    m
+    ProxyModel::for_tests(NODE, services, endpoints)
 }
 
 /// Upstream's fake proxier: one node IP, no detector, rr, no --random-fully.
