@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Endpoint, NodeInfo, ServicePort, TrafficDistribution};
+use super::{Endpoint, NodeInfo, ServicePort};
 
 /// The result of categorising one service port's endpoints.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,7 +35,7 @@ pub fn categorize_endpoints(
     let mut mode = TopologyMode::None;
 
     if svc.uses_cluster_endpoints() {
-        mode = topology_mode(svc, endpoints, node);
+        mode = topology_mode(endpoints, node);
         out.cluster = endpoints
             .iter()
             .filter(|ep| ep.ready && available_for_topology(ep, mode, node))
@@ -100,41 +100,32 @@ pub fn categorize_endpoints(
     out
 }
 
-/// Upstream `topologyModeFromHints`: hints are used only when every endpoint carries them and
-/// this node's zone (or name) appears in at least one.
-fn topology_mode(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
-    let ready: Vec<&Endpoint> = endpoints.iter().filter(|ep| ep.ready).collect();
-    if ready.is_empty() {
-        return TopologyMode::None;
-    }
-    if svc.traffic_distribution == TrafficDistribution::PreferSameNode {
-        let all_have = ready
-            .iter()
-            .all(|ep| ep.node_hints.as_ref().is_some_and(|h| !h.is_empty()));
-        let ours = ready.iter().any(|ep| {
-            ep.node_hints
-                .as_ref()
-                .is_some_and(|h| h.contains(&node.name))
-        });
-        if all_have && ours {
-            return TopologyMode::Node;
+/// Upstream `topologyModeFromHints` (with `PreferSameTrafficDistribution`, on by default):
+/// hints are followed whenever every ready endpoint carries them and at least one names this
+/// node (node hints, first) or its zone. Neither the Service's topology annotations nor its
+/// `trafficDistribution` are consulted: the EndpointSlice controller reads those (with its own
+/// precedence) when it decides whether to write hints at all.
+fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
+    let zone = node.zone().unwrap_or_default();
+    let mut has_ready = false;
+    let (mut all_node_hints, mut for_node) = (true, false);
+    let (mut all_zone_hints, mut for_zone) = (true, false);
+    for ep in endpoints.iter().filter(|ep| ep.ready) {
+        has_ready = true;
+        match ep.node_hints.as_ref().filter(|h| !h.is_empty()) {
+            None => all_node_hints = false,
+            Some(h) => for_node |= h.contains(&node.name),
+        }
+        match ep.zone_hints.as_ref().filter(|h| !h.is_empty()) {
+            None => all_zone_hints = false,
+            Some(h) => for_zone |= h.contains(zone),
         }
     }
-    let wants_zone =
-        svc.topology_annotation || svc.traffic_distribution != TrafficDistribution::None;
-    if !wants_zone {
-        return TopologyMode::None;
-    }
-    let Some(zone) = node.zone() else {
-        return TopologyMode::None;
-    };
-    let all_have = ready
-        .iter()
-        .all(|ep| ep.zone_hints.as_ref().is_some_and(|h| !h.is_empty()));
-    let ours = ready
-        .iter()
-        .any(|ep| ep.zone_hints.as_ref().is_some_and(|h| h.contains(zone)));
-    if all_have && ours {
+    if !has_ready {
+        TopologyMode::None
+    } else if all_node_hints && for_node {
+        TopologyMode::Node
+    } else if all_zone_hints && for_zone {
         TopologyMode::Zone
     } else {
         TopologyMode::None
@@ -142,16 +133,13 @@ fn topology_mode(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> 
 }
 
 fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) -> bool {
+    let has = |hints: &Option<std::collections::BTreeSet<String>>, v: &str| {
+        hints.as_ref().is_some_and(|h| h.contains(v))
+    };
     match mode {
         TopologyMode::None => true,
-        TopologyMode::Zone => match (node.zone(), &ep.zone_hints) {
-            (Some(zone), Some(hints)) => hints.contains(zone),
-            _ => false,
-        },
-        TopologyMode::Node => ep
-            .node_hints
-            .as_ref()
-            .is_some_and(|h| h.contains(&node.name)),
+        TopologyMode::Zone => has(&ep.zone_hints, node.zone().unwrap_or_default()),
+        TopologyMode::Node => has(&ep.node_hints, &node.name),
     }
 }
 
@@ -254,14 +242,19 @@ mod tests {
         assert_eq!(addrs(&c.all_reachable), ["10.0.0.1:80", "10.0.0.2:80"]);
     }
 
+    fn hinted(last: u8, zones: &[&str], nodes: &[&str]) -> Endpoint {
+        let mut e = ep(last, true, true, false, false);
+        let set = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>());
+        e.zone_hints = if zones.is_empty() { None } else { set(zones) };
+        e.node_hints = if nodes.is_empty() { None } else { set(nodes) };
+        e
+    }
+
     #[test]
     fn zone_hints_apply_only_when_complete_and_matching() {
-        let mut s = svc();
-        s.topology_annotation = true;
-        let mut a = ep(1, true, true, false, false);
-        a.zone_hints = Some(BTreeSet::from(["zone-a".to_string()]));
-        let mut b = ep(2, true, true, false, false);
-        b.zone_hints = Some(BTreeSet::from(["zone-b".to_string()]));
+        let s = svc();
+        let a = hinted(1, &["zone-a"], &[]);
+        let mut b = hinted(2, &["zone-b"], &[]);
         let c = categorize_endpoints(&s, &[a.clone(), b.clone()], &node());
         assert_eq!(addrs(&c.cluster), ["10.0.0.1:80"]);
 
@@ -270,10 +263,61 @@ mod tests {
         let c = categorize_endpoints(&s, &[a.clone(), b.clone()], &node());
         assert_eq!(c.cluster.len(), 2);
 
-        // Without the annotation or a traffic distribution, hints are ignored.
-        s.topology_annotation = false;
-        b.zone_hints = Some(BTreeSet::from(["zone-b".to_string()]));
-        let c = categorize_endpoints(&s, &[a, b], &node());
+        // Complete hints, none for this zone: ignored.
+        let c = categorize_endpoints(
+            &s,
+            &[hinted(3, &["zone-c"], &[]), hinted(4, &["zone-b"], &[])],
+            &node(),
+        );
         assert_eq!(c.cluster.len(), 2);
+        // A node without a zone label never matches zone hints.
+        let c = categorize_endpoints(
+            &s,
+            &[a.clone(), hinted(2, &["zone-b"], &[])],
+            &NodeInfo::default(),
+        );
+        assert_eq!(c.cluster.len(), 2);
+    }
+
+    /// Upstream's newest `topologyModeFromHints` follows hints on their own: a Service
+    /// without a topology annotation or trafficDistribution still uses them.
+    #[test]
+    fn hints_are_followed_without_any_service_annotation() {
+        let s = svc();
+        let eps = [hinted(1, &["zone-a"], &[]), hinted(2, &["zone-b"], &[])];
+        assert_eq!(
+            addrs(&categorize_endpoints(&s, &eps, &node()).cluster),
+            ["10.0.0.1:80"]
+        );
+
+        // Node hints win over zone hints when every ready endpoint has one and one is ours,
+        // whatever the Service's trafficDistribution.
+        let eps = [
+            hinted(1, &["zone-a"], &["node2"]),
+            hinted(2, &["zone-a"], &["node1"]),
+            hinted(3, &["zone-b"], &["node3"]),
+        ];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert_eq!(addrs(&c.cluster), ["10.0.0.2:80"]);
+        // Incomplete node hints fall back to zone hints.
+        let eps = [
+            hinted(1, &["zone-a"], &["node1"]),
+            hinted(2, &["zone-a"], &[]),
+            hinted(3, &["zone-b"], &[]),
+        ];
+        let c = categorize_endpoints(&s, &eps, &node());
+        assert_eq!(addrs(&c.cluster), ["10.0.0.1:80", "10.0.0.2:80"]);
+        // Not-ready endpoints do not need hints.
+        let mut unready = ep(4, false, true, false, false);
+        unready.zone_hints = None;
+        let eps = [
+            hinted(1, &["zone-a"], &[]),
+            hinted(2, &["zone-b"], &[]),
+            unready,
+        ];
+        assert_eq!(
+            addrs(&categorize_endpoints(&s, &eps, &node()).cluster),
+            ["10.0.0.1:80"]
+        );
     }
 }

@@ -1,20 +1,27 @@
 //! Converts API objects into model data, the way upstream's change trackers do.
 //!
 //! Bad input never aborts: each problem becomes a warning naming the object, and only the
-//! offending part (a port, an endpoint, or the whole object when nothing usable remains) is
-//! skipped. Only IPv4 is programmed for now, so IPv6 data is dropped silently.
+//! offending part (a port, an endpoint, a source range, or the whole object when nothing
+//! usable remains) is skipped. A name that breaks the API server's rules skips the whole
+//! object with one warning: names are written into the ruleset (comments, hashed chain
+//! names), so only names the API server would accept may reach it. Addresses are read
+//! leniently, as upstream's `netutils.ParseIPSloppy` does (leading zeros are decimal), so
+//! values stored by older releases keep working. Only IPv4 is programmed for now, so IPv6
+//! data is dropped silently.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::NodeInfo;
-use super::net::{Cidr, Protocol};
+use super::net::Protocol;
 use super::service::{
-    Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, TrafficDistribution,
+    Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges,
 };
+use super::validate::{NameError, Shown, dns1123_label, dns1123_subdomain};
+use crate::config::netutil::{parse_cidr_sloppy, parse_ip_sloppy};
 
 /// Label that hands a Service to another proxy; upstream ignores such Services.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -25,9 +32,6 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Upstream's label selector for Services.
 pub const SERVICE_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
-const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
-const ANNOTATION_TOPOLOGY_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
-const ANNOTATION_LB_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
@@ -41,14 +45,66 @@ pub struct ConvertedService {
     pub ports: Vec<ServicePort>,
 }
 
-fn is_ipv4(ip: &IpAddr) -> bool {
-    ip.is_ipv4()
+/// An IPv4 address read as upstream reads object addresses; `Err` if unreadable, `Ok(None)`
+/// for another family.
+fn ipv4_sloppy(s: &str) -> Result<Option<IpAddr>, ()> {
+    match parse_ip_sloppy(s) {
+        Some(ip) if ip.is_ipv4() => Ok(Some(ip)),
+        Some(_) => Ok(None),
+        None => Err(()),
+    }
 }
 
-/// Converts a Service; `warnings` receives one line per skipped part.
+/// Checks the names an object writes into the ruleset; `Err` is the one warning that skips it.
+/// `names` are (what, value, rule) triples in the order the API server checks them.
+fn check_names(
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    names: &[(&str, &str, fn(&str) -> Result<(), NameError>)],
+) -> Result<(), String> {
+    for (what, value, rule) in names {
+        if let Err(e) = rule(value) {
+            return Err(format!(
+                "{kind} {}/{}: {what} {} {e}, skipped",
+                Shown(namespace),
+                Shown(name),
+                Shown(value)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates a Service's namespace, name and port names. Service names are DNS-1035 labels
+/// in the API, or DNS-1123 labels with `RelaxedServiceNameValidation`; the latter is the
+/// superset, so no name the API server accepts is refused.
+fn check_service_names(svc: &Service, namespace: &str, name: &str) -> Result<(), String> {
+    let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
+    let port_names: Vec<&str> = ports.filter_map(|p| p.name.as_deref()).collect();
+    let mut checks: Vec<(&str, &str, fn(&str) -> Result<(), NameError>)> = vec![
+        ("namespace", namespace, dns1123_label),
+        ("name", name, dns1123_label),
+    ];
+    checks.extend(
+        port_names
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .map(|n| ("port name", n, dns1123_label as fn(&str) -> _)),
+    );
+    check_names("Service", namespace, name, &checks)
+}
+
+/// Converts a Service; `warnings` receives one line per skipped part. `None` when the
+/// object itself is unusable (no name, a name the API server would refuse, or no IPv4
+/// cluster IP).
 pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<ConvertedService> {
     let namespace = svc.metadata.namespace.clone().unwrap_or_default();
     let name_str = svc.metadata.name.clone()?;
+    if let Err(w) = check_service_names(svc, &namespace, &name_str) {
+        warnings.push(w);
+        return None;
+    }
     let name = ServiceName::new(namespace, name_str);
     let mut out = ConvertedService {
         name: name.clone(),
@@ -72,8 +128,93 @@ pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<Conv
             return Some(out);
         }
     };
+    let template = service_template(svc, spec, &name, service_type, warnings)?;
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        if let Some(port) = convert_port(p, i, &template, warnings) {
+            out.ports.push(port);
+        }
+    }
+    Some(out)
+}
 
-    // clusterIPs is authoritative when set; clusterIP mirrors its first entry.
+/// The fields every port of the Service shares (the port's own fields are placeholders);
+/// `None` without an IPv4 cluster IP.
+fn service_template(
+    svc: &Service,
+    spec: &ServiceSpec,
+    name: &ServiceName,
+    service_type: ServiceType,
+    warnings: &mut Vec<String>,
+) -> Option<ServicePort> {
+    let cluster_ip = cluster_ip(spec, name, warnings)?;
+    let external_ips = ip_list(
+        spec.external_ips.iter().flatten().map(|s| s.trim()),
+        name,
+        "externalIP",
+        warnings,
+    );
+    let load_balancer_ips = if service_type == ServiceType::LoadBalancer {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        // ipMode Proxy means the load balancer does not deliver to the VIP itself.
+        let ips = ingress
+            .into_iter()
+            .flatten()
+            .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|ing| ing.ip.as_deref());
+        ip_list(ips, name, "load balancer ingress IP", warnings)
+    } else {
+        Vec::new()
+    };
+    let source_ranges = source_ranges(
+        spec.load_balancer_source_ranges
+            .as_deref()
+            .unwrap_or_default(),
+        name,
+        warnings,
+    );
+    let externally_accessible = matches!(
+        service_type,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    ) || !spec.external_ips.as_deref().unwrap_or_default().is_empty();
+    let external_policy_local =
+        externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port =
+        if service_type == ServiceType::LoadBalancer && external_policy_local {
+            health_check_node_port(spec, name, warnings)
+        } else {
+            0
+        };
+    Some(ServicePort {
+        service_type,
+        external_ips,
+        load_balancer_ips,
+        source_ranges,
+        session_affinity_timeout: session_affinity_timeout(spec),
+        external_policy_local,
+        internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        health_check_node_port,
+        ..ServicePort::basic(
+            ServicePortName {
+                service: name.clone(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            cluster_ip,
+            0,
+        )
+    })
+}
+
+/// The first IPv4 entry of `clusterIPs` (authoritative when set) or `clusterIP`.
+fn cluster_ip(
+    spec: &ServiceSpec,
+    name: &ServiceName,
+    warnings: &mut Vec<String>,
+) -> Option<IpAddr> {
     let mut ip_strings: Vec<&str> = Vec::new();
     if let Some(ips) = &spec.cluster_ips {
         ip_strings.extend(ips.iter().map(String::as_str));
@@ -84,197 +225,155 @@ pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<Conv
         ip_strings.push(ip.as_str());
     }
     if ip_strings.iter().all(|s| s.is_empty() || *s == "None") {
-        return Some(out);
+        return None;
     }
-    let mut cluster_ip = None;
-    for s in &ip_strings {
-        match s.parse::<IpAddr>() {
-            Ok(ip) if is_ipv4(&ip) => {
-                cluster_ip.get_or_insert(ip);
-            }
-            Ok(_) => {}
-            Err(_) => warnings.push(format!(
-                "Service {name}: clusterIP {s:?} is not an IP address, ignored"
-            )),
-        }
-    }
-    let cluster_ip = cluster_ip?;
+    ip_list(ip_strings.into_iter(), name, "clusterIP", warnings)
+        .into_iter()
+        .next()
+}
 
-    let mut external_ips = Vec::new();
-    for s in spec.external_ips.iter().flatten() {
-        match s.trim().parse::<IpAddr>() {
-            Ok(ip) if is_ipv4(&ip) => external_ips.push(ip),
-            Ok(_) => {}
-            Err(_) => warnings.push(format!(
-                "Service {name}: externalIP {s:?} is not an IP address, ignored"
+/// The IPv4 addresses among `ips`; unreadable ones are warned about and skipped.
+fn ip_list<'a>(
+    ips: impl Iterator<Item = &'a str>,
+    name: &ServiceName,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for s in ips {
+        match ipv4_sloppy(s) {
+            Ok(Some(ip)) => out.push(ip),
+            Ok(None) => {}
+            Err(()) => warnings.push(format!(
+                "Service {name}: {what} {s:?} is not an IP address, ignored"
             )),
         }
     }
-    let mut load_balancer_ips = Vec::new();
-    if service_type == ServiceType::LoadBalancer {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        for ing in ingress.into_iter().flatten() {
-            // ipMode Proxy means the load balancer does not deliver to the VIP itself.
-            if ing.ip_mode.as_deref() == Some("Proxy") {
-                continue;
-            }
-            let Some(s) = ing.ip.as_deref() else { continue };
-            match s.parse::<IpAddr>() {
-                Ok(ip) if is_ipv4(&ip) => load_balancer_ips.push(ip),
-                Ok(_) => {}
-                Err(_) => warnings.push(format!(
-                    "Service {name}: load balancer ingress IP {s:?} is not an IP address, ignored"
-                )),
-            }
-        }
-    }
-    let mut range_strings: Vec<String> =
-        spec.load_balancer_source_ranges.clone().unwrap_or_default();
-    if range_strings.is_empty()
-        && let Some(a) = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_LB_SOURCE_RANGES))
-    {
-        range_strings = a
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-    }
-    let mut source_ranges = Vec::new();
-    for s in &range_strings {
-        match s.trim().parse::<Cidr>() {
-            Ok(c) if c.is_ipv4() => source_ranges.push(c),
-            Ok(_) => {}
-            Err(_) => {
-                // Dropping one range would widen access; refuse the whole Service instead.
+    out
+}
+
+/// Upstream `newBaseServiceInfo`: entries are trimmed and split by family, and a zero-length
+/// range of this family admits everyone (no firewall). An unreadable entry is skipped with a
+/// warning; if that leaves no range at all, nothing is admitted rather than everything.
+fn source_ranges(
+    ranges: &[String],
+    name: &ServiceName,
+    warnings: &mut Vec<String>,
+) -> SourceRanges {
+    let mut allowed = Vec::new();
+    let mut unreadable = false;
+    let mut allow_all = false;
+    for raw in ranges {
+        match parse_cidr_sloppy(raw.trim()) {
+            Some(c) if c.is_ipv4() && c.prefix() == 0 => allow_all = true,
+            Some(c) if c.is_ipv4() => allowed.push(c),
+            Some(_) => {}
+            None => {
+                unreadable = true;
                 warnings.push(format!(
-                    "Service {name}: loadBalancerSourceRanges entry {s:?} is not a CIDR, service skipped"
+                    "Service {name}: loadBalancerSourceRanges entry {raw:?} is not a CIDR, ignored"
                 ));
-                return Some(out);
             }
         }
     }
-    let session_affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
-        let t = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
-        Some(t)
-    } else {
-        None
-    };
-    let externally_accessible = matches!(
-        service_type,
-        ServiceType::NodePort | ServiceType::LoadBalancer
-    ) || !spec.external_ips.as_deref().unwrap_or_default().is_empty();
-    let external_policy_local =
-        externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let health_check_node_port =
-        if service_type == ServiceType::LoadBalancer && external_policy_local {
-            match spec.health_check_node_port.map(u16::try_from) {
-                Some(Ok(p)) if p != 0 => p,
-                Some(_) => {
-                    warnings.push(format!(
-                    "Service {name}: healthCheckNodePort {:?} out of range, no health check served",
-                    spec.health_check_node_port
-                ));
-                    0
-                }
-                None => 0,
-            }
-        } else {
-            0
-        };
-    let traffic_distribution = match spec.traffic_distribution.as_deref() {
-        Some("PreferClose") | Some("PreferSameZone") => TrafficDistribution::PreferSameZone,
-        Some("PreferSameNode") => TrafficDistribution::PreferSameNode,
-        _ => TrafficDistribution::None,
-    };
-    let topology_annotation = svc
-        .metadata
-        .annotations
+    if allow_all || (allowed.is_empty() && !unreadable) {
+        return SourceRanges::Any;
+    }
+    if allowed.is_empty() {
+        warnings.push(format!(
+            "Service {name}: no usable loadBalancerSourceRanges entry, traffic to its load balancer IPs is dropped"
+        ));
+    }
+    SourceRanges::Only(allowed)
+}
+
+fn session_affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let t = spec
+        .session_affinity_config
         .as_ref()
-        .and_then(|a| {
-            a.get(ANNOTATION_TOPOLOGY_MODE)
-                .or_else(|| a.get(ANNOTATION_TOPOLOGY_HINTS))
-        })
-        .is_some_and(|v| !v.is_empty() && v != "Disabled" && v != "disabled");
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .and_then(|t| u32::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+    Some(t)
+}
 
-    for (i, p) in spec.ports.iter().flatten().enumerate() {
-        let pname = p.name.clone().unwrap_or_default();
-        let label = if pname.is_empty() {
-            format!("#{i}")
-        } else {
-            pname.clone()
-        };
-        let proto_str = p.protocol.as_deref().unwrap_or("TCP");
-        let Some(protocol) = Protocol::from_api(proto_str) else {
+fn health_check_node_port(
+    spec: &ServiceSpec,
+    name: &ServiceName,
+    warnings: &mut Vec<String>,
+) -> u16 {
+    match spec.health_check_node_port.map(u16::try_from) {
+        Some(Ok(p)) if p != 0 => p,
+        Some(_) => {
             warnings.push(format!(
-                "Service {name}: port {label} has unknown protocol {proto_str:?}, port skipped"
+                "Service {name}: healthCheckNodePort {:?} out of range, no health check served",
+                spec.health_check_node_port
             ));
-            continue;
-        };
-        let port = match u16::try_from(p.port) {
-            Ok(v) if v != 0 => v,
-            _ => {
+            0
+        }
+        None => 0,
+    }
+}
+
+/// One port of the Service from `template`; `None` (with a warning) if it is unusable.
+fn convert_port(
+    p: &k8s_openapi::api::core::v1::ServicePort,
+    index: usize,
+    template: &ServicePort,
+    warnings: &mut Vec<String>,
+) -> Option<ServicePort> {
+    let name = &template.name.service;
+    let pname = p.name.clone().unwrap_or_default();
+    let label = if pname.is_empty() {
+        format!("#{index}")
+    } else {
+        pname.clone()
+    };
+    let proto_str = p.protocol.as_deref().unwrap_or("TCP");
+    let Some(protocol) = Protocol::from_api(proto_str) else {
+        warnings.push(format!(
+            "Service {name}: port {label} has unknown protocol {proto_str:?}, port skipped"
+        ));
+        return None;
+    };
+    let Some(port) = u16::try_from(p.port).ok().filter(|v| *v != 0) else {
+        warnings.push(format!(
+            "Service {name}: port {label} has out-of-range port {}, port skipped",
+            p.port
+        ));
+        return None;
+    };
+    let node_port = match p.node_port {
+        None => 0,
+        Some(np) => match u16::try_from(np) {
+            Ok(v) => v,
+            Err(_) => {
                 warnings.push(format!(
-                    "Service {name}: port {label} has out-of-range port {}, port skipped",
-                    p.port
+                    "Service {name}: port {label} has out-of-range nodePort {np}, port skipped"
                 ));
-                continue;
+                return None;
             }
-        };
-        let node_port = match p.node_port {
-            None => 0,
-            Some(np) => match u16::try_from(np) {
-                Ok(v) => v,
-                Err(_) => {
-                    warnings.push(format!(
-                        "Service {name}: port {label} has out-of-range nodePort {np}, port skipped"
-                    ));
-                    continue;
-                }
-            },
-        };
-        let node_port = if service_type == ServiceType::ClusterIp {
+        },
+    };
+    Some(ServicePort {
+        name: ServicePortName {
+            service: name.clone(),
+            port: pname,
+            protocol,
+        },
+        port,
+        node_port: if template.service_type == ServiceType::ClusterIp {
             0
         } else {
             node_port
-        };
-        out.ports.push(ServicePort {
-            name: ServicePortName {
-                service: name.clone(),
-                port: pname,
-                protocol,
-            },
-            service_type,
-            cluster_ip,
-            port,
-            node_port,
-            external_ips: external_ips.clone(),
-            load_balancer_ips: load_balancer_ips.clone(),
-            source_ranges: source_ranges.clone(),
-            session_affinity_timeout,
-            external_policy_local,
-            internal_policy_local,
-            health_check_node_port,
-            traffic_distribution,
-            topology_annotation,
-        });
-    }
-    Some(out)
+        },
+        ..template.clone()
+    })
 }
 
 /// One port of an EndpointSlice.
@@ -299,6 +398,32 @@ pub struct SliceInfo {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// Validates a slice's namespace, name, Service label and port names as the API server does
+/// (the Service label must also be a valid Service name, or it could never match one).
+fn check_slice_names(
+    slice: &EndpointSlice,
+    namespace: &str,
+    name: &str,
+    svc: &str,
+) -> Result<(), String> {
+    let port_names = slice
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| p.name.as_deref());
+    let mut checks: Vec<(&str, &str, fn(&str) -> Result<(), NameError>)> = vec![
+        ("namespace", namespace, dns1123_label),
+        ("name", name, dns1123_subdomain),
+        (LABEL_SERVICE_NAME, svc, dns1123_label),
+    ];
+    checks.extend(
+        port_names
+            .filter(|n| !n.is_empty())
+            .map(|n| ("port name", n, dns1123_label as fn(&str) -> _)),
+    );
+    check_names("EndpointSlice", namespace, name, &checks)
+}
+
 /// Converts an EndpointSlice of the IPv4 family; `None` if it carries nothing for us.
 pub fn convert_endpoint_slice(
     slice: &EndpointSlice,
@@ -307,27 +432,38 @@ pub fn convert_endpoint_slice(
 ) -> Option<SliceInfo> {
     let namespace = slice.metadata.namespace.clone().unwrap_or_default();
     let slice_name = slice.metadata.name.clone().unwrap_or_default();
-    let who = format!("EndpointSlice {namespace}/{slice_name}");
     match slice.address_type.as_str() {
         "IPv4" => {}
         "IPv6" => return None,
         other => {
             warnings.push(format!(
-                "{who}: addressType {other:?} is not supported, skipped"
+                "EndpointSlice {}/{}: addressType {other:?} is not supported, skipped",
+                Shown(&namespace),
+                Shown(&slice_name)
             ));
             return None;
         }
     }
-    let Some(svc_name) = slice
+    let svc_name = slice
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        .filter(|s| !s.is_empty())
-    else {
-        warnings.push(format!("{who}: no {LABEL_SERVICE_NAME} label, skipped"));
+        .map(String::as_str)
+        .unwrap_or_default();
+    if let Err(w) = check_slice_names(slice, &namespace, &slice_name, svc_name) {
+        warnings.push(w);
         return None;
-    };
+    }
+    let who = format!("EndpointSlice {namespace}/{slice_name}");
+    Some(SliceInfo {
+        service: ServiceName::new(namespace, svc_name),
+        ports: slice_ports(slice, &who, warnings),
+        endpoints: slice_endpoints(slice, node_name, &who, warnings),
+    })
+}
+
+fn slice_ports(slice: &EndpointSlice, who: &str, warnings: &mut Vec<String>) -> Vec<SlicePort> {
     let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
         let proto_str = p.protocol.as_deref().unwrap_or("TCP");
@@ -352,24 +488,29 @@ pub fn convert_endpoint_slice(
             protocol,
         });
     }
+    ports
+}
+
+/// Upstream `newEndpointSliceInfo`: an unset `ready` or `serving` counts as true, an unset
+/// `terminating` as false.
+fn slice_endpoints(
+    slice: &EndpointSlice,
+    node_name: &str,
+    who: &str,
+    warnings: &mut Vec<String>,
+) -> Vec<Endpoint> {
     let mut endpoints = Vec::new();
     for ep in slice.endpoints.iter().flatten() {
         let Some(addr) = ep.addresses.first() else {
             continue;
         };
-        let ip = match addr.parse::<IpAddr>() {
-            Ok(ip) if ip.is_ipv4() => ip,
-            _ => {
-                warnings.push(format!(
-                    "{who}: endpoint address {addr:?} is not an IPv4 address, endpoint skipped"
-                ));
-                continue;
-            }
+        let Ok(Some(ip)) = ipv4_sloppy(addr) else {
+            warnings.push(format!(
+                "{who}: endpoint address {addr:?} is not an IPv4 address, endpoint skipped"
+            ));
+            continue;
         };
         let cond = ep.conditions.as_ref();
-        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         let hints = ep.hints.as_ref();
         let zone_hints = hints
             .and_then(|h| h.for_zones.as_ref())
@@ -380,20 +521,16 @@ pub fn convert_endpoint_slice(
         endpoints.push(Endpoint {
             ip,
             port: 0,
-            ready,
-            serving,
-            terminating,
+            ready: cond.and_then(|c| c.ready).unwrap_or(true),
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
+            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
             is_local: ep.node_name.as_deref() == Some(node_name),
             zone: ep.zone.clone(),
             zone_hints,
             node_hints,
         });
     }
-    Some(SliceInfo {
-        service: ServiceName::new(namespace, svc_name.clone()),
-        ports,
-        endpoints,
-    })
+    endpoints
 }
 
 /// Converts this proxy's Node.
@@ -416,12 +553,12 @@ pub fn convert_node(node: &Node, name: &str) -> NodeInfo {
             .clone()
             .or_else(|| spec.pod_cidr.clone().map(|c| vec![c]))
             .unwrap_or_default();
-        info.pod_cidrs = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+        info.pod_cidrs = cidrs.iter().filter_map(|c| parse_cidr_sloppy(c)).collect();
     }
     if let Some(status) = &node.status {
         for a in status.addresses.iter().flatten() {
             if (a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-                && let Ok(ip) = a.address.parse()
+                && let Some(ip) = parse_ip_sloppy(&a.address)
             {
                 info.ips.push(ip);
             }
@@ -467,9 +604,12 @@ mod tests {
             p.load_balancer_ips,
             vec!["1.2.3.4".parse::<IpAddr>().unwrap()]
         );
-        assert_eq!(p.source_ranges[0].to_string(), "203.0.113.0/24");
+        assert_eq!(
+            p.source_ranges,
+            SourceRanges::Only(vec!["203.0.113.0/24".parse().unwrap()])
+        );
         assert_eq!(p.session_affinity_timeout, Some(10800));
-        assert!(p.external_policy_local && p.internal_policy_local && p.topology_annotation);
+        assert!(p.external_policy_local && p.internal_policy_local);
         assert_eq!(p.health_check_node_port, 32000);
         assert_eq!(c.ports[1].name.protocol, Protocol::Udp);
     }
@@ -561,5 +701,198 @@ mod tests {
         let mut w = Vec::new();
         assert!(convert_endpoint_slice(&fqdn, "node1", &mut w).is_none());
         assert!(w[0].contains("FQDN"));
+    }
+
+    fn named(ns: &str, name: &str, port_name: &str) -> Service {
+        svc(json!({"metadata": {"namespace": ns, "name": name},
+                   "spec": {"clusterIP": "10.0.0.1", "ports": [{"name": port_name, "port": 80}]}}))
+    }
+
+    /// Item 2 of issue 7: a name the API server would refuse never reaches the ruleset; the
+    /// object is skipped with exactly one warning that names it, on one line.
+    #[test]
+    fn names_the_api_server_refuses_skip_the_object_with_one_warning() {
+        let long = "a".repeat(1100);
+        let cases = [
+            named(
+                "ns\" -j ACCEPT\n-A KUBE-SERVICES -j ACCEPT\n#",
+                "web",
+                "http",
+            ),
+            named("ns", "web", "COMMIT"),
+            named("ns", "web", "*filter"),
+            named("ns", "my web", "http"),
+            named("ns", &long, "http"),
+            named("", "web", "http"),
+            named("ns", "web", &"p".repeat(64)),
+        ];
+        for s in &cases {
+            let mut w = Vec::new();
+            assert_eq!(convert_service(s, &mut w), None, "{:?}", s.metadata);
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].starts_with("Service ") && w[0].ends_with(", skipped"),
+                "{w:?}"
+            );
+            assert!(!w[0].contains('\n') && w[0].len() < 400, "{w:?}");
+        }
+        // The most the API server allows still converts.
+        for s in [
+            named(&"n".repeat(63), &"s".repeat(63), &"p".repeat(63)),
+            named("kube-system", "9dns", ""),
+        ] {
+            let mut w = Vec::new();
+            assert_eq!(convert_service(&s, &mut w).unwrap().ports.len(), 1, "{w:?}");
+            assert!(w.is_empty(), "{w:?}");
+        }
+
+        let slice = |ns: &str, name: &str, svc_name: &str, port: &str| -> EndpointSlice {
+            serde_json::from_value(json!({
+                "metadata": {"namespace": ns, "name": name,
+                             "labels": {"kubernetes.io/service-name": svc_name}},
+                "addressType": "IPv4",
+                "ports": [{"name": port, "port": 80, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["10.1.0.1"]}]
+            }))
+            .unwrap()
+        };
+        for s in [
+            slice("ns\"\n-A X", "web-1", "web", "http"),
+            slice("ns", "web 1", "web", "http"),
+            slice("ns", "web-1", "web\n", "http"),
+            slice("ns", "web-1", "", "http"),
+            slice("ns", "web-1", "web", "COMMIT"),
+        ] {
+            let mut w = Vec::new();
+            assert_eq!(convert_endpoint_slice(&s, "node1", &mut w), None);
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].starts_with("EndpointSlice ") && !w[0].contains('\n'),
+                "{w:?}"
+            );
+        }
+        let mut w = Vec::new();
+        let ok = slice("ns", "web-1.x", "web", "http");
+        assert!(convert_endpoint_slice(&ok, "node1", &mut w).is_some() && w.is_empty());
+    }
+
+    /// Item 7: values stored by older releases (leading zeros, read as decimal) keep working,
+    /// in every address and prefix of a Service, an EndpointSlice and the Node.
+    #[test]
+    fn legacy_ip_spellings_are_read_as_upstream_does() {
+        let s = svc(json!({
+            "metadata": {"namespace": "ns", "name": "web"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "172.30.0.041", "clusterIPs": ["172.30.0.041"],
+                     "externalIPs": ["192.168.099.011"], "loadBalancerSourceRanges": ["010.0.0.0/8"],
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "001.002.003.004"}]}}
+        }));
+        let mut w = Vec::new();
+        let p = &convert_service(&s, &mut w).unwrap().ports[0];
+        assert!(w.is_empty(), "{w:?}");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(p.cluster_ip, ip("172.30.0.41"));
+        assert_eq!(p.external_ips, [ip("192.168.99.11")]);
+        assert_eq!(p.load_balancer_ips, [ip("1.2.3.4")]);
+        assert_eq!(
+            p.source_ranges,
+            SourceRanges::Only(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 80}],
+            "endpoints": [{"addresses": ["10.180.00.001"]}]
+        }))
+        .unwrap();
+        let info = convert_endpoint_slice(&slice, "node1", &mut w).unwrap();
+        assert_eq!(info.endpoints[0].ip, ip("10.180.0.1"));
+        assert!(w.is_empty(), "{w:?}");
+
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node1"},
+            "spec": {"podCIDR": "010.244.000.0/24", "podCIDRs": ["010.244.000.0/24"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.050.001"}]}
+        }))
+        .unwrap();
+        let n = convert_node(&node, "node1");
+        assert_eq!(n.pod_cidrs, ["10.244.0.0/24".parse().unwrap()]);
+        assert_eq!(n.ips, [ip("192.168.50.1")]);
+    }
+
+    fn lb_with_ranges(ranges: serde_json::Value, annotation: Option<&str>) -> Service {
+        let mut v = json!({
+            "metadata": {"namespace": "ns", "name": "lb"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "172.30.0.41",
+                     "ports": [{"name": "p80", "port": 80, "nodePort": 3001}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}}
+        });
+        if !ranges.is_null() {
+            v["spec"]["loadBalancerSourceRanges"] = ranges;
+        }
+        if let Some(a) = annotation {
+            v["metadata"]["annotations"] =
+                json!({"service.beta.kubernetes.io/load-balancer-source-ranges": a});
+        }
+        svc(v)
+    }
+
+    fn ranges_of(s: &Service) -> (SourceRanges, Vec<String>) {
+        let mut w = Vec::new();
+        let c = convert_service(s, &mut w).expect("service kept");
+        (c.ports[0].source_ranges.clone(), w)
+    }
+
+    /// Item 8: upstream reads only `spec.loadBalancerSourceRanges`, trims and splits by
+    /// family, and treats a zero-length range as "allow any"; an unreadable entry is skipped
+    /// (the service stays), and with none left the load balancer admits nobody.
+    #[test]
+    fn load_balancer_source_ranges_follow_upstream_and_fail_closed() {
+        let only = |v: &[&str]| SourceRanges::Only(v.iter().map(|s| s.parse().unwrap()).collect());
+        // The annotation is not read.
+        let (r, w) = ranges_of(&lb_with_ranges(json!(null), Some("203.0.113.0/25")));
+        assert_eq!((r, w.len()), (SourceRanges::Any, 0));
+        // Trimmed; other family ignored.
+        let (r, w) = ranges_of(&lb_with_ranges(
+            json!([" 203.0.113.0/25 ", "2001:db8::/64"]),
+            None,
+        ));
+        assert_eq!((r, w.len()), (only(&["203.0.113.0/25"]), 0));
+        // Zero-length range of this family: no firewall at all.
+        for zero in [json!(["0.0.0.0/0"]), json!(["203.0.113.0/25", "0.0.0.0/0"])] {
+            let (r, w) = ranges_of(&lb_with_ranges(zero, None));
+            assert_eq!((r, w.len()), (SourceRanges::Any, 0));
+        }
+        // Only the other family: nothing restricts IPv4 (upstream splits by family first).
+        let (r, _) = ranges_of(&lb_with_ranges(json!(["::/0", "2001:db8::/64"]), None));
+        assert_eq!(r, SourceRanges::Any);
+        // An unreadable entry is skipped with a warning naming it; the rest stays.
+        let (r, w) = ranges_of(&lb_with_ranges(json!(["bogus", "203.0.113.0/25"]), None));
+        assert_eq!(r, only(&["203.0.113.0/25"]));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("ns/lb") && w[0].contains("bogus"), "{w:?}");
+        // Nothing readable left: fail closed.
+        let (r, w) = ranges_of(&lb_with_ranges(json!(["bogus", "10.0.0.0/99"]), None));
+        assert_eq!(r, SourceRanges::Only(Vec::new()));
+        assert!(r.restricts() && r.allowed().is_empty());
+        assert_eq!(w.len(), 3, "{w:?}");
+    }
+
+    /// Item 9: upstream `newEndpointSliceInfo` reads an unset `serving` as true, so a
+    /// terminating endpoint with no serving condition is still a fallback endpoint.
+    #[test]
+    fn serving_unset_means_true() {
+        let s: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 80}],
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": false, "terminating": true}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+            ]
+        }))
+        .unwrap();
+        let info = convert_endpoint_slice(&s, "node1", &mut Vec::new()).unwrap();
+        assert!(info.endpoints[0].serving && !info.endpoints[0].ready);
+        assert!(!info.endpoints[1].serving);
     }
 }

@@ -8,15 +8,14 @@ pub mod convert;
 pub mod net;
 pub mod service;
 pub mod state;
+pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 pub use categorize::{Categorized, categorize_endpoints};
 pub use net::{Cidr, Protocol};
-pub use service::{
-    Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, TrafficDistribution,
-};
+pub use service::{Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges};
 pub use state::ClusterState;
 
 /// The label carrying a node's zone.

@@ -82,17 +82,31 @@ pub enum ServiceType {
     LoadBalancer,
 }
 
-/// Which endpoints topology-aware routing prefers, from `spec.trafficDistribution`
-/// and the hints in EndpointSlices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum TrafficDistribution {
-    /// No preference (or an unknown value).
+/// Who may reach a service's load-balancer IPs, decided once from
+/// `spec.loadBalancerSourceRanges` (upstream `newBaseServiceInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SourceRanges {
+    /// Anyone: no ranges of this family, or a zero-length one (`0.0.0.0/0`), as upstream.
     #[default]
-    None,
-    /// `PreferClose` / `PreferSameZone`: use zone hints.
-    PreferSameZone,
-    /// `PreferSameNode`: use node hints, falling back to zone hints.
-    PreferSameNode,
+    Any,
+    /// Only these sources. Empty when every range was unreadable: the firewall then admits
+    /// nothing (fail closed) rather than opening the load balancer to everyone.
+    Only(Vec<Cidr>),
+}
+
+impl SourceRanges {
+    /// Whether traffic to the load-balancer IPs must pass a source firewall.
+    pub fn restricts(&self) -> bool {
+        matches!(self, SourceRanges::Only(_))
+    }
+
+    /// The admitted source ranges (none for [`SourceRanges::Any`], which needs no firewall).
+    pub fn allowed(&self) -> &[Cidr] {
+        match self {
+            SourceRanges::Any => &[],
+            SourceRanges::Only(v) => v,
+        }
+    }
 }
 
 /// One service port as a backend programs it, for one IP family.
@@ -112,8 +126,8 @@ pub struct ServicePort {
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` of this family (ipMode Proxy excluded).
     pub load_balancer_ips: Vec<IpAddr>,
-    /// `spec.loadBalancerSourceRanges` of this family.
-    pub source_ranges: Vec<Cidr>,
+    /// Who may reach the load-balancer IPs (`spec.loadBalancerSourceRanges` of this family).
+    pub source_ranges: SourceRanges,
     /// ClientIP affinity timeout in seconds; `None` without affinity.
     pub session_affinity_timeout: Option<u32>,
     /// `externalTrafficPolicy: Local` on an externally accessible service.
@@ -122,11 +136,6 @@ pub struct ServicePort {
     pub internal_policy_local: bool,
     /// `spec.healthCheckNodePort`, 0 if none.
     pub health_check_node_port: u16,
-    /// Topology preference.
-    pub traffic_distribution: TrafficDistribution,
-    /// Whether the `service.kubernetes.io/topology-mode` (or legacy `topology-aware-hints`)
-    /// annotation asks for hints.
-    pub topology_annotation: bool,
 }
 
 impl ServicePort {
@@ -164,13 +173,11 @@ impl ServicePort {
             node_port: 0,
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
-            source_ranges: Vec::new(),
+            source_ranges: SourceRanges::Any,
             session_affinity_timeout: None,
             external_policy_local: false,
             internal_policy_local: false,
             health_check_node_port: 0,
-            traffic_distribution: TrafficDistribution::None,
-            topology_annotation: false,
         }
     }
 }
@@ -184,7 +191,7 @@ pub struct Endpoint {
     pub port: u16,
     /// `conditions.ready` (nil counts as true).
     pub ready: bool,
-    /// `conditions.serving` (nil: same as ready).
+    /// `conditions.serving` (nil counts as true).
     pub serving: bool,
     /// `conditions.terminating` (nil counts as false).
     pub terminating: bool,

@@ -426,7 +426,7 @@ pub fn render(input: &RenderInput) -> Rendered {
         };
         let uses_ext_chain = has_endpoints && svc.externally_accessible();
         let uses_fw_chain =
-            has_endpoints && !svc.load_balancer_ips.is_empty() && !svc.source_ranges.is_empty();
+            has_endpoints && !svc.load_balancer_ips.is_empty() && svc.source_ranges.restricts();
         let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
 
         let (internal_target, internal_comment, external_target, external_comment);
@@ -774,7 +774,7 @@ pub fn render(input: &RenderInput) -> Rendered {
                 quoted(&format!("{name_str} loadbalancer IP")),
             ];
             let mut allow_from_node = false;
-            for cidr in &svc.source_ranges {
+            for cidr in svc.source_ranges.allowed() {
                 svc_rules.push(&words![&args, "-s", cidr.to_string(), "-j", &ext_chain]);
                 if cfg.primary_node_ip.is_some_and(|ip| cidr.contains(&ip)) {
                     allow_from_node = true;

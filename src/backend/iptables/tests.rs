@@ -11,6 +11,7 @@ use super::render::*;
 use super::tracer::{Packet, trace_packet};
 use crate::model::{
     Cidr, Endpoint, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName, ServiceType,
+    SourceRanges,
 };
 
 const TEST_NODE_NAME: &str = "test-node";
@@ -346,7 +347,7 @@ fn overall_model() -> ProxyModel {
     s5.node_port = 3002;
     s5.load_balancer_ips = vec![ip("5.6.7.8")];
     s5.health_check_node_port = 30000;
-    s5.source_ranges = vec![cidr("203.0.113.0/25")];
+    s5.source_ranges = SourceRanges::Only(vec![cidr("203.0.113.0/25")]);
     s5.session_affinity_timeout = Some(10800);
 
     let s6 = svc("ns6", "svc6", "p80", "172.30.0.46", 80);
@@ -1103,7 +1104,7 @@ fn load_balancer_source_ranges() {
     let mut s = lb_service("ns1", "svc1", "p80", "172.30.0.41");
     s.node_port = 3001;
     s.load_balancer_ips = vec![ip("1.2.3.4"), ip("5.6.7.8")];
-    s.source_ranges = vec![cidr("192.168.0.0/24"), cidr("203.0.113.0/25")];
+    s.source_ranges = SourceRanges::Only(vec![cidr("192.168.0.0/24"), cidr("203.0.113.0/25")]);
     let m = model(
         vec![s],
         vec![(spn("ns1", "svc1", "p80"), vec![ep("10.180.0.1", 80)])],
@@ -2952,7 +2953,7 @@ fn generated(n_services: u32, n_endpoints: u32, load_balancer: bool) -> ProxyMod
         if load_balancer {
             s.service_type = ServiceType::LoadBalancer;
             s.external_ips = vec![ip("1.2.3.4")];
-            s.source_ranges = vec![cidr("1.2.3.4/28")];
+            s.source_ranges = SourceRanges::Only(vec![cidr("1.2.3.4/28")]);
             s.load_balancer_ips = vec![ip("1.2.3.4")];
             s.node_port = 30000 + i as u16;
             s.health_check_node_port = (32000 + n_services + i) as u16;

@@ -342,10 +342,10 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
             if svc.external_policy_local {
                 b.add(ipset::LOAD_BALANCER_LOCAL, entry.clone());
             }
-            if !svc.source_ranges.is_empty() {
+            if svc.source_ranges.restricts() {
                 b.add(ipset::LOAD_BALANCER_FW, entry);
                 let mut allow_from_node = false;
-                for cidr in &svc.source_ranges {
+                for cidr in svc.source_ranges.allowed() {
                     b.add(
                         ipset::LOAD_BALANCER_SOURCE_CIDR,
                         ipset::ip_port_extra(ip, proto, svc.port, &cidr.to_string()),

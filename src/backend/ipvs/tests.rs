@@ -16,7 +16,7 @@ use crate::kernel::ipvs::codec::{
 };
 use crate::model::{
     Cidr, Endpoint, NodeInfo, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName,
-    ServiceType,
+    ServiceType, SourceRanges,
 };
 
 const NODE: &str = "test-node";
@@ -726,7 +726,7 @@ fn load_balancer_source_ranges_without_the_node() {
     // blocked from the LB by KUBE-IPVS-OUT-FILTER (#119656).
     let n = spn("ns1", "svc1", "p80", Protocol::Tcp);
     let mut s = lb_svc(&n);
-    s.source_ranges = vec![cidr("10.0.0.0/8")];
+    s.source_ranges = SourceRanges::Only(vec![cidr("10.0.0.0/8")]);
     let m = model(vec![s], vec![(n.clone(), vec![ep("10.180.0.1", 80)])]);
     let mut c = cfg();
     c.primary_node_ip = Some(ip(NODE_IP));
@@ -795,7 +795,7 @@ fn load_balancer_source_ranges_containing_the_node() {
     // and adds no OUT-FILTER rule.
     let n = spn("ns1", "svc1", "p80", Protocol::Tcp);
     let mut s = lb_svc(&n);
-    s.source_ranges = vec![cidr("203.0.113.0/24"), cidr("100.101.0.0/16")];
+    s.source_ranges = SourceRanges::Only(vec![cidr("203.0.113.0/24"), cidr("100.101.0.0/16")]);
     let m = model(vec![s], vec![(n.clone(), vec![ep("10.180.0.1", 80)])]);
     let mut c = cfg();
     c.primary_node_ip = Some(ip(NODE_IP));
@@ -1221,7 +1221,7 @@ fn full_ruleset_golden() {
     slb.service_type = ServiceType::LoadBalancer;
     slb.node_port = 30443;
     slb.load_balancer_ips = vec![ip("1.2.3.4")];
-    slb.source_ranges = vec![cidr("203.0.113.0/25")];
+    slb.source_ranges = SourceRanges::Only(vec![cidr("203.0.113.0/25")]);
     slb.external_policy_local = true;
     slb.health_check_node_port = 30000;
     let mut sdns = svc(&dns, "172.30.0.53", 53);
