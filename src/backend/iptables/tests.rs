@@ -3423,3 +3423,322 @@ fn large_cluster_mode_starts_above_the_threshold() {
         "above the threshold: comments dropped"
     );
 }
+
+// === API objects through the converter: TestBadIPs, hostile names, LB source ranges ===
+
+/// The model the watch layer builds from these objects (Services and EndpointSlices, as
+/// JSON), on node "test-node", and the warnings it logs.
+fn model_from_objects(objects: &[serde_json::Value]) -> (ProxyModel, Vec<String>) {
+    fn of_kind<T: serde::de::DeserializeOwned>(
+        objects: &[serde_json::Value],
+        kind: &str,
+    ) -> Vec<T> {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .map(|o| serde_json::from_value(o.clone()).unwrap())
+            .collect()
+    }
+    let services: Vec<k8s_openapi::api::core::v1::Service> = of_kind(objects, "Service");
+    let slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        of_kind(objects, "EndpointSlice");
+    let mut state = crate::model::ClusterState::new(TEST_NODE_NAME);
+    let mut warnings = state.replace_services(services.iter());
+    warnings.extend(state.replace_slices(slices.iter()));
+    let mut m = state.snapshot();
+    m.node.present = true;
+    (m, warnings)
+}
+
+/// A Service object with one TCP port `p80` (port 80) and `extra` merged into its spec.
+fn service_object(
+    ns: &str,
+    name: &str,
+    cluster_ip: &str,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut spec = serde_json::json!({"clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}]});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        spec[k] = v.clone();
+    }
+    serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": ns, "name": name}, "spec": spec})
+}
+
+/// An EndpointSlice for Service `ns/name` port `p80` (80/TCP); endpoints are (address, node).
+fn slice_object(ns: &str, name: &str, endpoints: &[(&str, Option<&str>)]) -> serde_json::Value {
+    let eps: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(a, node)| serde_json::json!({"addresses": [a], "nodeName": node}))
+        .collect();
+    serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": ns, "name": format!("{name}-1"),
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}],
+        "endpoints": eps})
+}
+
+/// TestOverallIPTablesRules' Services and EndpointSlices as API objects, every address and
+/// prefix spelled through `spell` (identity, or the legacy leading-zero form).
+fn overall_objects(spell: &dyn Fn(&str) -> String) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    let s = |v: &str| spell(v);
+    let lb_status = |ip: &str| json!({"loadBalancer": {"ingress": [{"ip": s(ip)}]}});
+    let mut svc2 = service_object(
+        "ns2",
+        "svc2",
+        &s("172.30.0.42"),
+        json!({
+        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 30000,
+        "externalIPs": [s("192.168.99.22")],
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3001}]}),
+    );
+    svc2["status"] = lb_status("1.2.3.4");
+    let mut svc5 = service_object(
+        "ns5",
+        "svc5",
+        &s("172.30.0.45"),
+        json!({
+        "type": "LoadBalancer", "healthCheckNodePort": 30000, "sessionAffinity": "ClientIP",
+        "loadBalancerSourceRanges": [s("203.0.113.0/25")],
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3002}]}),
+    );
+    svc5["status"] = lb_status("5.6.7.8");
+    vec![
+        service_object("ns1", "svc1", &s("172.30.0.41"), json!({})),
+        slice_object("ns1", "svc1", &[(&s("10.180.0.1"), None)]),
+        svc2,
+        slice_object("ns2", "svc2", &[(&s("10.180.0.2"), None)]),
+        service_object(
+            "ns3",
+            "svc3",
+            &s("172.30.0.43"),
+            json!({"type": "NodePort",
+            "ports": [{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3003}]}),
+        ),
+        slice_object("ns3", "svc3", &[(&s("10.180.0.3"), None)]),
+        service_object(
+            "ns4",
+            "svc4",
+            &s("172.30.0.44"),
+            json!({"type": "NodePort",
+            "externalIPs": [s("192.168.99.33")]}),
+        ),
+        slice_object(
+            "ns4",
+            "svc4",
+            &[
+                (&s("10.180.0.4"), None),
+                (&s("10.180.0.5"), Some(TEST_NODE_NAME)),
+            ],
+        ),
+        svc5,
+        slice_object("ns5", "svc5", &[(&s("10.180.0.3"), None)]),
+        service_object("ns6", "svc6", &s("172.30.0.46"), json!({})),
+    ]
+}
+
+/// Every IPv4 octet and prefix length with leading zeros, as clusters upgraded from old
+/// releases may store them (`172.30.0.41` -> `172.030.000.041`, `/25` -> `/025`).
+fn legacy_spelling(v: &str) -> String {
+    let (addr, len) = v.split_once('/').map_or((v, None), |(a, l)| (a, Some(l)));
+    let addr: Vec<String> = addr.split('.').map(|o| format!("{o:0>3}")).collect();
+    match len {
+        Some(l) => format!("{}/{l:0>3}", addr.join(".")),
+        None => addr.join("."),
+    }
+}
+
+/// TestBadIPs: Services and EndpointSlices whose addresses carry leading zeros program
+/// exactly the rules of TestOverallIPTablesRules' golden, as upstream parses them with
+/// `ParseIPSloppy` / `ParseCIDRSloppy` and writes them in canonical form.
+#[test]
+fn bad_ips_match_upstream_golden() {
+    assert_eq!(legacy_spelling("203.0.113.0/25"), "203.000.113.000/025");
+    let (m, warnings) = model_from_objects(&overall_objects(&legacy_spelling));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let r = render_full(&m);
+    assert_rules_equal(OVERALL_EXPECTED, &r.text);
+    // The very restore text of the model built directly, not just the same rule set.
+    assert_eq!(r.text, render_full(&overall_model()).text);
+    for legacy in ["041", "/025", ".00"] {
+        assert!(!r.text.contains(legacy), "{legacy} written:\n{}", r.text);
+    }
+}
+
+/// Item 2 of issue 7: objects whose names the API server would refuse (an injected rule in
+/// a namespace, `COMMIT` / `*filter` port names, a space, 1,100 characters) are skipped with
+/// one warning each, and everything else is programmed exactly as without them.
+#[test]
+fn hostile_names_never_reach_the_restore_input() {
+    use serde_json::json;
+    let good = overall_objects(&|v| v.to_string());
+    let injected = "ns\" -j ACCEPT\n-A KUBE-SERVICES -j ACCEPT\n#";
+    let long = "x".repeat(1100);
+    let port = |name: &str| json!({"ports": [{"name": name, "port": 80, "protocol": "TCP"}]});
+    let hostile = vec![
+        service_object(injected, "svc7", "172.30.0.47", json!({})),
+        slice_object(injected, "svc7", &[("10.180.0.7", None)]),
+        service_object("ns8", "svc8", "172.30.0.48", port("COMMIT")),
+        service_object("ns9", "svc9", "172.30.0.49", port("*filter")),
+        service_object("ns10", "svc 10", "172.30.0.50", json!({})),
+        service_object("ns11", &long, "172.30.0.51", json!({})),
+        slice_object("ns11", &long, &[("10.180.0.11", None)]),
+    ];
+    let mut all = good.clone();
+    all.extend(hostile.iter().cloned());
+    let (m, warnings) = model_from_objects(&all);
+    let r = render_full(&m);
+    let foreign = [
+        "-A KUBE-SERVICES -j ACCEPT",
+        "-j ACCEPT\n#",
+        "COMMIT\"",
+        "*filter\"",
+        "svc 10",
+        "xxxxxxxx",
+        "172.30.0.47",
+        "172.30.0.48",
+        "172.30.0.49",
+        "172.30.0.50",
+        "172.30.0.51",
+    ];
+    for f in foreign {
+        assert!(!r.text.contains(f), "{f:?} in:\n{}", r.text);
+    }
+    assert_eq!(
+        warnings.len(),
+        hostile.len(),
+        "one warning per object: {warnings:#?}"
+    );
+    assert!(warnings.iter().all(|w| !w.contains('\n')), "{warnings:#?}");
+    assert_eq!(r.text, render_full(&model_from_objects(&good).0).text);
+    assert_rules_equal(OVERALL_EXPECTED, &r.text);
+}
+
+fn lb_object(ranges: serde_json::Value, annotations: serde_json::Value) -> Vec<serde_json::Value> {
+    let mut s = service_object(
+        "ns1",
+        "svc1",
+        "172.30.0.41",
+        serde_json::json!({
+        "type": "LoadBalancer", "loadBalancerSourceRanges": ranges,
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP", "nodePort": 3001}]}),
+    );
+    s["metadata"]["annotations"] = annotations;
+    s["status"] = serde_json::json!({"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}});
+    vec![s, slice_object("ns1", "svc1", &[("10.180.0.1", None)])]
+}
+
+/// Item 8: only `spec.loadBalancerSourceRanges` restricts the load balancer; a zero-length
+/// range means no firewall; an unreadable entry is dropped but the service stays; with no
+/// readable range left the load balancer admits nobody (fail closed).
+#[test]
+fn load_balancer_source_ranges_from_objects() {
+    use serde_json::json;
+    let out = "10.180.0.1:80";
+    let fw = "KUBE-FW-XPGD46QRK7WJZT7O";
+    let open = [
+        // Upstream does not read the annotation.
+        lb_object(
+            json!(null),
+            json!({"service.beta.kubernetes.io/load-balancer-source-ranges": "203.0.113.0/25"}),
+        ),
+        lb_object(json!(["0.0.0.0/0"]), json!(null)),
+        lb_object(json!(["203.0.113.0/25", " 0.0.0.0/0 "]), json!(null)),
+    ];
+    for objects in &open {
+        let (m, _) = model_from_objects(objects);
+        let r = render_full(&m);
+        assert!(!r.text.contains(fw), "no firewall expected:\n{}", r.text);
+        run_flows(
+            &r.text,
+            &[flow(
+                "blocked-range client allowed",
+                TEST_EXTERNAL_CLIENT_BLOCKED,
+                "1.2.3.4",
+                80,
+                out,
+                true,
+            )],
+        );
+    }
+
+    let (m, warnings) =
+        model_from_objects(&lb_object(json!(["bogus", " 203.0.113.0/25"]), json!(null)));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let r = render_full(&m);
+    assert_eq!(
+        chain_text(&r.text, "nat", fw),
+        dedent(
+            r#"
+            -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 203.0.113.0/25 -j KUBE-EXT-XPGD46QRK7WJZT7O
+            -A KUBE-FW-XPGD46QRK7WJZT7O -m comment --comment "other traffic to ns1/svc1:p80 will be dropped by KUBE-PROXY-FIREWALL"
+        "#
+        )
+    );
+    run_flows(
+        &r.text,
+        &[
+            flow("in range", TEST_EXTERNAL_CLIENT, "1.2.3.4", 80, out, true),
+            flow(
+                "out of range",
+                TEST_EXTERNAL_CLIENT_BLOCKED,
+                "1.2.3.4",
+                80,
+                "DROP",
+                false,
+            ),
+        ],
+    );
+
+    let (m, warnings) = model_from_objects(&lb_object(json!(["bogus"]), json!(null)));
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    let r = render_full(&m);
+    run_flows(
+        &r.text,
+        &[
+            flow(
+                "cluster IP still served",
+                "10.0.0.2",
+                "172.30.0.41",
+                80,
+                out,
+                false,
+            ),
+            flow(
+                "node port still served",
+                TEST_EXTERNAL_CLIENT,
+                TEST_NODE_IP,
+                3001,
+                out,
+                true,
+            ),
+            flow(
+                "external to LB dropped",
+                TEST_EXTERNAL_CLIENT,
+                "1.2.3.4",
+                80,
+                "DROP",
+                false,
+            ),
+            flow(
+                "node to LB dropped",
+                TEST_NODE_IP,
+                "1.2.3.4",
+                80,
+                "DROP",
+                false,
+            ),
+            flow(
+                "pod to LB dropped",
+                "10.0.0.2",
+                "1.2.3.4",
+                80,
+                "DROP",
+                false,
+            ),
+        ],
+    );
+}

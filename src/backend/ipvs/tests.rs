@@ -789,6 +789,43 @@ fn load_balancer_source_ranges_without_the_node() {
     );
 }
 
+/// Every source range unreadable (issue 7, item 8): the load balancer is still firewalled,
+/// with no range admitted, so external traffic to it is dropped rather than let in.
+#[test]
+fn load_balancer_source_ranges_with_none_readable_admit_nobody() {
+    let n = spn("ns1", "svc1", "p80", Protocol::Tcp);
+    let mut s = lb_svc(&n);
+    s.source_ranges = SourceRanges::Only(Vec::new());
+    let m = model(vec![s], vec![(n.clone(), vec![ep("10.180.0.1", 80)])]);
+    let mut c = cfg();
+    c.primary_node_ip = Some(ip(NODE_IP));
+    let d = render_ok(&m, &c);
+    let sets = non_empty_sets(&d);
+    assert_eq!(
+        sets.get(sets::LOAD_BALANCER_FW),
+        Some(&strs(&["1.2.3.4,tcp:80"]))
+    );
+    assert_eq!(sets.get(sets::LOAD_BALANCER_SOURCE_CIDR), None);
+    assert_eq!(sets.get(sets::LOAD_BALANCER_SOURCE_IP), None);
+    assert_eq!(
+        chain_rules(&d, "filter", rules::KUBE_PROXY_FIREWALL),
+        pairs(&[("KUBE-SOURCE-RANGES-FIREWALL", sets::LOAD_BALANCER_FW)])
+    );
+    let drops = chain_rules(&d, "filter", rules::KUBE_SOURCE_RANGES_FIREWALL);
+    assert_eq!(
+        drops.last(),
+        Some(&("DROP".to_string(), String::new())),
+        "{drops:?}"
+    );
+    // Nor may the node itself reach it (no range holds the node IP).
+    let dump = Dump::parse(&d.iptables_restore).unwrap();
+    let out = &dump
+        .chain("filter", rules::KUBE_IPVS_OUT_FILTER)
+        .unwrap()
+        .rules;
+    assert_eq!(out.len(), 1, "{out:?}");
+}
+
 #[test]
 fn load_balancer_source_ranges_containing_the_node() {
     // A range holding the node IP admits LB-sourced traffic (KUBE-LOAD-BALANCER-SOURCE-IP)
