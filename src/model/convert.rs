@@ -55,14 +55,12 @@ fn ipv4_sloppy(s: &str) -> Result<Option<IpAddr>, ()> {
     }
 }
 
+/// One name check: what the value is, the value, and the API server's rule for it.
+type NameCheck<'a> = (&'a str, &'a str, fn(&str) -> Result<(), NameError>);
+
 /// Checks the names an object writes into the ruleset; `Err` is the one warning that skips it.
-/// `names` are (what, value, rule) triples in the order the API server checks them.
-fn check_names(
-    kind: &str,
-    namespace: &str,
-    name: &str,
-    names: &[(&str, &str, fn(&str) -> Result<(), NameError>)],
-) -> Result<(), String> {
+/// `names` are checked in the order the API server checks them.
+fn check_names(kind: &str, namespace: &str, name: &str, names: &[NameCheck]) -> Result<(), String> {
     for (what, value, rule) in names {
         if let Err(e) = rule(value) {
             return Err(format!(
@@ -82,7 +80,7 @@ fn check_names(
 fn check_service_names(svc: &Service, namespace: &str, name: &str) -> Result<(), String> {
     let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
     let port_names: Vec<&str> = ports.filter_map(|p| p.name.as_deref()).collect();
-    let mut checks: Vec<(&str, &str, fn(&str) -> Result<(), NameError>)> = vec![
+    let mut checks: Vec<NameCheck> = vec![
         ("namespace", namespace, dns1123_label),
         ("name", name, dns1123_label),
     ];
@@ -411,7 +409,7 @@ fn check_slice_names(
         .iter()
         .flatten()
         .filter_map(|p| p.name.as_deref());
-    let mut checks: Vec<(&str, &str, fn(&str) -> Result<(), NameError>)> = vec![
+    let mut checks: Vec<NameCheck> = vec![
         ("namespace", namespace, dns1123_label),
         ("name", name, dns1123_subdomain),
         (LABEL_SERVICE_NAME, svc, dns1123_label),

@@ -3578,7 +3578,7 @@ fn hostile_names_never_reach_the_restore_input() {
     let injected = "ns\" -j ACCEPT\n-A KUBE-SERVICES -j ACCEPT\n#";
     let long = "x".repeat(1100);
     let port = |name: &str| json!({"ports": [{"name": name, "port": 80, "protocol": "TCP"}]});
-    let hostile = vec![
+    let hostile = [
         service_object(injected, "svc7", "172.30.0.47", json!({})),
         slice_object(injected, "svc7", &[("10.180.0.7", None)]),
         service_object("ns8", "svc8", "172.30.0.48", port("COMMIT")),
