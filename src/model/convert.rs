@@ -79,17 +79,14 @@ fn check_names(kind: &str, namespace: &str, name: &str, names: &[NameCheck]) -> 
 /// superset, so no name the API server accepts is refused.
 fn check_service_names(svc: &Service, namespace: &str, name: &str) -> Result<(), String> {
     let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
-    let port_names: Vec<&str> = ports.filter_map(|p| p.name.as_deref()).collect();
+    let port_names = ports
+        .filter_map(|p| p.name.as_deref())
+        .filter(|n| !n.is_empty());
     let mut checks: Vec<NameCheck> = vec![
         ("namespace", namespace, dns1123_label),
         ("name", name, dns1123_label),
     ];
-    checks.extend(
-        port_names
-            .into_iter()
-            .filter(|n| !n.is_empty())
-            .map(|n| ("port name", n, dns1123_label as fn(&str) -> _)),
-    );
+    checks.extend(port_names.map(|n| ("port name", n, dns1123_label as fn(&str) -> _)));
     check_names("Service", namespace, name, &checks)
 }
 
@@ -162,7 +159,8 @@ fn service_template(
             .into_iter()
             .flatten()
             .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|ing| ing.ip.as_deref());
+            .filter_map(|ing| ing.ip.as_deref())
+            .filter(|ip| !ip.is_empty());
         ip_list(ips, name, "load balancer ingress IP", warnings)
     } else {
         Vec::new()

@@ -49,6 +49,14 @@ pub fn parse_objects(
     Ok(())
 }
 
+/// A namespaced object written without a namespace lands in `default`, as `kubectl apply`
+/// puts it (the model refuses an empty namespace like the API server).
+fn default_namespace(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    if meta.namespace.as_deref().unwrap_or_default().is_empty() {
+        meta.namespace = Some("default".to_string());
+    }
+}
+
 fn add_value(
     source_name: &str,
     value: serde_json::Value,
@@ -92,12 +100,18 @@ fn add_value(
             }
         }
         ("v1", "Service") => match serde_json::from_value::<Service>(value.clone()) {
-            Ok(s) => out.services.push(s),
+            Ok(mut s) => {
+                default_namespace(&mut s.metadata);
+                out.services.push(s)
+            }
             Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_json::from_value::<EndpointSlice>(value.clone()) {
-                Ok(s) => out.slices.push(s),
+                Ok(mut s) => {
+                    default_namespace(&mut s.metadata);
+                    out.slices.push(s)
+                }
                 Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
             }
         }
@@ -155,6 +169,18 @@ spec: {ports: "not a list"}
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("ConfigMap ns/c"), "{w:?}");
         assert!(w[1].contains("Service ns/broken"), "{w:?}");
+    }
+
+    #[test]
+    fn objects_without_a_namespace_land_in_default() {
+        let text =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1}\n";
+        let mut out = Objects::default();
+        parse_objects("t.yaml", text, &mut out, &mut Vec::new()).unwrap();
+        assert_eq!(
+            out.services[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
     }
 
     #[test]
