@@ -45,6 +45,12 @@ pub struct Features {
     pub hints_anyway: bool,
     /// (2) invalid Service names and port names.
     pub invalid_names: bool,
+    /// Finding F1: `status.loadBalancer.ingress` left on a Service that is no longer of type
+    /// LoadBalancer (upstream programs it; `newBaseServiceInfo` does not look at the type).
+    pub stale_lb_status: bool,
+    /// Finding F2: one IP in two Endpoints, one of them terminating (upstream keeps the
+    /// non-terminating one, kubernetes#135593).
+    pub duplicate_ips: bool,
 }
 
 impl Features {
@@ -56,9 +62,13 @@ impl Features {
         serving_unset: true,
         hints_anyway: true,
         invalid_names: true,
+        stale_lb_status: true,
+        duplicate_ips: true,
     };
 
-    /// `spec`: comma-separated issue item numbers to switch off, or `all`.
+    /// `spec`: comma-separated issue item numbers (`6`, `1`, `7`, `8`, `9`, `10`, `2`) or
+    /// findings (`F1`, `F2`) to switch off; `all` switches off every issue item, `findings`
+    /// every finding.
     pub fn without(spec: &str) -> Features {
         let mut f = Features::ALL;
         for item in spec.split(',').map(str::trim) {
@@ -72,8 +82,15 @@ impl Features {
                         serving_unset: false,
                         hints_anyway: false,
                         invalid_names: false,
+                        ..f
                     }
                 }
+                "findings" => {
+                    f.stale_lb_status = false;
+                    f.duplicate_ips = false;
+                }
+                "F1" => f.stale_lb_status = false,
+                "F2" => f.duplicate_ips = false,
                 "6" => f.primary_ip = false,
                 "1" => f.nodeport_primary = false,
                 "7" => f.leading_zeros = false,
@@ -304,7 +321,7 @@ fn gen_service(rng: &mut Rng, f: Features, i: usize) -> (Value, Vec<PortSpec>, b
     }
     let mut annotations = json!({});
     let mut status = json!({});
-    if type_ == "LoadBalancer" || rng.chance(3) {
+    if type_ == "LoadBalancer" || (f.stale_lb_status && rng.chance(3)) {
         let mut ingress = Vec::new();
         if type_ == "LoadBalancer" && rng.chance(85) || type_ != "LoadBalancer" {
             for _ in 0..1 + rng.below(2) {
@@ -468,7 +485,7 @@ fn gen_slices(
             let ip = maybe_zeros(rng, f, ip);
             eps.push(gen_endpoint(rng, f, ip, hints));
         }
-        if !used_ips.is_empty() && rng.chance(10) {
+        if f.duplicate_ips && !used_ips.is_empty() && rng.chance(10) {
             // The same IP seen again while a pod moves: upstream prefers the copy that is
             // not terminating.
             let ip = rng.pick(&used_ips).clone();
