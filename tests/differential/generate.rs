@@ -45,10 +45,7 @@ pub struct Features {
     pub hints_anyway: bool,
     /// (2) invalid Service names and port names.
     pub invalid_names: bool,
-    /// Finding F1: `status.loadBalancer.ingress` left on a Service that is no longer of type
-    /// LoadBalancer (upstream programs it; `newBaseServiceInfo` does not look at the type).
-    pub stale_lb_status: bool,
-    /// Finding F2: one IP in two Endpoints, one of them terminating (upstream keeps the
+    /// Finding F1: one IP in two Endpoints, one of them terminating (upstream keeps the
     /// non-terminating one, kubernetes#135593).
     pub duplicate_ips: bool,
 }
@@ -62,12 +59,11 @@ impl Features {
         serving_unset: true,
         hints_anyway: true,
         invalid_names: true,
-        stale_lb_status: true,
         duplicate_ips: true,
     };
 
     /// `spec`: comma-separated issue item numbers (`6`, `1`, `7`, `8`, `9`, `10`, `2`) or
-    /// findings (`F1`, `F2`) to switch off; `all` switches off every issue item, `findings`
+    /// findings (`F1`) to switch off; `all` switches off every issue item, `findings`
     /// every finding.
     pub fn without(spec: &str) -> Features {
         let mut f = Features::ALL;
@@ -86,11 +82,9 @@ impl Features {
                     }
                 }
                 "findings" => {
-                    f.stale_lb_status = false;
                     f.duplicate_ips = false;
                 }
-                "F1" => f.stale_lb_status = false,
-                "F2" => f.duplicate_ips = false,
+                "F1" => f.duplicate_ips = false,
                 "6" => f.primary_ip = false,
                 "1" => f.nodeport_primary = false,
                 "7" => f.leading_zeros = false,
@@ -238,6 +232,16 @@ fn gen_service(rng: &mut Rng, f: Features, i: usize) -> (Value, Vec<PortSpec>, b
             spec["clusterIP"] = json!("None");
             spec["clusterIPs"] = json!(["None"]);
         }
+        2 => {
+            // IPv6 single-stack: not for the IPv4 proxier.
+            spec["clusterIP"] = json!(format!("fd00::{i}"));
+            spec["clusterIPs"] = json!([format!("fd00::{i}")]);
+        }
+        3 | 4 => {
+            // Dual-stack, IPv6 primary: the IPv4 proxier takes the second cluster IP.
+            spec["clusterIP"] = json!(format!("fd00::{i}"));
+            spec["clusterIPs"] = json!([format!("fd00::{i}"), cluster_ip]);
+        }
         _ => {
             spec["clusterIP"] = json!(cluster_ip);
             spec["clusterIPs"] = json!([cluster_ip]);
@@ -321,7 +325,8 @@ fn gen_service(rng: &mut Rng, f: Features, i: usize) -> (Value, Vec<PortSpec>, b
     }
     let mut annotations = json!({});
     let mut status = json!({});
-    if type_ == "LoadBalancer" || (f.stale_lb_status && rng.chance(3)) {
+    // Status on another type: what a file may hold, though the API server would clear it.
+    if type_ == "LoadBalancer" || rng.chance(3) {
         let mut ingress = Vec::new();
         if type_ == "LoadBalancer" && rng.chance(85) || type_ != "LoadBalancer" {
             for _ in 0..1 + rng.below(2) {
@@ -366,6 +371,8 @@ fn gen_source_ranges(rng: &mut Rng, f: Features) -> Vec<String> {
         "10.0.0.0/8",
         "198.18.0.0/15",
         "203.0.113.0/25",
+        // Host bits set: upstream masks them (net.ParseCIDR) before writing the rule.
+        "10.1.2.3/8",
     ];
     let odd = [
         " 198.51.100.0/24",
@@ -373,7 +380,6 @@ fn gen_source_ranges(rng: &mut Rng, f: Features) -> Vec<String> {
         "0.0.0.0/0",
         "garbage",
         "2001:db8::/32",
-        "10.1.2.3/8",
     ];
     if f.source_ranges && rng.chance(8) {
         return vec!["not-a-cidr".into()];
@@ -456,6 +462,7 @@ fn gen_slices(
     svc: &Value,
     ports: &[PortSpec],
     hinted: bool,
+    big: bool,
 ) -> Vec<Value> {
     let ns = svc["metadata"]["namespace"].clone();
     let name = svc["metadata"]["name"].as_str().unwrap_or_default().to_string();
@@ -466,24 +473,46 @@ fn gen_slices(
     let mut next_ip = 1u64;
     let mut used_ips: Vec<String> = Vec::new();
     let mut out = Vec::new();
-    for s in 0..rng.below(4) {
+    let nslices = if big { 4 } else { rng.below(4) };
+    for s in 0..nslices {
         let mut sports = Vec::new();
         for p in ports {
             if rng.chance(85) {
                 let protocol = if rng.chance(3) { "UDP" } else { p.protocol };
-                sports.push(json!({"name": p.name, "port": p.target, "protocol": protocol}));
+                let mut sp = json!({"port": p.target, "protocol": protocol});
+                // A port without a name: the API server defaults it to "".
+                if !rng.chance(3) {
+                    sp["name"] = json!(p.name);
+                }
+                // A port without a number is ignored upstream.
+                if rng.chance(2) {
+                    sp.as_object_mut().map(|o| o.remove("port"));
+                }
+                sports.push(sp);
             }
         }
         if rng.chance(5) {
             sports.push(json!({"name": "extra", "port": 9999, "protocol": "TCP"}));
         }
         let mut eps = Vec::new();
-        for _ in 0..rng.below(5) {
-            let ip = format!("10.244.{i}.{next_ip}");
+        let neps = if big { 260 } else { rng.below(5) };
+        for _ in 0..neps {
+            let ip = if big {
+                format!("10.{}.{}.{}", 100 + i, next_ip / 250, next_ip % 250 + 1)
+            } else {
+                format!("10.244.{i}.{next_ip}")
+            };
             next_ip += 1;
             used_ips.push(ip.clone());
             let ip = maybe_zeros(rng, f, ip);
-            eps.push(gen_endpoint(rng, f, ip, hints));
+            let mut ep = gen_endpoint(rng, f, ip, hints);
+            if rng.chance(3) {
+                // Only the first address counts.
+                ep["addresses"]
+                    .as_array_mut()
+                    .map(|a| a.push(json!(format!("10.250.{i}.{next_ip}"))));
+            }
+            eps.push(ep);
         }
         if f.duplicate_ips && !used_ips.is_empty() && rng.chance(10) {
             // The same IP seen again while a pod moves: upstream prefers the copy that is
@@ -517,6 +546,8 @@ pub fn case(seed: u64, f: Features) -> Case {
     let args = gen_args(&mut rng, f, has_external);
     let mut services = Vec::new();
     let mut slices = Vec::new();
+    // Now and then one Service with over 1000 endpoints: upstream's large-cluster mode.
+    let big = rng.chance(2);
     for i in 0..1 + rng.below(6) as usize {
         let (mut svc, ports, hinted) = gen_service(&mut rng, f, i);
         if !f.hints_anyway && hinted {
@@ -524,7 +555,7 @@ pub fn case(seed: u64, f: Features) -> Case {
         } else if rng.chance(8) {
             svc["metadata"]["annotations"]["service.kubernetes.io/topology-mode"] = json!("Auto");
         }
-        slices.extend(gen_slices(&mut rng, f, i, &svc, &ports, hinted));
+        slices.extend(gen_slices(&mut rng, f, i, &svc, &ports, hinted, big && i == 0));
         services.push(svc);
     }
     Case {

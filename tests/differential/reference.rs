@@ -257,9 +257,15 @@ fn service_ports(svc: &Service) -> Vec<SvcPort> {
         source_ranges.clear();
     }
     let fail_closed = !raw_ranges.is_empty() && parsed.is_empty();
-    let lb_vips: Vec<Ipv4Addr> = svc
-        .status
-        .as_ref()
+    // The API server clears status.loadBalancer when the type leaves LoadBalancer
+    // (registry/core/service/strategy.go dropTypeDependentFields), so kube-proxy never sees
+    // ingress IPs on another type.
+    let lb_status = if type_ == "LoadBalancer" {
+        svc.status.as_ref()
+    } else {
+        None
+    };
+    let lb_vips: Vec<Ipv4Addr> = lb_status
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|l| l.ingress.clone())
         .unwrap_or_default()
@@ -317,9 +323,9 @@ fn endpoints_for(
     let mut set: BTreeMap<String, Ep> = BTreeMap::new();
     for slice in slices {
         for port in slice.ports.clone().unwrap_or_default() {
-            let Some(name) = port.name.as_deref() else {
-                continue;
-            };
+            // Upstream skips a nil name, but the API server never hands one over:
+            // SetDefaults_EndpointPort makes it "" (and the protocol TCP).
+            let name = port.name.as_deref().unwrap_or("");
             let Some(num) = port.port.filter(|p| *p != 0) else {
                 continue;
             };
@@ -696,6 +702,9 @@ pub fn render(
         }
     }
 
+    // Large-cluster mode: over 1000 endpoints in all drops the per-endpoint comments.
+    let total: usize = ports.iter().map(|(_, e)| e.len()).sum();
+    let large = total > 1000;
     for (svc, all_eps) in &ports {
         let protocol = svc.proto();
         let name = svc.name.as_str();
@@ -912,20 +921,22 @@ pub fn render(
 
         if uses_cluster_chain {
             nat_chains.w(&[&format!(":{cluster_chain} - [0:0]")]);
-            write_service_to_endpoint_rules(&mut nat_rules, svc, &cluster_chain, &cat.cluster);
+            write_service_to_endpoint_rules(&mut nat_rules, svc, &cluster_chain, &cat.cluster, large);
         }
         if uses_local_chain {
             nat_chains.w(&[&format!(":{local_chain} - [0:0]")]);
-            write_service_to_endpoint_rules(&mut nat_rules, svc, &local_chain, &cat.local);
+            write_service_to_endpoint_rules(&mut nat_rules, svc, &local_chain, &cat.local, large);
         }
         for ep in &cat.all_reachable {
             let sep = sep_chain(svc, ep);
             nat_chains.w(&[&format!(":{sep} - [0:0]")]);
-            nat_rules.w(&[
-                "-A", &sep, "-m", "comment", "--comment", name, "-s", &ep.ip, "-j",
-                "KUBE-MARK-MASQ",
-            ]);
-            let mut l = vec!["-A", sep.as_str(), "-m", "comment", "--comment", name];
+            let mut l = vec!["-A", sep.as_str()];
+            if !large {
+                l.extend_from_slice(&["-m", "comment", "--comment", name]);
+            }
+            let mut masq = l.clone();
+            masq.extend_from_slice(&["-s", &ep.ip, "-j", "KUBE-MARK-MASQ"]);
+            nat_rules.w(&masq);
             if svc.affinity_seconds.is_some() {
                 l.extend_from_slice(&["-m", "recent", "--name", &sep, "--set"]);
             }
@@ -1023,24 +1034,38 @@ fn sep_chain(svc: &SvcPort, ep: &Ep) -> String {
     )
 }
 
-/// `writeServiceToEndpointRules` (not in large-cluster mode: comments kept).
-fn write_service_to_endpoint_rules(rules: &mut Buf, svc: &SvcPort, chain: &str, eps: &[Ep]) {
+/// `writeServiceToEndpointRules`; `large`: large-cluster mode, comments dropped.
+fn write_service_to_endpoint_rules(
+    rules: &mut Buf,
+    svc: &SvcPort,
+    chain: &str,
+    eps: &[Ep],
+    large: bool,
+) {
     if let Some(seconds) = svc.affinity_seconds {
         let seconds = seconds.to_string();
         for ep in eps {
             let c = format!("\"{} -> {}\"", svc.name, ep.key());
             let sep = sep_chain(svc, ep);
-            rules.w(&[
-                "-A", chain, "-m", "comment", "--comment", &c, "-m", "recent", "--name", &sep,
-                "--rcheck", "--seconds", &seconds, "--reap", "-j", &sep,
+            let mut l = vec!["-A", chain];
+            if !large {
+                l.extend_from_slice(&["-m", "comment", "--comment", &c]);
+            }
+            l.extend_from_slice(&[
+                "-m", "recent", "--name", &sep, "--rcheck", "--seconds", &seconds, "--reap",
+                "-j", &sep,
             ]);
+            rules.w(&l);
         }
     }
     let n = eps.len();
     for (i, ep) in eps.iter().enumerate() {
         let c = format!("\"{} -> {}\"", svc.name, ep.key());
         let sep = sep_chain(svc, ep);
-        let mut l = vec!["-A", chain, "-m", "comment", "--comment", &c];
+        let mut l = vec!["-A", chain];
+        if !large {
+            l.extend_from_slice(&["-m", "comment", "--comment", &c]);
+        }
         let p = format!("{:.10}", 1.0 / (n - i) as f64);
         if i < n - 1 {
             l.extend_from_slice(&["-m", "statistic", "--mode", "random", "--probability", &p]);
