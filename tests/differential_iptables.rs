@@ -71,7 +71,11 @@ fn objects_yaml(case: &Case) -> String {
 fn ours(case: &Case, dir: &std::path::Path, seed: u64) -> String {
     let path = dir.join(format!("case-{seed}.yaml"));
     std::fs::write(&path, objects_yaml(case)).expect("write objects");
-    let mut argv = vec!["render".to_string(), "--objects".into(), path.display().to_string()];
+    let mut argv = vec![
+        "render".to_string(),
+        "--objects".into(),
+        path.display().to_string(),
+    ];
     argv.extend(case.args.iter().cloned());
     let args = kube_proxy_rs::config::parse_render_args(&argv, "some-host")
         .unwrap_or_else(|e| panic!("seed {seed}: render flags {:?} refused: {e}", case.args));
@@ -150,7 +154,11 @@ fn run(f: Features) {
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or(3);
-        let shown: Vec<&str> = failures.iter().take(show).map(|(_, r)| r.as_str()).collect();
+        let shown: Vec<&str> = failures
+            .iter()
+            .take(show)
+            .map(|(_, r)| r.as_str())
+            .collect();
         panic!(
             "{} of {cases} cases differ (seeds {seeds:?}); rerun one with DIFFCHECK_SEED=N\n{}",
             failures.len(),
@@ -192,6 +200,12 @@ fn reference_chain_names_match_upstream_vectors() {
     .expect("slice");
     let cfg = ref_config(&["--hostname-override=node-a".to_string()]);
     let text = reference::render(&[svc], &[slice], &[], &cfg);
-    assert!(text.contains(":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]"), "{text}");
-    assert!(text.contains(":KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]"), "{text}");
+    assert!(
+        text.contains(":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]"),
+        "{text}"
+    );
+    assert!(
+        text.contains(":KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]"),
+        "{text}"
+    );
 }

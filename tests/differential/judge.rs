@@ -104,11 +104,13 @@ pub fn sort_rules(text: &str) -> Result<String, String> {
             let mut rules = table.rules.get(*c).cloned().unwrap_or_default();
             if matches!(
                 c.as_str(),
-                "KUBE-NODEPORTS" | "KUBE-SERVICES" | "KUBE-EXTERNAL-SERVICES" | "KUBE-PROXY-FIREWALL"
+                "KUBE-NODEPORTS"
+                    | "KUBE-SERVICES"
+                    | "KUBE-EXTERNAL-SERVICES"
+                    | "KUBE-PROXY-FIREWALL"
             ) {
-                let is_last = |r: &String| {
-                    comment(r).is_some_and(|c| c.contains("must be the last rule"))
-                };
+                let is_last =
+                    |r: &String| comment(r).is_some_and(|c| c.contains("must be the last rule"));
                 let (mut last, mut normal): (Vec<String>, Vec<String>) =
                     rules.into_iter().partition(is_last);
                 normal.sort_by_key(|r| service_port_key(r));

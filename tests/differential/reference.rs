@@ -137,7 +137,10 @@ impl SvcPort {
         self.protocol.to_lowercase()
     }
     fn chain(&self, prefix: &str) -> String {
-        format!("{prefix}{}", hash16(&format!("{}{}", self.name, self.proto())))
+        format!(
+            "{prefix}{}",
+            hash16(&format!("{}{}", self.name, self.proto()))
+        )
     }
 }
 
@@ -181,7 +184,11 @@ fn is_port_name(s: &str) -> bool {
 /// Whether the API server would have admitted the Service (issue 7 item 2: a Service it
 /// would refuse is skipped whole).
 fn service_is_valid(svc: &Service) -> bool {
-    let name_ok = svc.metadata.name.as_deref().is_some_and(|n| is_dns_label(n, false));
+    let name_ok = svc
+        .metadata
+        .name
+        .as_deref()
+        .is_some_and(|n| is_dns_label(n, false));
     let ns_ok = svc
         .metadata
         .namespace
@@ -209,7 +216,9 @@ fn service_ports(svc: &Service) -> Vec<SvcPort> {
     };
     let cluster_ip = spec.cluster_ip.clone().unwrap_or_default();
     // ShouldSkipService
-    if cluster_ip.is_empty() || cluster_ip == "None" || spec.type_.as_deref() == Some("ExternalName")
+    if cluster_ip.is_empty()
+        || cluster_ip == "None"
+        || spec.type_.as_deref() == Some("ExternalName")
     {
         return Vec::new();
     }
@@ -631,7 +640,17 @@ pub fn render(
         nat_chains.w(&[&format!(":{c} - [0:0]")]);
     }
     let mm = format!("{mark}/{mark}");
-    nat_rules.w(&["-A", "KUBE-POSTROUTING", "-m", "mark", "!", "--mark", &mm, "-j", "RETURN"]);
+    nat_rules.w(&[
+        "-A",
+        "KUBE-POSTROUTING",
+        "-m",
+        "mark",
+        "!",
+        "--mark",
+        &mm,
+        "-j",
+        "RETURN",
+    ]);
     nat_rules.w(&["-A", "KUBE-POSTROUTING", "-j", "MARK", "--xor-mark", &mark]);
     // render assumes iptables has --random-fully.
     nat_rules.w(&[
@@ -696,7 +715,12 @@ pub fn render(
         );
         let svc_slices = by_service.get(&key).cloned().unwrap_or_default();
         for sp in service_ports(svc) {
-            let port_name = sp.name.split_once(':').map(|x| x.1).unwrap_or("").to_string();
+            let port_name = sp
+                .name
+                .split_once(':')
+                .map(|x| x.1)
+                .unwrap_or("")
+                .to_string();
             let eps = endpoints_for(&svc_slices, &port_name, &sp.protocol, &cfg.node_name);
             ports.push((sp, eps));
         }
@@ -763,13 +787,41 @@ pub fn render(
         if has_internal {
             let c = format!("\"{name} cluster IP\"");
             nat_rules.w(&[
-                "-A", "KUBE-SERVICES", "-m", "comment", "--comment", &c, "-m", &protocol, "-p",
-                &protocol, "-d", &cip, "--dport", &port, "-j", &internal_chain,
+                "-A",
+                "KUBE-SERVICES",
+                "-m",
+                "comment",
+                "--comment",
+                &c,
+                "-m",
+                &protocol,
+                "-p",
+                &protocol,
+                "-d",
+                &cip,
+                "--dport",
+                &port,
+                "-j",
+                &internal_chain,
             ]);
         } else {
             filter_rules.w(&[
-                "-A", "KUBE-SERVICES", "-m", "comment", "--comment", &int_comment, "-m",
-                &protocol, "-p", &protocol, "-d", &cip, "--dport", &port, "-j", &int_target,
+                "-A",
+                "KUBE-SERVICES",
+                "-m",
+                "comment",
+                "--comment",
+                &int_comment,
+                "-m",
+                &protocol,
+                "-p",
+                &protocol,
+                "-d",
+                &cip,
+                "--dport",
+                &port,
+                "-j",
+                &int_target,
             ]);
         }
         for eip in &svc.external_ips {
@@ -777,14 +829,41 @@ pub fn render(
             if has_endpoints {
                 let c = format!("\"{name} external IP\"");
                 nat_rules.w(&[
-                    "-A", "KUBE-SERVICES", "-m", "comment", "--comment", &c, "-m", &protocol,
-                    "-p", &protocol, "-d", &eip, "--dport", &port, "-j", &ext_chain,
+                    "-A",
+                    "KUBE-SERVICES",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &c,
+                    "-m",
+                    &protocol,
+                    "-p",
+                    &protocol,
+                    "-d",
+                    &eip,
+                    "--dport",
+                    &port,
+                    "-j",
+                    &ext_chain,
                 ]);
             }
             if !has_external {
                 filter_rules.w(&[
-                    "-A", "KUBE-EXTERNAL-SERVICES", "-m", "comment", "--comment", &ext_comment,
-                    "-m", &protocol, "-p", &protocol, "-d", &eip, "--dport", &port, "-j",
+                    "-A",
+                    "KUBE-EXTERNAL-SERVICES",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &ext_comment,
+                    "-m",
+                    &protocol,
+                    "-p",
+                    &protocol,
+                    "-d",
+                    &eip,
+                    "--dport",
+                    &port,
+                    "-j",
                     &ext_target,
                 ]);
             }
@@ -794,15 +873,43 @@ pub fn render(
             if has_endpoints {
                 let c = format!("\"{name} loadbalancer IP\"");
                 nat_rules.w(&[
-                    "-A", "KUBE-SERVICES", "-m", "comment", "--comment", &c, "-m", &protocol,
-                    "-p", &protocol, "-d", &lbip, "--dport", &port, "-j", &lb_chain,
+                    "-A",
+                    "KUBE-SERVICES",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &c,
+                    "-m",
+                    &protocol,
+                    "-p",
+                    &protocol,
+                    "-d",
+                    &lbip,
+                    "--dport",
+                    &port,
+                    "-j",
+                    &lb_chain,
                 ]);
             }
             if uses_fw {
                 let c = format!("\"{name} traffic not accepted by {fw_chain}\"");
                 filter_rules.w(&[
-                    "-A", "KUBE-PROXY-FIREWALL", "-m", "comment", "--comment", &c, "-m",
-                    &protocol, "-p", &protocol, "-d", &lbip, "--dport", &port, "-j", "DROP",
+                    "-A",
+                    "KUBE-PROXY-FIREWALL",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &c,
+                    "-m",
+                    &protocol,
+                    "-p",
+                    &protocol,
+                    "-d",
+                    &lbip,
+                    "--dport",
+                    &port,
+                    "-j",
+                    "DROP",
                 ]);
             }
         }
@@ -810,8 +917,21 @@ pub fn render(
             for lbip in &svc.lb_vips {
                 let lbip = lbip.to_string();
                 filter_rules.w(&[
-                    "-A", "KUBE-EXTERNAL-SERVICES", "-m", "comment", "--comment", &ext_comment,
-                    "-m", &protocol, "-p", &protocol, "-d", &lbip, "--dport", &port, "-j",
+                    "-A",
+                    "KUBE-EXTERNAL-SERVICES",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &ext_comment,
+                    "-m",
+                    &protocol,
+                    "-p",
+                    &protocol,
+                    "-d",
+                    &lbip,
+                    "--dport",
+                    &port,
+                    "-j",
                     &ext_target,
                 ]);
             }
@@ -821,15 +941,42 @@ pub fn render(
             if has_endpoints {
                 // nfacct counters are absent in a render: no localhost copy rule.
                 nat_rules.w(&[
-                    "-A", "KUBE-NODEPORTS", "-m", "comment", "--comment", name, "-m", &protocol,
-                    "-p", &protocol, "--dport", &np, "-j", &ext_chain,
+                    "-A",
+                    "KUBE-NODEPORTS",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    name,
+                    "-m",
+                    &protocol,
+                    "-p",
+                    &protocol,
+                    "--dport",
+                    &np,
+                    "-j",
+                    &ext_chain,
                 ]);
             }
             if !has_external {
                 filter_rules.w(&[
-                    "-A", "KUBE-EXTERNAL-SERVICES", "-m", "comment", "--comment", &ext_comment,
-                    "-m", "addrtype", "--dst-type", "LOCAL", "-m", &protocol, "-p", &protocol,
-                    "--dport", &np, "-j", &ext_target,
+                    "-A",
+                    "KUBE-EXTERNAL-SERVICES",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &ext_comment,
+                    "-m",
+                    "addrtype",
+                    "--dst-type",
+                    "LOCAL",
+                    "-m",
+                    &protocol,
+                    "-p",
+                    &protocol,
+                    "--dport",
+                    &np,
+                    "-j",
+                    &ext_target,
                 ]);
             }
         }
@@ -837,16 +984,38 @@ pub fn render(
             let c = format!("\"{name} health check node port\"");
             let hc = svc.health_check_node_port.to_string();
             filter_rules.w(&[
-                "-A", "KUBE-NODEPORTS", "-m", "comment", "--comment", &c, "-m", "tcp", "-p",
-                "tcp", "--dport", &hc, "-j", "ACCEPT",
+                "-A",
+                "KUBE-NODEPORTS",
+                "-m",
+                "comment",
+                "--comment",
+                &c,
+                "-m",
+                "tcp",
+                "-p",
+                "tcp",
+                "--dport",
+                &hc,
+                "-j",
+                "ACCEPT",
             ]);
         }
 
         if has_internal {
             let c = format!("\"{name} cluster IP\"");
             let args = [
-                "-m", "comment", "--comment", &c, "-m", &protocol, "-p", &protocol, "-d", &cip,
-                "--dport", &port,
+                "-m",
+                "comment",
+                "--comment",
+                &c,
+                "-m",
+                &protocol,
+                "-p",
+                &protocol,
+                "-d",
+                &cip,
+                "--dport",
+                &port,
             ];
             if cfg.masquerade_all {
                 let mut l = vec!["-A", internal_chain.as_str()];
@@ -866,25 +1035,60 @@ pub fn render(
             if !svc.external_policy_local {
                 let c = format!("\"masquerade traffic for {name} external destinations\"");
                 nat_rules.w(&[
-                    "-A", &ext_chain, "-m", "comment", "--comment", &c, "-j", "KUBE-MARK-MASQ",
+                    "-A",
+                    &ext_chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &c,
+                    "-j",
+                    "KUBE-MARK-MASQ",
                 ]);
             } else {
                 if let Some(cidr) = &local_detector {
                     let c = format!("\"pod traffic for {name} external destinations\"");
                     nat_rules.w(&[
-                        "-A", &ext_chain, "-m", "comment", "--comment", &c, "-s", cidr, "-j",
+                        "-A",
+                        &ext_chain,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &c,
+                        "-s",
+                        cidr,
+                        "-j",
                         &cluster_chain,
                     ]);
                 }
                 let c = format!("\"masquerade LOCAL traffic for {name} external destinations\"");
                 nat_rules.w(&[
-                    "-A", &ext_chain, "-m", "comment", "--comment", &c, "-m", "addrtype",
-                    "--src-type", "LOCAL", "-j", "KUBE-MARK-MASQ",
+                    "-A",
+                    &ext_chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &c,
+                    "-m",
+                    "addrtype",
+                    "--src-type",
+                    "LOCAL",
+                    "-j",
+                    "KUBE-MARK-MASQ",
                 ]);
                 let c = format!("\"route LOCAL traffic for {name} external destinations\"");
                 nat_rules.w(&[
-                    "-A", &ext_chain, "-m", "comment", "--comment", &c, "-m", "addrtype",
-                    "--src-type", "LOCAL", "-j", &cluster_chain,
+                    "-A",
+                    &ext_chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &c,
+                    "-m",
+                    "addrtype",
+                    "--src-type",
+                    "LOCAL",
+                    "-j",
+                    &cluster_chain,
                 ]);
             }
             if has_external {
@@ -899,7 +1103,15 @@ pub fn render(
             for r in &svc.source_ranges {
                 let src = format!("{}/{}", r.0, r.1);
                 nat_rules.w(&[
-                    "-A", &fw_chain, "-m", "comment", "--comment", &c, "-s", &src, "-j",
+                    "-A",
+                    &fw_chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &c,
+                    "-s",
+                    &src,
+                    "-j",
                     &ext_chain,
                 ]);
                 if net_contains(*r, node_ip) {
@@ -910,7 +1122,15 @@ pub fn render(
                 for lbip in &svc.lb_vips {
                     let lbip = lbip.to_string();
                     nat_rules.w(&[
-                        "-A", &fw_chain, "-m", "comment", "--comment", &c, "-s", &lbip, "-j",
+                        "-A",
+                        &fw_chain,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &c,
+                        "-s",
+                        &lbip,
+                        "-j",
                         &ext_chain,
                     ]);
                 }
@@ -921,7 +1141,13 @@ pub fn render(
 
         if uses_cluster_chain {
             nat_chains.w(&[&format!(":{cluster_chain} - [0:0]")]);
-            write_service_to_endpoint_rules(&mut nat_rules, svc, &cluster_chain, &cat.cluster, large);
+            write_service_to_endpoint_rules(
+                &mut nat_rules,
+                svc,
+                &cluster_chain,
+                &cat.cluster,
+                large,
+            );
         }
         if uses_local_chain {
             nat_chains.w(&[&format!(":{local_chain} - [0:0]")]);
@@ -942,7 +1168,14 @@ pub fn render(
             }
             let key = ep.key();
             l.extend_from_slice(&[
-                "-m", &protocol, "-p", &protocol, "-j", "DNAT", "--to-destination", &key,
+                "-m",
+                &protocol,
+                "-p",
+                &protocol,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &key,
             ]);
             nat_rules.w(&l);
         }
@@ -951,8 +1184,16 @@ pub fn render(
     let last = "\"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
     if np_match_all {
         let mut l = vec![
-            "-A", "KUBE-SERVICES", "-m", "comment", "--comment", last, "-m", "addrtype",
-            "--dst-type", "LOCAL",
+            "-A",
+            "KUBE-SERVICES",
+            "-m",
+            "comment",
+            "--comment",
+            last,
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
         ];
         if !localhost_nodeports {
             l.extend_from_slice(&["!", "-d", "127.0.0.0/8"]);
@@ -975,14 +1216,29 @@ pub fn render(
             }
             let ip = ip.to_string();
             nat_rules.w(&[
-                "-A", "KUBE-SERVICES", "-m", "comment", "--comment", last, "-d", &ip, "-j",
+                "-A",
+                "KUBE-SERVICES",
+                "-m",
+                "comment",
+                "--comment",
+                last,
+                "-d",
+                &ip,
+                "-j",
                 "KUBE-NODEPORTS",
             ]);
         }
     }
     // conntrack_tcp_be_liberal is off in a render; no nfacct counters.
     filter_rules.w(&[
-        "-A", "KUBE-FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP",
+        "-A",
+        "KUBE-FORWARD",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "INVALID",
+        "-j",
+        "DROP",
     ]);
     filter_rules.w(&[
         "-A",
@@ -1052,8 +1308,16 @@ fn write_service_to_endpoint_rules(
                 l.extend_from_slice(&["-m", "comment", "--comment", &c]);
             }
             l.extend_from_slice(&[
-                "-m", "recent", "--name", &sep, "--rcheck", "--seconds", &seconds, "--reap",
-                "-j", &sep,
+                "-m",
+                "recent",
+                "--name",
+                &sep,
+                "--rcheck",
+                "--seconds",
+                &seconds,
+                "--reap",
+                "-j",
+                &sep,
             ]);
             rules.w(&l);
         }
