@@ -43,7 +43,10 @@ fn ref_config(args: &[String]) -> reference::RefConfig {
         let (k, v) = a.split_once('=').unwrap_or((a.as_str(), "true"));
         match k {
             "--hostname-override" => cfg.node_name = v.to_string(),
-            "--cluster-cidr" => cfg.cluster_cidr = Some(v.to_string()),
+            // The IPv4 proxier's detector takes the IPv4 entry of a dual-stack pair.
+            "--cluster-cidr" => {
+                cfg.cluster_cidr = v.split(',').find(|c| c.contains('.')).map(str::to_string)
+            }
             "--masquerade-all" => cfg.masquerade_all = v == "true",
             "--iptables-masquerade-bit" => cfg.masquerade_bit = v.parse().expect("bit"),
             "--iptables-localhost-nodeports" => cfg.localhost_nodeports = v == "true",

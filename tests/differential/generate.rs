@@ -157,7 +157,13 @@ fn gen_nodes(rng: &mut Rng, f: Features) -> (Vec<Value>, bool) {
 fn gen_args(rng: &mut Rng, f: Features, has_external: bool) -> Vec<String> {
     let mut args = vec![format!("--hostname-override={NODE}")];
     if rng.chance(50) {
-        args.push("--cluster-cidr=10.244.0.0/16".into());
+        let cidr = *rng.pick(&[
+            "10.244.0.0/16",
+            "10.244.0.0/16",
+            "10.244.0.0/16,fd00:10::/48",
+            "fd00:10::/48,10.244.0.0/16",
+        ]);
+        args.push(format!("--cluster-cidr={cidr}"));
     }
     if rng.chance(20) {
         args.push("--masquerade-all".into());
@@ -356,8 +362,13 @@ fn gen_service(rng: &mut Rng, f: Features, i: usize) -> (Value, Vec<PortSpec>, b
             spec["loadBalancerSourceRanges"] = json!(ranges);
         }
     }
+    let mut labels = json!({"app": "demo"});
+    if rng.chance(4) {
+        // Served by another proxy: kube-proxy's informers filter it out.
+        labels["service.kubernetes.io/service-proxy-name"] = json!("other-proxy");
+    }
     let svc = json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations, "labels": labels},
         "spec": spec, "status": status});
     let hinted = rng.chance(30);
     (svc, port_specs, hinted)

@@ -214,6 +214,14 @@ fn service_ports(svc: &Service) -> Vec<SvcPort> {
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
     };
+    // server.go: the informers select `!service.kubernetes.io/service-proxy-name` and
+    // `!service.kubernetes.io/headless`.
+    let labels = svc.metadata.labels.clone().unwrap_or_default();
+    if labels.contains_key("service.kubernetes.io/service-proxy-name")
+        || labels.contains_key("service.kubernetes.io/headless")
+    {
+        return Vec::new();
+    }
     let cluster_ip = spec.cluster_ip.clone().unwrap_or_default();
     // ShouldSkipService
     if cluster_ip.is_empty()
