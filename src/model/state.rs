@@ -267,8 +267,9 @@ fn slice_key(slice: &EndpointSlice) -> (String, String) {
     )
 }
 
-/// Upstream EndpointSliceCache semantics: an endpoint appears once per `ip:port` (a local copy
-/// wins over a remote one), and the list is sorted by that string.
+/// Upstream EndpointSliceCache semantics: an endpoint appears once per `ip:port` (a later copy
+/// wins unless it is terminating, so a terminating ghost never hides a live pod with the same
+/// address: kubernetes#135266), and the list is sorted by that string.
 fn endpoints_for<'a>(
     port: &ServicePort,
     slices: impl Iterator<Item = &'a SliceInfo>,
@@ -285,7 +286,7 @@ fn endpoints_for<'a>(
                 let mut ep = ep.clone();
                 ep.port = sp.port;
                 let key = ep.addr_string();
-                if ep.is_local || !by_addr.contains_key(&key) {
+                if !ep.terminating || !by_addr.contains_key(&key) {
                     by_addr.insert(key, ep);
                 }
             }
@@ -333,7 +334,32 @@ mod tests {
         let addrs: Vec<_> = eps.iter().map(Endpoint::addr_string).collect();
         // String order, as upstream sorts: "10.0.0.10:8080" < "10.0.0.5:8080".
         assert_eq!(addrs, ["10.0.0.10:8080", "10.0.0.5:8080"]);
-        assert!(eps[1].is_local, "the local duplicate must win");
+    }
+
+    #[test]
+    fn a_terminating_duplicate_never_hides_a_live_endpoint() {
+        let mut st = ClusterState::new("node1");
+        st.apply_service(&svc("a", "172.30.0.1"));
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.5"], None));
+        let mut ghost = slice("a-2", "a", &["10.0.0.5"], Some("node1"));
+        if let Some(ep) = ghost.endpoints.iter_mut().flatten().next() {
+            ep.conditions = Some(
+                serde_json::from_value(
+                    json!({"ready": false, "serving": true, "terminating": true}),
+                )
+                .unwrap(),
+            );
+        }
+        st.apply_slice(&ghost);
+        let m = st.snapshot();
+        let name = ServicePortName::new("ns", "a", "p80", crate::model::Protocol::Tcp);
+        let eps = m.endpoints_of(&name);
+        assert_eq!(eps.len(), 1);
+        assert!(
+            eps[0].ready && !eps[0].terminating && !eps[0].is_local,
+            "the ready remote copy must stay: {:?}",
+            eps[0]
+        );
     }
 
     #[test]
