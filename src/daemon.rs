@@ -11,7 +11,8 @@ use crate::backend::Backend;
 use crate::backend::iptables::proxier::{IptablesProxier, render_config};
 use crate::backend::ipvs::ipvs_config;
 use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_settings};
-use crate::config::{DetectLocal, Invocation, NodePortAddresses, ProxyMode, ProxyOptions};
+use crate::config::{Invocation, ProxyMode, ProxyOptions};
+use crate::host::{HostSettings, NODE_WAIT_POLL, NODE_WAIT_TIMEOUT, NodeFacts};
 use crate::kernel::IpFamily;
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
@@ -48,6 +49,9 @@ pub enum DaemonError {
     /// IPVS mode cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
     #[error("{0}")]
     Ipvs(String),
+    /// Start-up could not get the Node facts it needs (no podCIDR in NodeCIDR mode).
+    #[error("{0}")]
+    Host(#[from] crate::host::HostError),
     /// `--cleanup` failed.
     #[error("cleanup failed: {0}")]
     Cleanup(String),
@@ -112,23 +116,30 @@ fn host_setup(opts: &ProxyOptions) {
             }
         }
     }
-    if opts.mode == ProxyMode::Iptables
-        && opts.localhost_node_ports
-        && localhost_in_node_ports(opts)
-    {
-        // Node ports on 127.0.0.1 need route_localnet, as upstream sets it.
-        if let Err(e) = sysctl.write("net/ipv4/conf/all/route_localnet", "1") {
-            tracing::warn!(error = %e, "could not enable route_localnet; localhost node ports will not work");
-        }
+}
+
+/// Node ports on loopback addresses need route_localnet, as upstream's iptables proxier sets
+/// it; decided by the same node facts the renderer writes the localhost rules from.
+fn enable_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) {
+    if opts.mode != ProxyMode::Iptables || !facts.localhost_node_ports {
+        return;
+    }
+    if let Err(e) = Sysctl::new().write("net/ipv4/conf/all/route_localnet", "1") {
+        tracing::warn!(error = %e, "could not enable route_localnet; localhost node ports will not work");
     }
 }
 
-fn localhost_in_node_ports(opts: &ProxyOptions) -> bool {
-    match &opts.node_port_addresses {
-        NodePortAddresses::All => true,
-        NodePortAddresses::Primary => false,
-        NodePortAddresses::Cidrs(c) => c.iter().any(|c| c.contains(&IpAddr::from([127, 0, 0, 1]))),
-    }
+/// The health check node port servers, on the local addresses `facts` selects for node
+/// ports (upstream lists them once, at start-up).
+async fn service_health_servers(facts: &NodeFacts, health: ProxyHealth) -> ServiceHealthServers {
+    let local: Vec<IpAddr> = match Addresses::new().list().await {
+        Ok(list) => list.into_iter().map(|a| a.addr).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "listing local addresses failed");
+            Vec::new()
+        }
+    };
+    ServiceHealthServers::for_node_ports(&facts.node_port_ips(&local), health)
 }
 
 async fn bind_or_warn(
@@ -230,13 +241,7 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
     config.random_fully = random_fully;
-    let backend = IptablesProxier::new(
-        ipt,
-        Conntrack::new(),
-        Addresses::new(),
-        config,
-        opts.detect_local == DetectLocal::NodeCidr,
-    );
+    let backend = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config);
     serve(inv, client, backend).await
 }
 
@@ -249,7 +254,13 @@ async fn serve<B: Backend + 'static>(
     let opts = inv.options.clone();
     let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
     let metrics = Metrics::new();
-    let health = ProxyHealth::new(opts.sync_period).with_metrics(metrics.clone());
+    let shared = Arc::new(Shared::new(ClusterState::new(&opts.hostname)));
+    let health = ProxyHealth::new(opts.sync_period)
+        .with_metrics(metrics.clone())
+        .with_node_eligibility({
+            let shared = shared.clone();
+            move || shared.lock().node_eligible()
+        });
     let _metrics_server = match opts.metrics_bind_address {
         Some(addr) => {
             bind_or_warn(
@@ -281,30 +292,30 @@ async fn serve<B: Backend + 'static>(
         }
         None => None,
     };
-    let hc_ips: Vec<IpAddr> = match &opts.node_port_addresses {
-        NodePortAddresses::Cidrs(cidrs) => match Addresses::new().list().await {
-            Ok(list) => list
-                .into_iter()
-                .map(|a| a.addr)
-                .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
-                .collect(),
-            Err(_) => Vec::new(),
-        },
-        _ => Vec::new(),
-    };
-    let service_health = ServiceHealthServers::new(hc_ips, health.clone());
-    let reporter = DaemonReporter::new(metrics, health, service_health);
-
-    let shared = Arc::new(Shared::new(ClusterState::new(&opts.hostname)));
     let watchers = tokio::spawn(crate::watch::run(
         client,
         opts.hostname.clone(),
         shared.clone(),
     ));
+    let host = HostSettings::from_options(&opts);
+    let node = tokio::select! {
+        node = host.wait_for_node(&shared, NODE_WAIT_POLL, NODE_WAIT_TIMEOUT) => node,
+        _ = shutdown_signal() => {
+            watchers.abort();
+            return Ok(());
+        }
+    };
+    let node = node.inspect_err(|_| watchers.abort())?;
+    let facts = host.facts(&node);
+    enable_route_localnet(&opts, &facts);
+    let service_health = service_health_servers(&facts, health.clone()).await;
+    let reporter = DaemonReporter::new(metrics, health, service_health);
+
     let settings = SyncSettings {
         min_sync_period: opts.min_sync_period,
         sync_period: opts.sync_period,
         full_sync_period: FULL_SYNC_PERIOD,
+        host,
     };
     let sync = tokio::spawn(SyncLoop::new(shared, backend, reporter, settings).run(None));
     tracing::info!(node = %opts.hostname, mode = %opts.mode, "kube-proxy-rs started");

@@ -56,7 +56,6 @@ impl Reporter for DaemonReporter {
             self.metrics
                 .observe_network_programming(latency.as_secs_f64());
         }
-        self.health.set_node_info(report.node);
         self.health.updated();
 
         let ports: BTreeMap<_, _> = out

@@ -65,6 +65,32 @@ impl ServiceHealthServers {
         } else {
             listen_ips
         };
+        Self::listening_on(listen_ips, health)
+    }
+
+    /// Servers on the node-port addresses, as upstream: every address (`0.0.0.0`) when they
+    /// match all, else exactly the matching local addresses (none when none match, e.g.
+    /// `--nodeport-addresses primary` with a node IP that is not local).
+    pub fn for_node_ports(
+        destinations: &crate::host::NodePortDestinations,
+        health: ProxyHealth,
+    ) -> Self {
+        use crate::host::NodePortDestinations;
+        let listen_ips = match destinations {
+            NodePortDestinations::AllLocal => vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            NodePortDestinations::Ips(ips) => {
+                if ips.is_empty() {
+                    tracing::warn!(
+                        "no local address matches --nodeport-addresses; health check node ports are not served"
+                    );
+                }
+                ips.clone()
+            }
+        };
+        Self::listening_on(listen_ips, health)
+    }
+
+    fn listening_on(listen_ips: Vec<IpAddr>, health: ProxyHealth) -> Self {
         ServiceHealthServers {
             listen_ips,
             health,
@@ -72,6 +98,11 @@ impl ServiceHealthServers {
             instances: Mutex::default(),
             sync_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The addresses each health check server listens on.
+    pub fn listen_ips(&self) -> &[IpAddr] {
+        &self.listen_ips
     }
 
     /// Makes `services` (name → healthCheckNodePort) the open set: closes the servers of
