@@ -121,12 +121,16 @@ fn host_setup(opts: &ProxyOptions) {
 /// Node ports on loopback addresses need route_localnet, as upstream's iptables proxier sets
 /// it; decided by the same node facts the renderer writes the localhost rules from.
 fn enable_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) {
-    if opts.mode != ProxyMode::Iptables || !facts.localhost_node_ports {
+    if !wants_route_localnet(opts, facts) {
         return;
     }
     if let Err(e) = Sysctl::new().write("net/ipv4/conf/all/route_localnet", "1") {
         tracing::warn!(error = %e, "could not enable route_localnet; localhost node ports will not work");
     }
+}
+
+fn wants_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) -> bool {
+    opts.mode == ProxyMode::Iptables && facts.localhost_node_ports
 }
 
 /// The health check node port servers, on the local addresses `facts` selects for node
@@ -364,6 +368,35 @@ async fn watch_config_file(path: Option<std::path::PathBuf>) -> DaemonError {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if stamp(&path) != first_stamp && content(&path) != first_content {
             return DaemonError::ConfigChanged(path.display().to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_localnet_goes_with_the_localhost_node_port_rules() {
+        for (addresses, want) in [
+            ("127.0.0.2/32", true),
+            ("127.0.0.0/8,192.168.0.0/16", true),
+            ("192.168.0.0/16", false),
+        ] {
+            let args = crate::config::parse_render_args(
+                &[format!("--nodeport-addresses={addresses}")],
+                "node1",
+            )
+            .unwrap();
+            let node = crate::model::NodeInfo::default();
+            let facts = HostSettings::from_options(&args.options).facts(&node);
+            let rc = render_config(&args.options, &node, vec!["127.0.0.2".parse().unwrap()]);
+            assert_eq!(rc.effective_localhost_node_ports(), want, "{addresses}");
+            assert_eq!(
+                wants_route_localnet(&args.options, &facts),
+                want,
+                "{addresses}: route_localnet must follow the localhost node port rules"
+            );
         }
     }
 }

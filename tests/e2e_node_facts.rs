@@ -95,10 +95,18 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
     // ... and on no other local address: nothing listens there, so the node refuses.
     for addr in [sa(OTHER, 30060), sa("10.244.0.1", 30060)] {
         let e = tcp_request(outside, addr, T).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{addr}: {e}");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{addr}: {e}"
+        );
     }
     let e = tcp_request(&topo.node, sa("127.0.0.1", 30060), T).unwrap_err();
-    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "localhost: {e}");
+    assert_eq!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "localhost: {e}"
+    );
 
     // The health check node port listens on the primary node IP only.
     let (code, body) = eventually(programmed(), POLL, || {
@@ -127,7 +135,14 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
         .filter(|l| l.starts_with("-A KUBE-SERVICES") && l.ends_with("-j KUBE-NODEPORTS"))
         .collect();
     assert_eq!(jumps.len(), 1, "{jumps:#?}");
-    assert!(jumps[0].contains(&format!("-d {PRIMARY}/32 ")), "{jumps:#?}");
-    assert!(proxy.try_wait().is_none(), "kube-proxy-rs exited:\n{}", logs());
+    assert!(
+        jumps[0].contains(&format!("-d {PRIMARY}/32 ")),
+        "{jumps:#?}"
+    );
+    assert!(
+        proxy.try_wait().is_none(),
+        "kube-proxy-rs exited:\n{}",
+        logs()
+    );
     proxy.terminate(Duration::from_secs(3));
 }

@@ -205,7 +205,8 @@ impl ClusterState {
         if info == self.node {
             return;
         }
-        // Only labels drive the rules (topology); eligibility only drives /healthz.
+        // Labels drive the rules (topology). The IPs and podCIDR do too, through the node
+        // facts, which the sync loop compares itself; eligibility only drives /healthz.
         if info.labels != self.node.labels {
             self.changes.node = true;
         }
