@@ -119,8 +119,7 @@ impl HostSettings {
     /// Whether start-up must wait for `node` before the first sync: NodeCIDR mode needs its
     /// podCIDR; `--nodeport-addresses primary` needs its IP unless `--bind-address` gives it.
     fn node_ready(&self, node: &NodeInfo) -> bool {
-        let cidr_ok =
-            self.detect_local != DetectLocal::NodeCidr || node.pod_cidrs.iter().any(Cidr::is_ipv4);
+        let cidr_ok = self.detect_local != DetectLocal::NodeCidr || !node.pod_cidrs.is_empty();
         let ip_ok = self.node_port_addresses != NodePortAddresses::Primary
             || primary_node_ip(self.bind_address, node).is_some();
         cidr_ok && ip_ok

@@ -75,6 +75,23 @@ pub fn state_from(objects: &Objects, node: &str, warnings: &mut Vec<String>) -> 
     state
 }
 
+/// The model a render of `args` programs: the objects as seen from the render's node, whose
+/// addresses are the `--node-ip` values when given (node ports are served there and the first
+/// IPv4 one is the primary node IP, whatever the Node object says).
+pub fn model(
+    args: &RenderArgs,
+    explicit_hostname: bool,
+    warnings: &mut Vec<String>,
+) -> Result<crate::model::ProxyModel, RenderError> {
+    let objects = load(args, warnings)?;
+    let node = node_name(args, explicit_hostname, &objects);
+    let mut model = state_from(&objects, &node, warnings).snapshot();
+    if !args.node_ips.is_empty() {
+        model.node.ips = args.node_ips.clone();
+    }
+    Ok(model)
+}
+
 /// Renders `args`; `explicit_hostname` tells whether `--hostname-override` was given.
 /// Returns the text to print; `warnings` gets one line per skipped object or part.
 pub fn run(
@@ -85,15 +102,7 @@ pub fn run(
     if !matches!(args.options.mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
         return Err(RenderError::Unsupported(args.options.mode.to_string()));
     }
-    let objects = load(args, warnings)?;
-    let node = node_name(args, explicit_hostname, &objects);
-    let state = state_from(&objects, &node, warnings);
-    let mut model = state.snapshot();
-    // `--node-ip` names this node's addresses: node ports are served there and the first
-    // IPv4 one is the primary node IP, whatever the Node object says.
-    if !args.node_ips.is_empty() {
-        model.node.ips = args.node_ips.clone();
-    }
+    let model = model(args, explicit_hostname, warnings)?;
     let node_ips = model.node.ips.clone();
     if args.options.mode == ProxyMode::Ipvs {
         return Ok(render_ipvs(args, &model, node_ips));
