@@ -1,6 +1,5 @@
 //! The daemon: wires configuration, kernel, servers, watchers and the sync loop together.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,7 +94,8 @@ fn conntrack_settings(opts: &ProxyOptions) -> ConntrackSettings {
     }
 }
 
-/// Upstream's privileged start-up steps: oom_score_adj, conntrack sysctls, route_localnet.
+/// Upstream's privileged start-up steps: oom_score_adj, conntrack sysctls (route_localnet
+/// waits for the node facts: [`enable_route_localnet`]).
 fn host_setup(opts: &ProxyOptions) {
     let sysctl = Sysctl::new();
     if let Err(e) = sysctl.set_oom_score_adj(opts.oom_score_adj) {
@@ -131,19 +131,6 @@ fn enable_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) {
 
 fn wants_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) -> bool {
     opts.mode == ProxyMode::Iptables && facts.localhost_node_ports
-}
-
-/// The health check node port servers, on the local addresses `facts` selects for node
-/// ports (upstream lists them once, at start-up).
-async fn service_health_servers(facts: &NodeFacts, health: ProxyHealth) -> ServiceHealthServers {
-    let local: Vec<IpAddr> = match Addresses::new().list().await {
-        Ok(list) => list.into_iter().map(|a| a.addr).collect(),
-        Err(e) => {
-            tracing::error!(error = %e, "listing local addresses failed");
-            Vec::new()
-        }
-    };
-    ServiceHealthServers::for_node_ports(&facts.node_port_ips(&local), health)
 }
 
 async fn bind_or_warn(
@@ -312,7 +299,9 @@ async fn serve<B: Backend + 'static>(
     let node = node.inspect_err(|_| watchers.abort())?;
     let facts = host.facts(&node);
     enable_route_localnet(&opts, &facts);
-    let service_health = service_health_servers(&facts, health.clone()).await;
+    // Upstream lists the addresses once, at start-up; the reporter follows node IP changes.
+    let local = crate::host::local_addresses().await;
+    let service_health = ServiceHealthServers::for_node_facts(&facts, &local, health.clone());
     let reporter = DaemonReporter::new(metrics, health, service_health);
 
     let settings = SyncSettings {

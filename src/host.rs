@@ -224,6 +224,17 @@ pub fn node_port_destinations(cidrs: Option<&[Cidr]>, local: &[IpAddr]) -> NodeP
     NodePortDestinations::Ips(ips)
 }
 
+/// The host's addresses, for the health check servers (empty, logged, when listing fails).
+pub async fn local_addresses() -> Vec<IpAddr> {
+    match crate::kernel::addrs::Addresses::new().list().await {
+        Ok(list) => list.into_iter().map(|a| a.addr).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "listing local addresses failed");
+            Vec::new()
+        }
+    }
+}
+
 fn first_ipv4(cidrs: &[Cidr]) -> LocalDetector {
     cidrs
         .iter()

@@ -27,15 +27,15 @@ fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
 
-/// The Node lists its ExternalIP (the other address) before its InternalIP (the primary).
-fn node_object() -> Value {
+/// The Node lists its ExternalIP before its InternalIP (the primary node IP).
+fn node_object(internal: &str, external: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
         "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]},
         "status": {"addresses": [
-            {"type": "ExternalIP", "address": OTHER},
-            {"type": "InternalIP", "address": PRIMARY},
+            {"type": "ExternalIP", "address": external},
+            {"type": "InternalIP", "address": internal},
             {"type": "Hostname", "address": NODE}
         ]}
     })
@@ -61,7 +61,7 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
     topo.node
         .ip(&["addr", "add", &format!("{OTHER}/24"), "dev", "ext0"]);
     let api = FakeApiServer::start_in(Some(&topo.node), IpAddr::V4(Ipv4Addr::LOCALHOST));
-    api.apply(node_object());
+    api.apply(node_object(PRIMARY, OTHER));
     let (svc, slice) = local_lb();
     api.apply(svc);
     api.apply(slice);
@@ -139,6 +139,23 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
         jumps[0].contains(&format!("-d {PRIMARY}/32 ")),
         "{jumps:#?}"
     );
+
+    // The Node's InternalIP changes: node ports and the health check server move with it
+    // (a full sync; upstream restarts).
+    api.apply(node_object(OTHER, PRIMARY));
+    let r = eventually(programmed(), POLL, || {
+        tcp_request(outside, sa(OTHER, 30060), T)
+    });
+    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", logs());
+    let e = tcp_request(outside, sa(PRIMARY, 30060), T).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let (code, body) = eventually(programmed(), POLL, || {
+        http_get_in(outside, sa(OTHER, 32000), "/")
+    })
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let e = http_get_in(outside, sa(PRIMARY, 32000), "/").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     assert!(
         proxy.try_wait().is_none(),
         "kube-proxy-rs exited:\n{}",

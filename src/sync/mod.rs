@@ -51,6 +51,8 @@ pub struct SyncReport<'a> {
     pub service_events: u64,
     /// EndpointSlice events it consumed.
     pub endpoint_events: u64,
+    /// The node facts it programmed (health check servers listen where node ports are).
+    pub node_facts: &'a crate::host::NodeFacts,
 }
 
 /// Side effects outside the kernel: metrics, health, health-check servers.
@@ -159,6 +161,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                             trigger_times: &trigger_times,
                             service_events: events.0,
                             endpoint_events: events.1,
+                            node_facts: &facts,
                         })
                         .await;
                     tracing::debug!(
