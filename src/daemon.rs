@@ -1,6 +1,5 @@
 //! The daemon: wires configuration, kernel, servers, watchers and the sync loop together.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +10,8 @@ use crate::backend::Backend;
 use crate::backend::iptables::proxier::{IptablesProxier, render_config};
 use crate::backend::ipvs::ipvs_config;
 use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_settings};
-use crate::config::{DetectLocal, Invocation, NodePortAddresses, ProxyMode, ProxyOptions};
+use crate::config::{Invocation, ProxyMode, ProxyOptions};
+use crate::host::{HostSettings, NODE_WAIT_POLL, NODE_WAIT_TIMEOUT, NodeFacts};
 use crate::kernel::IpFamily;
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
@@ -48,6 +48,9 @@ pub enum DaemonError {
     /// IPVS mode cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
     #[error("{0}")]
     Ipvs(String),
+    /// Start-up could not get the Node facts it needs (no podCIDR in NodeCIDR mode).
+    #[error("{0}")]
+    Host(#[from] crate::host::HostError),
     /// `--cleanup` failed.
     #[error("cleanup failed: {0}")]
     Cleanup(String),
@@ -91,7 +94,8 @@ fn conntrack_settings(opts: &ProxyOptions) -> ConntrackSettings {
     }
 }
 
-/// Upstream's privileged start-up steps: oom_score_adj, conntrack sysctls, route_localnet.
+/// Upstream's privileged start-up steps: oom_score_adj, conntrack sysctls (route_localnet
+/// waits for the node facts: [`enable_route_localnet`]).
 fn host_setup(opts: &ProxyOptions) {
     let sysctl = Sysctl::new();
     if let Err(e) = sysctl.set_oom_score_adj(opts.oom_score_adj) {
@@ -112,23 +116,21 @@ fn host_setup(opts: &ProxyOptions) {
             }
         }
     }
-    if opts.mode == ProxyMode::Iptables
-        && opts.localhost_node_ports
-        && localhost_in_node_ports(opts)
-    {
-        // Node ports on 127.0.0.1 need route_localnet, as upstream sets it.
-        if let Err(e) = sysctl.write("net/ipv4/conf/all/route_localnet", "1") {
-            tracing::warn!(error = %e, "could not enable route_localnet; localhost node ports will not work");
-        }
+}
+
+/// Node ports on loopback addresses need route_localnet, as upstream's iptables proxier sets
+/// it; decided by the same node facts the renderer writes the localhost rules from.
+fn enable_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) {
+    if !wants_route_localnet(opts, facts) {
+        return;
+    }
+    if let Err(e) = Sysctl::new().write("net/ipv4/conf/all/route_localnet", "1") {
+        tracing::warn!(error = %e, "could not enable route_localnet; localhost node ports will not work");
     }
 }
 
-fn localhost_in_node_ports(opts: &ProxyOptions) -> bool {
-    match &opts.node_port_addresses {
-        NodePortAddresses::All => true,
-        NodePortAddresses::Primary => false,
-        NodePortAddresses::Cidrs(c) => c.iter().any(|c| c.contains(&IpAddr::from([127, 0, 0, 1]))),
-    }
+fn wants_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) -> bool {
+    opts.mode == ProxyMode::Iptables && facts.localhost_node_ports
 }
 
 async fn bind_or_warn(
@@ -230,13 +232,7 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
     config.random_fully = random_fully;
-    let backend = IptablesProxier::new(
-        ipt,
-        Conntrack::new(),
-        Addresses::new(),
-        config,
-        opts.detect_local == DetectLocal::NodeCidr,
-    );
+    let backend = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config);
     serve(inv, client, backend).await
 }
 
@@ -249,7 +245,13 @@ async fn serve<B: Backend + 'static>(
     let opts = inv.options.clone();
     let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
     let metrics = Metrics::new();
-    let health = ProxyHealth::new(opts.sync_period).with_metrics(metrics.clone());
+    let shared = Arc::new(Shared::new(ClusterState::new(&opts.hostname)));
+    let health = ProxyHealth::new(opts.sync_period)
+        .with_metrics(metrics.clone())
+        .with_node_eligibility({
+            let shared = shared.clone();
+            move || shared.lock().node_eligible()
+        });
     let _metrics_server = match opts.metrics_bind_address {
         Some(addr) => {
             bind_or_warn(
@@ -281,30 +283,32 @@ async fn serve<B: Backend + 'static>(
         }
         None => None,
     };
-    let hc_ips: Vec<IpAddr> = match &opts.node_port_addresses {
-        NodePortAddresses::Cidrs(cidrs) => match Addresses::new().list().await {
-            Ok(list) => list
-                .into_iter()
-                .map(|a| a.addr)
-                .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
-                .collect(),
-            Err(_) => Vec::new(),
-        },
-        _ => Vec::new(),
-    };
-    let service_health = ServiceHealthServers::new(hc_ips, health.clone());
-    let reporter = DaemonReporter::new(metrics, health, service_health);
-
-    let shared = Arc::new(Shared::new(ClusterState::new(&opts.hostname)));
     let watchers = tokio::spawn(crate::watch::run(
         client,
         opts.hostname.clone(),
         shared.clone(),
     ));
+    let host = HostSettings::from_options(&opts);
+    let node = tokio::select! {
+        node = host.wait_for_node(&shared, NODE_WAIT_POLL, NODE_WAIT_TIMEOUT) => node,
+        _ = shutdown_signal() => {
+            watchers.abort();
+            return Ok(());
+        }
+    };
+    let node = node.inspect_err(|_| watchers.abort())?;
+    let facts = host.facts(&node);
+    enable_route_localnet(&opts, &facts);
+    // Upstream lists the addresses once, at start-up; the reporter follows node IP changes.
+    let local = crate::host::local_addresses().await;
+    let service_health = ServiceHealthServers::for_node_facts(&facts, &local, health.clone());
+    let reporter = DaemonReporter::new(metrics, health, service_health);
+
     let settings = SyncSettings {
         min_sync_period: opts.min_sync_period,
         sync_period: opts.sync_period,
         full_sync_period: FULL_SYNC_PERIOD,
+        host,
     };
     let sync = tokio::spawn(SyncLoop::new(shared, backend, reporter, settings).run(None));
     tracing::info!(node = %opts.hostname, mode = %opts.mode, "kube-proxy-rs started");
@@ -353,6 +357,35 @@ async fn watch_config_file(path: Option<std::path::PathBuf>) -> DaemonError {
         tokio::time::sleep(Duration::from_secs(2)).await;
         if stamp(&path) != first_stamp && content(&path) != first_content {
             return DaemonError::ConfigChanged(path.display().to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_localnet_goes_with_the_localhost_node_port_rules() {
+        for (addresses, want) in [
+            ("127.0.0.2/32", true),
+            ("127.0.0.0/8,192.168.0.0/16", true),
+            ("192.168.0.0/16", false),
+        ] {
+            let args = crate::config::parse_render_args(
+                &[format!("--nodeport-addresses={addresses}")],
+                "node1",
+            )
+            .unwrap();
+            let node = crate::model::NodeInfo::default();
+            let facts = HostSettings::from_options(&args.options).facts(&node);
+            let rc = render_config(&args.options, &node, vec!["127.0.0.2".parse().unwrap()]);
+            assert_eq!(rc.effective_localhost_node_ports(), want, "{addresses}");
+            assert_eq!(
+                wants_route_localnet(&args.options, &facts),
+                want,
+                "{addresses}: route_localnet must follow the localhost node port rules"
+            );
         }
     }
 }

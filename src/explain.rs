@@ -260,17 +260,10 @@ pub fn ruleset_from_render(
     let text = crate::render::run(&render, args.explicit_hostname, warnings)?;
     let mut dump = Dump::parse(&text)?;
     add_jump_rules(&mut dump);
-    let mut node_ips = args.render.node_ips.clone();
-    if node_ips.is_empty() {
-        // The same choice of node as render's (objects parsed again, warnings dropped).
-        let objects = crate::render::load(&args.render, &mut Vec::new())?;
-        let node = crate::render::node_name(&args.render, args.explicit_hostname, &objects);
-        node_ips = crate::render::state_from(&objects, &node, &mut Vec::new())
-            .snapshot()
-            .node
-            .ips
-            .clone();
-    }
+    // The same node addresses as render's (objects parsed again, warnings dropped).
+    let node_ips = crate::render::model(&render, args.explicit_hostname, &mut Vec::new())?
+        .node
+        .ips;
     let files: Vec<String> = args
         .render
         .objects

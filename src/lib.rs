@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod docgen;
 pub mod explain;
+pub mod host;
 pub mod kernel;
 pub mod model;
 pub mod render;

@@ -75,6 +75,23 @@ pub fn state_from(objects: &Objects, node: &str, warnings: &mut Vec<String>) -> 
     state
 }
 
+/// The model a render of `args` programs: the objects as seen from the render's node, whose
+/// addresses are the `--node-ip` values when given (node ports are served there and the first
+/// IPv4 one is the primary node IP, whatever the Node object says).
+pub fn model(
+    args: &RenderArgs,
+    explicit_hostname: bool,
+    warnings: &mut Vec<String>,
+) -> Result<crate::model::ProxyModel, RenderError> {
+    let objects = load(args, warnings)?;
+    let node = node_name(args, explicit_hostname, &objects);
+    let mut model = state_from(&objects, &node, warnings).snapshot();
+    if !args.node_ips.is_empty() {
+        model.node.ips = args.node_ips.clone();
+    }
+    Ok(model)
+}
+
 /// Renders `args`; `explicit_hostname` tells whether `--hostname-override` was given.
 /// Returns the text to print; `warnings` gets one line per skipped object or part.
 pub fn run(
@@ -85,14 +102,8 @@ pub fn run(
     if !matches!(args.options.mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
         return Err(RenderError::Unsupported(args.options.mode.to_string()));
     }
-    let objects = load(args, warnings)?;
-    let node = node_name(args, explicit_hostname, &objects);
-    let state = state_from(&objects, &node, warnings);
-    let model = state.snapshot();
-    let mut node_ips: Vec<IpAddr> = args.node_ips.clone();
-    if node_ips.is_empty() {
-        node_ips = model.node.ips.clone();
-    }
+    let model = model(args, explicit_hostname, warnings)?;
+    let node_ips = model.node.ips.clone();
     if args.options.mode == ProxyMode::Ipvs {
         return Ok(render_ipvs(args, &model, node_ips));
     }
@@ -127,4 +138,95 @@ fn render_ipvs(
     out.push_str("# iptables (iptables-restore --noflush)\n");
     out.push_str(&desired.iptables_restore);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: lb}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  loadBalancerSourceRanges: ["192.168.50.0/24"]
+  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30050, targetPort: 8080}]
+status: {loadBalancer: {ingress: [{ip: 203.0.113.10}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  namespace: ns
+  name: lb-1
+  labels: {kubernetes.io/service-name: lb}
+addressType: IPv4
+ports: [{name: p, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.0.10], conditions: {ready: true}}]
+"#;
+
+    const NODE: &str = r#"
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node1}
+status:
+  addresses:
+  - {type: ExternalIP, address: 203.0.113.99}
+  - {type: InternalIP, address: 192.168.50.1}
+"#;
+
+    fn render_with(objects: &str, flags: &[&str]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("objects.yaml");
+        std::fs::write(&file, objects).unwrap();
+        let mut args: Vec<String> = vec![
+            "--hostname-override=node1".into(),
+            format!("--objects={}", file.display()),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let parsed = crate::config::parse_render_args(&args, "node1").unwrap();
+        run(&parsed, true, &mut Vec::new()).unwrap()
+    }
+
+    const ALLOW_FROM_NODE: &str = "-s 203.0.113.10 -j KUBE-EXT-";
+
+    #[test]
+    fn node_ip_flag_sets_the_primary_node_ip() {
+        let text = render_with(LB, &["--node-ip=192.168.50.1"]);
+        assert!(text.contains(ALLOW_FROM_NODE), "{text}");
+        let text = render_with(LB, &["--node-ip=10.1.0.1"]);
+        assert!(
+            !text.contains(ALLOW_FROM_NODE),
+            "10.1.0.1 is outside the range"
+        );
+    }
+
+    #[test]
+    fn primary_is_the_first_internal_ip_or_the_bind_address() {
+        let objects = format!("{LB}{NODE}");
+        let text = render_with(&objects, &["--nodeport-addresses=primary"]);
+        assert!(
+            text.contains("-d 192.168.50.1 -j KUBE-NODEPORTS"),
+            "InternalIP before ExternalIP: {text}"
+        );
+        assert!(!text.contains("-d 203.0.113.99 -j KUBE-NODEPORTS"));
+        assert!(!text.contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
+        assert!(text.contains(ALLOW_FROM_NODE));
+
+        let text = render_with(
+            &objects,
+            &[
+                "--nodeport-addresses=primary",
+                "--bind-address=203.0.113.99",
+            ],
+        );
+        assert!(text.contains("-d 203.0.113.99 -j KUBE-NODEPORTS"), "{text}");
+        assert!(!text.contains("-d 192.168.50.1 -j KUBE-NODEPORTS"));
+        assert!(
+            !text.contains(ALLOW_FROM_NODE),
+            "the bind address is the node IP, outside the range"
+        );
+    }
 }

@@ -38,12 +38,13 @@ async fn synced_node(variant: IptablesVariant) -> Netns {
         Conntrack::new().with_netns(ns.name()),
         Addresses::new().with_netns(ns.name()),
         config,
-        false,
     );
+    let facts = kube_proxy_rs::host::HostSettings::from_options(&args.options).facts(&model.node);
     p.sync(SyncRequest {
         model: &model,
         changed: &BTreeSet::new(),
         full: true,
+        node_facts: &facts,
     })
     .await
     .expect("full sync into the namespace");

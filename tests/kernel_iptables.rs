@@ -40,9 +40,14 @@ fn proxier(
         Conntrack::new().with_netns(ns.name()),
         Addresses::new().with_netns(ns.name()),
         config,
-        false,
     );
     (p, ipt)
+}
+
+/// The node facts the daemon's sync loop would pass for `model` with the same flags.
+fn facts(model: &ProxyModel) -> kube_proxy_rs::host::NodeFacts {
+    let args = parse_render_args(&["--cluster-cidr=10.244.0.0/16".to_string()], "node1").unwrap();
+    kube_proxy_rs::host::HostSettings::from_options(&args.options).facts(&model.node)
 }
 
 async fn save(ipt: &Iptables) -> (Dump, Dump) {
@@ -74,6 +79,7 @@ async fn full_sync(p: &mut IptablesProxier, model: &ProxyModel) {
         model,
         changed: &BTreeSet::new(),
         full: true,
+        node_facts: &facts(model),
     })
     .await
     .expect("full sync");
@@ -184,6 +190,7 @@ async fn check_variant(variant: IptablesVariant) {
         model: &model2,
         changed: &changed,
         full: false,
+        node_facts: &facts(&model2),
     })
     .await
     .expect("partial sync");

@@ -340,10 +340,21 @@ fn reset(s: TcpStream) {
 // ------------------------------------------------------------------ the scenario
 
 async fn sync(p: &mut IpvsProxier, m: &ProxyModel, full: bool) {
+    // The node facts the daemon's sync loop would pass with the scenario's flags.
+    let args = parse_render_args(
+        &[
+            "--proxy-mode=ipvs".to_string(),
+            "--cluster-cidr=10.244.0.0/16".to_string(),
+        ],
+        "node1",
+    )
+    .unwrap();
+    let facts = kube_proxy_rs::host::HostSettings::from_options(&args.options).facts(&m.node);
     p.sync(SyncRequest {
         model: m,
         changed: &BTreeSet::new(),
         full,
+        node_facts: &facts,
     })
     .await
     .expect("sync");

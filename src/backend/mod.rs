@@ -18,8 +18,10 @@ pub struct SyncRequest<'a> {
     pub model: &'a ProxyModel,
     /// Services changed since the last successful sync (ignored on a full sync).
     pub changed: &'a BTreeSet<ServiceName>,
-    /// Rewrite everything (start-up, node change, after a failure, hourly).
+    /// Rewrite everything (start-up, node facts changed, after a failure, hourly).
     pub full: bool,
+    /// This sync's node facts (primary node IP, node-port addresses, local detector).
+    pub node_facts: &'a crate::host::NodeFacts,
 }
 
 /// What a successful sync reports back, for metrics and health-check servers.

@@ -76,7 +76,8 @@ pub struct Invocation {
 pub struct RenderArgs {
     /// Resolved options.
     pub options: ProxyOptions,
-    /// `--node-ip` values (repeatable, comma-separated allowed).
+    /// `--node-ip` values (repeatable, comma-separated allowed): the node's addresses, instead of
+    /// the Node object's; the first IPv4 one is the primary node IP.
     pub node_ips: Vec<IpAddr>,
     /// `--objects` files (may be empty; the caller supplies a default).
     pub objects: Vec<PathBuf>,

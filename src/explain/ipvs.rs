@@ -53,15 +53,12 @@ pub fn table_from_render(
     args: &ExplainArgs,
     warnings: &mut Vec<String>,
 ) -> Result<IpvsTable, ExplainError> {
-    let objects = crate::render::load(&args.render, warnings)?;
-    let node = crate::render::node_name(&args.render, args.explicit_hostname, &objects);
-    let model = crate::render::state_from(&objects, &node, warnings).snapshot();
-    let mut local_ips = args.render.node_ips.clone();
-    if local_ips.is_empty() {
-        local_ips = model.node.ips.clone();
-    }
-    let cfg =
-        crate::backend::ipvs::render::ipvs_config(&args.render.options, &model.node, local_ips);
+    let model = crate::render::model(&args.render, args.explicit_hostname, warnings)?;
+    let cfg = crate::backend::ipvs::render::ipvs_config(
+        &args.render.options,
+        &model.node,
+        model.node.ips.clone(),
+    );
     let desired = crate::backend::ipvs::render::render(&model, &cfg);
     let files: Vec<String> = args
         .render

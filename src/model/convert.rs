@@ -552,7 +552,11 @@ pub fn convert_node(node: &Node, name: &str) -> NodeInfo {
         info.pod_cidrs = cidrs.iter().filter_map(|c| parse_cidr_sloppy(c)).collect();
     }
     if let Some(status) = &node.status {
-        for a in status.addresses.iter().flatten() {
+        // Upstream GetNodeHostIPs: InternalIPs before ExternalIPs (the primary node IP is the
+        // first of its family).
+        let mut addresses: Vec<_> = status.addresses.iter().flatten().collect();
+        addresses.sort_by_key(|a| a.type_ != "InternalIP");
+        for a in addresses {
             if (a.type_ == "InternalIP" || a.type_ == "ExternalIP")
                 && let Some(ip) = parse_ip_sloppy(&a.address)
             {
@@ -890,5 +894,25 @@ mod tests {
         let info = convert_endpoint_slice(&s, "node1", &mut Vec::new()).unwrap();
         assert!(info.endpoints[0].serving && !info.endpoints[0].ready);
         assert!(!info.endpoints[1].serving);
+    }
+
+    #[test]
+    fn node_ips_put_internal_ips_before_external_ips() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [
+                {"type": "ExternalIP", "address": "203.0.113.7"},
+                {"type": "Hostname", "address": "n1"},
+                {"type": "InternalIP", "address": "192.168.50.1"},
+                {"type": "InternalIP", "address": "fd00::1"}
+            ]}
+        }))
+        .unwrap();
+        let ips: Vec<String> = convert_node(&node, "n1")
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ips, ["192.168.50.1", "fd00::1", "203.0.113.7"]);
     }
 }

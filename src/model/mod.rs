@@ -28,7 +28,8 @@ pub struct NodeInfo {
     pub name: String,
     /// The Node's labels (topology zone in particular).
     pub labels: BTreeMap<String, String>,
-    /// `status.addresses` of type InternalIP/ExternalIP, in order.
+    /// `status.addresses` of type InternalIP, then those of type ExternalIP (each in document
+    /// order), as upstream's `GetNodeHostIPs` orders them.
     pub ips: Vec<IpAddr>,
     /// `spec.podCIDRs` (for detect-local-mode NodeCIDR).
     pub pod_cidrs: Vec<Cidr>,

@@ -43,6 +43,8 @@ pub struct ClusterState {
     slices: BTreeMap<(String, String), SliceInfo>,
     slices_by_service: BTreeMap<ServiceName, BTreeSet<(String, String)>>,
     node: NodeInfo,
+    /// The Node has been seen at least once (it is eligible until then, as upstream).
+    node_seen: bool,
     changes: Changes,
 }
 
@@ -199,10 +201,12 @@ impl ClusterState {
                 ..Default::default()
             },
         };
+        self.node_seen |= node.is_some();
         if info == self.node {
             return;
         }
-        // Only labels drive the rules (topology); eligibility only drives /healthz.
+        // Labels drive the rules (topology). The IPs and podCIDR do too, through the node
+        // facts, which the sync loop compares itself; eligibility only drives /healthz.
         if info.labels != self.node.labels {
             self.changes.node = true;
         }
@@ -212,6 +216,13 @@ impl ClusterState {
     /// This node as last seen.
     pub fn node(&self) -> &NodeInfo {
         &self.node
+    }
+
+    /// Whether this Node may get traffic (`/healthz`): as upstream, eligible until a Node
+    /// event says otherwise, then only while it exists, is not being deleted and has no
+    /// `ToBeDeletedByClusterAutoscaler` taint.
+    pub fn node_eligible(&self) -> bool {
+        !self.node_seen || (self.node.present && !self.node.deleting && !self.node.to_be_deleted)
     }
 
     /// Returns and clears the changes recorded so far.

@@ -99,8 +99,12 @@ struct State {
     node_eligible: bool,
 }
 
+/// Reads whether the Node is eligible, at request time.
+type EligibilitySource = Box<dyn Fn() -> bool + Send + Sync>;
+
 struct Inner {
     clock: Arc<dyn Clock>,
+    node_source: OnceLock<EligibilitySource>,
     timeout: Duration,
     family: IpFamily,
     metrics: OnceLock<Metrics>,
@@ -133,6 +137,7 @@ impl ProxyHealth {
     pub fn with_clock(sync_period: Duration, family: IpFamily, clock: Arc<dyn Clock>) -> Self {
         ProxyHealth(Arc::new(Inner {
             clock,
+            node_source: OnceLock::new(),
             timeout: sync_period * 2,
             family,
             metrics: OnceLock::new(),
@@ -149,6 +154,14 @@ impl ProxyHealth {
     /// Only the first call has an effect.
     pub fn with_metrics(self, metrics: Metrics) -> Self {
         let _ = self.0.metrics.set(metrics);
+        self
+    }
+
+    /// Reads the Node's eligibility from `source` whenever `/healthz` is asked (upstream
+    /// updates it on every Node event, not only after a sync); [`set_node`](Self::set_node)
+    /// is then ignored. Only the first call has an effect.
+    pub fn with_node_eligibility(self, source: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        let _ = self.0.node_source.set(Box::new(source));
         self
     }
 
@@ -202,7 +215,10 @@ impl ProxyHealth {
 
     /// Whether the Node is eligible for traffic.
     pub fn node_eligible(&self) -> bool {
-        self.state().node_eligible
+        match self.0.node_source.get() {
+            Some(source) => source(),
+            None => self.state().node_eligible,
+        }
     }
 
     /// The proxy's health, ignoring the Node (upstream `Health()`).
@@ -439,6 +455,49 @@ mod tests {
         node.to_be_deleted = false;
         h.set_node_info(&node);
         assert!(h.node_eligible());
+    }
+
+    #[test]
+    fn healthz_reads_node_eligibility_when_asked_not_after_a_sync() {
+        use crate::sync::shared::Shared;
+        let shared = Arc::new(Shared::new(crate::model::ClusterState::new("n1")));
+        let (h, _, _) = setup();
+        let h = h.with_node_eligibility({
+            let shared = shared.clone();
+            move || shared.lock().node_eligible()
+        });
+        h.updated();
+        assert_eq!(
+            h.healthz().status,
+            200,
+            "eligible until a Node event says otherwise"
+        );
+        let node = |taints: serde_json::Value, deleting: bool| {
+            let mut n = serde_json::json!({"metadata": {"name": "n1"}, "spec": {"taints": taints}});
+            if deleting {
+                n["metadata"]["deletionTimestamp"] = serde_json::json!("2024-03-01T00:00:00Z");
+            }
+            serde_json::from_value::<k8s_openapi::api::core::v1::Node>(n).unwrap()
+        };
+        shared
+            .lock()
+            .set_node(Some(&node(serde_json::json!([]), false)));
+        assert_eq!(h.healthz().status, 200);
+        // No sync happens in between: the answer follows the Node at once.
+        let taint = serde_json::json!([{"key": TO_BE_DELETED_TAINT, "effect": "NoSchedule"}]);
+        shared.lock().set_node(Some(&node(taint, false)));
+        assert_eq!(h.healthz().status, 503);
+        assert_eq!(h.livez().status, 200);
+        shared
+            .lock()
+            .set_node(Some(&node(serde_json::json!([]), true)));
+        assert_eq!(h.healthz().status, 503);
+        shared
+            .lock()
+            .set_node(Some(&node(serde_json::json!([]), false)));
+        assert_eq!(h.healthz().status, 200);
+        shared.lock().set_node(None);
+        assert_eq!(h.healthz().status, 503, "deleted");
     }
 
     #[test]

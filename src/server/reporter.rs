@@ -56,7 +56,6 @@ impl Reporter for DaemonReporter {
             self.metrics
                 .observe_network_programming(latency.as_secs_f64());
         }
-        self.health.set_node_info(report.node);
         self.health.updated();
 
         let ports: BTreeMap<_, _> = out
@@ -69,6 +68,10 @@ impl Reporter for DaemonReporter {
             .iter()
             .map(|(k, (_, n))| (k.clone(), *n))
             .collect();
+        if !self.service_health.follows(report.node_facts) {
+            let local = crate::host::local_addresses().await;
+            self.service_health.follow(report.node_facts, &local).await;
+        }
         for (svc, err) in self.service_health.sync(ports).await {
             tracing::warn!(service = %svc, error = %err, "health check node port not served");
         }

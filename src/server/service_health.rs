@@ -16,7 +16,8 @@ use super::error::ServerError;
 use super::format::go_quote;
 use super::health::ProxyHealth;
 use super::http::{self, Handler, HttpServer};
-use crate::model::ServiceName;
+use crate::host::{NodeFacts, NodePortDestinations};
+use crate::model::{Cidr, ServiceName};
 
 const JSON: &str = "application/json";
 
@@ -29,7 +30,9 @@ struct Instance {
 
 /// The set of health check servers, one per Service (and per listen IP).
 pub struct ServiceHealthServers {
-    listen_ips: Vec<IpAddr>,
+    listen_ips: Mutex<Vec<IpAddr>>,
+    /// The node-port prefixes `listen_ips` were chosen for (`None`: fixed addresses).
+    followed: Mutex<Option<Option<Vec<Cidr>>>>,
     health: ProxyHealth,
     /// Local endpoint counts of the open services; shared with the handlers.
     counts: Counts,
@@ -46,7 +49,7 @@ impl std::fmt::Debug for ServiceHealthServers {
             .map(|(k, v)| (k.to_string(), v.port))
             .collect();
         f.debug_struct("ServiceHealthServers")
-            .field("listen_ips", &self.listen_ips)
+            .field("listen_ips", &*lock(&self.listen_ips))
             .field("ports", &ports)
             .finish_non_exhaustive()
     }
@@ -65,12 +68,64 @@ impl ServiceHealthServers {
         } else {
             listen_ips
         };
+        Self::listening_on(listen_ips, health)
+    }
+
+    /// Servers on the node-port addresses of `facts` among the host's `local` addresses, as
+    /// upstream: every address (`0.0.0.0`) when they match all, else exactly the matching
+    /// local addresses (none when none match, e.g. `--nodeport-addresses primary` with a node
+    /// IP that is not local).
+    pub fn for_node_facts(facts: &NodeFacts, local: &[IpAddr], health: ProxyHealth) -> Self {
+        let servers = Self::listening_on(listen_ips_for(facts, local), health);
+        *lock(&servers.followed) = Some(facts.node_port_cidrs.clone());
+        servers
+    }
+
+    fn listening_on(listen_ips: Vec<IpAddr>, health: ProxyHealth) -> Self {
         ServiceHealthServers {
-            listen_ips,
+            listen_ips: Mutex::new(listen_ips),
+            followed: Mutex::new(None),
             health,
             counts: Arc::default(),
             instances: Mutex::default(),
             sync_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The addresses each health check server listens on.
+    pub fn listen_ips(&self) -> Vec<IpAddr> {
+        lock(&self.listen_ips).clone()
+    }
+
+    /// Whether the servers listen where `facts` put node ports (always, for fixed addresses).
+    pub fn follows(&self, facts: &NodeFacts) -> bool {
+        lock(&self.followed)
+            .as_ref()
+            .is_none_or(|cidrs| *cidrs == facts.node_port_cidrs)
+    }
+
+    /// Moves the servers to the addresses `facts` selects among `local` (the node IP
+    /// changed): every open server is closed, and the next [`sync`](Self::sync) opens them
+    /// on the new addresses. Upstream restarts instead.
+    pub async fn follow(&self, facts: &NodeFacts, local: &[IpAddr]) {
+        let _serial = self.sync_lock.lock().await;
+        *lock(&self.followed) = Some(facts.node_port_cidrs.clone());
+        let ips = listen_ips_for(facts, local);
+        if *lock(&self.listen_ips) == ips {
+            return;
+        }
+        tracing::info!(addresses = ?ips, "node-port addresses changed, moving the health check servers");
+        *lock(&self.listen_ips) = ips;
+        let closing: Vec<HttpServer> = {
+            let mut instances = lock(&self.instances);
+            lock(&self.counts).clear();
+            std::mem::take(&mut *instances)
+                .into_values()
+                .flat_map(|i| i.servers)
+                .collect()
+        };
+        for server in closing {
+            server.shutdown().await;
         }
     }
 
@@ -128,8 +183,9 @@ impl ServiceHealthServers {
 
     /// Listens on every listen IP; on a failure the ones already open are dropped (closed).
     fn open(&self, name: &ServiceName, port: u16) -> Result<Vec<HttpServer>, ServerError> {
-        let mut servers = Vec::with_capacity(self.listen_ips.len());
-        for ip in &self.listen_ips {
+        let listen_ips = self.listen_ips();
+        let mut servers = Vec::with_capacity(listen_ips.len());
+        for ip in &listen_ips {
             let listener = http::bind(SocketAddr::new(*ip, port))?;
             servers.push(http::spawn(listener, self.handler(name.clone()))?);
         }
@@ -176,6 +232,22 @@ impl ServiceHealthServers {
             .iter()
             .map(|(k, v)| (k.clone(), v.port))
             .collect()
+    }
+}
+
+/// Where health check servers listen for `facts`: `0.0.0.0` when node ports are on every
+/// address, else the matching `local` addresses.
+fn listen_ips_for(facts: &NodeFacts, local: &[IpAddr]) -> Vec<IpAddr> {
+    match facts.node_port_ips(local) {
+        NodePortDestinations::AllLocal => vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+        NodePortDestinations::Ips(ips) => {
+            if ips.is_empty() {
+                tracing::warn!(
+                    "no local address matches the node-port addresses; health check node ports are not served"
+                );
+            }
+            ips
+        }
     }
 }
 
@@ -359,5 +431,74 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(closed, "servers outlived their owner");
+    }
+
+    #[tokio::test]
+    async fn servers_listen_on_the_node_port_addresses_and_follow_a_node_ip_change() {
+        let facts = |ip: &str| NodeFacts {
+            node_port_cidrs: Some(vec![format!("{ip}/32").parse().unwrap()]),
+            ..NodeFacts::default()
+        };
+        let local: Vec<IpAddr> = ["127.0.0.1", "127.0.0.2", "fd00::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let first = facts("127.0.0.1");
+        let servers = ServiceHealthServers::for_node_facts(
+            &first,
+            &local,
+            ProxyHealth::new(Duration::from_secs(30)),
+        );
+        assert_eq!(
+            servers.listen_ips(),
+            ["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+        let svc = ServiceName::new("ns", "svc");
+        let port = free_port();
+        assert!(
+            servers
+                .sync(BTreeMap::from([(svc.clone(), port)]))
+                .await
+                .is_empty()
+        );
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
+        assert_eq!(get(at("127.0.0.1"), "/").await.unwrap().status, 503);
+        assert!(
+            get(at("127.0.0.2"), "/").await.is_err(),
+            "not a node-port address"
+        );
+        assert!(servers.follows(&first));
+
+        // The primary node IP moved: the servers move with it at the next sync.
+        let second = facts("127.0.0.2");
+        assert!(!servers.follows(&second));
+        servers.follow(&second, &local).await;
+        assert!(servers.follows(&second));
+        assert!(
+            servers
+                .sync(BTreeMap::from([(svc.clone(), port)]))
+                .await
+                .is_empty()
+        );
+        assert_eq!(servers.local_addrs(&svc), [at("127.0.0.2")]);
+        assert_eq!(get(at("127.0.0.2"), "/").await.unwrap().status, 503);
+        assert!(
+            get(at("127.0.0.1"), "/").await.is_err(),
+            "old address closed"
+        );
+
+        // Every address: one wildcard listener; no match at all: none (as upstream).
+        let all = ServiceHealthServers::for_node_facts(
+            &NodeFacts::default(),
+            &local,
+            ProxyHealth::new(Duration::from_secs(30)),
+        );
+        assert_eq!(all.listen_ips(), [IpAddr::V4(Ipv4Addr::UNSPECIFIED)]);
+        let none = ServiceHealthServers::for_node_facts(
+            &facts("10.9.9.9"),
+            &local,
+            ProxyHealth::new(Duration::from_secs(30)),
+        );
+        assert!(none.listen_ips().is_empty());
     }
 }

@@ -24,7 +24,7 @@ pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 pub const RETRY_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Timing settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SyncSettings {
     /// Minimum interval between syncs (burst of two).
     pub min_sync_period: Duration,
@@ -32,6 +32,8 @@ pub struct SyncSettings {
     pub sync_period: Duration,
     /// Maximum interval between full syncs.
     pub full_sync_period: Duration,
+    /// What node facts are computed from (each sync, from the Node as last seen).
+    pub host: crate::host::HostSettings,
 }
 
 /// What one finished sync reports.
@@ -49,8 +51,8 @@ pub struct SyncReport<'a> {
     pub service_events: u64,
     /// EndpointSlice events it consumed.
     pub endpoint_events: u64,
-    /// The node as last seen (for /healthz eligibility).
-    pub node: &'a crate::model::NodeInfo,
+    /// The node facts it programmed (health check servers listen where node ports are).
+    pub node_facts: &'a crate::host::NodeFacts,
 }
 
 /// Side effects outside the kernel: metrics, health, health-check servers.
@@ -100,6 +102,9 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
         );
         let mut need_full = true;
         let mut last_full = now;
+        // The node facts of the last successful sync: a change rewrites every chain, as the
+        // primary IP, node-port addresses and local detector appear in unchanged services'.
+        let mut synced_facts: Option<crate::host::NodeFacts> = None;
         let mut pending: BTreeSet<ServiceName> = BTreeSet::new();
         let mut trigger_times: Vec<SystemTime> = Vec::new();
         let mut events = (0u64, 0u64);
@@ -122,6 +127,14 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             if start.duration_since(last_full) >= self.settings.full_sync_period {
                 need_full = true;
             }
+            let facts = self.settings.host.facts(&node);
+            if synced_facts.as_ref().is_some_and(|f| *f != facts) {
+                tracing::info!(
+                    ?facts,
+                    "node facts changed (primary IP, podCIDR), forcing a full sync"
+                );
+                need_full = true;
+            }
             if !need_full && self.backend.needs_full_sync().await {
                 tracing::info!("kernel state drifted (canary missing), forcing a full sync");
                 need_full = true;
@@ -133,6 +146,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                     model: &model,
                     changed: &pending,
                     full,
+                    node_facts: &facts,
                 })
                 .await;
             let duration = start.elapsed();
@@ -147,7 +161,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                             trigger_times: &trigger_times,
                             service_events: events.0,
                             endpoint_events: events.1,
-                            node: &node,
+                            node_facts: &facts,
                         })
                         .await;
                     tracing::debug!(
@@ -166,6 +180,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                         last_full = start;
                     }
                     need_full = false;
+                    synced_facts = Some(facts);
                 }
                 Err(e) => {
                     // Previous rules stay in the kernel; retry soon with a full sync.
@@ -276,6 +291,7 @@ mod tests {
             min_sync_period: Duration::from_secs(1),
             sync_period: Duration::from_secs(30),
             full_sync_period: Duration::from_secs(3600),
+            host: crate::host::HostSettings::default(),
         };
         let task =
             tokio::spawn(SyncLoop::new(shared.clone(), backend, reporter, settings).run(Some(6)));
@@ -318,6 +334,79 @@ mod tests {
         assert!(!c[4].full && c[4].changed.is_empty());
         assert!(c[4].at - c[3].at >= Duration::from_secs(30));
         assert_eq!((*done.lock().unwrap(), *failed.lock().unwrap()), (4, 1));
+        task.abort();
+    }
+
+    fn node(ip: &str, pod_cidr: &str) -> k8s_openapi::api::core::v1::Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node1"},
+            "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_cidr_or_primary_ip_change_forces_a_full_sync() {
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let backend = FakeBackend {
+            calls: calls.clone(),
+            fail_next: Arc::default(),
+            t0: Instant::now(),
+        };
+        let settings = SyncSettings {
+            min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+            full_sync_period: Duration::from_secs(3600),
+            host: crate::host::HostSettings {
+                detect_local: crate::config::DetectLocal::NodeCidr,
+                node_port_addresses: crate::config::NodePortAddresses::Primary,
+                ..crate::host::HostSettings::default()
+            },
+        };
+        let reporter = CountingReporter::default();
+        let task =
+            tokio::spawn(SyncLoop::new(shared.clone(), backend, reporter, settings).run(Some(6)));
+        shared
+            .lock()
+            .set_node(Some(&node("192.168.50.1", "10.244.0.0/24")));
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let step = |f: Box<dyn FnOnce(&mut ClusterState)>| {
+            f(&mut shared.lock());
+            shared.wake();
+        };
+        step(Box::new(|st| {
+            st.apply_service(&svc("a", "10.0.0.1"));
+        }));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        step(Box::new(|st| {
+            st.set_node(Some(&node("192.168.50.1", "10.244.7.0/24")))
+        }));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        step(Box::new(|st| {
+            st.set_node(Some(&node("192.168.50.9", "10.244.7.0/24")))
+        }));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c = calls.lock().unwrap().clone();
+        assert!(c[0].full, "start-up: {c:#?}");
+        // Past start-up: a service change, then a podCIDR change, then a primary IP change.
+        let later: Vec<(bool, Vec<String>)> = c
+            .iter()
+            .filter(|c| c.at >= Duration::from_secs(2))
+            .map(|c| (c.full, c.changed.clone()))
+            .collect();
+        assert_eq!(
+            later,
+            [
+                (false, vec!["ns/a".to_string()]),
+                (true, vec![]),
+                (true, vec![])
+            ],
+            "{c:#?}"
+        );
         task.abort();
     }
 }

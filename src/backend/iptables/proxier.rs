@@ -20,26 +20,22 @@ pub struct IptablesProxier {
     conntrack: ConntrackCleaner,
     addrs: Addresses,
     config: RenderConfig,
-    node_cidr_mode: bool,
 }
 
 impl IptablesProxier {
-    /// A proxier writing through `ipt`; `config.node_ips` is refreshed from the kernel on
-    /// every sync. `node_cidr_mode`: take the local detector from the Node's podCIDR at every
-    /// sync.
+    /// A proxier writing through `ipt`; `config.node_ips` is refreshed from the kernel and
+    /// the node facts taken from the request on every sync.
     pub fn new(
         ipt: Iptables,
         conntrack: Conntrack,
         addrs: Addresses,
         config: RenderConfig,
-        node_cidr_mode: bool,
     ) -> Self {
         IptablesProxier {
             ipt,
             conntrack: ConntrackCleaner::new(conntrack),
             addrs,
             config,
-            node_cidr_mode,
         }
     }
 
@@ -141,12 +137,7 @@ impl Backend for IptablesProxier {
             self.ensure_jumps().await?;
         }
         self.refresh_node_ips().await;
-        if let Some(ip) = req.model.node.ips.iter().copied().find(IpAddr::is_ipv4) {
-            self.config.primary_node_ip = Some(ip);
-        }
-        if self.node_cidr_mode {
-            self.config.local_detector = node_cidr_detector(&req.model.node);
-        }
+        self.config.apply_node_facts(req.node_facts);
         let existing = self.existing_nat_chains().await;
         let scope = if req.full {
             SyncScope::Full
@@ -195,45 +186,13 @@ pub fn render_config(
     node: &crate::model::NodeInfo,
     node_ips: Vec<IpAddr>,
 ) -> RenderConfig {
-    use super::render::LocalDetector;
-    use crate::config::{DetectLocal, NodePortAddresses};
-    use crate::model::Cidr;
-
-    let local_detector = match &opts.detect_local {
-        DetectLocal::None => LocalDetector::None,
-        DetectLocal::ClusterCidr(cidrs) => cidrs
-            .iter()
-            .find(|c| c.is_ipv4())
-            .map(|c| LocalDetector::Cidr(*c))
-            .unwrap_or_default(),
-        DetectLocal::NodeCidr => node_cidr_detector(node),
-        DetectLocal::BridgeInterface(i) => LocalDetector::BridgeInterface(i.clone()),
-        DetectLocal::InterfaceNamePrefix(p) => LocalDetector::InterfaceNamePrefix(p.clone()),
-    };
-    let primary_node_ip = node.ips.iter().copied().find(IpAddr::is_ipv4);
-    let node_port_addresses = match &opts.node_port_addresses {
-        NodePortAddresses::All => None,
-        NodePortAddresses::Cidrs(c) => Some(c.clone()),
-        NodePortAddresses::Primary => primary_node_ip.map(|ip| vec![Cidr::host(ip)]),
-    };
-    RenderConfig {
+    let mut config = RenderConfig {
         masquerade_bit: opts.masquerade_bit,
         masquerade_all: opts.masquerade_all,
-        local_detector,
-        node_port_addresses,
         node_ips,
-        primary_node_ip,
-        localhost_node_ports: opts.localhost_node_ports,
         conntrack_tcp_be_liberal: opts.conntrack.tcp_be_liberal,
         ..RenderConfig::default()
-    }
-}
-
-/// NodeCIDR mode: the Node's IPv4 podCIDR, if it has one yet.
-pub fn node_cidr_detector(node: &crate::model::NodeInfo) -> super::render::LocalDetector {
-    node.pod_cidrs
-        .iter()
-        .find(|c| c.is_ipv4())
-        .map(|c| super::render::LocalDetector::Cidr(*c))
-        .unwrap_or_default()
+    };
+    config.apply_node_facts(&crate::host::HostSettings::from_options(opts).facts(node));
+    config
 }

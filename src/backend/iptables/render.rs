@@ -2,7 +2,7 @@
 //! writes (pkg/proxy/iptables/proxier.go), for IPv4, in upstream's chain and rule order.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use super::names::{self, *};
 use crate::model::{
@@ -114,14 +114,7 @@ pub const NFACCT_CT_STATE_INVALID: &str = "ct_state_invalid_dropped_pkts";
 /// nfacct counter counting accepted localhost node-port packets.
 pub const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
 
-/// Where node ports are reachable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodePortDestinations {
-    /// Every local address (`-m addrtype --dst-type LOCAL`).
-    AllLocal,
-    /// Only these addresses (sorted, de-duplicated).
-    Ips(Vec<IpAddr>),
-}
+pub use crate::host::NodePortDestinations;
 
 impl RenderConfig {
     /// The masquerade mark as upstream formats it (`fmt.Sprintf("%#08x", 1<<bit)`).
@@ -130,23 +123,15 @@ impl RenderConfig {
         format!("{value:#010x}")
     }
 
-    fn ipv4_node_port_cidrs(&self) -> Vec<Cidr> {
-        self.node_port_addresses
-            .iter()
-            .flatten()
-            .filter(|c| c.is_ipv4())
-            .copied()
-            .collect()
+    /// The IPv4 node-port prefixes (`None`: every local address).
+    fn ipv4_node_port_cidrs(&self) -> Option<Vec<Cidr>> {
+        let given = self.node_port_addresses.clone().unwrap_or_default();
+        crate::host::node_port_cidrs(&crate::config::NodePortAddresses::Cidrs(given), None)
     }
 
     /// Upstream `NodePortAddresses.ContainsIPv4Loopback`.
     pub fn node_port_addresses_contain_loopback(&self) -> bool {
-        let cidrs = self.ipv4_node_port_cidrs();
-        let lo = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0));
-        cidrs.is_empty()
-            || cidrs
-                .iter()
-                .any(|c| c.addr().is_loopback() || c.contains(&lo))
+        crate::host::contains_ipv4_loopback(self.ipv4_node_port_cidrs().as_deref())
     }
 
     /// Localhost node ports as actually in effect.
@@ -156,17 +141,16 @@ impl RenderConfig {
 
     /// Upstream `NodePortAddresses.MatchAll` / `GetNodeIPs` (IPv4).
     pub fn node_port_destinations(&self) -> NodePortDestinations {
-        let cidrs = self.ipv4_node_port_cidrs();
-        if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix() == 0) {
-            return NodePortDestinations::AllLocal;
-        }
-        let ips: BTreeSet<IpAddr> = self
-            .node_ips
-            .iter()
-            .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
-            .copied()
-            .collect();
-        NodePortDestinations::Ips(ips.into_iter().collect())
+        crate::host::node_port_destinations(self.ipv4_node_port_cidrs().as_deref(), &self.node_ips)
+    }
+
+    /// Takes this sync's node facts: primary node IP, node-port addresses, localhost node
+    /// ports and the local-traffic detector.
+    pub fn apply_node_facts(&mut self, facts: &crate::host::NodeFacts) {
+        self.primary_node_ip = facts.primary_ip;
+        self.node_port_addresses = facts.node_port_cidrs.clone();
+        self.localhost_node_ports = facts.localhost_node_ports;
+        self.local_detector = facts.local_detector.clone();
     }
 }
 

@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 use super::{DesiredService, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
 use crate::backend::iptables::parse::Dump;
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
+use crate::host::{NodeFacts, NodePortDestinations};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::ipset::{DesiredSet, Ipset, IpsetVersion, plan_restore};
@@ -36,7 +37,6 @@ use crate::kernel::ipvs::{
 };
 use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::Sysctl;
-use crate::model::{Cidr, ProxyModel};
 
 use crate::sync::conntrack::ConntrackCleaner;
 
@@ -148,13 +148,6 @@ pub struct IpvsSettings {
     pub udp_timeout: Duration,
     /// How often terminating real servers are re-checked between syncs.
     pub graceful_check_interval: Duration,
-    /// `--nodeport-addresses` as CIDRs (`None`: every local address). Node IPs outside are
-    /// not given NodePort virtual servers.
-    pub node_port_cidrs: Option<Vec<Cidr>>,
-    /// `--nodeport-addresses=primary`: only the Node's primary IP.
-    pub node_port_primary_only: bool,
-    /// Detect-local NodeCIDR: refresh the detector from the Node's podCIDR every sync.
-    pub node_cidr_mode: bool,
 }
 
 impl Default for IpvsSettings {
@@ -164,9 +157,6 @@ impl Default for IpvsSettings {
             tcp_fin_timeout: Duration::ZERO,
             udp_timeout: Duration::ZERO,
             graceful_check_interval: GRACEFUL_CHECK_INTERVAL,
-            node_port_cidrs: None,
-            node_port_primary_only: false,
-            node_cidr_mode: false,
         }
     }
 }
@@ -181,7 +171,6 @@ pub struct IpvsProxier {
     state: Arc<Mutex<IpvsState>>,
     kernel: IpvsKernel,
     config: IpvsConfig,
-    settings: IpvsSettings,
     counters: Arc<Counters>,
     graceful_task: tokio::task::JoinHandle<()>,
     conntrack: ConntrackCleaner,
@@ -351,7 +340,6 @@ impl IpvsProxier {
             conntrack: ConntrackCleaner::new(kernel.conntrack.clone()),
             kernel,
             config,
-            settings,
             counters,
             graceful_task,
         })
@@ -375,15 +363,13 @@ impl IpvsProxier {
         v
     }
 
-    /// Refreshes the node addresses in the render config: `host_addrs` (every local IPv4
-    /// address except the dummy link's), `node_ips` (those NodePort virtual servers go on:
-    /// no loopback, filtered by `--nodeport-addresses`, upstream `NodeIPs` and
-    /// `GetNodeAddresses`) and the primary node IP. Keeps the previous lists if listing fails.
-    async fn refresh_node_addresses(&mut self, model: &ProxyModel) {
-        let primary = model.node.ips.iter().copied().find(IpAddr::is_ipv4);
-        if primary.is_some() {
-            self.config.primary_node_ip = primary;
-        }
+    /// Takes this sync's node facts and refreshes the node addresses in the render config:
+    /// `host_addrs` (every local IPv4 address except the dummy link's), `node_ips` (those
+    /// NodePort virtual servers go on: no loopback, inside the node-port addresses, upstream
+    /// `NodeIPs` and `GetNodeAddresses`). Keeps the previous lists if listing fails.
+    async fn refresh_node_facts(&mut self, facts: &NodeFacts) {
+        self.config.primary_node_ip = facts.primary_ip;
+        self.config.local_detector = facts.local_detector.clone();
         let list = match self.kernel.addrs.list().await {
             Ok(l) => l,
             Err(e) => {
@@ -398,21 +384,13 @@ impl IpvsProxier {
             .collect();
         host.sort();
         host.dedup();
-        let node_ips: Vec<IpAddr> = if self.settings.node_port_primary_only {
-            self.config.primary_node_ip.into_iter().collect()
-        } else {
-            host.iter()
-                .copied()
-                .filter(|ip| !ip.is_loopback())
-                .filter(|ip| {
-                    self.settings
-                        .node_port_cidrs
-                        .as_ref()
-                        .is_none_or(|cidrs| cidrs.iter().any(|c| c.contains(ip)))
-                })
-                .collect()
-        };
-        self.config.node_ips = node_ips;
+        self.config.node_ips = match facts.node_port_ips(&host) {
+            NodePortDestinations::AllLocal => host.clone(),
+            NodePortDestinations::Ips(ips) => ips,
+        }
+        .into_iter()
+        .filter(|ip| !ip.is_loopback())
+        .collect();
         self.config.host_addrs = host;
     }
 
@@ -847,11 +825,7 @@ impl Backend for IpvsProxier {
         if req.full {
             self.ensure_jumps().await?;
         }
-        self.refresh_node_addresses(req.model).await;
-        if self.settings.node_cidr_mode {
-            self.config.local_detector =
-                crate::backend::iptables::proxier::node_cidr_detector(&req.model.node);
-        }
+        self.refresh_node_facts(req.node_facts).await;
         let desired = render(req.model, &self.config);
 
         self.sync_link().await?;
@@ -905,20 +879,11 @@ impl Backend for IpvsProxier {
 
 /// Settings from the options.
 pub fn ipvs_settings(opts: &crate::config::ProxyOptions) -> IpvsSettings {
-    use crate::config::{DetectLocal, NodePortAddresses};
     IpvsSettings {
         tcp_timeout: opts.ipvs.tcp_timeout,
         tcp_fin_timeout: opts.ipvs.tcp_fin_timeout,
         udp_timeout: opts.ipvs.udp_timeout,
         graceful_check_interval: GRACEFUL_CHECK_INTERVAL,
-        node_port_cidrs: match &opts.node_port_addresses {
-            NodePortAddresses::Cidrs(c) if !c.iter().any(|c| c.prefix() == 0) => {
-                Some(c.iter().copied().filter(Cidr::is_ipv4).collect())
-            }
-            _ => None,
-        },
-        node_port_primary_only: opts.node_port_addresses == NodePortAddresses::Primary,
-        node_cidr_mode: opts.detect_local == DetectLocal::NodeCidr,
     }
 }
 

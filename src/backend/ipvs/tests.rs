@@ -1589,8 +1589,16 @@ fn ipvs_config_from_options() {
     assert_eq!(c.primary_node_ip, Some(ip("192.168.50.1")));
     assert_eq!(c.masquerade_mark(), "0x00004000");
     opts.node_port_addresses = NodePortAddresses::Cidrs(vec![cidr("192.168.0.0/16")]);
-    let c = ipvs_config(&opts, &node, local_ips);
+    let c = ipvs_config(&opts, &node, local_ips.clone());
     assert_eq!(c.node_ips, vec![ip("192.168.50.1")]);
+
+    // The primary node IP (LB source-range sets): --bind-address overrides the Node, and
+    // `primary` node ports follow it.
+    opts.node_port_addresses = NodePortAddresses::Primary;
+    opts.bind_address = ip("10.1.0.1");
+    let c = ipvs_config(&opts, &node, local_ips);
+    assert_eq!(c.primary_node_ip, Some(ip("10.1.0.1")));
+    assert_eq!(c.node_ips, vec![ip("10.1.0.1")]);
 }
 
 /// `kube-proxy-rs render --proxy-mode ipvs` of the bundled demo cluster (node1).
