@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
-use kube::config::{Config as KubeConfig, KubeConfigOptions, Kubeconfig};
 
 use crate::backend::Backend;
 use crate::backend::iptables::proxier::{IptablesProxier, render_config};
@@ -20,6 +19,7 @@ use crate::kernel::iptables::{Iptables, detect_variant};
 use crate::kernel::ipvs::IpvsClient;
 use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
+use crate::kubeconfig;
 use crate::model::ClusterState;
 use crate::server::events::{self, NodeEvents};
 use crate::server::health::ProxyHealth;
@@ -34,8 +34,8 @@ use crate::sync::{FULL_SYNC_PERIOD, SyncLoop, SyncSettings};
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// Building the API client failed.
-    #[error("cannot build the Kubernetes client: {0}")]
-    Client(String),
+    #[error(transparent)]
+    Client(#[from] crate::kubeconfig::ClientError),
     /// The kernel side could not be set up.
     #[error("{0}")]
     Kernel(#[from] crate::kernel::KernelError),
@@ -54,28 +54,23 @@ pub enum DaemonError {
     /// The config file changed: upstream exits so the DaemonSet restarts it with the new one.
     #[error("the configuration file {0} changed; exiting so the new configuration is used")]
     ConfigChanged(String),
+    /// A task that runs for the life of the daemon ended (returned or panicked).
+    #[error(
+        "the {task} task ended unexpectedly ({how}); exiting so kube-proxy-rs is restarted, rules stay in place"
+    )]
+    TaskEnded {
+        /// Which task.
+        task: &'static str,
+        /// "returned", or the panic message.
+        how: String,
+    },
 }
 
-/// Builds the API client from `--kubeconfig`/`--master`, else in-cluster, else the default
-/// kubeconfig.
+/// Builds the API client from `--kubeconfig`/`--master`, else the default kubeconfig, else
+/// in-cluster.
 pub async fn client(opts: &ProxyOptions) -> Result<Client, DaemonError> {
-    let err = |e: &dyn std::fmt::Display| DaemonError::Client(e.to_string());
-    let mut config = match &opts.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|e| err(&e))?;
-            KubeConfig::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| err(&e))?
-        }
-        None => match &opts.master {
-            Some(master) => KubeConfig::new(master.parse().map_err(|e| err(&e))?),
-            None => KubeConfig::infer().await.map_err(|e| err(&e))?,
-        },
-    };
-    if let (Some(master), Some(_)) = (&opts.master, &opts.kubeconfig) {
-        config.cluster_url = master.parse().map_err(|e| err(&e))?;
-    }
-    Client::try_from(config).map_err(|e| err(&e))
+    let config = kubeconfig::config(opts.kubeconfig.as_deref(), opts.master.as_deref()).await?;
+    Ok(kubeconfig::client(config)?)
 }
 
 fn conntrack_settings(opts: &ProxyOptions) -> ConntrackSettings {
@@ -296,17 +291,23 @@ async fn serve<B: Backend + 'static>(
     let reporter = DaemonReporter::new(metrics, health, service_health);
 
     let shared = Arc::new(Shared::new(ClusterState::new(&opts.hostname)));
-    let watchers = tokio::spawn(crate::watch::run(
-        client,
-        opts.hostname.clone(),
-        shared.clone(),
-    ));
+    let mut tasks: Vec<Task> = crate::watch::watchers(client, &opts.hostname, shared.clone())
+        .into_iter()
+        .map(|(kind, watch)| (kind, tokio::spawn(watch)))
+        .collect();
     let settings = SyncSettings {
         min_sync_period: opts.min_sync_period,
         sync_period: opts.sync_period,
         full_sync_period: FULL_SYNC_PERIOD,
     };
-    let sync = tokio::spawn(SyncLoop::new(shared, backend, reporter, settings).run(None));
+    let sync = SyncLoop::new(shared, backend, reporter, settings).run(None);
+    tasks.push((
+        "sync",
+        tokio::spawn(async move {
+            sync.await;
+        }),
+    ));
+    let aborts: Vec<_> = tasks.iter().map(|(_, t)| t.abort_handle()).collect();
     tracing::info!(node = %opts.hostname, mode = %opts.mode, "kube-proxy-rs started");
     // Upstream's "birth cry".
     events.spawn_post(false, events::REASON_STARTING, String::new());
@@ -319,10 +320,43 @@ async fn serve<B: Backend + 'static>(
             Ok(())
         }
         changed = config_watch => Err(changed),
-        _ = sync => Ok(()),
+        ended = first_to_end(tasks) => Err(ended),
     };
-    watchers.abort();
+    for task in aborts {
+        task.abort();
+    }
     result
+}
+
+/// A task that runs for the life of the daemon, with the name its end is reported under.
+pub type Task = (&'static str, tokio::task::JoinHandle<()>);
+
+/// Resolves when the first of `tasks` ends. None of them ends while the daemon is healthy (a
+/// watcher or the sync loop that stopped would leave `/healthz` answering while nothing is
+/// synced), so any end, return or panic, is an error that ends the process with a non-zero
+/// status: the DaemonSet restarts it and the rules stay in place meanwhile.
+pub async fn first_to_end(tasks: Vec<Task>) -> DaemonError {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let (names, handles): (Vec<_>, Vec<_>) = tasks.into_iter().unzip();
+    let (result, index, _rest) = futures::future::select_all(handles).await;
+    let task = names.get(index).copied().unwrap_or("unknown");
+    let how = match result {
+        Ok(()) => "returned".to_string(),
+        Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(task, how = %how, "a daemon task ended unexpectedly, exiting");
+    DaemonError::TaskEnded { task, how }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
 }
 
 async fn shutdown_signal() {

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod docgen;
 pub mod explain;
 pub mod kernel;
+pub mod kubeconfig;
 pub mod model;
 pub mod render;
 pub mod server;
