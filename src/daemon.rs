@@ -235,8 +235,9 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     serve(inv, client, backend).await
 }
 
-/// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error.
-async fn serve<B: Backend + 'static>(
+/// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error (a
+/// changed config file, or any of the watchers or the sync loop ending).
+pub async fn serve<B: Backend + 'static>(
     inv: Invocation,
     client: Client,
     backend: B,
@@ -388,5 +389,59 @@ async fn watch_config_file(path: Option<std::path::PathBuf>) -> DaemonError {
         if stamp(&path) != first_stamp && content(&path) != first_content {
             return DaemonError::ConfigChanged(path.display().to_string());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ended(tasks: Vec<Task>) -> (&'static str, String) {
+        match tokio::time::timeout(Duration::from_secs(5), first_to_end(tasks)).await {
+            Ok(DaemonError::TaskEnded { task, how }) => (task, how),
+            Ok(other) => panic!("unexpected error {other}"),
+            Err(_) => panic!("a task ended and nothing noticed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_returns_ends_the_daemon() {
+        let tasks: Vec<Task> = vec![
+            ("Service", tokio::spawn(std::future::pending())),
+            ("EndpointSlice", tokio::spawn(async {})),
+            ("sync", tokio::spawn(std::future::pending())),
+        ];
+        assert_eq!(
+            ended(tasks).await,
+            ("EndpointSlice", "returned".to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_ends_the_daemon_with_its_message() {
+        let tasks: Vec<Task> = vec![
+            ("Node", tokio::spawn(async { panic!("bad node object") })),
+            ("sync", tokio::spawn(std::future::pending())),
+        ];
+        let (task, how) = ended(tasks).await;
+        assert_eq!(task, "Node");
+        assert_eq!(how, "panicked: bad node object");
+        let e = DaemonError::TaskEnded { task, how };
+        assert!(e.to_string().contains("the Node task ended unexpectedly"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn each_watcher_is_its_own_task() {
+        // One task joining all three hid the end of one watcher until all had ended.
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let kinds: Vec<&str> = crate::watch::watchers(client, "node1", shared)
+            .into_iter()
+            .map(|(kind, _)| kind)
+            .collect();
+        assert_eq!(kinds, ["Service", "EndpointSlice", "Node"]);
     }
 }
