@@ -427,7 +427,10 @@ mod tests {
         assert_eq!(task, "Node");
         assert_eq!(how, "panicked: bad node object");
         let e = DaemonError::TaskEnded { task, how };
-        assert!(e.to_string().contains("the Node task ended unexpectedly"), "{e}");
+        assert!(
+            e.to_string().contains("the Node task ended unexpectedly"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

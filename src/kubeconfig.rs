@@ -39,7 +39,10 @@ pub enum ClientError {
 
 /// The client configuration `--kubeconfig`/`--master` select; with neither, the default
 /// kubeconfig (`$KUBECONFIG`, `~/.kube/config`), else the in-cluster configuration.
-pub async fn config(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<Config, ClientError> {
+pub async fn config(
+    kubeconfig: Option<&Path>,
+    master: Option<&str>,
+) -> Result<Config, ClientError> {
     let master = master
         .map(|m| m.parse::<hyper::Uri>().map_err(|_| ClientError::Master))
         .transpose()?;

@@ -124,7 +124,9 @@ fn help(args: &[String]) -> anyhow::Result<ExitCode> {
         None => config::usage(),
         Some("render") => kube_proxy_rs::render::USAGE.to_string(),
         Some("explain") => kube_proxy_rs::explain::USAGE.to_string(),
-        Some(other) => anyhow::bail!("no help for {other:?}: try help, help render or help explain"),
+        Some(other) => {
+            anyhow::bail!("no help for {other:?}: try help, help render or help explain")
+        }
     };
     println!("{text}");
     Ok(ExitCode::SUCCESS)

@@ -20,7 +20,8 @@ fn run(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn render_help_prints_usage_not_a_ruleset() {
     for flag in ["--help", "-h"] {
-        let (code, stdout, stderr) = run(&["render", "--objects", "examples/demo-cluster.yaml", flag]);
+        let (code, stdout, stderr) =
+            run(&["render", "--objects", "examples/demo-cluster.yaml", flag]);
         assert_eq!(code, 0, "{stderr}");
         assert!(
             stdout.contains("kube-proxy-rs render [--objects FILE...]"),
@@ -41,7 +42,10 @@ fn help_command_prints_the_usages() {
     let (_, flag_help, _) = run(&["--help"]);
     assert_eq!(daemon, flag_help, "`help` and `--help` differ");
     assert!(daemon.contains("--proxy-mode"), "{daemon}");
-    assert!(daemon.contains("kube-proxy help [render|explain]"), "{daemon}");
+    assert!(
+        daemon.contains("kube-proxy help [render|explain]"),
+        "{daemon}"
+    );
     for sub in ["render", "explain"] {
         let (code, topic, stderr) = run(&["help", sub]);
         assert_eq!(code, 0, "{stderr}");
@@ -64,7 +68,10 @@ fn explain_help_names_the_modes_explain_runs() {
         usage.contains("--mode MODE           iptables or ipvs (nftables is not supported yet)"),
         "{usage}"
     );
-    assert!(!usage.contains("ipvs and nftables are not supported"), "{usage}");
+    assert!(
+        !usage.contains("ipvs and nftables are not supported"),
+        "{usage}"
+    );
     for mode in ["iptables", "ipvs"] {
         let (code, stdout, stderr) = run(&[
             "explain",

@@ -39,7 +39,12 @@ fn free_port() -> u16 {
 async fn a_sync_loop_that_ends_ends_the_daemon_with_an_error() {
     let api = FakeApiServer::start();
     api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
-    api.apply(service("demo", "web", "10.96.0.10", &[("http", 80, "TCP", 8080)]));
+    api.apply(service(
+        "demo",
+        "web",
+        "10.96.0.10",
+        &[("http", 80, "TCP", 8080)],
+    ));
     api.apply(endpoint_slice(
         "demo",
         "web-1",

@@ -42,6 +42,9 @@ fn run_in(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run kube-proxy-rs")
 }
 
+/// What is checked, the arguments, the environment.
+type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>);
+
 #[test]
 fn malformed_kubeconfig_errors_name_the_place_not_the_secret() {
     support::require_root();
@@ -50,16 +53,13 @@ fn malformed_kubeconfig_errors_name_the_place_not_the_secret() {
     let path = dir.path().join("kubeconfig");
     std::fs::write(&path, kubeconfig("http://127.0.0.1:1", true)).unwrap();
     let flags = |extra: &[&str]| -> Vec<String> {
-        let mut a = vec![
-            "--hostname-override=node1".to_string(),
-            "-v=10".to_string(),
-        ];
+        let mut a = vec!["--hostname-override=node1".to_string(), "-v=10".to_string()];
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
     let named = format!("--kubeconfig={}", path.display());
     let home = dir.path().display().to_string();
-    let cases: Vec<(&str, Vec<String>, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<Case> = vec![
         ("--kubeconfig", flags(&[&named]), vec![]),
         (
             "$KUBECONFIG",
@@ -76,7 +76,10 @@ fn malformed_kubeconfig_errors_name_the_place_not_the_secret() {
         let out = run_in(&ns, &args, &env);
         let text = output_text(&out);
         assert_eq!(out.status.code(), Some(1), "{what}: {text}");
-        assert!(!text.contains(SECRET), "{what}: the secret was printed:\n{text}");
+        assert!(
+            !text.contains(SECRET),
+            "{what}: the secret was printed:\n{text}"
+        );
         assert!(
             text.contains("line 18, column 4"),
             "{what}: the error should say where the YAML is broken:\n{text}"
@@ -108,7 +111,12 @@ fn running_daemon_logs_no_credential_at_v10() {
     let ns = Netns::new("kcrun");
     let api = FakeApiServer::start_in(Some(&ns), IpAddr::V4(Ipv4Addr::LOCALHOST));
     api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
-    api.apply(service("demo", "web", "10.96.0.10", &[("http", 80, "TCP", 8080)]));
+    api.apply(service(
+        "demo",
+        "web",
+        "10.96.0.10",
+        &[("http", 80, "TCP", 8080)],
+    ));
     api.apply(endpoint_slice(
         "demo",
         "web-1",

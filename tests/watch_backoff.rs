@@ -1,8 +1,9 @@
 //! Watch retries back off as client-go's reflector does (800 ms doubling to 30 s, jitter 1.0,
 //! reset only after a healthy period), checked on the built binary against the fake API server:
 //! - refused from the start (401): at most 30 list/watch requests in 60 s from all watchers;
-//! - a running daemon whose server answers 503: the same bound;
-//! and, once the server answers again, the daemon syncs the objects within one backoff step.
+//! - a running daemon whose server answers 503: the same bound.
+//!
+//! Once the server answers again, the daemon syncs the objects within one backoff step.
 //! Needs root (the daemon runs in its own network namespace); fails, never skips, without it.
 
 mod support;
