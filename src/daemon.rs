@@ -219,9 +219,11 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     tracing::info!(variant = %variant, "using iptables");
     let random_fully = ipt.supports_random_fully().await;
     if opts.mode == ProxyMode::Ipvs {
-        let backend = ipvs_backend(&opts, ipt, random_fully).await?;
+        let mut backend = ipvs_backend(&opts, ipt, random_fully).await?;
         tracing::info!(scheduler = backend.config().scheduler(), "using IPVS");
-        return serve(inv, client, backend).await;
+        let graceful = backend.take_graceful_task();
+        let tasks = graceful.map(|t| ("IPVS graceful termination", t));
+        return serve(inv, client, backend, tasks.into_iter().collect()).await;
     }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
     config.random_fully = random_fully;
@@ -232,15 +234,17 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         config,
         opts.detect_local == DetectLocal::NodeCidr,
     );
-    serve(inv, client, backend).await
+    serve(inv, client, backend, Vec::new()).await
 }
 
 /// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error (a
-/// changed config file, or any of the watchers or the sync loop ending).
+/// changed config file, or any of the watchers, the sync loop or the backend's own `tasks`
+/// ending).
 pub async fn serve<B: Backend + 'static>(
     inv: Invocation,
     client: Client,
     backend: B,
+    mut tasks: Vec<Task>,
 ) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
     let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
@@ -292,10 +296,11 @@ pub async fn serve<B: Backend + 'static>(
     let reporter = DaemonReporter::new(metrics, health, service_health);
 
     let shared = Arc::new(Shared::new(ClusterState::new(&opts.hostname)));
-    let mut tasks: Vec<Task> = crate::watch::watchers(client, &opts.hostname, shared.clone())
-        .into_iter()
-        .map(|(kind, watch)| (kind, tokio::spawn(watch)))
-        .collect();
+    tasks.extend(
+        crate::watch::watchers(client, &opts.hostname, shared.clone())
+            .into_iter()
+            .map(|(kind, watch)| (kind, tokio::spawn(watch))),
+    );
     let settings = SyncSettings {
         min_sync_period: opts.min_sync_period,
         sync_period: opts.sync_period,
