@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Client;
-use kube::config::{Config as KubeConfig, KubeConfigOptions, Kubeconfig};
 
 use crate::backend::Backend;
 use crate::backend::iptables::proxier::{IptablesProxier, render_config};
@@ -20,6 +19,7 @@ use crate::kernel::iptables::{Iptables, detect_variant};
 use crate::kernel::ipvs::IpvsClient;
 use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
+use crate::kubeconfig;
 use crate::model::ClusterState;
 use crate::server::events::{self, NodeEvents};
 use crate::server::health::ProxyHealth;
@@ -34,8 +34,8 @@ use crate::sync::{FULL_SYNC_PERIOD, SyncLoop, SyncSettings};
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// Building the API client failed.
-    #[error("cannot build the Kubernetes client: {0}")]
-    Client(String),
+    #[error(transparent)]
+    Client(#[from] crate::kubeconfig::ClientError),
     /// The kernel side could not be set up.
     #[error("{0}")]
     Kernel(#[from] crate::kernel::KernelError),
@@ -57,28 +57,23 @@ pub enum DaemonError {
     /// The config file changed: upstream exits so the DaemonSet restarts it with the new one.
     #[error("the configuration file {0} changed; exiting so the new configuration is used")]
     ConfigChanged(String),
+    /// A task that runs for the life of the daemon ended (returned or panicked).
+    #[error(
+        "the {task} task ended unexpectedly ({how}); exiting so kube-proxy-rs is restarted, rules stay in place"
+    )]
+    TaskEnded {
+        /// Which task.
+        task: &'static str,
+        /// "returned", or the panic message.
+        how: String,
+    },
 }
 
-/// Builds the API client from `--kubeconfig`/`--master`, else in-cluster, else the default
-/// kubeconfig.
+/// Builds the API client from `--kubeconfig`/`--master`, else the default kubeconfig, else
+/// in-cluster.
 pub async fn client(opts: &ProxyOptions) -> Result<Client, DaemonError> {
-    let err = |e: &dyn std::fmt::Display| DaemonError::Client(e.to_string());
-    let mut config = match &opts.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|e| err(&e))?;
-            KubeConfig::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| err(&e))?
-        }
-        None => match &opts.master {
-            Some(master) => KubeConfig::new(master.parse().map_err(|e| err(&e))?),
-            None => KubeConfig::infer().await.map_err(|e| err(&e))?,
-        },
-    };
-    if let (Some(master), Some(_)) = (&opts.master, &opts.kubeconfig) {
-        config.cluster_url = master.parse().map_err(|e| err(&e))?;
-    }
-    Client::try_from(config).map_err(|e| err(&e))
+    let config = kubeconfig::config(opts.kubeconfig.as_deref(), opts.master.as_deref()).await?;
+    Ok(kubeconfig::client(config)?)
 }
 
 fn conntrack_settings(opts: &ProxyOptions) -> ConntrackSettings {
@@ -226,21 +221,26 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     tracing::info!(variant = %variant, "using iptables");
     let random_fully = ipt.supports_random_fully().await;
     if opts.mode == ProxyMode::Ipvs {
-        let backend = ipvs_backend(&opts, ipt, random_fully).await?;
+        let mut backend = ipvs_backend(&opts, ipt, random_fully).await?;
         tracing::info!(scheduler = backend.config().scheduler(), "using IPVS");
-        return serve(inv, client, backend).await;
+        let graceful = backend.take_graceful_task();
+        let tasks = graceful.map(|t| ("IPVS graceful termination", t));
+        return serve(inv, client, backend, tasks.into_iter().collect()).await;
     }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
     config.random_fully = random_fully;
     let backend = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config);
-    serve(inv, client, backend).await
+    serve(inv, client, backend, Vec::new()).await
 }
 
-/// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error.
-async fn serve<B: Backend + 'static>(
+/// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error (a
+/// changed config file, or any of the watchers, the sync loop or the backend's own `tasks`
+/// ending).
+pub async fn serve<B: Backend + 'static>(
     inv: Invocation,
     client: Client,
     backend: B,
+    mut tasks: Vec<Task>,
 ) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
     let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
@@ -283,20 +283,21 @@ async fn serve<B: Backend + 'static>(
         }
         None => None,
     };
-    let watchers = tokio::spawn(crate::watch::run(
-        client,
-        opts.hostname.clone(),
-        shared.clone(),
-    ));
+    tasks.extend(
+        crate::watch::watchers(client, &opts.hostname, shared.clone())
+            .into_iter()
+            .map(|(kind, watch)| (kind, tokio::spawn(watch))),
+    );
+    let abort_all = |tasks: &[Task]| tasks.iter().for_each(|(_, t)| t.abort());
     let host = HostSettings::from_options(&opts);
     let node = tokio::select! {
         node = host.wait_for_node(&shared, NODE_WAIT_POLL, NODE_WAIT_TIMEOUT) => node,
         _ = shutdown_signal() => {
-            watchers.abort();
+            abort_all(&tasks);
             return Ok(());
         }
     };
-    let node = node.inspect_err(|_| watchers.abort())?;
+    let node = node.inspect_err(|_| abort_all(&tasks))?;
     let facts = host.facts(&node);
     enable_route_localnet(&opts, &facts);
     // Upstream lists the addresses once, at start-up; the reporter follows node IP changes.
@@ -310,7 +311,14 @@ async fn serve<B: Backend + 'static>(
         full_sync_period: FULL_SYNC_PERIOD,
         host,
     };
-    let sync = tokio::spawn(SyncLoop::new(shared, backend, reporter, settings).run(None));
+    let sync = SyncLoop::new(shared, backend, reporter, settings).run(None);
+    tasks.push((
+        "sync",
+        tokio::spawn(async move {
+            sync.await;
+        }),
+    ));
+    let aborts: Vec<_> = tasks.iter().map(|(_, t)| t.abort_handle()).collect();
     tracing::info!(node = %opts.hostname, mode = %opts.mode, "kube-proxy-rs started");
     // Upstream's "birth cry".
     events.spawn_post(false, events::REASON_STARTING, String::new());
@@ -323,10 +331,43 @@ async fn serve<B: Backend + 'static>(
             Ok(())
         }
         changed = config_watch => Err(changed),
-        _ = sync => Ok(()),
+        ended = first_to_end(tasks) => Err(ended),
     };
-    watchers.abort();
+    for task in aborts {
+        task.abort();
+    }
     result
+}
+
+/// A task that runs for the life of the daemon, with the name its end is reported under.
+pub type Task = (&'static str, tokio::task::JoinHandle<()>);
+
+/// Resolves when the first of `tasks` ends. None of them ends while the daemon is healthy (a
+/// watcher or the sync loop that stopped would leave `/healthz` answering while nothing is
+/// synced), so any end, return or panic, is an error that ends the process with a non-zero
+/// status: the DaemonSet restarts it and the rules stay in place meanwhile.
+pub async fn first_to_end(tasks: Vec<Task>) -> DaemonError {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let (names, handles): (Vec<_>, Vec<_>) = tasks.into_iter().unzip();
+    let (result, index, _rest) = futures::future::select_all(handles).await;
+    let task = names.get(index).copied().unwrap_or("unknown");
+    let how = match result {
+        Ok(()) => "returned".to_string(),
+        Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(task, how = %how, "a daemon task ended unexpectedly, exiting");
+    DaemonError::TaskEnded { task, how }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
 }
 
 async fn shutdown_signal() {
@@ -387,5 +428,57 @@ mod tests {
                 "{addresses}: route_localnet must follow the localhost node port rules"
             );
         }
+    }
+
+    async fn ended(tasks: Vec<Task>) -> (&'static str, String) {
+        match tokio::time::timeout(Duration::from_secs(5), first_to_end(tasks)).await {
+            Ok(DaemonError::TaskEnded { task, how }) => (task, how),
+            Ok(other) => panic!("unexpected error {other}"),
+            Err(_) => panic!("a task ended and nothing noticed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_returns_ends_the_daemon() {
+        let tasks: Vec<Task> = vec![
+            ("Service", tokio::spawn(std::future::pending())),
+            ("EndpointSlice", tokio::spawn(async {})),
+            ("sync", tokio::spawn(std::future::pending())),
+        ];
+        assert_eq!(
+            ended(tasks).await,
+            ("EndpointSlice", "returned".to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_ends_the_daemon_with_its_message() {
+        let tasks: Vec<Task> = vec![
+            ("Node", tokio::spawn(async { panic!("bad node object") })),
+            ("sync", tokio::spawn(std::future::pending())),
+        ];
+        let (task, how) = ended(tasks).await;
+        assert_eq!(task, "Node");
+        assert_eq!(how, "panicked: bad node object");
+        let e = DaemonError::TaskEnded { task, how };
+        assert!(
+            e.to_string().contains("the Node task ended unexpectedly"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_watcher_is_its_own_task() {
+        // One task joining all three hid the end of one watcher until all had ended.
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let kinds: Vec<&str> = crate::watch::watchers(client, "node1", shared)
+            .into_iter()
+            .map(|(kind, _)| kind)
+            .collect();
+        assert_eq!(kinds, ["Service", "EndpointSlice", "Node"]);
     }
 }

@@ -29,23 +29,24 @@ use crate::model::Protocol;
 pub const USAGE: &str = "\
 Prints the path a new connection takes through kube-proxy's rules: the chains and rules it
 matches (with their comments), the candidate endpoints and their probabilities, session
-affinity, whether it is masqueraded and why, or which rule rejects or drops it.
+affinity, whether it is masqueraded and why, or which rule rejects or drops it. In IPVS mode:
+the virtual server, its scheduler and persistence, and each real server's share by weight.
 
 Usage:
-  kube-proxy-rs explain --to IP:PORT[/PROTO] [--from IP] [--mode iptables]
+  kube-proxy-rs explain --to IP:PORT[/PROTO] [--from IP] [--mode iptables|ipvs]
                         [--objects FILE...] [--node-ip IP] [kube-proxy flags]
 
   --to IP:PORT[/PROTO]  destination (PROTO: tcp, udp or sctp; default tcp); IPv6 as [IP]:PORT
   --from IP             source address; default: a client outside the node and the pod network
-  --mode MODE           iptables (ipvs and nftables are not supported yet); default: the mode
+  --mode MODE           iptables or ipvs (nftables is not supported yet); default: the mode
                         of --proxy-mode/--config, else iptables
   --objects FILE...     explain the render of these objects (as `render` prints it) instead of
                         the rules in the kernel; --node-ip, --cluster-cidr, --config and
                         --hostname-override apply to the render as for `render`
 
-Without --objects the rules are read from the kernel (iptables-save, as root, with the
-iptables back end detected as the daemon does: KUBE_PROXY_RS_IPTABLES_MODE=legacy|nft
-forces one).";
+Without --objects the rules are read from the kernel, as root: in iptables mode with
+iptables-save, the back end detected as the daemon does (KUBE_PROXY_RS_IPTABLES_MODE=legacy|nft
+forces one); in IPVS mode from the kernel's IPVS table.";
 
 /// Why `explain` could not answer.
 #[derive(Debug, thiserror::Error)]

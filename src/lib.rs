@@ -13,6 +13,7 @@ pub mod docgen;
 pub mod explain;
 pub mod host;
 pub mod kernel;
+pub mod kubeconfig;
 pub mod model;
 pub mod render;
 pub mod server;

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
 fn real_main() -> anyhow::Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let hostname = system_hostname();
+    if args.first().map(String::as_str) == Some("help") {
+        return help(&args[1..]);
+    }
     if args.first().map(String::as_str) == Some("render") {
         return render(&args[1..], &hostname);
     }
@@ -115,7 +118,32 @@ fn real_main() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `help [render|explain]`: the usage of the daemon or of a subcommand.
+fn help(args: &[String]) -> anyhow::Result<ExitCode> {
+    let text = match args.first().map(String::as_str) {
+        None => config::usage(),
+        Some("render") => kube_proxy_rs::render::USAGE.to_string(),
+        Some("explain") => kube_proxy_rs::explain::USAGE.to_string(),
+        Some(other) => {
+            anyhow::bail!("no help for {other:?}: try help, help render or help explain")
+        }
+    };
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a subcommand's arguments ask for its usage (before any `--`).
+fn asks_for_help(args: &[String]) -> bool {
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-h" || a == "--help")
+}
+
 fn render(args: &[String], hostname: &str) -> anyhow::Result<ExitCode> {
+    if asks_for_help(args) {
+        println!("{}", kube_proxy_rs::render::USAGE);
+        return Ok(ExitCode::SUCCESS);
+    }
     let parsed = config::parse_render_args(args, hostname)?;
     init_logging(parsed.options.verbosity, parsed.options.log_format);
     for w in &parsed.warnings {
@@ -133,7 +161,7 @@ fn render(args: &[String], hostname: &str) -> anyhow::Result<ExitCode> {
 
 fn explain(args: &[String], hostname: &str) -> anyhow::Result<ExitCode> {
     use kube_proxy_rs::explain::{ExplainError, USAGE, parse_explain_args, run_parsed};
-    if args.iter().any(|a| a == "-h" || a == "--help") {
+    if asks_for_help(args) {
         println!("{USAGE}");
         return Ok(ExitCode::SUCCESS);
     }

@@ -10,6 +10,25 @@ use crate::config::{ProxyMode, RenderArgs};
 use crate::model::ClusterState;
 use crate::watch::file::{FileError, Objects, parse_objects};
 
+/// Usage text of `kube-proxy-rs render`.
+pub const USAGE: &str = "\
+Prints the rules a full sync would write for a set of Kubernetes objects, with no kernel and no
+root: iptables-restore input in iptables mode; in IPVS mode the virtual servers (as ipvsadm -Sn),
+the ipsets (as ipset save) and the iptables rules.
+
+Usage:
+  kube-proxy-rs render [--objects FILE...] [--node-ip IP[,IP]] [kube-proxy flags]
+
+  --objects FILE...  YAML files of Services, EndpointSlices and Nodes; default: the bundled
+                     example cluster (examples/demo-cluster.yaml)
+  --node-ip IP[,IP]  the node's addresses; default: the InternalIPs of this node's Node object
+  kube-proxy flags   as for the daemon (--proxy-mode iptables|ipvs, --config, --cluster-cidr,
+                     --hostname-override, ...); --proxy-mode and --cluster-cidr override the
+                     config file
+
+The render is for --hostname-override, else for the only Node in the objects, else for this
+host's name.";
+
 /// The example cluster bundled into the binary (`examples/demo-cluster.yaml`), rendered when
 /// no `--objects` is given.
 pub const DEMO_CLUSTER: &str = include_str!("../examples/demo-cluster.yaml");

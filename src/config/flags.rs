@@ -1192,8 +1192,8 @@ pub fn usage() -> String {
          or round robin TCP, UDP, and SCTP forwarding across a set of backends.\n\n\
          Usage:\n  kube-proxy [flags]\n  kube-proxy render [--proxy-mode M] [--config F] \
          [--hostname-override N] [--cluster-cidr C] [--node-ip IP] [--objects FILE...]\n  \
-         kube-proxy explain --to IP:PORT[/PROTO] [--from IP] [--mode iptables] \
-         [--objects FILE...]\n\n\
+         kube-proxy explain --to IP:PORT[/PROTO] [--from IP] [--mode iptables|ipvs] \
+         [--objects FILE...]\n  kube-proxy help [render|explain]\n\n\
          Flags:\n",
     );
     for (l, r) in rows {

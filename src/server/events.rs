@@ -115,26 +115,13 @@ pub async fn client_for(
     kubeconfig: Option<&std::path::Path>,
     master: Option<&str>,
 ) -> Option<Client> {
-    use kube::config::{Config, KubeConfigOptions, Kubeconfig};
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).ok()?;
-            let mut c = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .ok()?;
-            if let Some(m) = master.and_then(|m| m.parse().ok()) {
-                c.cluster_url = m;
-            }
-            c
-        }
-        None => match master {
-            Some(m) => Config::new(m.parse().ok()?),
-            // Only in a pod: a refused command line on a workstation must not post to
-            // whatever ~/.kube/config points at.
-            None => Config::incluster().ok()?,
-        },
+    let config = match (kubeconfig, master) {
+        // Only in a pod: a refused command line on a workstation must not post to
+        // whatever ~/.kube/config points at.
+        (None, None) => kube::Config::incluster().ok()?,
+        _ => crate::kubeconfig::config(kubeconfig, master).await.ok()?,
     };
-    Client::try_from(config).ok()
+    crate::kubeconfig::client(config).ok()
 }
 
 /// Best effort, for `main`: when the command line or configuration is refused, find the API

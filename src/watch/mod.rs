@@ -3,16 +3,20 @@
 //! kube-rs's watcher does the list/watch protocol (resourceVersion, bookmarks, relist on 410).
 //! While a relist is in progress the previous state stays in force; the relisted objects are
 //! swapped in only at `InitDone`, so an API-server outage never empties the rules.
+//!
+//! Retries back off as client-go's reflector does (800 ms doubling to 30 s, jitter 1.0, reset
+//! only once two minutes pass without a failure): thousands of nodes retrying at a steady rate
+//! would keep an API server that is trying to recover down.
 
 pub mod file;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::{Api, Client};
 
 use crate::model::convert::SERVICE_LABEL_SELECTOR;
@@ -80,8 +84,13 @@ impl Tracked for Node {
     fn initial_list_done(_shared: &Shared) {}
 }
 
-/// Runs the three watchers until the process ends.
-pub async fn run(client: Client, node_name: String, shared: Arc<Shared>) {
+/// The three watchers, each to be run as its own task: `(kind, future)`. None of them returns
+/// while the process is healthy, so one that does is a failure for the daemon to act on.
+pub fn watchers(
+    client: Client,
+    node_name: &str,
+    shared: Arc<Shared>,
+) -> Vec<(&'static str, futures::future::BoxFuture<'static, ()>)> {
     let services = watcher::watcher(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
@@ -94,30 +103,48 @@ pub async fn run(client: Client, node_name: String, shared: Arc<Shared>) {
         Api::<Node>::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
     );
-    tokio::join!(
-        consume(services.default_backoff(), shared.clone()),
-        consume(slices.default_backoff(), shared.clone()),
-        consume(nodes.default_backoff(), shared),
-    );
+    vec![
+        (Service::KIND, consume(services, shared.clone()).boxed()),
+        (EndpointSlice::KIND, consume(slices, shared.clone()).boxed()),
+        (Node::KIND, consume(nodes, shared).boxed()),
+    ]
 }
 
+/// Applies the watch events to the state; after a failure waits for the next backoff step
+/// before polling the watcher again (which is what makes it retry).
+///
+/// Not kube's `StreamBackoff`: it resets the backoff on every successful item, and the watcher
+/// yields `Init` before every list attempt, so a server refusing every list was retried every
+/// 0.8 s forever. Here only the backoff's own timer resets it: client-go's reflector resets after
+/// two minutes without a failure.
 async fn consume<K, S>(stream: S, shared: Arc<Shared>)
 where
     K: Tracked + kube::Resource,
     S: Stream<Item = Result<Event<K>, watcher::Error>>,
 {
     futures::pin_mut!(stream);
+    let mut backoff = DefaultBackoff::default();
     let mut relist: Option<Vec<K>> = None;
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => handle(event, &shared, &mut relist),
             Err(e) => {
-                // Keep the rules as they are; the watcher retries with backoff.
-                tracing::warn!(kind = K::KIND, error = %e, "watch failed, keeping current rules and retrying");
+                // The default backoff never runs out; the cap is only a fallback.
+                let delay = backoff.next().unwrap_or(MAX_RETRY_DELAY);
+                tracing::warn!(
+                    kind = K::KIND,
+                    error = %e,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "watch failed, keeping current rules and retrying"
+                );
+                tokio::time::sleep(delay).await;
             }
         }
     }
 }
+
+/// client-go's backoff cap.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 fn handle<K: Tracked + kube::Resource>(
     event: Event<K>,

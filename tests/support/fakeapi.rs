@@ -132,7 +132,8 @@ struct State {
     compacted: u64,
     objects: BTreeMap<Key, Value>,
     log: Vec<LogEntry>,
-    unavailable: bool,
+    /// While set, every request is answered with this status (503, 401, ...).
+    failing: Option<u16>,
     down: bool,
     requests: Vec<String>,
     bookmark_interval: Duration,
@@ -198,7 +199,7 @@ impl FakeApiServer {
                 compacted: 0,
                 objects: BTreeMap::new(),
                 log: Vec::new(),
-                unavailable: false,
+                failing: None,
                 down: false,
                 requests: Vec::new(),
                 bookmark_interval: Duration::from_secs(2),
@@ -339,8 +340,15 @@ impl FakeApiServer {
     /// (up to 15 times, exponential backoff from 5 ms), so a short 503 window
     /// is mostly invisible to its callers: requests just take longer.
     pub fn set_unavailable(&self, unavailable: bool) {
-        self.shared.lock().unavailable = unavailable;
-        if unavailable {
+        self.set_failing(unavailable.then_some(503));
+    }
+
+    /// While `Some(code)` every request is answered with that status and a `Status` body
+    /// (e.g. 401 for a bad token, 503 for an overloaded server); turning it on also cuts all
+    /// open watches. Requests are still logged.
+    pub fn set_failing(&self, code: Option<u16>) {
+        self.shared.lock().failing = code;
+        if code.is_some() {
             self.shared.cut_watches();
         }
     }
@@ -749,17 +757,22 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     } else {
         format!("{method} {path}?{}", qs.join("&"))
     };
-    let unavailable = {
+    let failing = {
         let mut st = sh.lock();
         st.requests.push(logline);
-        st.unavailable
+        st.failing
     };
-    if unavailable {
-        return err(
-            503,
-            "ServiceUnavailable",
-            "the server is currently unable to handle the request",
-        );
+    match failing {
+        Some(503) => {
+            return err(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            );
+        }
+        Some(401) => return err(401, "Unauthorized", "Unauthorized"),
+        Some(code) => return err(code, "InternalError", "the fake API server is failing"),
+        None => {}
     }
     let q: HashMap<String, String> = query.into_iter().collect();
     let body = match req.into_body().collect().await {

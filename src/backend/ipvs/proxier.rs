@@ -172,13 +172,15 @@ pub struct IpvsProxier {
     kernel: IpvsKernel,
     config: IpvsConfig,
     counters: Arc<Counters>,
-    graceful_task: tokio::task::JoinHandle<()>,
+    /// Until the daemon takes it to supervise it.
+    graceful_task: Option<tokio::task::JoinHandle<()>>,
+    graceful_abort: tokio::task::AbortHandle,
     conntrack: ConntrackCleaner,
 }
 
 impl Drop for IpvsProxier {
     fn drop(&mut self) {
-        self.graceful_task.abort();
+        self.graceful_abort.abort();
     }
 }
 
@@ -341,8 +343,16 @@ impl IpvsProxier {
             kernel,
             config,
             counters,
-            graceful_task,
+            graceful_abort: graceful_task.abort_handle(),
+            graceful_task: Some(graceful_task),
         })
+    }
+
+    /// The graceful-termination checker's task, once, for the daemon to supervise: it never
+    /// ends while the proxier lives, so an end is a failure. Still aborted when the proxier is
+    /// dropped.
+    pub fn take_graceful_task(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.graceful_task.take()
     }
 
     /// The render settings in use (node IPs as of the last sync).

@@ -1,0 +1,160 @@
+//! No credential from the kubeconfig (or `--master`) appears in anything the daemon prints, at
+//! the highest verbosity: not in the error for a malformed kubeconfig (its YAML parser quotes
+//! the lines around the error), named by `--kubeconfig` or found through `$KUBECONFIG`, and not
+//! in the API client's debug logs while it runs with a valid one. The daemon runs in its own
+//! network namespace (root); fails, never skips, without it.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
+use support::netns::{Netns, NsChild};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
+const SECRET: &str = "SECRET-7f3a9c1e5b2d";
+
+fn kubeconfig(server: &str, broken: bool) -> String {
+    let tail = if broken { "   oops: [\n" } else { "" };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+         contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n\
+         users:\n- name: u\n  user:\n    token: {SECRET}\n    password: {SECRET}-pw\n{tail}"
+    )
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run_in(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Output {
+    let mut cmd = ns.command(BIN, args);
+    cmd.stdin(Stdio::null()).env_remove("KUBECONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run kube-proxy-rs")
+}
+
+/// What is checked, the arguments, the environment.
+type Case<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>);
+
+#[test]
+fn malformed_kubeconfig_errors_name_the_place_not_the_secret() {
+    support::require_root();
+    let ns = Netns::new("kcsecret");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, kubeconfig("http://127.0.0.1:1", true)).unwrap();
+    let flags = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec!["--hostname-override=node1".to_string(), "-v=10".to_string()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let named = format!("--kubeconfig={}", path.display());
+    let home = dir.path().display().to_string();
+    let cases: Vec<Case> = vec![
+        ("--kubeconfig", flags(&[&named]), vec![]),
+        (
+            "$KUBECONFIG",
+            flags(&[]),
+            vec![("KUBECONFIG", path.to_str().unwrap()), ("HOME", &home)],
+        ),
+        (
+            "--kubeconfig, JSON logs",
+            flags(&[&named, "--logging-format=json"]),
+            vec![],
+        ),
+    ];
+    for (what, args, env) in cases {
+        let out = run_in(&ns, &args, &env);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{what}: {text}");
+        assert!(
+            !text.contains(SECRET),
+            "{what}: the secret was printed:\n{text}"
+        );
+        assert!(
+            text.contains("line 18, column 4"),
+            "{what}: the error should say where the YAML is broken:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn master_url_credentials_are_not_printed() {
+    support::require_root();
+    let ns = Netns::new("kcmaster");
+    let out = run_in(
+        &ns,
+        &[
+            format!("--master=https://admin:{SECRET}@bad host"),
+            "--hostname-override=node1".into(),
+            "-v=10".into(),
+        ],
+        &[],
+    );
+    let text = output_text(&out);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(!text.contains(SECRET), "the secret was printed:\n{text}");
+}
+
+#[test]
+fn running_daemon_logs_no_credential_at_v10() {
+    support::require_root();
+    let ns = Netns::new("kcrun");
+    let api = FakeApiServer::start_in(Some(&ns), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
+    api.apply(service(
+        "demo",
+        "web",
+        "10.96.0.10",
+        &[("http", 80, "TCP", 8080)],
+    ));
+    api.apply(endpoint_slice(
+        "demo",
+        "web-1",
+        "web",
+        &[("http", 8080, "TCP")],
+        &["10.244.0.11"],
+        Some("node1"),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(&path, kubeconfig(&api.url(), false)).unwrap();
+    let log = dir.path().join("log");
+    let mut cmd = ns.command(
+        BIN,
+        [
+            format!("--kubeconfig={}", path.display()),
+            "--hostname-override=node1".into(),
+            "--conntrack-max-per-core=0".into(),
+            "-v=10".into(),
+        ],
+    );
+    let file = std::fs::File::create(&log).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    let mut proxy = NsChild(cmd.spawn().expect("start kube-proxy-rs"));
+    // Until the first sync: lists, watches and an Event post have been made with the token.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    while !read().contains("sync done") {
+        assert!(Instant::now() < deadline, "no sync:\n{}", read());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    proxy.terminate(Duration::from_secs(3));
+    let text = read();
+    assert!(
+        text.contains("kube_client"),
+        "the API client's debug logs should be on at -v=10:\n{text}"
+    );
+    assert!(!text.contains(SECRET), "a credential was logged:\n{text}");
+}
