@@ -21,7 +21,7 @@ pub mod sysctl;
 
 mod exec;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::path::PathBuf;
 
