@@ -1043,12 +1043,18 @@ mod tests {
         let jumps = ipvs_jump_rules();
         for j in &jumps {
             let t = Table::from_name(j.table);
-            assert_eq!(ipt.rule_exists(t, j.chain, &j.args()).await.ok(), Some(true));
+            assert_eq!(
+                ipt.rule_exists(t, j.chain, &j.args()).await.ok(),
+                Some(true)
+            );
         }
         let gone = &jumps[0];
         let t = Table::from_name(gone.table);
         ipt.delete_rule(t, gone.chain, &gone.args()).await.unwrap();
-        assert_eq!(ipt.rule_exists(t, gone.chain, &gone.args()).await.ok(), Some(false));
+        assert_eq!(
+            ipt.rule_exists(t, gone.chain, &gone.args()).await.ok(),
+            Some(false)
+        );
 
         sync_iptables(&ipt, restore).await.unwrap();
         assert_eq!(
