@@ -27,6 +27,7 @@ use prometheus_client::registry::Registry;
 use super::IpFamily;
 use super::error::ServerError;
 use super::format::go_float;
+use crate::sync::SyncKind;
 
 /// `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -303,24 +304,20 @@ impl Metrics {
         [("ip_family", self.0.family.as_str()), (key, value)]
     }
 
-    /// One sync round took `duration`: `sync_proxy_rules_duration_seconds` plus the full or
-    /// partial histogram (iptables mode).
-    pub fn observe_sync(&self, duration: Duration, full: bool) {
-        self.observe_sync_total(duration);
-        let h = if full {
-            &self.0.sync_full_duration
-        } else {
-            &self.0.sync_partial_duration
-        };
-        h.get_or_create(&self.fam()).observe(duration.as_secs_f64());
-    }
-
-    /// Only `sync_proxy_rules_duration_seconds` (backends without partial syncs, e.g. IPVS).
-    pub fn observe_sync_total(&self, duration: Duration) {
+    /// One sync round (successful or not) took `duration`: `sync_proxy_rules_duration_seconds`
+    /// plus, for a backend with partial syncs, the full or partial histogram.
+    pub fn observe_sync(&self, duration: Duration, kind: SyncKind) {
+        let secs = duration.as_secs_f64();
         self.0
             .sync_duration
             .get_or_create(&self.fam())
-            .observe(duration.as_secs_f64());
+            .observe(secs);
+        let h = match kind {
+            SyncKind::Full => &self.0.sync_full_duration,
+            SyncKind::Partial => &self.0.sync_partial_duration,
+            SyncKind::Unsplit => return,
+        };
+        h.get_or_create(&self.fam()).observe(secs);
     }
 
     /// `sync_proxy_rules_last_timestamp_seconds` = now.
@@ -617,8 +614,8 @@ mod tests {
     fn type_and_help_lines_match_upstream() {
         let m = Metrics::new();
         // Touch every labelled metric so that all families are exposed.
-        m.observe_sync(Duration::from_millis(5), true);
-        m.observe_sync(Duration::from_millis(5), false);
+        m.observe_sync(Duration::from_millis(5), SyncKind::Full);
+        m.observe_sync(Duration::from_millis(5), SyncKind::Partial);
         m.observe_network_programming(1.5);
         m.set_last_sync_now();
         m.record_queued();
@@ -697,8 +694,8 @@ mod tests {
     #[test]
     fn sync_duration_buckets_and_samples() {
         let m = Metrics::new();
-        m.observe_sync(Duration::from_millis(3), false);
-        m.observe_sync(Duration::from_secs(20), false);
+        m.observe_sync(Duration::from_millis(3), SyncKind::Partial);
+        m.observe_sync(Duration::from_secs(20), SyncKind::Partial);
         let text = m.encode().unwrap();
         let name = "kubeproxy_sync_proxy_rules_duration_seconds";
         let les = [

@@ -8,7 +8,7 @@ use super::jumps::{cleanup_plan, jump_rules};
 use super::names::KUBE_PROXY_CANARY;
 use super::parse::Dump;
 use super::render::{RenderConfig, RenderInput, SyncScope, render};
-use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
+use crate::backend::{Backend, BackendError, IptablesRuleCounts, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::iptables::{Iptables, RulePosition, Table};
@@ -136,6 +136,10 @@ impl Backend for IptablesProxier {
         "iptables"
     }
 
+    fn partial_syncs(&self) -> bool {
+        true
+    }
+
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
         if req.full {
             self.ensure_jumps().await?;
@@ -162,18 +166,26 @@ impl Backend for IptablesProxier {
             existing_nat_chains: existing.as_ref(),
         });
         if let Err(e) = self.ipt.restore(&rendered.text).await {
-            return Err(BackendError::Apply(e.to_string()));
+            return Err(BackendError::IptablesRestore(e.to_string()));
         }
-        self.conntrack
+        let conntrack = self
+            .conntrack
             .after_sync(req.model, &self.config.node_ips)
             .await;
-        let outcome = SyncOutcome::new(
+        let mut outcome = SyncOutcome::new(
             rendered.filter_rules,
             rendered.nat_rules,
             rendered.no_local_endpoints_internal,
             rendered.no_local_endpoints_external,
             rendered.health_check_node_ports,
         );
+        outcome.iptables_rules = Some(IptablesRuleCounts {
+            filter_total: rendered.filter_rules,
+            nat_total: rendered.nat_rules,
+            filter_last: rendered.filter_rules,
+            nat_last: rendered.nat_rules_written,
+        });
+        outcome.conntrack = conntrack;
         Ok(outcome)
     }
 

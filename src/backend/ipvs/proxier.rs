@@ -667,7 +667,9 @@ pub async fn sync_iptables(ipt: &Iptables, restore: &str) -> Result<(), BackendE
             .await
             .map_err(apply_err)?;
     }
-    ipt.restore(restore).await.map_err(apply_err)?;
+    ipt.restore(restore)
+        .await
+        .map_err(|e| BackendError::IptablesRestore(e.to_string()))?;
     Ok(())
 }
 
@@ -847,6 +849,10 @@ impl Backend for IpvsProxier {
         "ipvs"
     }
 
+    fn partial_syncs(&self) -> bool {
+        false
+    }
+
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
         self.refresh_node_addresses(req.model).await;
         if self.settings.node_cidr_mode {
@@ -863,7 +869,8 @@ impl Backend for IpvsProxier {
         let mut errors = self.sync_ipvs(&desired.services).await?;
         errors.extend(self.sync_addresses(&desired).await?);
 
-        self.conntrack
+        let conntrack = self
+            .conntrack
             .after_sync(req.model, &self.config.node_ips)
             .await;
         if !errors.is_empty() {
@@ -874,13 +881,14 @@ impl Backend for IpvsProxier {
                 errors.join("; ")
             )));
         }
-        let outcome = SyncOutcome::new(
+        let mut outcome = SyncOutcome::new(
             desired.filter_rules,
             desired.nat_rules,
             desired.no_local_endpoints_internal,
             desired.no_local_endpoints_external,
             desired.health_checks,
         );
+        outcome.conntrack = conntrack;
         tracing::debug!(changes = ?self.counters.snapshot(), "IPVS sync applied");
         Ok(outcome)
     }
