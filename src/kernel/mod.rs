@@ -17,6 +17,7 @@ pub mod ipset;
 pub mod iptables;
 pub mod ipvs;
 pub mod link;
+pub mod nfacct;
 pub mod sysctl;
 
 mod exec;
