@@ -8,7 +8,7 @@ use kube::Client;
 use kube::config::{Config as KubeConfig, KubeConfigOptions, Kubeconfig};
 
 use crate::backend::Backend;
-use crate::backend::iptables::proxier::{IptablesProxier, render_config};
+use crate::backend::iptables::proxier::{IptablesProxier, render_config, setup_nfacct};
 use crate::backend::ipvs::ipvs_config;
 use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_settings};
 use crate::config::{DetectLocal, Invocation, NodePortAddresses, ProxyMode, ProxyOptions};
@@ -19,6 +19,7 @@ use crate::kernel::ipset::Ipset;
 use crate::kernel::iptables::{Iptables, detect_variant};
 use crate::kernel::ipvs::IpvsClient;
 use crate::kernel::link::DummyLink;
+use crate::kernel::nfacct::Nfacct;
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
 use crate::model::ClusterState;
 use crate::server::events::{self, NodeEvents};
@@ -226,10 +227,16 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     if opts.mode == ProxyMode::Ipvs {
         let backend = ipvs_backend(&opts, ipt, random_fully).await?;
         tracing::info!(scheduler = backend.config().scheduler(), "using IPVS");
-        return serve(inv, client, backend).await;
+        return serve(inv, client, backend, Metrics::new()).await;
     }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
     config.random_fully = random_fully;
+    let nfacct = Nfacct::new();
+    let metrics = if setup_nfacct(&nfacct, &mut config) {
+        Metrics::with_nfacct(crate::server::IpFamily::V4, nfacct)
+    } else {
+        Metrics::new()
+    };
     let backend = IptablesProxier::new(
         ipt,
         Conntrack::new(),
@@ -237,7 +244,7 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         config,
         opts.detect_local == DetectLocal::NodeCidr,
     );
-    serve(inv, client, backend).await
+    serve(inv, client, backend, metrics).await
 }
 
 /// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error.
@@ -245,10 +252,10 @@ async fn serve<B: Backend + 'static>(
     inv: Invocation,
     client: Client,
     backend: B,
+    metrics: Metrics,
 ) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
     let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
-    let metrics = Metrics::new();
     let health = ProxyHealth::new(opts.sync_period).with_metrics(metrics.clone());
     let _metrics_server = match opts.metrics_bind_address {
         Some(addr) => {

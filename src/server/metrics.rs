@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::text::encode_registry;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,6 +28,8 @@ use prometheus_client::registry::Registry;
 use super::IpFamily;
 use super::error::ServerError;
 use super::format::go_float;
+use crate::backend::iptables::render::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
+use crate::kernel::nfacct::Nfacct;
 use crate::sync::SyncKind;
 
 /// `Content-Type` of [`Metrics::encode`]'s output.
@@ -144,6 +147,16 @@ impl Metrics {
 
     /// All metrics, with `ip_family` set to `family`.
     pub fn for_family(family: IpFamily) -> Self {
+        Metrics::build(family, None)
+    }
+
+    /// As [`Metrics::for_family`], plus upstream's two nfacct counters of iptables mode, read
+    /// from the kernel through `nfacct` at every scrape.
+    pub fn with_nfacct(family: IpFamily, nfacct: Nfacct) -> Self {
+        Metrics::build(family, Some(nfacct))
+    }
+
+    fn build(family: IpFamily, nfacct: Option<Nfacct>) -> Self {
         let hist = || HistogramFamily::new_with_constructor(sync_histogram as fn() -> Histogram);
         let inner = Inner {
             registry: Registry::default(),
@@ -288,6 +301,24 @@ impl Metrics {
             "Cumulative conntrack flows deleted by conntrack reconciler",
             &i.conntrack_deleted,
         );
+        if let Some(client) = nfacct {
+            let counter = |name| NfacctCounter {
+                client: client.clone(),
+                name,
+            };
+            reg(
+                r,
+                &n("iptables_ct_state_invalid_dropped_packets_total"),
+                "packets dropped by iptables to work around conntrack problems",
+                &counter(NFACCT_CT_STATE_INVALID),
+            );
+            reg(
+                r,
+                &n("iptables_localhost_nodeports_accepted_packets_total"),
+                "Number of packets accepted on nodeports of loopback interface",
+                &counter(NFACCT_LOCALHOST_NODEPORTS),
+            );
+        }
         Metrics(Arc::new(i))
     }
 
@@ -439,6 +470,34 @@ impl Metrics {
     }
 }
 
+/// A counter whose value is the packet count of an nfacct object, read when encoded
+/// (upstream's `nfacctMetricCollector`): nothing is exposed while it cannot be read.
+#[derive(Debug, Clone)]
+struct NfacctCounter {
+    client: Nfacct,
+    name: &'static str,
+}
+
+impl EncodeMetric for NfacctCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match self.client.get(self.name) {
+            Ok(Some(c)) => encoder.encode_counter::<NoLabelSet, _, u64>(&c.packets, None),
+            Ok(None) => {
+                tracing::debug!(counter = self.name, "nfacct counter does not exist");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(counter = self.name, error = %e, "reading nfacct counter failed");
+                Ok(())
+            }
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
 fn set_tables(g: &Family<FamilyAnd, Gauge>, m: &Metrics, filter: u64, nat: u64) {
     g.get_or_create(&m.fam_and("table", "filter"))
         .set(as_i64(filter));
@@ -508,6 +567,9 @@ fn openmetrics_to_prometheus(om: &str) -> String {
             c.lines.sort_by_key(|(rank, _)| *rank);
         }
     }
+    // As client_golang's Gather: a family without samples (an untouched labelled metric, an
+    // nfacct counter that cannot be read) is not written at all.
+    families.retain(|f| !f.children.is_empty());
     families.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = String::new();
     for f in families {
@@ -688,6 +750,49 @@ mod tests {
                 "kubeproxy_sync_proxy_rules_service_changes_pending 0",
                 "kubeproxy_sync_proxy_rules_service_changes_total 0",
             ]
+        );
+    }
+
+    #[test]
+    fn families_without_samples_are_not_written() {
+        let text = Metrics::new().encode().unwrap();
+        assert_eq!(
+            lines_of(&text, "# TYPE "),
+            [
+                "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_pending gauge",
+                "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_total counter",
+                "# TYPE kubeproxy_sync_proxy_rules_service_changes_pending gauge",
+                "# TYPE kubeproxy_sync_proxy_rules_service_changes_total counter",
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_nfacct_counters_are_read_at_every_scrape() {
+        let ns = crate::kernel::testutil::NetNs::new();
+        let acct = Nfacct::new().with_netns(ns.name());
+        let m = Metrics::with_nfacct(IpFamily::V4, acct.clone());
+        let ct = "kubeproxy_iptables_ct_state_invalid_dropped_packets_total";
+        let lo = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total";
+        // The counters do not exist yet: nothing is exposed, as upstream's collector.
+        let text = m.encode().unwrap();
+        assert!(!text.contains("kubeproxy_iptables_"), "{text}");
+
+        acct.ensure(NFACCT_CT_STATE_INVALID).unwrap();
+        acct.ensure(NFACCT_LOCALHOST_NODEPORTS).unwrap();
+        let text = m.encode().unwrap();
+        assert!(text.contains(&format!(
+            "# HELP {ct} [ALPHA] packets dropped by iptables to work around conntrack problems\n# TYPE {ct} counter\n{ct} 0\n"
+        )), "{text}");
+        assert!(text.contains(&format!(
+            "# HELP {lo} [ALPHA] Number of packets accepted on nodeports of loopback interface\n# TYPE {lo} counter\n{lo} 0\n"
+        )), "{text}");
+        // Plain Metrics (IPVS mode, or no nfacct) never has them.
+        assert!(
+            !Metrics::new()
+                .encode()
+                .unwrap()
+                .contains("kubeproxy_iptables_")
         );
     }
 
