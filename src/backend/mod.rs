@@ -37,8 +37,9 @@ pub struct SyncOutcome {
     pub no_local_endpoints_external: usize,
     /// healthCheckNodePort and local endpoint count of each eTP=Local service.
     pub health_checks: BTreeMap<ServiceName, (u16, usize)>,
-    /// The conntrack reconcile round that followed the sync.
-    pub conntrack: ReconcileReport,
+    /// The conntrack reconcile round that followed the sync (`None`: skipped, no UDP or
+    /// SCTP frontend could have a stale flow).
+    pub conntrack: Option<ReconcileReport>,
 }
 
 /// iptables rule counts per table, as upstream's iptables proxier reports them.
@@ -72,7 +73,7 @@ impl SyncOutcome {
             no_local_endpoints_internal,
             no_local_endpoints_external,
             health_checks,
-            conntrack: ReconcileReport::default(),
+            conntrack: None,
         }
     }
 }

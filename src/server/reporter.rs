@@ -54,8 +54,10 @@ impl Reporter for DaemonReporter {
             self.metrics
                 .set_rules_written(r.filter_last as u64, r.nat_last as u64);
         }
-        self.metrics
-            .observe_conntrack_reconcile(out.conntrack.duration, out.conntrack.deleted);
+        if let Some(ct) = &out.conntrack {
+            self.metrics
+                .observe_conntrack_reconcile(ct.duration, ct.deleted);
+        }
         self.metrics.set_no_local_endpoints(
             out.no_local_endpoints_internal as u64,
             out.no_local_endpoints_external as u64,
@@ -144,10 +146,10 @@ mod tests {
             filter_last: 3,
             nat_last: 12,
         });
-        out.conntrack = ReconcileReport {
+        out.conntrack = Some(ReconcileReport {
             duration: Duration::from_millis(2),
             deleted: 5,
-        };
+        });
         done(&mut r, SyncKind::Partial, &out).await;
         assert_eq!(
             lines(&m, "kubeproxy_sync_proxy_rules_iptables_last{"),
@@ -200,6 +202,8 @@ mod tests {
             "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
             "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{",
+            // No conntrack round ran (nothing could be stale): no sample.
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds_count",
         ] {
             assert!(!text.contains(absent), "{absent} in\n{text}");
         }

@@ -220,17 +220,21 @@ impl ConntrackCleaner {
 
     /// Deletes the flows `model` makes stale; failures are logged, never fatal (the rules are
     /// already in place, and the next sync tries again: what was served before is kept until
-    /// a round succeeds, so a deleted service is not forgotten by a failed one).
-    pub async fn after_sync(&mut self, model: &ProxyModel, node_ips: &[IpAddr]) -> ReconcileReport {
+    /// a round succeeds, so a deleted service is not forgotten by a failed one). `None` when
+    /// no flow could be stale, so conntrack was not even listed.
+    pub async fn after_sync(
+        &mut self,
+        model: &ProxyModel,
+        node_ips: &[IpAddr],
+    ) -> Option<ReconcileReport> {
         let start = Instant::now();
         let filter = StaleFlowFilter::new(model, node_ips).with_retired(&self.served);
         let served = filter.served();
-        let result = if filter.is_empty() {
-            Ok(0)
-        } else {
-            reconcile(&self.conntrack, &filter).await
-        };
-        let deleted = match result {
+        if filter.is_empty() {
+            self.served = served;
+            return None;
+        }
+        let deleted = match reconcile(&self.conntrack, &filter).await {
             Ok(n) => {
                 self.served = served;
                 if n > 0 {
@@ -244,10 +248,10 @@ impl ConntrackCleaner {
                 0
             }
         };
-        ReconcileReport {
+        Some(ReconcileReport {
             duration: start.elapsed(),
             deleted,
-        }
+        })
     }
 }
 
@@ -423,7 +427,7 @@ mod tests {
         let ct = crate::kernel::conntrack::Conntrack::new().with_netns(ns.name());
         let mut cleaner = ConntrackCleaner::new(ct.clone());
         let with_dns = model();
-        let first = cleaner.after_sync(&with_dns, &[]).await;
+        let first = cleaner.after_sync(&with_dns, &[]).await.unwrap();
         assert_eq!(first.deleted, 0);
 
         insert_udp(&ns, 40001, "172.30.0.10", 53, "10.0.0.5");
@@ -434,7 +438,7 @@ mod tests {
             v
         };
         // Still served by a serving endpoint: kept.
-        assert_eq!(cleaner.after_sync(&with_dns, &[]).await.deleted, 0);
+        assert_eq!(cleaner.after_sync(&with_dns, &[]).await.unwrap().deleted, 0);
         assert_eq!(
             sports(ct.list(Protocol::Udp).await.unwrap()),
             [40001, 40002]
@@ -444,7 +448,7 @@ mod tests {
         let dns = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
         without.services.remove(&dns);
         without.endpoints.remove(&dns);
-        let report = cleaner.after_sync(&without, &[]).await;
+        let report = cleaner.after_sync(&without, &[]).await.unwrap();
         assert_eq!(report.deleted, 1);
         assert_eq!(
             sports(ct.list(Protocol::Udp).await.unwrap()),
