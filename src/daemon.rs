@@ -6,7 +6,7 @@ use std::time::Duration;
 use kube::Client;
 
 use crate::backend::Backend;
-use crate::backend::iptables::proxier::{IptablesProxier, render_config};
+use crate::backend::iptables::proxier::{IptablesProxier, render_config, setup_nfacct};
 use crate::backend::ipvs::ipvs_config;
 use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_settings};
 use crate::config::{Invocation, ProxyMode, ProxyOptions};
@@ -18,6 +18,7 @@ use crate::kernel::ipset::Ipset;
 use crate::kernel::iptables::{Iptables, detect_variant};
 use crate::kernel::ipvs::IpvsClient;
 use crate::kernel::link::DummyLink;
+use crate::kernel::nfacct::Nfacct;
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
 use crate::kubeconfig;
 use crate::model::ClusterState;
@@ -225,12 +226,25 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         tracing::info!(scheduler = backend.config().scheduler(), "using IPVS");
         let graceful = backend.take_graceful_task();
         let tasks = graceful.map(|t| ("IPVS graceful termination", t));
-        return serve(inv, client, backend, tasks.into_iter().collect()).await;
+        return serve(
+            inv,
+            client,
+            backend,
+            tasks.into_iter().collect(),
+            Metrics::new(),
+        )
+        .await;
     }
     let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
     config.random_fully = random_fully;
+    let nfacct = Nfacct::new();
+    let metrics = if setup_nfacct(&nfacct, &mut config) {
+        Metrics::with_nfacct(crate::server::IpFamily::V4, nfacct)
+    } else {
+        Metrics::new()
+    };
     let backend = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config);
-    serve(inv, client, backend, Vec::new()).await
+    serve(inv, client, backend, Vec::new(), metrics).await
 }
 
 /// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error (a
@@ -241,10 +255,10 @@ pub async fn serve<B: Backend + 'static>(
     client: Client,
     backend: B,
     mut tasks: Vec<Task>,
+    metrics: Metrics,
 ) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
     let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
-    let metrics = Metrics::new();
     let shared = Arc::new(Shared::new(ClusterState::new(&opts.hostname)));
     let health = ProxyHealth::new(opts.sync_period)
         .with_metrics(metrics.clone())

@@ -11,6 +11,7 @@ use std::time::Duration;
 use kube_proxy_rs::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use kube_proxy_rs::config::{Invocation, parse_command_line};
 use kube_proxy_rs::daemon::{self, DaemonError};
+use kube_proxy_rs::server::metrics::Metrics;
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
 
 /// A backend with a bug: its first sync panics.
@@ -19,6 +20,9 @@ struct PanickingBackend;
 impl Backend for PanickingBackend {
     fn mode(&self) -> &'static str {
         "iptables"
+    }
+    fn partial_syncs(&self) -> bool {
+        true
     }
     async fn sync(&mut self, _req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
         panic!("backend bug in sync")
@@ -34,6 +38,9 @@ struct GoodBackend;
 impl Backend for GoodBackend {
     fn mode(&self) -> &'static str {
         "iptables"
+    }
+    fn partial_syncs(&self) -> bool {
+        true
     }
     async fn sync(&mut self, _req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
         Ok(SyncOutcome::default())
@@ -89,7 +96,7 @@ async fn serve_until_task_ends<B: Backend + 'static>(
     let client = daemon::client(&inv.options).await.expect("client");
     let result = tokio::time::timeout(
         Duration::from_secs(30),
-        daemon::serve(inv, client, backend, tasks),
+        daemon::serve(inv, client, backend, tasks, Metrics::new()),
     )
     .await
     .expect("the daemon kept running after one of its tasks ended");

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use kube_proxy_rs::server::metrics::{CONTENT_TYPE, Metrics};
 use kube_proxy_rs::server::{MetricsEndpoint, serve_metrics};
+use kube_proxy_rs::sync::SyncKind;
 
 const UPSTREAM_LINT: &[&str] = &[
     "kubeproxy_sync_proxy_rules_iptables_total non-counter metrics should not have \"_total\" suffix",
@@ -23,8 +24,8 @@ const UPSTREAM_LINT: &[&str] = &[
 ];
 
 fn touch_everything(m: &Metrics) {
-    m.observe_sync(Duration::from_millis(12), true);
-    m.observe_sync(Duration::from_millis(3), false);
+    m.observe_sync(Duration::from_millis(12), SyncKind::Full);
+    m.observe_sync(Duration::from_millis(3), SyncKind::Partial);
     m.set_last_sync_now();
     m.record_queued();
     m.observe_network_programming(1.5);

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use crate::model::{ProxyModel, ServiceName};
+use crate::sync::conntrack::ReconcileReport;
 
 /// One sync as the loop asks for it.
 #[derive(Debug, Clone, Copy)]
@@ -27,18 +28,37 @@ pub struct SyncRequest<'a> {
 /// What a successful sync reports back, for metrics and health-check servers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncOutcome {
-    /// Rules per table after the sync (`filter`, `nat`, ...).
+    /// Rules per table after the sync (`filter`, `nat`, ...), for the sync log line.
     pub rules_per_table: BTreeMap<String, usize>,
+    /// `sync_proxy_rules_iptables_{total,last}`: only iptables mode reports them (upstream's
+    /// IPVS proxier writes iptables rules too, but does not fill these series).
+    pub iptables_rules: Option<IptablesRuleCounts>,
     /// Service ports whose internal Local policy found no local endpoint.
     pub no_local_endpoints_internal: usize,
     /// Service ports whose external Local policy found no local endpoint.
     pub no_local_endpoints_external: usize,
     /// healthCheckNodePort and local endpoint count of each eTP=Local service.
     pub health_checks: BTreeMap<ServiceName, (u16, usize)>,
+    /// The conntrack reconcile round that followed the sync (`None`: skipped, no UDP or
+    /// SCTP frontend could have a stale flow).
+    pub conntrack: Option<ReconcileReport>,
+}
+
+/// iptables rule counts per table, as upstream's iptables proxier reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IptablesRuleCounts {
+    /// `filter` rules owned by kube-proxy after the sync.
+    pub filter_total: usize,
+    /// `nat` rules owned after the sync (written plus those of chains a partial sync kept).
+    pub nat_total: usize,
+    /// `filter` rules written by this sync.
+    pub filter_last: usize,
+    /// `nat` rules written by this sync.
+    pub nat_last: usize,
 }
 
 impl SyncOutcome {
-    /// An outcome with the rule counts of the `filter` and `nat` tables.
+    /// An outcome with the rule counts of the `filter` and `nat` tables (for the log).
     pub fn new(
         filter_rules: usize,
         nat_rules: usize,
@@ -51,9 +71,11 @@ impl SyncOutcome {
                 ("filter".to_string(), filter_rules),
                 ("nat".to_string(), nat_rules),
             ]),
+            iptables_rules: None,
             no_local_endpoints_internal,
             no_local_endpoints_external,
             health_checks,
+            conntrack: None,
         }
     }
 }
@@ -61,7 +83,11 @@ impl SyncOutcome {
 /// Why a sync failed. The loop keeps the previous rules and retries with a full sync.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The kernel refused the update.
+    /// `iptables-restore` rejected the rendered rules (what upstream counts in
+    /// `sync_proxy_rules_iptables_restore_failures_total`, in both modes).
+    #[error("iptables-restore failed: {0}")]
+    IptablesRestore(String),
+    /// The kernel refused another update (a jump rule, ipsets, IPVS, the dummy link).
     #[error("applying rules failed: {0}")]
     Apply(String),
     /// Reading kernel state failed.
@@ -73,6 +99,11 @@ pub enum BackendError {
 pub trait Backend: Send {
     /// The mode name served on `/proxyMode`.
     fn mode(&self) -> &'static str;
+
+    /// Whether a sync asked for with `full: false` rewrites only what changed (iptables
+    /// mode). Backends without partial syncs (IPVS) feed neither the full nor the partial
+    /// sync-duration histogram, as upstream.
+    fn partial_syncs(&self) -> bool;
 
     /// Programs the kernel for `req`.
     fn sync(

@@ -17,11 +17,12 @@ pub mod ipset;
 pub mod iptables;
 pub mod ipvs;
 pub mod link;
+pub mod nfacct;
 pub mod sysctl;
 
 mod exec;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::path::PathBuf;
 

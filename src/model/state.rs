@@ -17,6 +17,10 @@ use super::{Endpoint, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePor
 pub struct Changes {
     /// Services whose ports or endpoints changed.
     pub services: BTreeSet<ServiceName>,
+    /// Services with a Service change (upstream's service change tracker items).
+    pub service_changed: BTreeSet<ServiceName>,
+    /// Services with an EndpointSlice change (upstream's endpoints change tracker items).
+    pub endpoints_changed: BTreeSet<ServiceName>,
     /// The Node's labels (topology) or eligibility changed: needs a full sync.
     pub node: bool,
     /// Number of Service events that changed something.
@@ -24,7 +28,9 @@ pub struct Changes {
     /// Number of EndpointSlice events that changed something.
     pub endpoint_events: u64,
     /// `endpoints.kubernetes.io/last-change-trigger-time` of changed slices, for the network
-    /// programming latency metric.
+    /// programming latency metric; only those after the state was created, as upstream's
+    /// tracker ignores changes made before the process started (else every restart would
+    /// observe each slice's last, possibly days-old, change).
     pub trigger_times: Vec<std::time::SystemTime>,
 }
 
@@ -46,6 +52,7 @@ pub struct ClusterState {
     /// The Node has been seen at least once (it is eligible until then, as upstream).
     node_seen: bool,
     changes: Changes,
+    started: Option<std::time::SystemTime>,
 }
 
 impl ClusterState {
@@ -57,8 +64,24 @@ impl ClusterState {
                 name: node_name.to_string(),
                 ..Default::default()
             },
+            started: Some(std::time::SystemTime::now()),
             ..Default::default()
         }
+    }
+
+    /// The same state, ignoring trigger times before `started` instead of before creation.
+    pub fn started_at(mut self, started: std::time::SystemTime) -> Self {
+        self.started = Some(started);
+        self
+    }
+
+    /// `(services, endpoints)`: services with a pending Service change and services with a
+    /// pending EndpointSlice change (`sync_proxy_rules_{service,endpoint}_changes_pending`).
+    pub fn pending_changes(&self) -> (usize, usize) {
+        (
+            self.changes.service_changed.len(),
+            self.changes.endpoints_changed.len(),
+        )
     }
 
     /// Inserts or updates a Service; returns warnings about skipped parts.
@@ -81,6 +104,7 @@ impl ClusterState {
             return;
         }
         self.changes.services.insert(name.clone());
+        self.changes.service_changed.insert(name.clone());
         self.changes.service_events += 1;
         if ports.is_empty() {
             self.services.remove(&name);
@@ -126,6 +150,7 @@ impl ClusterState {
         let info = convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings);
         if self.set_slice(key, info)
             && let Some(t) = trigger_time(slice)
+            && self.started.is_none_or(|start| t >= start)
         {
             self.changes.trigger_times.push(t);
         }
@@ -168,6 +193,7 @@ impl ClusterState {
         }
         if let Some(old) = old {
             self.changes.services.insert(old.service.clone());
+            self.changes.endpoints_changed.insert(old.service.clone());
             if let Some(set) = self.slices_by_service.get_mut(&old.service) {
                 set.remove(&key);
                 if set.is_empty() {
@@ -179,6 +205,7 @@ impl ClusterState {
         match info {
             Some(info) => {
                 self.changes.services.insert(info.service.clone());
+                self.changes.endpoints_changed.insert(info.service.clone());
                 self.slices_by_service
                     .entry(info.service.clone())
                     .or_default()
@@ -435,7 +462,11 @@ mod tests {
 
     #[test]
     fn trigger_times_are_collected_only_for_real_slice_changes() {
-        let mut st = ClusterState::new("node1");
+        let start: std::time::SystemTime = "2026-11-22T03:00:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .into();
+        let mut st = ClusterState::new("node1").started_at(start);
         let mut s = slice("a-1", "a", &["10.0.0.5"], None);
         s.metadata.annotations = Some(
             [(
@@ -453,5 +484,58 @@ mod tests {
         assert_eq!(c.trigger_times, vec![want]);
         st.apply_slice(&s);
         assert!(st.take_changes().trigger_times.is_empty());
+    }
+
+    fn with_trigger_time(mut s: EndpointSlice, t: &str) -> EndpointSlice {
+        s.metadata.annotations =
+            Some([(ANNOTATION_TRIGGER_TIME.to_string(), t.to_string())].into());
+        s
+    }
+
+    #[test]
+    fn trigger_times_from_before_the_start_are_ignored() {
+        let at =
+            |t: &str| -> std::time::SystemTime { t.parse::<jiff::Timestamp>().unwrap().into() };
+        // The default start is the creation time: a slice last changed long ago (the usual
+        // case for every slice listed after a restart) adds no sample.
+        let mut st = ClusterState::new("node1");
+        st.apply_slice(&with_trigger_time(
+            slice("a-1", "a", &["10.0.0.5"], None),
+            "2020-01-01T00:00:00Z",
+        ));
+        let c = st.take_changes();
+        assert_eq!(c.endpoint_events, 1, "the change itself still counts");
+        assert!(c.trigger_times.is_empty(), "{:?}", c.trigger_times);
+
+        let mut st = ClusterState::new("node1").started_at(at("2026-11-22T04:00:00Z"));
+        st.apply_slice(&with_trigger_time(
+            slice("a-1", "a", &["10.0.0.5"], None),
+            "2026-11-22T03:59:59Z",
+        ));
+        st.apply_slice(&with_trigger_time(
+            slice("b-1", "b", &["10.0.0.6"], None),
+            "2026-11-22T04:00:01Z",
+        ));
+        assert_eq!(
+            st.take_changes().trigger_times,
+            vec![at("2026-11-22T04:00:01Z")]
+        );
+    }
+
+    #[test]
+    fn pending_changes_count_services_per_kind_until_taken() {
+        let mut st = ClusterState::new("node1");
+        assert_eq!(st.pending_changes(), (0, 0));
+        st.apply_service(&svc("a", "172.30.0.1"));
+        st.apply_service(&svc("a", "172.30.0.9"));
+        st.apply_service(&svc("b", "172.30.0.2"));
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.5"], None));
+        st.apply_slice(&slice("a-2", "a", &["10.0.0.6"], None));
+        // Two services with Service changes, one with EndpointSlice changes (two slices).
+        assert_eq!(st.pending_changes(), (2, 1));
+        st.take_changes();
+        assert_eq!(st.pending_changes(), (0, 0));
+        st.remove_slice("ns", "a-2");
+        assert_eq!(st.pending_changes(), (0, 1));
     }
 }

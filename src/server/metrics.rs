@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::text::encode_registry;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,6 +28,9 @@ use prometheus_client::registry::Registry;
 use super::IpFamily;
 use super::error::ServerError;
 use super::format::go_float;
+use crate::backend::iptables::render::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
+use crate::kernel::nfacct::Nfacct;
+use crate::sync::SyncKind;
 
 /// `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -143,6 +147,16 @@ impl Metrics {
 
     /// All metrics, with `ip_family` set to `family`.
     pub fn for_family(family: IpFamily) -> Self {
+        Metrics::build(family, None)
+    }
+
+    /// As [`Metrics::for_family`], plus upstream's two nfacct counters of iptables mode, read
+    /// from the kernel through `nfacct` at every scrape.
+    pub fn with_nfacct(family: IpFamily, nfacct: Nfacct) -> Self {
+        Metrics::build(family, Some(nfacct))
+    }
+
+    fn build(family: IpFamily, nfacct: Option<Nfacct>) -> Self {
         let hist = || HistogramFamily::new_with_constructor(sync_histogram as fn() -> Histogram);
         let inner = Inner {
             registry: Registry::default(),
@@ -287,6 +301,24 @@ impl Metrics {
             "Cumulative conntrack flows deleted by conntrack reconciler",
             &i.conntrack_deleted,
         );
+        if let Some(client) = nfacct {
+            let counter = |name| NfacctCounter {
+                client: client.clone(),
+                name,
+            };
+            reg(
+                r,
+                &n("iptables_ct_state_invalid_dropped_packets_total"),
+                "packets dropped by iptables to work around conntrack problems",
+                &counter(NFACCT_CT_STATE_INVALID),
+            );
+            reg(
+                r,
+                &n("iptables_localhost_nodeports_accepted_packets_total"),
+                "Number of packets accepted on nodeports of loopback interface",
+                &counter(NFACCT_LOCALHOST_NODEPORTS),
+            );
+        }
         Metrics(Arc::new(i))
     }
 
@@ -303,24 +335,20 @@ impl Metrics {
         [("ip_family", self.0.family.as_str()), (key, value)]
     }
 
-    /// One sync round took `duration`: `sync_proxy_rules_duration_seconds` plus the full or
-    /// partial histogram (iptables mode).
-    pub fn observe_sync(&self, duration: Duration, full: bool) {
-        self.observe_sync_total(duration);
-        let h = if full {
-            &self.0.sync_full_duration
-        } else {
-            &self.0.sync_partial_duration
-        };
-        h.get_or_create(&self.fam()).observe(duration.as_secs_f64());
-    }
-
-    /// Only `sync_proxy_rules_duration_seconds` (backends without partial syncs, e.g. IPVS).
-    pub fn observe_sync_total(&self, duration: Duration) {
+    /// One sync round (successful or not) took `duration`: `sync_proxy_rules_duration_seconds`
+    /// plus, for a backend with partial syncs, the full or partial histogram.
+    pub fn observe_sync(&self, duration: Duration, kind: SyncKind) {
+        let secs = duration.as_secs_f64();
         self.0
             .sync_duration
             .get_or_create(&self.fam())
-            .observe(duration.as_secs_f64());
+            .observe(secs);
+        let h = match kind {
+            SyncKind::Full => &self.0.sync_full_duration,
+            SyncKind::Partial => &self.0.sync_partial_duration,
+            SyncKind::Unsplit => return,
+        };
+        h.get_or_create(&self.fam()).observe(secs);
     }
 
     /// `sync_proxy_rules_last_timestamp_seconds` = now.
@@ -442,6 +470,34 @@ impl Metrics {
     }
 }
 
+/// A counter whose value is the packet count of an nfacct object, read when encoded
+/// (upstream's `nfacctMetricCollector`): nothing is exposed while it cannot be read.
+#[derive(Debug, Clone)]
+struct NfacctCounter {
+    client: Nfacct,
+    name: &'static str,
+}
+
+impl EncodeMetric for NfacctCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match self.client.get(self.name) {
+            Ok(Some(c)) => encoder.encode_counter::<NoLabelSet, _, u64>(&c.packets, None),
+            Ok(None) => {
+                tracing::debug!(counter = self.name, "nfacct counter does not exist");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(counter = self.name, error = %e, "reading nfacct counter failed");
+                Ok(())
+            }
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
 fn set_tables(g: &Family<FamilyAnd, Gauge>, m: &Metrics, filter: u64, nat: u64) {
     g.get_or_create(&m.fam_and("table", "filter"))
         .set(as_i64(filter));
@@ -511,6 +567,9 @@ fn openmetrics_to_prometheus(om: &str) -> String {
             c.lines.sort_by_key(|(rank, _)| *rank);
         }
     }
+    // As client_golang's Gather: a family without samples (an untouched labelled metric, an
+    // nfacct counter that cannot be read) is not written at all.
+    families.retain(|f| !f.children.is_empty());
     families.sort_by(|a, b| a.name.cmp(&b.name));
     let mut out = String::new();
     for f in families {
@@ -617,8 +676,8 @@ mod tests {
     fn type_and_help_lines_match_upstream() {
         let m = Metrics::new();
         // Touch every labelled metric so that all families are exposed.
-        m.observe_sync(Duration::from_millis(5), true);
-        m.observe_sync(Duration::from_millis(5), false);
+        m.observe_sync(Duration::from_millis(5), SyncKind::Full);
+        m.observe_sync(Duration::from_millis(5), SyncKind::Partial);
         m.observe_network_programming(1.5);
         m.set_last_sync_now();
         m.record_queued();
@@ -695,10 +754,53 @@ mod tests {
     }
 
     #[test]
+    fn families_without_samples_are_not_written() {
+        let text = Metrics::new().encode().unwrap();
+        assert_eq!(
+            lines_of(&text, "# TYPE "),
+            [
+                "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_pending gauge",
+                "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes_total counter",
+                "# TYPE kubeproxy_sync_proxy_rules_service_changes_pending gauge",
+                "# TYPE kubeproxy_sync_proxy_rules_service_changes_total counter",
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_nfacct_counters_are_read_at_every_scrape() {
+        let ns = crate::kernel::testutil::NetNs::new();
+        let acct = Nfacct::new().with_netns(ns.name());
+        let m = Metrics::with_nfacct(IpFamily::V4, acct.clone());
+        let ct = "kubeproxy_iptables_ct_state_invalid_dropped_packets_total";
+        let lo = "kubeproxy_iptables_localhost_nodeports_accepted_packets_total";
+        // The counters do not exist yet: nothing is exposed, as upstream's collector.
+        let text = m.encode().unwrap();
+        assert!(!text.contains("kubeproxy_iptables_"), "{text}");
+
+        acct.ensure(NFACCT_CT_STATE_INVALID).unwrap();
+        acct.ensure(NFACCT_LOCALHOST_NODEPORTS).unwrap();
+        let text = m.encode().unwrap();
+        assert!(text.contains(&format!(
+            "# HELP {ct} [ALPHA] packets dropped by iptables to work around conntrack problems\n# TYPE {ct} counter\n{ct} 0\n"
+        )), "{text}");
+        assert!(text.contains(&format!(
+            "# HELP {lo} [ALPHA] Number of packets accepted on nodeports of loopback interface\n# TYPE {lo} counter\n{lo} 0\n"
+        )), "{text}");
+        // Plain Metrics (IPVS mode, or no nfacct) never has them.
+        assert!(
+            !Metrics::new()
+                .encode()
+                .unwrap()
+                .contains("kubeproxy_iptables_")
+        );
+    }
+
+    #[test]
     fn sync_duration_buckets_and_samples() {
         let m = Metrics::new();
-        m.observe_sync(Duration::from_millis(3), false);
-        m.observe_sync(Duration::from_secs(20), false);
+        m.observe_sync(Duration::from_millis(3), SyncKind::Partial);
+        m.observe_sync(Duration::from_secs(20), SyncKind::Partial);
         let text = m.encode().unwrap();
         let name = "kubeproxy_sync_proxy_rules_duration_seconds";
         let les = [

@@ -1,10 +1,13 @@
 //! Which UDP/SCTP conntrack flows are stale after a sync (upstream's conntrack reconciler,
 //! pkg/proxy/conntrack/cleanup.go): a flow addressed to a service VIP:port or a node port whose
 //! reply does not come from a serving endpoint of that service would keep black-holing the
-//! client (DNS being the classic case), so it is deleted.
+//! client (DNS being the classic case), so it is deleted. So is every flow to a frontend
+//! (VIP:port) that no service owns any more, e.g. of a deleted UDP service (upstream #141371):
+//! one-way senders would otherwise keep its flow, DNATed to an old pod IP, alive forever.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use crate::model::{Protocol, ProxyModel};
 
@@ -21,11 +24,34 @@ pub struct FlowKey {
     pub reply_src: IpAddr,
 }
 
+/// A service frontend: protocol, VIP (ClusterIP, externalIP or load-balancer IP), port.
+pub type Frontend = (Protocol, IpAddr, u16);
+
+/// The UDP/SCTP frontends and node ports a sync served, to tell the next sync which ones
+/// went away.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// VIP:port frontends.
+    pub frontends: BTreeSet<Frontend>,
+    /// Node ports.
+    pub node_ports: BTreeSet<(Protocol, u16)>,
+}
+
+impl Served {
+    /// Everything in `self` or `other`.
+    pub fn union(mut self, other: Served) -> Served {
+        self.frontends.extend(other.frontends);
+        self.node_ports.extend(other.node_ports);
+        self
+    }
+}
+
 /// Serving endpoint IPs per destination that services own.
 #[derive(Debug, Default, Clone)]
 pub struct StaleFlowFilter {
-    by_vip: BTreeMap<(Protocol, IpAddr, u16), BTreeSet<IpAddr>>,
+    by_vip: BTreeMap<Frontend, BTreeSet<IpAddr>>,
     by_node_port: BTreeMap<(Protocol, u16), BTreeSet<IpAddr>>,
+    retired_frontends: BTreeSet<Frontend>,
     retired_node_ports: BTreeSet<(Protocol, u16)>,
     node_ips: BTreeSet<IpAddr>,
 }
@@ -63,15 +89,27 @@ impl StaleFlowFilter {
         f
     }
 
-    /// Node ports (UDP/SCTP) this filter's services use, to pass as `previous` next time.
-    pub fn node_ports(&self) -> BTreeSet<(Protocol, u16)> {
-        self.by_node_port.keys().copied().collect()
+    /// What this filter's services serve, to pass as `previous` next time.
+    pub fn served(&self) -> Served {
+        Served {
+            frontends: self.by_vip.keys().copied().collect(),
+            node_ports: self.by_node_port.keys().copied().collect(),
+        }
     }
 
-    /// Also treats DNATed flows to node ports served before (`previous`) but not any more as
-    /// stale: a changed nodePort must not leave clients on the old port's flow.
-    pub fn with_retired_node_ports(mut self, previous: &BTreeSet<(Protocol, u16)>) -> Self {
+    /// Also treats as stale the flows to what was served before (`previous`) but is not any
+    /// more: every flow to a VIP:port no service owns now (a deleted service, as upstream
+    /// #141371 does with an empty endpoint set), and DNATed flows to a node port no longer
+    /// served (a changed nodePort must not leave clients on the old port's flow).
+    pub fn with_retired(mut self, previous: &Served) -> Self {
+        self.retired_frontends = previous
+            .frontends
+            .iter()
+            .filter(|k| !self.by_vip.contains_key(*k))
+            .copied()
+            .collect();
         self.retired_node_ports = previous
+            .node_ports
             .iter()
             .filter(|k| !self.by_node_port.contains_key(*k))
             .copied()
@@ -81,7 +119,10 @@ impl StaleFlowFilter {
 
     /// Whether no service flow can be affected (skip listing conntrack at all).
     pub fn is_empty(&self) -> bool {
-        self.by_vip.is_empty() && self.by_node_port.is_empty() && self.retired_node_ports.is_empty()
+        self.by_vip.is_empty()
+            && self.by_node_port.is_empty()
+            && self.retired_frontends.is_empty()
+            && self.retired_node_ports.is_empty()
     }
 
     /// Protocols worth listing.
@@ -90,6 +131,7 @@ impl StaleFlowFilter {
             .keys()
             .map(|k| k.0)
             .chain(self.by_node_port.keys().map(|k| k.0))
+            .chain(self.retired_frontends.iter().map(|k| k.0))
             .chain(self.retired_node_ports.iter().map(|k| k.0))
             .collect()
     }
@@ -101,6 +143,12 @@ impl StaleFlowFilter {
             .get(&(flow.protocol, flow.orig_dst, flow.orig_dport))
         {
             return !eps.contains(&flow.reply_src);
+        }
+        if self
+            .retired_frontends
+            .contains(&(flow.protocol, flow.orig_dst, flow.orig_dport))
+        {
+            return true;
         }
         if let Some(eps) = self.by_node_port.get(&(flow.protocol, flow.orig_dport)) {
             let local = self.node_ips.is_empty() || self.node_ips.contains(&flow.orig_dst);
@@ -144,12 +192,21 @@ pub async fn reconcile(
     Ok(deleted)
 }
 
-/// Deletes stale flows after each sync, for every backend. It remembers the node ports it
-/// served last time so that a changed nodePort's old flows are deleted too.
+/// One conntrack reconcile round, for `kubeproxy_conntrack_reconciler_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReconcileReport {
+    /// How long it took (listing and deleting).
+    pub duration: Duration,
+    /// Flows deleted.
+    pub deleted: u64,
+}
+
+/// Deletes stale flows after each sync, for every backend. It remembers what it served last
+/// time so that the flows of a deleted service or a changed nodePort are deleted too.
 #[derive(Debug, Clone)]
 pub struct ConntrackCleaner {
     conntrack: crate::kernel::conntrack::Conntrack,
-    served_node_ports: BTreeSet<(Protocol, u16)>,
+    served: Served,
 }
 
 impl ConntrackCleaner {
@@ -157,24 +214,44 @@ impl ConntrackCleaner {
     pub fn new(conntrack: crate::kernel::conntrack::Conntrack) -> Self {
         ConntrackCleaner {
             conntrack,
-            served_node_ports: BTreeSet::new(),
+            served: Served::default(),
         }
     }
 
     /// Deletes the flows `model` makes stale; failures are logged, never fatal (the rules are
-    /// already in place, and the next sync tries again).
-    pub async fn after_sync(&mut self, model: &ProxyModel, node_ips: &[IpAddr]) {
-        let filter =
-            StaleFlowFilter::new(model, node_ips).with_retired_node_ports(&self.served_node_ports);
-        self.served_node_ports = filter.node_ports();
+    /// already in place, and the next sync tries again: what was served before is kept until
+    /// a round succeeds, so a deleted service is not forgotten by a failed one). `None` when
+    /// no flow could be stale, so conntrack was not even listed.
+    pub async fn after_sync(
+        &mut self,
+        model: &ProxyModel,
+        node_ips: &[IpAddr],
+    ) -> Option<ReconcileReport> {
+        let start = Instant::now();
+        let filter = StaleFlowFilter::new(model, node_ips).with_retired(&self.served);
+        let served = filter.served();
         if filter.is_empty() {
-            return;
+            self.served = served;
+            return None;
         }
-        match reconcile(&self.conntrack, &filter).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(deleted = n, "stale conntrack flows deleted"),
-            Err(e) => tracing::warn!(error = %e, "conntrack cleanup failed"),
-        }
+        let deleted = match reconcile(&self.conntrack, &filter).await {
+            Ok(n) => {
+                self.served = served;
+                if n > 0 {
+                    tracing::debug!(deleted = n, "stale conntrack flows deleted");
+                }
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "conntrack cleanup failed");
+                self.served = std::mem::take(&mut self.served).union(served);
+                0
+            }
+        };
+        Some(ReconcileReport {
+            duration: start.elapsed(),
+            deleted,
+        })
     }
 }
 
@@ -242,11 +319,55 @@ mod tests {
     }
 
     #[test]
+    fn flows_to_a_deleted_udp_service_are_stale() {
+        let before = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")]).served();
+        // The DNS service is deleted; another UDP service now owns 172.30.0.10:5353.
+        let mut m = model();
+        let dns = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
+        m.services.remove(&dns);
+        m.endpoints.remove(&dns);
+        let other = ServicePortName::new("ns", "other", "", Protocol::Udp);
+        m.services.insert(
+            other.clone(),
+            ServicePort::basic(other.clone(), ip("172.30.0.10"), 5353),
+        );
+        m.endpoints
+            .insert(other, vec![Endpoint::ready(ip("10.0.0.8"), 5353)]);
+        let f = StaleFlowFilter::new(&m, &[ip("192.168.50.1")]).with_retired(&before);
+        assert!(!f.is_empty());
+        assert_eq!(f.protocols(), BTreeSet::from([Protocol::Udp]));
+        assert!(
+            f.is_stale(&flow("172.30.0.10", 53, "10.0.0.5")),
+            "flow DNATed to the deleted service's endpoint"
+        );
+        assert!(
+            f.is_stale(&flow("172.30.0.10", 53, "172.30.0.10")),
+            "flow to the deleted service's VIP, not DNATed"
+        );
+        assert!(
+            !f.is_stale(&flow("172.30.0.10", 5353, "10.0.0.8")),
+            "a live service on the same IP decides for its own port"
+        );
+        assert!(
+            !f.is_stale(&flow("172.30.0.20", 80, "10.0.0.5")),
+            "never a frontend of a UDP service"
+        );
+        // Served once more without the DNS service: it is forgotten, nothing retired.
+        let after = StaleFlowFilter::new(&m, &[]).with_retired(&f.served());
+        assert!(!after.is_stale(&flow("172.30.0.10", 53, "10.0.0.5")));
+    }
+
+    #[test]
     fn flows_to_a_retired_node_port_are_stale() {
         let previous = BTreeSet::from([(Protocol::Udp, 30053), (Protocol::Udp, 30099)]);
-        let f = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")])
-            .with_retired_node_ports(&previous);
-        assert_eq!(f.node_ports(), BTreeSet::from([(Protocol::Udp, 30053)]));
+        let f = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")]).with_retired(&Served {
+            node_ports: previous,
+            ..Served::default()
+        });
+        assert_eq!(
+            f.served().node_ports,
+            BTreeSet::from([(Protocol::Udp, 30053)])
+        );
         assert!(
             f.is_stale(&flow("192.168.50.1", 30099, "10.0.0.5")),
             "DNATed flow to a port no longer served"
@@ -261,5 +382,78 @@ mod tests {
         );
         let without = StaleFlowFilter::new(&model(), &[ip("192.168.50.1")]);
         assert!(!without.is_stale(&flow("192.168.50.1", 30099, "10.0.0.5")));
+    }
+
+    /// `conntrack -I` a UDP flow `client:cport -> vip:vport`, DNATed to `ep:vport`.
+    fn insert_udp(
+        ns: &crate::kernel::testutil::NetNs,
+        cport: u16,
+        vip: &str,
+        vport: u16,
+        ep: &str,
+    ) {
+        let (c, v) = (cport.to_string(), vport.to_string());
+        ns.exec(
+            "conntrack",
+            &[
+                "-I",
+                "-p",
+                "udp",
+                "-t",
+                "120",
+                "-s",
+                "10.0.0.1",
+                "-d",
+                vip,
+                "--sport",
+                &c,
+                "--dport",
+                &v,
+                "-r",
+                ep,
+                "-q",
+                "10.0.0.1",
+                "--reply-port-src",
+                &v,
+                "--reply-port-dst",
+                &c,
+            ],
+        );
+    }
+
+    #[tokio::test]
+    async fn kernel_cleaner_deletes_the_flows_of_a_deleted_udp_service() {
+        let ns = crate::kernel::testutil::NetNs::new();
+        let ct = crate::kernel::conntrack::Conntrack::new().with_netns(ns.name());
+        let mut cleaner = ConntrackCleaner::new(ct.clone());
+        let with_dns = model();
+        let first = cleaner.after_sync(&with_dns, &[]).await.unwrap();
+        assert_eq!(first.deleted, 0);
+
+        insert_udp(&ns, 40001, "172.30.0.10", 53, "10.0.0.5");
+        insert_udp(&ns, 40002, "172.30.0.99", 53, "10.0.0.5");
+        let sports = |flows: Vec<crate::kernel::Flow>| {
+            let mut v: Vec<u16> = flows.iter().map(|f| f.orig_sport).collect();
+            v.sort();
+            v
+        };
+        // Still served by a serving endpoint: kept.
+        assert_eq!(cleaner.after_sync(&with_dns, &[]).await.unwrap().deleted, 0);
+        assert_eq!(
+            sports(ct.list(Protocol::Udp).await.unwrap()),
+            [40001, 40002]
+        );
+
+        let mut without = with_dns.clone();
+        let dns = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
+        without.services.remove(&dns);
+        without.endpoints.remove(&dns);
+        let report = cleaner.after_sync(&without, &[]).await.unwrap();
+        assert_eq!(report.deleted, 1);
+        assert_eq!(
+            sports(ct.list(Protocol::Udp).await.unwrap()),
+            [40002],
+            "only the deleted service's flow goes"
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use tokio::time::{Duration, Instant, sleep_until};
 
-use crate::backend::{Backend, SyncOutcome, SyncRequest};
+use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use crate::model::ServiceName;
 use runner::BoundedFrequency;
 use shared::Shared;
@@ -36,11 +36,33 @@ pub struct SyncSettings {
     pub host: crate::host::HostSettings,
 }
 
+/// Which sync-duration histograms a sync feeds besides the overall one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncKind {
+    /// A full sync of a backend with partial syncs (iptables).
+    Full,
+    /// A partial sync (iptables): only changed services rewritten.
+    Partial,
+    /// A sync of a backend without partial syncs (IPVS): every sync is alike.
+    Unsplit,
+}
+
+impl SyncKind {
+    /// The kind of a sync asked for with `full` from a backend that has partial syncs or not.
+    pub fn of(partial_syncs: bool, full: bool) -> Self {
+        match (partial_syncs, full) {
+            (false, _) => SyncKind::Unsplit,
+            (true, true) => SyncKind::Full,
+            (true, false) => SyncKind::Partial,
+        }
+    }
+}
+
 /// What one finished sync reports.
 #[derive(Debug, Clone)]
 pub struct SyncReport<'a> {
-    /// Whether it was a full sync.
-    pub full: bool,
+    /// What kind of sync it was.
+    pub kind: SyncKind,
     /// How long the backend took.
     pub duration: Duration,
     /// What the backend reported.
@@ -59,13 +81,17 @@ pub struct SyncReport<'a> {
 pub trait Reporter: Send {
     /// A change was queued (health: an update is pending).
     fn queued(&mut self);
+    /// Services with Service changes and services with EndpointSlice changes received but
+    /// not yet taken by a sync (reported when a change wakes the loop, and when a sync takes
+    /// them).
+    fn changes_pending(&mut self, services: usize, endpoints: usize);
     /// A sync succeeded.
     fn sync_done(
         &mut self,
         report: &SyncReport<'_>,
     ) -> impl std::future::Future<Output = ()> + Send;
-    /// A sync failed; the next one is full.
-    fn sync_failed(&mut self, full: bool, duration: Duration);
+    /// A sync failed with `error`; the next one is full.
+    fn sync_failed(&mut self, kind: SyncKind, duration: Duration, error: &BackendError);
 }
 
 /// The loop's state.
@@ -114,7 +140,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             sleep_until(rate.next_allowed(Instant::now())).await;
             let start = Instant::now();
             rate.ran(start);
-            let (model, node) = {
+            let (model, node, left) = {
                 let mut st = self.shared.lock();
                 let c = st.take_changes();
                 need_full |= c.node;
@@ -122,8 +148,9 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 trigger_times.extend(c.trigger_times);
                 events.0 += c.service_events;
                 events.1 += c.endpoint_events;
-                (st.snapshot(), st.node().clone())
+                (st.snapshot(), st.node().clone(), st.pending_changes())
             };
+            self.reporter.changes_pending(left.0, left.1);
             if start.duration_since(last_full) >= self.settings.full_sync_period {
                 need_full = true;
             }
@@ -140,6 +167,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 need_full = true;
             }
             let full = need_full;
+            let kind = SyncKind::of(self.backend.partial_syncs(), full);
             let result = self
                 .backend
                 .sync(SyncRequest {
@@ -155,7 +183,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 Ok(outcome) => {
                     self.reporter
                         .sync_done(&SyncReport {
-                            full,
+                            kind,
                             duration,
                             outcome: &outcome,
                             trigger_times: &trigger_times,
@@ -185,7 +213,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 Err(e) => {
                     // Previous rules stay in the kernel; retry soon with a full sync.
                     tracing::error!(error = %e, full, "sync failed, keeping previous rules; retrying with a full sync");
-                    self.reporter.sync_failed(full, duration);
+                    self.reporter.sync_failed(kind, duration, &e);
                     need_full = true;
                 }
             }
@@ -199,7 +227,11 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 continue;
             }
             tokio::select! {
-                _ = self.shared.woken() => self.reporter.queued(),
+                _ = self.shared.woken() => {
+                    self.reporter.queued();
+                    let (services, endpoints) = self.shared.lock().pending_changes();
+                    self.reporter.changes_pending(services, endpoints);
+                }
                 _ = sleep_until(rate.periodic_deadline()) => {}
             }
         }
@@ -209,7 +241,6 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::BackendError;
     use crate::model::ClusterState;
     use k8s_openapi::api::core::v1::Service;
     use std::sync::Mutex;
@@ -231,6 +262,9 @@ mod tests {
     impl Backend for FakeBackend {
         fn mode(&self) -> &'static str {
             "fake"
+        }
+        fn partial_syncs(&self) -> bool {
+            true
         }
         async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
             self.calls.lock().unwrap().push(Call {
@@ -255,13 +289,17 @@ mod tests {
     struct CountingReporter {
         done: Arc<Mutex<usize>>,
         failed: Arc<Mutex<usize>>,
+        pending: Arc<Mutex<Vec<(usize, usize)>>>,
     }
     impl Reporter for CountingReporter {
         fn queued(&mut self) {}
+        fn changes_pending(&mut self, services: usize, endpoints: usize) {
+            self.pending.lock().unwrap().push((services, endpoints));
+        }
         async fn sync_done(&mut self, _r: &SyncReport<'_>) {
             *self.done.lock().unwrap() += 1;
         }
-        fn sync_failed(&mut self, _full: bool, _d: Duration) {
+        fn sync_failed(&mut self, _kind: SyncKind, _d: Duration, _e: &BackendError) {
             *self.failed.lock().unwrap() += 1;
         }
     }
@@ -407,6 +445,55 @@ mod tests {
             ],
             "{c:#?}"
         );
+        task.abort();
+    }
+
+    fn slice_of(svc: &str, ip: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": format!("{svc}-1"),
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "ports": [{"port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip]}]
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pending_changes_are_reported_when_queued_and_when_taken() {
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let backend = FakeBackend {
+            calls: Arc::new(Mutex::new(Vec::new())),
+            fail_next: Arc::new(Mutex::new(false)),
+            t0: Instant::now(),
+        };
+        let reporter = CountingReporter::default();
+        let pending = reporter.pending.clone();
+        let settings = SyncSettings {
+            min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+            full_sync_period: Duration::from_secs(3600),
+            host: crate::host::HostSettings::default(),
+        };
+        let task =
+            tokio::spawn(SyncLoop::new(shared.clone(), backend, reporter, settings).run(Some(3)));
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        {
+            let mut st = shared.lock();
+            st.apply_service(&svc("a", "10.0.0.1"));
+            st.apply_service(&svc("b", "10.0.0.2"));
+            st.apply_slice(&slice_of("a", "10.244.0.5"));
+        }
+        shared.wake();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Each sync reports what it left pending (nothing); the wake between them reports the
+        // two services with Service changes and the one with an EndpointSlice change.
+        let seen = pending.lock().unwrap().clone();
+        assert!(seen.len() >= 3, "{seen:?}");
+        assert_eq!(seen[seen.len() - 2..], [(2, 1), (0, 0)], "{seen:?}");
+        assert_eq!(seen.iter().filter(|p| **p != (0, 0)).count(), 1, "{seen:?}");
         task.abort();
     }
 }

@@ -7,11 +7,15 @@ use std::net::IpAddr;
 use super::jumps::{cleanup_plan, jump_rules};
 use super::names::KUBE_PROXY_CANARY;
 use super::parse::Dump;
-use super::render::{RenderConfig, RenderInput, SyncScope, render};
-use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
+use super::render::{
+    NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS, RenderConfig, RenderInput, SyncScope,
+    render,
+};
+use crate::backend::{Backend, BackendError, IptablesRuleCounts, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::iptables::{Iptables, RulePosition, Table};
+use crate::kernel::nfacct::Nfacct;
 use crate::sync::conntrack::ConntrackCleaner;
 
 /// The iptables-mode proxier.
@@ -132,6 +136,10 @@ impl Backend for IptablesProxier {
         "iptables"
     }
 
+    fn partial_syncs(&self) -> bool {
+        true
+    }
+
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
         if req.full {
             self.ensure_jumps().await?;
@@ -153,18 +161,26 @@ impl Backend for IptablesProxier {
             existing_nat_chains: existing.as_ref(),
         });
         if let Err(e) = self.ipt.restore(&rendered.text).await {
-            return Err(BackendError::Apply(e.to_string()));
+            return Err(BackendError::IptablesRestore(e.to_string()));
         }
-        self.conntrack
+        let conntrack = self
+            .conntrack
             .after_sync(req.model, &self.config.node_ips)
             .await;
-        let outcome = SyncOutcome::new(
+        let mut outcome = SyncOutcome::new(
             rendered.filter_rules,
             rendered.nat_rules,
             rendered.no_local_endpoints_internal,
             rendered.no_local_endpoints_external,
             rendered.health_check_node_ports,
         );
+        outcome.iptables_rules = Some(IptablesRuleCounts {
+            filter_total: rendered.filter_rules,
+            nat_total: rendered.nat_rules,
+            filter_last: rendered.filter_rules,
+            nat_last: rendered.nat_rules_written,
+        });
+        outcome.conntrack = conntrack;
         Ok(outcome)
     }
 
@@ -177,6 +193,27 @@ impl Backend for IptablesProxier {
             Ok(false)
         )
     }
+}
+
+/// Upstream's start-up step for the nfacct metrics: creates the two counters the rules count
+/// into, and renders each counter's `-m nfacct` rule only once it exists (iptables-restore
+/// would reject a rule naming a missing one). Returns whether nfacct works here at all; then
+/// `/metrics` serves the counters.
+pub fn setup_nfacct(nfacct: &Nfacct, config: &mut RenderConfig) -> bool {
+    if let Err(e) = nfacct.probe() {
+        tracing::error!(error = %e, "nfacct is not available, nfacct based metrics won't be available");
+        return false;
+    }
+    let ensure = |name: &str| match nfacct.ensure(name) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, counter = name, "failed to create nfacct counter; the corresponding metric will not be updated");
+            false
+        }
+    };
+    config.nfacct_ct_state_invalid = ensure(NFACCT_CT_STATE_INVALID);
+    config.nfacct_localhost_nodeports = ensure(NFACCT_LOCALHOST_NODEPORTS);
+    true
 }
 
 /// Render settings from the options and what is known of the node (`node_ips`: addresses

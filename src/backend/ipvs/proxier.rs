@@ -408,18 +408,6 @@ impl IpvsProxier {
         self.config.exclude_cidrs.iter().any(|c| c.contains(ip))
     }
 
-    async fn ensure_jumps(&self) -> Result<(), BackendError> {
-        let ipt = &self.kernel.iptables;
-        for j in ipvs_jump_rules() {
-            let t = Table::from_name(j.table);
-            ipt.ensure_chain(t, j.target).await.map_err(apply_err)?;
-            ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
-                .await
-                .map_err(apply_err)?;
-        }
-        Ok(())
-    }
-
     async fn sync_link(&self) -> Result<(), BackendError> {
         if self.kernel.link.ensure().await.map_err(apply_err)? {
             tracing::info!(
@@ -655,6 +643,24 @@ impl IpvsProxier {
     }
 }
 
+/// The iptables part of a sync: the jump rules into kube-proxy's chains, then the
+/// rendered rules in one `iptables-restore`. The jumps are ensured on every sync, as
+/// upstream's IPVS proxier (`createAndLinkKubeChain`) does: IPVS mode has no canary chain,
+/// so a jump someone deleted is only noticed by re-checking it.
+pub async fn sync_iptables(ipt: &Iptables, restore: &str) -> Result<(), BackendError> {
+    for j in ipvs_jump_rules() {
+        let t = Table::from_name(j.table);
+        ipt.ensure_chain(t, j.target).await.map_err(apply_err)?;
+        ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
+            .await
+            .map_err(apply_err)?;
+    }
+    ipt.restore(restore)
+        .await
+        .map_err(|e| BackendError::IptablesRestore(e.to_string()))?;
+    Ok(())
+}
+
 /// IPVS operations of one sync, in the order they are sent.
 #[derive(Debug, Default)]
 struct Plan {
@@ -831,26 +837,24 @@ impl Backend for IpvsProxier {
         "ipvs"
     }
 
+    fn partial_syncs(&self) -> bool {
+        false
+    }
+
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
-        if req.full {
-            self.ensure_jumps().await?;
-        }
         self.refresh_node_facts(req.node_facts).await;
         let desired = render(req.model, &self.config);
 
         self.sync_link().await?;
         self.sync_ipsets(&desired).await?;
-        self.kernel
-            .iptables
-            .restore(&desired.iptables_restore)
-            .await
-            .map_err(apply_err)?;
+        sync_iptables(&self.kernel.iptables, &desired.iptables_restore).await?;
         // The diff is also the per-sync graceful-termination check: an unwanted real server
         // that has become idle is deleted by it.
         let mut errors = self.sync_ipvs(&desired.services).await?;
         errors.extend(self.sync_addresses(&desired).await?);
 
-        self.conntrack
+        let conntrack = self
+            .conntrack
             .after_sync(req.model, &self.config.node_ips)
             .await;
         if !errors.is_empty() {
@@ -861,29 +865,22 @@ impl Backend for IpvsProxier {
                 errors.join("; ")
             )));
         }
-        let outcome = SyncOutcome::new(
+        let mut outcome = SyncOutcome::new(
             desired.filter_rules,
             desired.nat_rules,
             desired.no_local_endpoints_internal,
             desired.no_local_endpoints_external,
             desired.health_checks,
         );
+        outcome.conntrack = conntrack;
         tracing::debug!(changes = ?self.counters.snapshot(), "IPVS sync applied");
         Ok(outcome)
     }
 
     async fn needs_full_sync(&mut self) -> bool {
-        // IPVS mode has no canary; a missing first jump rule means someone flushed the tables.
-        let Some(j) = ipvs_jump_rules().into_iter().next() else {
-            return false;
-        };
-        matches!(
-            self.kernel
-                .iptables
-                .rule_exists(Table::from_name(j.table), j.chain, &j.args())
-                .await,
-            Ok(false)
-        )
+        // Every IPVS sync is complete (jump rules included), so there is nothing a "full"
+        // one would repair.
+        false
     }
 }
 
@@ -1013,6 +1010,43 @@ mod tests {
         let mut cur = want.clone();
         cur.timeout = 10800;
         assert!(!same_service(&cur, &want));
+    }
+
+    /// A jump rule someone deleted comes back at the next sync, partial or not: upstream's
+    /// IPVS proxier runs `createAndLinkKubeChain` on every sync.
+    #[tokio::test]
+    async fn every_sync_re_ensures_the_jump_rules() {
+        use crate::kernel::IpFamily;
+        use crate::kernel::iptables::IptablesVariant;
+        use crate::kernel::testutil::NetNs;
+        let ns = NetNs::new();
+        let ipt = Iptables::new(IptablesVariant::Legacy, IpFamily::V4).with_netns(ns.name());
+        let restore = "*nat\n:KUBE-SERVICES - [0:0]\nCOMMIT\n";
+        sync_iptables(&ipt, restore).await.unwrap();
+        let jumps = ipvs_jump_rules();
+        for j in &jumps {
+            let t = Table::from_name(j.table);
+            assert_eq!(
+                ipt.rule_exists(t, j.chain, &j.args()).await.ok(),
+                Some(true)
+            );
+        }
+        let gone = &jumps[0];
+        let t = Table::from_name(gone.table);
+        ipt.delete_rule(t, gone.chain, &gone.args()).await.unwrap();
+        assert_eq!(
+            ipt.rule_exists(t, gone.chain, &gone.args()).await.ok(),
+            Some(false)
+        );
+
+        sync_iptables(&ipt, restore).await.unwrap();
+        assert_eq!(
+            ipt.rule_exists(t, gone.chain, &gone.args()).await.ok(),
+            Some(true),
+            "jump {} -> {} not restored by the next sync",
+            gone.chain,
+            gone.target
+        );
     }
 
     #[test]
