@@ -60,9 +60,11 @@ if [ ! -s "$base" ]; then
   # No mirror given: mmdebstrap uses Debian's, with the suite's updates and security.
   # merged-usr: symlinks and usr-is-merged as in Debian's images, not the usrmerge
   # package (which pulls in perl). /dev is left empty, as in any image: the runtime fills it.
-  mmdebstrap --quiet --variant=minbase --include="$packages" "${dpkgopts[@]}" \
-    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr "$suite" - \
-    | mmtarfilter --path-exclude='/dev/*' >"$base.tmp"
+  log=$out/mmdebstrap.log
+  mmdebstrap --variant=minbase --include="$packages" "${dpkgopts[@]}" \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr "$suite" - 2>"$log" \
+    | mmtarfilter --path-exclude='/dev/*' >"$base.tmp" \
+    || { tail -n 40 "$log" >&2; die "mmdebstrap failed (log: $log)"; }
   mv "$base.tmp" "$base"
   echo "build-image: $suite root file system in $(($(date +%s) - start)) s" >&2
 fi

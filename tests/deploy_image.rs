@@ -62,7 +62,16 @@ fn oci_layout() -> PathBuf {
                 return oci;
             }
             let script = manifests::deploy_dir().join("build-image.sh");
-            let status = Command::new(&script)
+            let mut cmd = Command::new(&script);
+            // Without the CARGO_* variables cargo sets for this test: build scripts that
+            // watch them would make the release build recompile its dependencies.
+            for (key, _) in std::env::vars_os() {
+                let key = key.to_string_lossy();
+                if key.starts_with("CARGO_") && key != "CARGO_HOME" {
+                    cmd.env_remove(key.as_ref());
+                }
+            }
+            let status = cmd
                 .arg(&out)
                 .env("CARGO_TARGET_DIR", target_dir())
                 .stdin(Stdio::null())
@@ -88,7 +97,11 @@ impl Image {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("rootfs");
         let config = dir.path().join("config.json");
-        run_ok(Command::new("umoci").args(["raw", "unpack", "--image", &image]).arg(&rootfs));
+        run_ok(
+            Command::new("umoci")
+                .args(["raw", "unpack", "--image", &image])
+                .arg(&rootfs),
+        );
         run_ok(
             Command::new("umoci")
                 .args(["raw", "runtime-config", "--image", &image, "--rootfs"])
@@ -98,7 +111,12 @@ impl Image {
         let spec: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
-                .map(|a| a.iter().filter_map(|s| s.as_str()).map(String::from).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         Image {
@@ -184,7 +202,13 @@ impl PodVolumes {
             Command::new("openssl")
                 .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
                 .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-                .args(["-subj", "/CN=fake-cluster-ca", "-keyout", "/dev/null", "-out"])
+                .args([
+                    "-subj",
+                    "/CN=fake-cluster-ca",
+                    "-keyout",
+                    "/dev/null",
+                    "-out",
+                ])
                 .arg(sa.join("ca.crt")),
         );
         PodVolumes { dir }
@@ -239,7 +263,12 @@ fn proxy_chains(save: &str) -> Vec<String> {
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| c.starts_with("KUBE-"))
-        .filter(|c| !matches!(*c, "KUBE-IPTABLES-HINT" | "KUBE-KUBELET-CANARY" | "KUBE-FIREWALL"))
+        .filter(|c| {
+            !matches!(
+                *c,
+                "KUBE-IPTABLES-HINT" | "KUBE-KUBELET-CANARY" | "KUBE-FIREWALL"
+            )
+        })
         .map(String::from)
         .collect()
 }
@@ -284,14 +313,26 @@ fn node_with_kubelet(kubelet_variant: &str) -> (Netns, Netns, FakeApiServer) {
     let ns = Netns::new("img");
     // The node's link (no dummy driver on these kernels: a veth to an empty namespace).
     let peer = Netns::new("imgpeer");
-    veth(&ns, "eth0", Some(&format!("{NODE_IP}/24")), &peer, "eth0", None);
+    veth(
+        &ns,
+        "eth0",
+        Some(&format!("{NODE_IP}/24")),
+        &peer,
+        "eth0",
+        None,
+    );
     let iptables = format!("iptables-{kubelet_variant}");
     ns.run_ok(&iptables, ["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
     ns.run_ok(&iptables, FOREIGN_RULE.split_whitespace());
 
     let api = FakeApiServer::start_in(Some(&ns), Ipv4Addr::LOCALHOST.into());
     api.apply(node(NODE_NAME, &[NODE_IP], Some("10.244.0.0/24")));
-    api.apply(service("demo", "web", "10.96.0.10", &[("http", 80, "TCP", 8080)]));
+    api.apply(service(
+        "demo",
+        "web",
+        "10.96.0.10",
+        &[("http", 80, "TCP", 8080)],
+    ));
     api.apply(endpoint_slice(
         "demo",
         "web-1",
@@ -361,8 +402,14 @@ fn daemonset_pod_on_node_using(variant: &str) {
     );
     let after = save(&ns, variant);
     assert_eq!(proxy_chains(&after), Vec::<String>::new(), "left:\n{after}");
-    assert!(after.contains(FOREIGN_RULE), "kubelet's rule removed:\n{after}");
-    assert!(after.contains(":KUBE-IPTABLES-HINT"), "kubelet's hint removed");
+    assert!(
+        after.contains(FOREIGN_RULE),
+        "kubelet's rule removed:\n{after}"
+    );
+    assert!(
+        after.contains(":KUBE-IPTABLES-HINT"),
+        "kubelet's hint removed"
+    );
 }
 
 #[test]
@@ -385,7 +432,10 @@ fn image_has_the_dockerfiles_contents() {
     let entrypoint = manifests::dockerfile_entrypoint();
     assert_eq!(image.args, [entrypoint.clone()], "image entry point");
     assert!(
-        image.env.iter().any(|e| e.starts_with("PATH=") && e.contains("/usr/sbin")),
+        image
+            .env
+            .iter()
+            .any(|e| e.starts_with("PATH=") && e.contains("/usr/sbin")),
         "PATH must reach iptables: {:?}",
         image.env
     );
@@ -403,7 +453,10 @@ fn image_has_the_dockerfiles_contents() {
     assert_eq!(link, Path::new(&entrypoint).file_name().unwrap());
     let in_image = std::fs::read(root.join(entrypoint.trim_start_matches('/'))).unwrap();
     let release = std::fs::read(target_dir().join("release/kube-proxy-rs")).unwrap();
-    assert!(in_image == release, "the image's binary is not target/release's");
+    assert!(
+        in_image == release,
+        "the image's binary is not target/release's"
+    );
     // No documentation or man pages (debian:*-slim's exclusions).
     assert!(!root.join("usr/share/man/man8").exists());
 }

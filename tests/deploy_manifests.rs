@@ -219,11 +219,17 @@ fn dockerfile_layout() {
         "iproute2",
         "kmod",
     ] {
-        assert!(packages.iter().any(|p| p == pkg), "runtime image lacks {pkg}");
+        assert!(
+            packages.iter().any(|p| p == pkg),
+            "runtime image lacks {pkg}"
+        );
     }
     assert!(runtime.contains("COPY --from=build /kube-proxy-rs /usr/local/bin/kube-proxy-rs"));
     assert!(runtime.contains("ln -s kube-proxy-rs /usr/local/bin/kube-proxy"));
-    assert_eq!(manifests::dockerfile_entrypoint(), "/usr/local/bin/kube-proxy-rs");
+    assert_eq!(
+        manifests::dockerfile_entrypoint(),
+        "/usr/local/bin/kube-proxy-rs"
+    );
     // Everything the build stage copies exists (include_str! needs examples/).
     for line in text
         .lines()

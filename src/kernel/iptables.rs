@@ -330,7 +330,13 @@ impl Iptables {
             Some(1) => Ok(false),
             // iptables answers a jump to a missing chain with exit 2 ("Couldn't load target
             // `X'", "Chain 'X' does not exist"), like a malformed rule: tell them apart.
-            Some(2) if self.jumps_to_missing_chain(table, args, &out.stderr).await? => Ok(false),
+            Some(2)
+                if self
+                    .jumps_to_missing_chain(table, args, &out.stderr)
+                    .await? =>
+            {
+                Ok(false)
+            }
             _ => Err(out.into_error()),
         }
     }

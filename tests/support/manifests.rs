@@ -13,8 +13,8 @@ pub fn deploy_dir() -> PathBuf {
 
 /// Every YAML document of `path` (empty ones skipped).
 pub fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).expect("YAML document"))
         .filter(|v| !v.is_null())
@@ -48,7 +48,12 @@ pub fn daemonset_command_line(docs: &[Value], node_name: &str) -> Vec<String> {
     let c = &ds["spec"]["template"]["spec"]["containers"][0];
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|s| s.as_str()).map(String::from).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str())
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let mut argv = strings(&c["command"]);
