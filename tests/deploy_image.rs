@@ -430,7 +430,11 @@ fn image_has_the_dockerfiles_contents() {
     let image = Image::unpack();
     let root = image.rootfs();
     let entrypoint = manifests::dockerfile_entrypoint();
-    assert_eq!(image.args, [entrypoint.clone()], "image entry point");
+    assert_eq!(
+        image.args,
+        std::slice::from_ref(&entrypoint),
+        "image entry point"
+    );
     assert!(
         image
             .env
