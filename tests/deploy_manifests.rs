@@ -2,18 +2,16 @@
 //! bundled in PyPI's `kubernetes-validate`, which `.ci/run` installs), they replace kubeadm's
 //! kube-proxy objects one for one, the DaemonSet's command line parses with our own flag
 //! parser against the ConfigMap's config.conf, and the Dockerfile has the layout the DaemonSet
-//! relies on. No Docker engine runs here: the image itself is not built.
+//! relies on. No Docker engine runs here: tests/deploy_image.rs starts the same image built by
+//! deploy/build-image.sh.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kube_proxy_rs::config::{Action, ProxyMode, parse_command_line};
-use serde::Deserialize;
-use serde_json::Value;
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
-}
+use support::manifests::{self, deploy_dir, documents, object};
 
 fn manifest_files() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
@@ -24,20 +22,6 @@ fn manifest_files() -> Vec<PathBuf> {
     v.sort();
     assert!(!v.is_empty(), "no manifests in deploy/");
     v
-}
-
-fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap();
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn object<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
 fn validator() -> String {
@@ -160,32 +144,20 @@ fn objects_replace_kubeadms_one_for_one() {
 /// The container's command line with `$(NODE_NAME)` expanded as the kubelet does and the
 /// ConfigMap's config.conf written to a file in place of /var/lib/kube-proxy/config.conf.
 fn daemonset_command_line(dir: &Path, edit_config: impl Fn(&str) -> String) -> Vec<String> {
-    let docs = documents(&deploy_dir().join("kube-proxy-rs.yaml"));
-    let cm = object(&docs, "ConfigMap", "kube-proxy");
+    let docs = manifests::kube_proxy_objects();
     let config = dir.join("config.conf");
     std::fs::write(
         &config,
-        edit_config(cm["data"]["config.conf"].as_str().unwrap()),
+        edit_config(&manifests::config_map_file(&docs, "config.conf")),
     )
     .unwrap();
-    let ds = object(&docs, "DaemonSet", "kube-proxy");
-    let c = &ds["spec"]["template"]["spec"]["containers"][0];
-    let strings = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
-            .unwrap_or_default()
-    };
-    let mut argv = strings(&c["command"]);
-    argv.extend(strings(&c["args"]));
+    let argv = manifests::daemonset_command_line(&docs, "worker-1");
     assert_eq!(
         argv[0], "/usr/local/bin/kube-proxy",
         "upstream's binary path"
     );
     argv.into_iter()
-        .map(|a| {
-            a.replace("$(NODE_NAME)", "worker-1")
-                .replace("/var/lib/kube-proxy/config.conf", config.to_str().unwrap())
-        })
+        .map(|a| a.replace("/var/lib/kube-proxy/config.conf", config.to_str().unwrap()))
         .collect()
 }
 
@@ -224,7 +196,7 @@ fn daemonset_command_line_parses_with_our_flags() {
 
 #[test]
 fn dockerfile_layout() {
-    let text = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let text = manifests::dockerfile();
     let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(
         froms.len(),
@@ -234,6 +206,10 @@ fn dockerfile_layout() {
     assert!(froms[0].contains("rust:") && froms[0].ends_with(" AS build"));
     assert!(froms[1].contains("debian:") && froms[1].contains("-slim"));
     let runtime = &text[text.find(froms[1]).unwrap()..];
+    // The one package list, also read by deploy/build-image.sh.
+    assert!(runtime.contains("COPY deploy/image-packages.txt /tmp/image-packages.txt"));
+    assert!(runtime.contains("$(sed 's/#.*//' /tmp/image-packages.txt)"));
+    let packages = manifests::image_packages();
     for pkg in [
         "iptables",
         "ipset",
@@ -244,12 +220,16 @@ fn dockerfile_layout() {
         "kmod",
     ] {
         assert!(
-            runtime.split_whitespace().any(|w| w == pkg),
+            packages.iter().any(|p| p == pkg),
             "runtime image lacks {pkg}"
         );
     }
     assert!(runtime.contains("COPY --from=build /kube-proxy-rs /usr/local/bin/kube-proxy-rs"));
     assert!(runtime.contains("ln -s kube-proxy-rs /usr/local/bin/kube-proxy"));
+    assert_eq!(
+        manifests::dockerfile_entrypoint(),
+        "/usr/local/bin/kube-proxy-rs"
+    );
     // Everything the build stage copies exists (include_str! needs examples/).
     for line in text
         .lines()

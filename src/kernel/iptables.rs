@@ -316,7 +316,8 @@ impl Iptables {
         }
     }
 
-    /// Whether the rule `args` is in `chain` (`iptables -C`). A missing chain means no.
+    /// Whether the rule `args` is in `chain` (`iptables -C`). A missing chain, or a jump to a
+    /// missing chain, means no.
     pub async fn rule_exists(
         &self,
         table: Table,
@@ -327,8 +328,33 @@ impl Iptables {
         match out.status {
             Some(0) => Ok(true),
             Some(1) => Ok(false),
+            // iptables answers a jump to a missing chain with exit 2 ("Couldn't load target
+            // `X'", "Chain 'X' does not exist"), like a malformed rule: tell them apart.
+            Some(2)
+                if self
+                    .jumps_to_missing_chain(table, args, &out.stderr)
+                    .await? =>
+            {
+                Ok(false)
+            }
             _ => Err(out.into_error()),
         }
+    }
+
+    /// Whether `rule` jumps (`-j`) to a chain that `stderr` names and `table` lacks.
+    async fn jumps_to_missing_chain(
+        &self,
+        table: Table,
+        rule: &[String],
+        stderr: &str,
+    ) -> Result<bool, KernelError> {
+        let Some(target) = rule.iter().skip_while(|a| *a != "-j").nth(1) else {
+            return Ok(false);
+        };
+        if !stderr.contains(target.as_str()) {
+            return Ok(false);
+        }
+        Ok(!self.chain_exists(table, target).await?)
     }
 
     /// Adds the rule `args` to `chain` (first or last) unless an identical rule is there.
@@ -766,6 +792,17 @@ mod tests {
                 "{v}"
             );
             ipt.flush_and_delete_chain(Table::Filter, "KPRS-X")
+                .await
+                .unwrap();
+            // A jump to a chain that is gone is a missing rule (iptables exits 2 naming the
+            // target, not 1), as `--cleanup` meets it for the other mode's jumps.
+            assert!(
+                !ipt.rule_exists(Table::Filter, "INPUT", &jump)
+                    .await
+                    .unwrap(),
+                "{v}"
+            );
+            ipt.delete_rule(Table::Filter, "INPUT", &jump)
                 .await
                 .unwrap();
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fakeapi;
+pub mod manifests;
 pub mod netns;
 pub mod pods;
 pub mod vm;
