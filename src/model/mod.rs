@@ -6,6 +6,7 @@
 pub mod categorize;
 pub mod convert;
 pub mod net;
+pub mod plan;
 pub mod service;
 pub mod state;
 pub mod validate;
@@ -15,6 +16,7 @@ use std::net::IpAddr;
 
 pub use categorize::{Categorized, categorize_endpoints};
 pub use net::{Cidr, Protocol};
+pub use plan::{IpFamily, Plan, PlanOptions, ServicePlan, plan};
 pub use service::{Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges};
 pub use state::ClusterState;
 

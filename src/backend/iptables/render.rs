@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::names::{self, *};
-use crate::model::{
-    Categorized, Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, categorize_endpoints,
+use crate::model::plan::{
+    self, ClusterIpMasquerade, Disposition, ExternalMasquerade, Firewall, IpFamily, PlanOptions,
+    Policy, ServicePlan,
 };
+use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort};
 
 /// How traffic from local pods is recognised (`--detect-local-mode`); upstream
 /// `LocalTrafficDetector`.
@@ -221,6 +223,7 @@ pub fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
 }
 
+#[derive(Default)]
 struct Lines(Vec<String>);
 
 impl Lines {
@@ -273,22 +276,102 @@ impl IntoWords for &Vec<String> {
     }
 }
 
-/// Renders one sync.
+/// The four parts of the restore input, in the order they are written.
+#[derive(Default)]
+struct Tables {
+    filter_chains: Lines,
+    filter_rules: Lines,
+    nat_chains: Lines,
+    nat_rules: Lines,
+}
+
+/// Renders one sync: serialises the IPv4 [`Plan`] of the model; every traffic-policy
+/// decision (which endpoints, served/rejected/dropped, masquerading, firewall) is the plan's.
 pub fn render(input: &RenderInput) -> Rendered {
     let cfg = input.config;
-    let model = input.model;
+    let plan = plan::plan(input.model, IpFamily::V4, &plan_options(cfg));
+    let large = plan.endpoint_count() > cfg.large_cluster_threshold;
+    let mut out = Rendered {
+        large_cluster: large,
+        ..Rendered::default()
+    };
+    let mut t = Tables::default();
+    write_base_rules(&mut t, cfg);
+    let mut skipped_nat_rules = 0usize;
+    for sp in &plan.services {
+        let port = PortRules::new(sp, cfg, large);
+        port.write_entry_rules(&mut t);
+        if sp.internal.lacks_local_endpoints() {
+            out.no_local_endpoints_internal += 1;
+        }
+        if sp.external.lacks_local_endpoints() {
+            out.no_local_endpoints_external += 1;
+        }
+        // Per-service chains: written, or (partial sync, unchanged service) only counted.
+        let mut svc_t = Tables::default();
+        port.write_chains(&mut svc_t, &mut out.active_nat_chains);
+        let skip = match input.scope {
+            SyncScope::Full => false,
+            SyncScope::Partial { changed } => !changed.contains(&sp.service.name.service),
+        };
+        if skip {
+            skipped_nat_rules += svc_t.nat_rules.0.len();
+        } else {
+            t.nat_chains.0.extend(svc_t.nat_chains.0);
+            t.nat_rules.0.extend(svc_t.nat_rules.0);
+        }
+    }
+    if let Some(existing) = input.existing_nat_chains {
+        delete_stale_chains(&mut t, &mut out, existing);
+    }
+    write_node_ports_tail(&mut t, cfg);
+    write_forward_rules(&mut t, cfg);
+
+    let deleted = out.deleted_chains.len();
+    out.filter_rules = t.filter_rules.0.len();
+    out.nat_rules_written = t.nat_rules.0.len() - deleted;
+    out.nat_rules = t.nat_rules.0.len() + skipped_nat_rules - deleted;
+    out.health_check_node_ports = plan.health_checks;
+    out.text = t.text();
+    out
+}
+
+/// What the plan needs of the iptables settings.
+fn plan_options(cfg: &RenderConfig) -> PlanOptions {
+    PlanOptions {
+        masquerade_all: cfg.masquerade_all,
+        detects_local_pods: cfg.local_detector.is_implemented(),
+        primary_node_ip: cfg.primary_node_ip,
+    }
+}
+
+impl Tables {
+    /// The whole restore input.
+    fn text(&self) -> String {
+        let lines = self.filter_chains.0.len()
+            + self.filter_rules.0.len()
+            + self.nat_chains.0.len()
+            + self.nat_rules.0.len();
+        let mut text = String::with_capacity(64 * lines);
+        text.push_str("*filter\n");
+        for l in self.filter_chains.0.iter().chain(&self.filter_rules.0) {
+            text.push_str(l);
+            text.push('\n');
+        }
+        text.push_str("COMMIT\n*nat\n");
+        for l in self.nat_chains.0.iter().chain(&self.nat_rules.0) {
+            text.push_str(l);
+            text.push('\n');
+        }
+        text.push_str("COMMIT\n");
+        text
+    }
+}
+
+/// The fixed chains, the masquerade machinery and the localhost firewall.
+fn write_base_rules(t: &mut Tables, cfg: &RenderConfig) {
     let mark = cfg.masquerade_mark();
     let mark_match = format!("{mark}/{mark}");
-    let localhost_node_ports = cfg.effective_localhost_node_ports();
-    let detector = &cfg.local_detector;
-
-    let mut out = Rendered::default();
-    let mut filter_chains = Lines(Vec::new());
-    let mut filter_rules = Lines(Vec::new());
-    let mut nat_chains = Lines(Vec::new());
-    let mut nat_rules = Lines(Vec::new());
-    let mut skipped_nat_rules = 0usize;
-
     for c in [
         KUBE_SERVICES,
         KUBE_EXTERNAL_SERVICES,
@@ -296,7 +379,7 @@ pub fn render(input: &RenderInput) -> Rendered {
         KUBE_NODEPORTS,
         KUBE_PROXY_FIREWALL,
     ] {
-        filter_chains.0.push(chain_line(c));
+        t.filter_chains.0.push(chain_line(c));
     }
     for c in [
         KUBE_SERVICES,
@@ -304,10 +387,10 @@ pub fn render(input: &RenderInput) -> Rendered {
         KUBE_POSTROUTING,
         KUBE_MARK_MASQ,
     ] {
-        nat_chains.0.push(chain_line(c));
+        t.nat_chains.0.push(chain_line(c));
     }
 
-    nat_rules.push(&words![
+    t.nat_rules.push(&words![
         "-A",
         KUBE_POSTROUTING,
         "-m",
@@ -318,7 +401,7 @@ pub fn render(input: &RenderInput) -> Rendered {
         "-j",
         "RETURN"
     ]);
-    nat_rules.push(&words![
+    t.nat_rules.push(&words![
         "-A",
         KUBE_POSTROUTING,
         "-j",
@@ -344,8 +427,8 @@ pub fn render(input: &RenderInput) -> Rendered {
     if cfg.random_fully {
         masq.push("--random-fully".into());
     }
-    nat_rules.push(&masq);
-    nat_rules.push(&words![
+    t.nat_rules.push(&masq);
+    t.nat_rules.push(&words![
         "-A",
         KUBE_MARK_MASQ,
         "-j",
@@ -354,9 +437,9 @@ pub fn render(input: &RenderInput) -> Rendered {
         &mark
     ]);
 
-    if localhost_node_ports {
-        filter_chains.0.push(chain_line(KUBE_FIREWALL));
-        filter_rules.push(&words![
+    if cfg.effective_localhost_node_ports() {
+        t.filter_chains.0.push(chain_line(KUBE_FIREWALL));
+        t.filter_rules.push(&words![
             "-A",
             KUBE_FIREWALL,
             "-m",
@@ -377,487 +460,22 @@ pub fn render(input: &RenderInput) -> Rendered {
             "DROP",
         ]);
     }
+}
 
-    let total_endpoints: usize = model
-        .services
-        .keys()
-        .map(|n| model.endpoints_of(n).len())
-        .sum();
-    let large = total_endpoints > cfg.large_cluster_threshold;
-    out.large_cluster = large;
-
-    for (name, svc) in &model.services {
-        let proto = name.protocol.lower();
-        let name_str = name.to_string();
-        let cat = categorize(svc, model);
-        let cluster_chain = names::service_chain(name);
-        let local_chain = names::local_service_chain(name);
-        let ext_chain = names::external_chain(name);
-        let fw_chain = names::firewall_chain(name);
-        let has_endpoints = cat.has_any;
-        let uses_cluster_chain = !cat.cluster.is_empty() && uses_cluster_endpoints(svc);
-        let uses_local_chain = !cat.local.is_empty() && svc.uses_local_endpoints();
-
-        let (internal_chain, has_internal) = if svc.internal_policy_local {
-            (&local_chain, has_endpoints && !cat.local.is_empty())
-        } else {
-            (&cluster_chain, has_endpoints)
-        };
-        let (external_policy_chain, has_external) = if svc.external_policy_local {
-            (&local_chain, has_endpoints && !cat.local.is_empty())
-        } else {
-            (&cluster_chain, has_endpoints)
-        };
-        let uses_ext_chain = has_endpoints && svc.externally_accessible();
-        let uses_fw_chain =
-            has_endpoints && !svc.load_balancer_ips.is_empty() && svc.source_ranges.restricts();
-        let lb_chain = if uses_fw_chain { &fw_chain } else { &ext_chain };
-
-        let (internal_target, internal_comment, external_target, external_comment);
-        if !has_endpoints {
-            internal_target = "REJECT";
-            internal_comment = quoted(&format!("{name_str} has no endpoints"));
-            external_target = "REJECT";
-            external_comment = internal_comment.clone();
-        } else {
-            internal_target = "DROP";
-            external_target = "DROP";
-            internal_comment = quoted(&format!("{name_str} has no local endpoints"));
-            external_comment = internal_comment.clone();
-            if !has_internal {
-                out.no_local_endpoints_internal += 1;
-            }
-            if !has_external {
-                out.no_local_endpoints_external += 1;
-            }
-        }
-
-        let port = svc.port.to_string();
-        let cluster_ip = svc.cluster_ip.to_string();
-        let proto_match = words!["-m", proto, "-p", proto];
-
-        // ClusterIP.
-        if has_internal {
-            nat_rules.push(&words![
-                "-A",
-                KUBE_SERVICES,
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{name_str} cluster IP")),
-                &proto_match,
-                "-d",
-                &cluster_ip,
-                "--dport",
-                &port,
-                "-j",
-                internal_chain,
-            ]);
-        } else {
-            filter_rules.push(&words![
-                "-A",
-                KUBE_SERVICES,
-                "-m",
-                "comment",
-                "--comment",
-                &internal_comment,
-                &proto_match,
-                "-d",
-                &cluster_ip,
-                "--dport",
-                &port,
-                "-j",
-                internal_target,
-            ]);
-        }
-
-        // External IPs.
-        for ip in &svc.external_ips {
-            let ip = ip.to_string();
-            if has_endpoints {
-                nat_rules.push(&words![
-                    "-A",
-                    KUBE_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!("{name_str} external IP")),
-                    &proto_match,
-                    "-d",
-                    &ip,
-                    "--dport",
-                    &port,
-                    "-j",
-                    &ext_chain,
-                ]);
-            }
-            if !has_external {
-                filter_rules.push(&words![
-                    "-A",
-                    KUBE_EXTERNAL_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &external_comment,
-                    &proto_match,
-                    "-d",
-                    &ip,
-                    "--dport",
-                    &port,
-                    "-j",
-                    external_target,
-                ]);
-            }
-        }
-
-        // Load-balancer ingress IPs.
-        for ip in &svc.load_balancer_ips {
-            let ip = ip.to_string();
-            if has_endpoints {
-                nat_rules.push(&words![
-                    "-A",
-                    KUBE_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!("{name_str} loadbalancer IP")),
-                    &proto_match,
-                    "-d",
-                    &ip,
-                    "--dport",
-                    &port,
-                    "-j",
-                    lb_chain,
-                ]);
-            }
-            if uses_fw_chain {
-                filter_rules.push(&words![
-                    "-A",
-                    KUBE_PROXY_FIREWALL,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!("{name_str} traffic not accepted by {fw_chain}")),
-                    &proto_match,
-                    "-d",
-                    &ip,
-                    "--dport",
-                    &port,
-                    "-j",
-                    "DROP",
-                ]);
-            }
-        }
-        if !has_external {
-            for ip in &svc.load_balancer_ips {
-                filter_rules.push(&words![
-                    "-A",
-                    KUBE_EXTERNAL_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &external_comment,
-                    &proto_match,
-                    "-d",
-                    ip.to_string(),
-                    "--dport",
-                    &port,
-                    "-j",
-                    external_target,
-                ]);
-            }
-        }
-
-        // Node port.
-        if svc.node_port != 0 {
-            let node_port = svc.node_port.to_string();
-            if has_endpoints {
-                if localhost_node_ports && cfg.nfacct_localhost_nodeports {
-                    nat_rules.push(&words![
-                        "-A",
-                        KUBE_NODEPORTS,
-                        "-m",
-                        "comment",
-                        "--comment",
-                        &name_str,
-                        &proto_match,
-                        "-d",
-                        "127.0.0.0/8",
-                        "--dport",
-                        &node_port,
-                        "-m",
-                        "nfacct",
-                        "--nfacct-name",
-                        NFACCT_LOCALHOST_NODEPORTS,
-                        "-j",
-                        &ext_chain,
-                    ]);
-                }
-                nat_rules.push(&words![
-                    "-A",
-                    KUBE_NODEPORTS,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &name_str,
-                    &proto_match,
-                    "--dport",
-                    &node_port,
-                    "-j",
-                    &ext_chain,
-                ]);
-            }
-            if !has_external {
-                filter_rules.push(&words![
-                    "-A",
-                    KUBE_EXTERNAL_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &external_comment,
-                    "-m",
-                    "addrtype",
-                    "--dst-type",
-                    "LOCAL",
-                    &proto_match,
-                    "--dport",
-                    &node_port,
-                    "-j",
-                    external_target,
-                ]);
-            }
-        }
-
-        // Health-check node port.
-        if let Some(hc) = svc.health_check_port() {
-            filter_rules.push(&words![
-                "-A",
-                KUBE_NODEPORTS,
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{name_str} health check node port")),
-                "-m",
-                "tcp",
-                "-p",
-                "tcp",
-                "--dport",
-                hc.to_string(),
-                "-j",
-                "ACCEPT",
-            ]);
-        }
-
-        // Per-service chains: written, or (partial sync, unchanged service) only counted.
-        let mut svc_chains = Lines(Vec::new());
-        let mut svc_rules = Lines(Vec::new());
-
-        if has_internal {
-            let args = words![
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{name_str} cluster IP")),
-                &proto_match,
-                "-d",
-                &cluster_ip,
-                "--dport",
-                &port,
-            ];
-            if cfg.masquerade_all {
-                svc_rules.push(&words!["-A", internal_chain, &args, "-j", KUBE_MARK_MASQ]);
-            } else if detector.is_implemented() {
-                svc_rules.push(&words![
-                    "-A",
-                    internal_chain,
-                    &args,
-                    detector.if_not_local(),
-                    "-j",
-                    KUBE_MARK_MASQ,
-                ]);
-            }
-        }
-
-        if uses_ext_chain {
-            svc_chains.0.push(chain_line(&ext_chain));
-            out.active_nat_chains.insert(ext_chain.clone());
-            if !svc.external_policy_local {
-                svc_rules.push(&words![
-                    "-A",
-                    &ext_chain,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!(
-                        "masquerade traffic for {name_str} external destinations"
-                    )),
-                    "-j",
-                    KUBE_MARK_MASQ,
-                ]);
-            } else {
-                if detector.is_implemented() {
-                    svc_rules.push(&words![
-                        "-A",
-                        &ext_chain,
-                        "-m",
-                        "comment",
-                        "--comment",
-                        quoted(&format!("pod traffic for {name_str} external destinations")),
-                        detector.if_local(),
-                        "-j",
-                        &cluster_chain,
-                    ]);
-                }
-                svc_rules.push(&words![
-                    "-A",
-                    &ext_chain,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!(
-                        "masquerade LOCAL traffic for {name_str} external destinations"
-                    )),
-                    "-m",
-                    "addrtype",
-                    "--src-type",
-                    "LOCAL",
-                    "-j",
-                    KUBE_MARK_MASQ,
-                ]);
-                svc_rules.push(&words![
-                    "-A",
-                    &ext_chain,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!(
-                        "route LOCAL traffic for {name_str} external destinations"
-                    )),
-                    "-m",
-                    "addrtype",
-                    "--src-type",
-                    "LOCAL",
-                    "-j",
-                    &cluster_chain,
-                ]);
-            }
-            if has_external {
-                svc_rules.push(&words!["-A", &ext_chain, "-j", external_policy_chain]);
-            }
-        }
-
-        if uses_fw_chain {
-            svc_chains.0.push(chain_line(&fw_chain));
-            out.active_nat_chains.insert(fw_chain.clone());
-            let args = words![
-                "-A",
-                &fw_chain,
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{name_str} loadbalancer IP")),
-            ];
-            let mut allow_from_node = false;
-            for cidr in svc.source_ranges.allowed() {
-                svc_rules.push(&words![&args, "-s", cidr.to_string(), "-j", &ext_chain]);
-                if cfg.primary_node_ip.is_some_and(|ip| cidr.contains(&ip)) {
-                    allow_from_node = true;
-                }
-            }
-            if allow_from_node {
-                for ip in &svc.load_balancer_ips {
-                    svc_rules.push(&words![&args, "-s", ip.to_string(), "-j", &ext_chain]);
-                }
-            }
-            svc_rules.push(&words![
-                "-A",
-                &fw_chain,
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!(
-                    "other traffic to {name_str} will be dropped by KUBE-PROXY-FIREWALL"
-                )),
-            ]);
-        }
-
-        if uses_cluster_chain {
-            svc_chains.0.push(chain_line(&cluster_chain));
-            out.active_nat_chains.insert(cluster_chain.clone());
-            write_endpoint_rules(
-                &mut svc_rules,
-                &name_str,
-                svc,
-                &cluster_chain,
-                &cat.cluster,
-                large,
-            );
-        }
-        if uses_local_chain {
-            svc_chains.0.push(chain_line(&local_chain));
-            out.active_nat_chains.insert(local_chain.clone());
-            write_endpoint_rules(
-                &mut svc_rules,
-                &name_str,
-                svc,
-                &local_chain,
-                &cat.local,
-                large,
-            );
-        }
-
-        for ep in &cat.all_reachable {
-            let sep = names::endpoint_chain(name, ep);
-            svc_chains.0.push(chain_line(&sep));
-            out.active_nat_chains.insert(sep.clone());
-            let mut args = words!["-A", &sep];
-            if !large {
-                args.extend(words!["-m", "comment", "--comment", &name_str]);
-            }
-            svc_rules.push(&words![
-                &args,
-                "-s",
-                ep.ip.to_string(),
-                "-j",
-                KUBE_MARK_MASQ
-            ]);
-            if svc.session_affinity_timeout.is_some() {
-                args.extend(words!["-m", "recent", "--name", &sep, "--set"]);
-            }
-            svc_rules.push(&words![
-                args,
-                &proto_match,
-                "-j",
-                "DNAT",
-                "--to-destination",
-                ep.addr_string(),
-            ]);
-        }
-
-        let skip = match input.scope {
-            SyncScope::Full => false,
-            SyncScope::Partial { changed } => !changed.contains(&name.service),
-        };
-        if skip {
-            skipped_nat_rules += svc_rules.0.len();
-        } else {
-            nat_chains.0.extend(svc_chains.0);
-            nat_rules.0.extend(svc_rules.0);
+/// Stale per-service chains: flush with a chain line, then delete.
+fn delete_stale_chains(t: &mut Tables, out: &mut Rendered, existing: &BTreeSet<String>) {
+    for chain in existing {
+        if names::is_service_chain(chain) && !out.active_nat_chains.contains(chain) {
+            t.nat_chains.0.push(chain_line(chain));
+            t.nat_rules.push(&["-X", chain.as_str()]);
+            out.deleted_chains.push(chain.clone());
         }
     }
+}
 
-    // Stale per-service chains: flush with a chain line, then delete.
-    if let Some(existing) = input.existing_nat_chains {
-        for chain in existing {
-            if names::is_service_chain(chain) && !out.active_nat_chains.contains(chain) {
-                nat_chains.0.push(chain_line(chain));
-                nat_rules.push(&["-X", chain.as_str()]);
-                out.deleted_chains.push(chain.clone());
-            }
-        }
-    }
-
-    // The node-ports tail call must be the last rule of nat KUBE-SERVICES.
+/// The node-ports tail call: it must be the last rule of nat KUBE-SERVICES.
+fn write_node_ports_tail(t: &mut Tables, cfg: &RenderConfig) {
+    let localhost_node_ports = cfg.effective_localhost_node_ports();
     let nodeports_comment =
         quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
     match cfg.node_port_destinations() {
@@ -866,7 +484,7 @@ pub fn render(input: &RenderInput) -> Rendered {
             if !localhost_node_ports {
                 dest.extend(words!["!", "-d", "127.0.0.0/8"]);
             }
-            nat_rules.push(&words![
+            t.nat_rules.push(&words![
                 "-A",
                 KUBE_SERVICES,
                 "-m",
@@ -883,7 +501,7 @@ pub fn render(input: &RenderInput) -> Rendered {
                 if ip.is_loopback() && !localhost_node_ports {
                     continue;
                 }
-                nat_rules.push(&words![
+                t.nat_rules.push(&words![
                     "-A",
                     KUBE_SERVICES,
                     "-m",
@@ -898,7 +516,12 @@ pub fn render(input: &RenderInput) -> Rendered {
             }
         }
     }
+}
 
+/// The filter KUBE-FORWARD chain.
+fn write_forward_rules(t: &mut Tables, cfg: &RenderConfig) {
+    let mark = cfg.masquerade_mark();
+    let mark_match = format!("{mark}/{mark}");
     if !cfg.conntrack_tcp_be_liberal {
         let mut rule = words![
             "-A",
@@ -917,9 +540,9 @@ pub fn render(input: &RenderInput) -> Rendered {
             ]);
         }
         rule.extend(words!["-j", "DROP"]);
-        filter_rules.push(&rule);
+        t.filter_rules.push(&rule);
     }
-    filter_rules.push(&words![
+    t.filter_rules.push(&words![
         "-A",
         KUBE_FORWARD,
         "-m",
@@ -933,7 +556,7 @@ pub fn render(input: &RenderInput) -> Rendered {
         "-j",
         "ACCEPT",
     ]);
-    filter_rules.push(&words![
+    t.filter_rules.push(&words![
         "-A",
         KUBE_FORWARD,
         "-m",
@@ -947,48 +570,463 @@ pub fn render(input: &RenderInput) -> Rendered {
         "-j",
         "ACCEPT",
     ]);
-
-    let deleted = out.deleted_chains.len();
-    out.filter_rules = filter_rules.0.len();
-    out.nat_rules_written = nat_rules.0.len() - deleted;
-    out.nat_rules = nat_rules.0.len() + skipped_nat_rules - deleted;
-    out.health_check_node_ports = model.health_checks();
-
-    let mut text = String::with_capacity(
-        64 * (filter_chains.0.len()
-            + filter_rules.0.len()
-            + nat_chains.0.len()
-            + nat_rules.0.len()),
-    );
-    text.push_str("*filter\n");
-    for l in filter_chains.0.iter().chain(&filter_rules.0) {
-        text.push_str(l);
-        text.push('\n');
-    }
-    text.push_str("COMMIT\n*nat\n");
-    for l in nat_chains.0.iter().chain(&nat_rules.0) {
-        text.push_str(l);
-        text.push('\n');
-    }
-    text.push_str("COMMIT\n");
-    out.text = text;
-    out
 }
 
-/// Upstream `UsesClusterEndpoints`: Cluster endpoints are needed when the internal policy
-/// is Cluster or the port is externally accessible at all (the eTP=Local short-circuit
-/// rules jump to the Cluster chain).
-fn uses_cluster_endpoints(svc: &ServicePort) -> bool {
-    !svc.internal_policy_local || svc.externally_accessible()
+/// One service port's plan with the names and words its rules share.
+struct PortRules<'p, 'a> {
+    sp: &'p ServicePlan<'a>,
+    cfg: &'p RenderConfig,
+    large: bool,
+    name_str: String,
+    proto_match: Vec<String>,
+    port: String,
+    cluster_ip: String,
+    cluster_chain: String,
+    local_chain: String,
+    ext_chain: String,
+    fw_chain: String,
 }
 
-/// `categorize_endpoints` with upstream's `UsesClusterEndpoints`. The model's
-/// `ServicePort::uses_cluster_endpoints` returns false for an externally accessible port
-/// with both policies Local; upstream returns true. Categorising a copy with the external
-/// policy set to Cluster gives upstream's answer for that one case and changes nothing
-/// else (the local side is still used because the internal policy is Local).
-fn categorize(svc: &ServicePort, model: &ProxyModel) -> Categorized {
-    categorize_endpoints(svc, model.endpoints_of(&svc.name), &model.node)
+impl<'p, 'a> PortRules<'p, 'a> {
+    fn new(sp: &'p ServicePlan<'a>, cfg: &'p RenderConfig, large: bool) -> Self {
+        let name = &sp.service.name;
+        let proto = name.protocol.lower();
+        PortRules {
+            sp,
+            cfg,
+            large,
+            name_str: name.to_string(),
+            proto_match: words!["-m", proto, "-p", proto],
+            port: sp.service.port.to_string(),
+            cluster_ip: sp.service.cluster_ip.to_string(),
+            cluster_chain: names::service_chain(name),
+            local_chain: names::local_service_chain(name),
+            ext_chain: names::external_chain(name),
+            fw_chain: names::firewall_chain(name),
+        }
+    }
+
+    /// The chain implementing `policy`.
+    fn policy_chain(&self, policy: Policy) -> &str {
+        match policy {
+            Policy::Cluster => &self.cluster_chain,
+            Policy::Local => &self.local_chain,
+        }
+    }
+
+    /// The filter target and comment of traffic the plan refuses (`None`: served).
+    fn refusal(&self, d: Disposition) -> Option<(&'static str, String)> {
+        let (target, reason) = match d {
+            Disposition::Serve(_) => return None,
+            Disposition::Reject(r) => ("REJECT", r),
+            Disposition::Drop(r) => ("DROP", r),
+        };
+        Some((
+            target,
+            quoted(&format!("{} {}", self.name_str, reason.describe())),
+        ))
+    }
+
+    /// The FW chain exists only while there are endpoints to protect.
+    fn uses_fw_chain(&self) -> bool {
+        self.sp.has_endpoints && self.sp.firewall.is_some()
+    }
+
+    /// Rules in the shared chains: ClusterIP, external IPs, LB IPs, node port, health check.
+    fn write_entry_rules(&self, t: &mut Tables) {
+        self.write_cluster_ip(t);
+        self.write_external_ips(t);
+        self.write_load_balancer_ips(t);
+        if let Some(node_port) = self.sp.node_port {
+            self.write_node_port(t, node_port);
+        }
+        if let Some(hc) = self.sp.health_check {
+            t.filter_rules.push(&words![
+                "-A",
+                KUBE_NODEPORTS,
+                "-m",
+                "comment",
+                "--comment",
+                quoted(&format!("{} health check node port", self.name_str)),
+                "-m",
+                "tcp",
+                "-p",
+                "tcp",
+                "--dport",
+                hc.node_port.to_string(),
+                "-j",
+                "ACCEPT",
+            ]);
+        }
+    }
+
+    fn write_cluster_ip(&self, t: &mut Tables) {
+        let dest = words![
+            &self.proto_match,
+            "-d",
+            &self.cluster_ip,
+            "--dport",
+            &self.port
+        ];
+        match (self.sp.internal.served_by(), self.refusal(self.sp.internal)) {
+            (Some(policy), _) => t.nat_rules.push(&words![
+                "-A",
+                KUBE_SERVICES,
+                "-m",
+                "comment",
+                "--comment",
+                quoted(&format!("{} cluster IP", self.name_str)),
+                dest,
+                "-j",
+                self.policy_chain(policy),
+            ]),
+            (None, Some((target, comment))) => t.filter_rules.push(&words![
+                "-A",
+                KUBE_SERVICES,
+                "-m",
+                "comment",
+                "--comment",
+                comment,
+                dest,
+                "-j",
+                target,
+            ]),
+            (None, None) => {}
+        }
+    }
+
+    /// The filter KUBE-EXTERNAL-SERVICES rule refusing external traffic to `dest`, if the
+    /// plan refuses it.
+    fn write_external_refusal(&self, t: &mut Tables, dest: Vec<String>) {
+        if let Some((target, comment)) = self.refusal(self.sp.external) {
+            t.filter_rules.push(&words![
+                "-A",
+                KUBE_EXTERNAL_SERVICES,
+                "-m",
+                "comment",
+                "--comment",
+                comment,
+                dest,
+                "-j",
+                target,
+            ]);
+        }
+    }
+
+    fn write_external_ips(&self, t: &mut Tables) {
+        for ip in &self.sp.external_ips {
+            let dest = words![
+                &self.proto_match,
+                "-d",
+                ip.to_string(),
+                "--dport",
+                &self.port
+            ];
+            if self.sp.has_endpoints {
+                t.nat_rules.push(&words![
+                    "-A",
+                    KUBE_SERVICES,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    quoted(&format!("{} external IP", self.name_str)),
+                    &dest,
+                    "-j",
+                    &self.ext_chain,
+                ]);
+            }
+            self.write_external_refusal(t, dest);
+        }
+    }
+
+    fn write_load_balancer_ips(&self, t: &mut Tables) {
+        let uses_fw_chain = self.uses_fw_chain();
+        let lb_chain = if uses_fw_chain {
+            &self.fw_chain
+        } else {
+            &self.ext_chain
+        };
+        let dest = |ip: &IpAddr| {
+            words![
+                &self.proto_match,
+                "-d",
+                ip.to_string(),
+                "--dport",
+                &self.port
+            ]
+        };
+        for ip in &self.sp.load_balancer_ips {
+            if self.sp.has_endpoints {
+                t.nat_rules.push(&words![
+                    "-A",
+                    KUBE_SERVICES,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    quoted(&format!("{} loadbalancer IP", self.name_str)),
+                    dest(ip),
+                    "-j",
+                    lb_chain,
+                ]);
+            }
+            if uses_fw_chain {
+                t.filter_rules.push(&words![
+                    "-A",
+                    KUBE_PROXY_FIREWALL,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    quoted(&format!(
+                        "{} traffic not accepted by {}",
+                        self.name_str, self.fw_chain
+                    )),
+                    dest(ip),
+                    "-j",
+                    "DROP",
+                ]);
+            }
+        }
+        for ip in &self.sp.load_balancer_ips {
+            self.write_external_refusal(t, dest(ip));
+        }
+    }
+
+    fn write_node_port(&self, t: &mut Tables, node_port: u16) {
+        let node_port = node_port.to_string();
+        if self.sp.has_endpoints {
+            if self.cfg.effective_localhost_node_ports() && self.cfg.nfacct_localhost_nodeports {
+                t.nat_rules.push(&words![
+                    "-A",
+                    KUBE_NODEPORTS,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &self.name_str,
+                    &self.proto_match,
+                    "-d",
+                    "127.0.0.0/8",
+                    "--dport",
+                    &node_port,
+                    "-m",
+                    "nfacct",
+                    "--nfacct-name",
+                    NFACCT_LOCALHOST_NODEPORTS,
+                    "-j",
+                    &self.ext_chain,
+                ]);
+            }
+            t.nat_rules.push(&words![
+                "-A",
+                KUBE_NODEPORTS,
+                "-m",
+                "comment",
+                "--comment",
+                &self.name_str,
+                &self.proto_match,
+                "--dport",
+                &node_port,
+                "-j",
+                &self.ext_chain,
+            ]);
+        }
+        self.write_external_refusal(
+            t,
+            words![
+                "-m",
+                "addrtype",
+                "--dst-type",
+                "LOCAL",
+                &self.proto_match,
+                "--dport",
+                &node_port
+            ],
+        );
+    }
+
+    /// The per-service nat chains (SVC, SVL, EXT, FW, SEP) into `t`; every chain written is
+    /// recorded in `active`.
+    fn write_chains(&self, t: &mut Tables, active: &mut BTreeSet<String>) {
+        self.write_cluster_ip_masquerade(t);
+        if self.sp.has_endpoints && self.sp.externally_accessible() {
+            self.write_ext_chain(t, active);
+        }
+        if let Some(fw) = self.sp.firewall.as_ref().filter(|_| self.uses_fw_chain()) {
+            self.write_fw_chain(t, active, fw);
+        }
+        for (chain, endpoints) in [
+            (&self.cluster_chain, &self.sp.cluster),
+            (&self.local_chain, &self.sp.local),
+        ] {
+            if !endpoints.is_empty() {
+                t.nat_chains.0.push(chain_line(chain));
+                active.insert(chain.clone());
+                write_endpoint_rules(
+                    &mut t.nat_rules,
+                    &self.name_str,
+                    self.sp.service,
+                    chain,
+                    endpoints,
+                    self.large,
+                );
+            }
+        }
+        self.write_endpoint_chains(t, active);
+    }
+
+    fn write_cluster_ip_masquerade(&self, t: &mut Tables) {
+        let Some(policy) = self.sp.internal.served_by() else {
+            return;
+        };
+        let chain = self.policy_chain(policy);
+        let args = words![
+            "-m",
+            "comment",
+            "--comment",
+            quoted(&format!("{} cluster IP", self.name_str)),
+            &self.proto_match,
+            "-d",
+            &self.cluster_ip,
+            "--dport",
+            &self.port,
+        ];
+        match self.sp.cluster_ip_masquerade {
+            ClusterIpMasquerade::All => {
+                t.nat_rules
+                    .push(&words!["-A", chain, &args, "-j", KUBE_MARK_MASQ]);
+            }
+            ClusterIpMasquerade::NonLocalSources => t.nat_rules.push(&words![
+                "-A",
+                chain,
+                &args,
+                self.cfg.local_detector.if_not_local(),
+                "-j",
+                KUBE_MARK_MASQ,
+            ]),
+            ClusterIpMasquerade::None => {}
+        }
+    }
+
+    fn write_ext_chain(&self, t: &mut Tables, active: &mut BTreeSet<String>) {
+        let ext = &self.ext_chain;
+        let name_str = &self.name_str;
+        t.nat_chains.0.push(chain_line(ext));
+        active.insert(ext.clone());
+        let comment = |what: &str| {
+            words![
+                "-A",
+                ext,
+                "-m",
+                "comment",
+                "--comment",
+                quoted(&format!("{what} for {name_str} external destinations"))
+            ]
+        };
+        match self.sp.external_masquerade {
+            ExternalMasquerade::All => {
+                t.nat_rules
+                    .push(&words![comment("masquerade traffic"), "-j", KUBE_MARK_MASQ]);
+            }
+            ExternalMasquerade::HostSourcesOnly { short_circuit_pods } => {
+                if short_circuit_pods {
+                    t.nat_rules.push(&words![
+                        comment("pod traffic"),
+                        self.cfg.local_detector.if_local(),
+                        "-j",
+                        &self.cluster_chain,
+                    ]);
+                }
+                let local_src = words!["-m", "addrtype", "--src-type", "LOCAL"];
+                t.nat_rules.push(&words![
+                    comment("masquerade LOCAL traffic"),
+                    &local_src,
+                    "-j",
+                    KUBE_MARK_MASQ,
+                ]);
+                t.nat_rules.push(&words![
+                    comment("route LOCAL traffic"),
+                    &local_src,
+                    "-j",
+                    &self.cluster_chain,
+                ]);
+            }
+        }
+        if let Some(policy) = self.sp.external.served_by() {
+            t.nat_rules
+                .push(&words!["-A", ext, "-j", self.policy_chain(policy)]);
+        }
+    }
+
+    fn write_fw_chain(&self, t: &mut Tables, active: &mut BTreeSet<String>, fw: &Firewall) {
+        let fw_chain = &self.fw_chain;
+        t.nat_chains.0.push(chain_line(fw_chain));
+        active.insert(fw_chain.clone());
+        let args = words![
+            "-A",
+            fw_chain,
+            "-m",
+            "comment",
+            "--comment",
+            quoted(&format!("{} loadbalancer IP", self.name_str)),
+        ];
+        for cidr in &fw.allowed {
+            t.nat_rules.push(&words![
+                &args,
+                "-s",
+                cidr.to_string(),
+                "-j",
+                &self.ext_chain
+            ]);
+        }
+        if fw.allow_from_node {
+            for ip in &self.sp.load_balancer_ips {
+                t.nat_rules
+                    .push(&words![&args, "-s", ip.to_string(), "-j", &self.ext_chain]);
+            }
+        }
+        t.nat_rules.push(&words![
+            "-A",
+            fw_chain,
+            "-m",
+            "comment",
+            "--comment",
+            quoted(&format!(
+                "other traffic to {} will be dropped by KUBE-PROXY-FIREWALL",
+                self.name_str
+            )),
+        ]);
+    }
+
+    /// One KUBE-SEP chain per reachable endpoint: hairpin masquerade, then DNAT.
+    fn write_endpoint_chains(&self, t: &mut Tables, active: &mut BTreeSet<String>) {
+        let svc = self.sp.service;
+        for ep in &self.sp.reachable {
+            let sep = names::endpoint_chain(&svc.name, ep);
+            t.nat_chains.0.push(chain_line(&sep));
+            active.insert(sep.clone());
+            let mut args = words!["-A", &sep];
+            if !self.large {
+                args.extend(words!["-m", "comment", "--comment", &self.name_str]);
+            }
+            t.nat_rules.push(&words![
+                &args,
+                "-s",
+                ep.ip.to_string(),
+                "-j",
+                KUBE_MARK_MASQ
+            ]);
+            if svc.session_affinity_timeout.is_some() {
+                args.extend(words!["-m", "recent", "--name", &sep, "--set"]);
+            }
+            t.nat_rules.push(&words![
+                args,
+                &self.proto_match,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                ep.addr_string(),
+            ]);
+        }
+    }
 }
 
 /// Upstream `writeServiceToEndpointRules`: affinity checks, then probabilistic jumps.

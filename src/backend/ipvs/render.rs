@@ -13,7 +13,8 @@ use crate::kernel::ipvs::codec::{
     ForwardMethod, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED1, IP_VS_SVC_F_SCHED2,
     IP_VS_SVC_F_SCHED3, Protocol as IpvsProtocol, RealServer, ServiceFlags, VirtualService,
 };
-use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, categorize_endpoints};
+use crate::model::plan::{self, Disposition, IpFamily, PlanOptions, Policy, ServicePlan};
+use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort};
 
 /// Upstream's default scheduler.
 pub const DEFAULT_SCHEDULER: &str = "rr";
@@ -50,6 +51,8 @@ pub struct IpvsConfig {
     /// LB IPs already on another interface are not bound to kube-ipvs0. `node_ips` counts
     /// too; loopback addresses do not (upstream leaves them out of the set).
     pub host_addrs: Vec<IpAddr>,
+    /// The IP family programmed: only its services, endpoints and addresses are planned.
+    pub family: IpFamily,
 }
 
 impl Default for IpvsConfig {
@@ -65,6 +68,7 @@ impl Default for IpvsConfig {
             random_fully: false,
             primary_node_ip: None,
             host_addrs: Vec::new(),
+            family: IpFamily::V4,
         }
     }
 }
@@ -117,6 +121,7 @@ pub fn ipvs_config(
         random_fully: false,
         primary_node_ip: rc.primary_node_ip,
         host_addrs: local_ips.into_iter().filter(IpAddr::is_ipv4).collect(),
+        family: IpFamily::V4,
     }
 }
 
@@ -176,7 +181,6 @@ fn ipvs_protocol(p: crate::model::Protocol) -> IpvsProtocol {
 type VsKey = (IpAddr, IpvsProtocol, u16);
 
 struct Builder<'a> {
-    model: &'a ProxyModel,
     cfg: &'a IpvsConfig,
     services: BTreeMap<VsKey, DesiredService>,
     sets: BTreeMap<&'static str, IpSetSpec>,
@@ -210,25 +214,29 @@ impl Builder<'_> {
         vs
     }
 
-    /// Upstream `syncEndpoint`: the real servers of one virtual server.
-    fn real_servers(&mut self, svc: &ServicePort, only_local: bool) -> Vec<RealServer> {
-        let cat = categorize_endpoints(svc, self.model.endpoints_of(&svc.name), &self.model.node);
-        let chosen: &[Endpoint] = if only_local {
-            if !cat.local.is_empty() {
-                &cat.local
-            } else {
-                // Upstream #97081: fall back to cluster endpoints so local pods still reach
-                // the service; external traffic gets replies it drops.
-                if cat.has_any && svc.internal_policy_local {
-                    self.no_local_internal.insert(svc.name.service.clone());
+    /// Upstream `syncEndpoint`: the real servers of a virtual server whose traffic the plan
+    /// disposes of as `disposition`.
+    ///
+    /// IPVS cannot reject or drop per virtual server, so this backend serialises the plan's
+    /// refusals its own way, as upstream's IPVS proxier does: a virtual server without
+    /// endpoints has no real servers, and a Local policy without local endpoints (the
+    /// plan's `Drop`) falls back to the cluster endpoints (kubernetes#97081), so local pods
+    /// still reach the service; external clients are not served, since their replies are
+    /// dropped on the way back.
+    fn real_servers(&mut self, sp: &ServicePlan, disposition: Disposition) -> Vec<RealServer> {
+        let chosen: &[Endpoint] = match disposition {
+            Disposition::Serve(Policy::Local) => &sp.local,
+            Disposition::Serve(Policy::Cluster) | Disposition::Reject(_) => &sp.cluster,
+            Disposition::Drop(_) => {
+                let service = &sp.service.name.service;
+                if sp.internal.lacks_local_endpoints() {
+                    self.no_local_internal.insert(service.clone());
                 }
-                if cat.has_any && svc.external_policy_local {
-                    self.no_local_external.insert(svc.name.service.clone());
+                if sp.external.lacks_local_endpoints() {
+                    self.no_local_external.insert(service.clone());
                 }
-                &cat.cluster
+                &sp.cluster
             }
-        } else {
-            &cat.cluster
         };
         let unique: BTreeSet<(IpAddr, u16)> = chosen.iter().map(|e| (e.ip, e.port)).collect();
         // Sorted by (address, port) through the set.
@@ -238,9 +246,16 @@ impl Builder<'_> {
             .collect()
     }
 
-    fn sync_service(&mut self, svc: &ServicePort, addr: IpAddr, port: u16, only_local: bool) {
+    /// One virtual server: for the ClusterIP (`external` false) or an external destination.
+    fn sync_service(&mut self, sp: &ServicePlan, addr: IpAddr, port: u16, external: bool) {
+        let svc = sp.service;
+        let (disposition, only_local) = if external {
+            (sp.external, svc.external_policy_local)
+        } else {
+            (sp.internal, svc.internal_policy_local)
+        };
         let vs = self.virtual_server(svc, addr, port);
-        let dests = self.real_servers(svc, only_local);
+        let dests = self.real_servers(sp, disposition);
         // Two services on the same VIP:port/proto: the later one wins, as with upstream's
         // successive syncService/syncEndpoint calls.
         self.services.insert(
@@ -265,8 +280,16 @@ fn is_ipv6_link_local(ip: &IpAddr) -> bool {
 
 /// Renders one sync.
 pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
-    let mut b = Builder {
+    let plan = plan::plan(
         model,
+        cfg.family,
+        &PlanOptions {
+            masquerade_all: cfg.masquerade_all,
+            detects_local_pods: cfg.local_detector.is_implemented(),
+            primary_node_ip: cfg.primary_node_ip,
+        },
+    );
+    let mut b = Builder {
         cfg,
         services: BTreeMap::new(),
         sets: ipset::all_sets()
@@ -302,11 +325,13 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
     };
     let mut no_node_access: Vec<NoNodeAccess> = Vec::new();
 
-    for (name, svc) in &model.services {
+    for sp in &plan.services {
+        let svc = sp.service;
+        let name = &svc.name;
         let proto = name.protocol.lower();
 
         // Hairpin: every local endpoint, whatever its state.
-        for ep in model.endpoints_of(name) {
+        for ep in sp.endpoints.iter() {
             if ep.is_local && ep.port != 0 {
                 let ip = ep.ip.to_string();
                 b.add(
@@ -320,41 +345,37 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
             ipset::CLUSTER_IP,
             ipset::ip_port(&svc.cluster_ip, proto, svc.port),
         );
-        b.sync_service(svc, svc.cluster_ip, svc.port, svc.internal_policy_local);
+        b.sync_service(sp, svc.cluster_ip, svc.port, false);
         bound.insert(svc.cluster_ip);
 
-        for ip in &svc.external_ips {
+        for ip in &sp.external_ips {
             let set = if svc.external_policy_local {
                 ipset::EXTERNAL_IP_LOCAL
             } else {
                 ipset::EXTERNAL_IP
             };
             b.add(set, ipset::ip_port(ip, proto, svc.port));
-            b.sync_service(svc, *ip, svc.port, svc.external_policy_local);
+            b.sync_service(sp, *ip, svc.port, true);
             if !host.contains(ip) {
                 bound.insert(*ip);
             }
         }
 
-        for ip in &svc.load_balancer_ips {
+        for ip in &sp.load_balancer_ips {
             let entry = ipset::ip_port(ip, proto, svc.port);
             b.add(ipset::LOAD_BALANCER, entry.clone());
             if svc.external_policy_local {
                 b.add(ipset::LOAD_BALANCER_LOCAL, entry.clone());
             }
-            if svc.source_ranges.restricts() {
+            if let Some(fw) = &sp.firewall {
                 b.add(ipset::LOAD_BALANCER_FW, entry);
-                let mut allow_from_node = false;
-                for cidr in svc.source_ranges.allowed() {
+                for cidr in &fw.allowed {
                     b.add(
                         ipset::LOAD_BALANCER_SOURCE_CIDR,
                         ipset::ip_port_extra(ip, proto, svc.port, &cidr.to_string()),
                     );
-                    if cfg.primary_node_ip.is_some_and(|n| cidr.contains(&n)) {
-                        allow_from_node = true;
-                    }
                 }
-                if allow_from_node {
+                if fw.allow_from_node {
                     b.add(
                         ipset::LOAD_BALANCER_SOURCE_IP,
                         ipset::ip_port_extra(ip, proto, svc.port, &ip.to_string()),
@@ -367,18 +388,17 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
                     });
                 }
             }
-            b.sync_service(svc, *ip, svc.port, svc.external_policy_local);
+            b.sync_service(sp, *ip, svc.port, true);
             if !host.contains(ip) {
                 bound.insert(*ip);
             }
         }
 
-        if svc.node_port != 0 {
+        if let Some(np) = sp.node_port {
             if node_ips.is_empty() {
                 // Upstream skips the rest of this service, health check port included.
                 continue;
             }
-            let np = svc.node_port;
             let (set, local_set, entries): (&'static str, &'static str, Vec<String>) =
                 match name.protocol {
                     crate::model::Protocol::Tcp => (
@@ -407,12 +427,12 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
                 }
             }
             for ip in &node_ips {
-                b.sync_service(svc, *ip, np, svc.external_policy_local);
+                b.sync_service(sp, *ip, np, true);
             }
         }
 
-        if let Some(hc) = svc.health_check_port() {
-            b.add(ipset::HEALTH_CHECK_NODE_PORT, hc.to_string());
+        if let Some(hc) = sp.health_check {
+            b.add(ipset::HEALTH_CHECK_NODE_PORT, hc.node_port.to_string());
         }
     }
 
@@ -448,7 +468,7 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
         nat_rules: text.nat_rules,
         no_local_endpoints_internal: b.no_local_internal.len(),
         no_local_endpoints_external: b.no_local_external.len(),
-        health_checks: model.health_checks(),
+        health_checks: plan.health_checks,
     }
 }
 

@@ -1518,7 +1518,13 @@ fn ipvsadm_save_format_and_order() {
         vec![svc(&v6, "fd00::10", 80)],
         vec![(v6.clone(), vec![ep("fd00:1::5", 8080)])],
     );
-    let d = render(&m, &IpvsConfig::default());
+    // The plan filters by family: an IPv6 model is rendered by an IPv6 config.
+    let v6_cfg = IpvsConfig {
+        family: crate::model::IpFamily::V6,
+        ..IpvsConfig::default()
+    };
+    assert!(render(&m, &IpvsConfig::default()).services.is_empty());
+    let d = render(&m, &v6_cfg);
     assert_eq!(
         ipvsadm_save(&d),
         "-A -t [fd00::10]:80 -s rr\n-a -t [fd00::10]:80 -r [fd00:1::5]:8080 -m -w 1\n"
