@@ -337,3 +337,265 @@ fn firewall(svc: &ServicePort, family: IpFamily, node_ip: Option<IpAddr>) -> Fir
         allow_from_node,
     }
 }
+
+/// Traffic-policy tests, written once against the plan; each backend's golden tests check
+/// only how it serialises these decisions.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServicePortName, ServiceType, SourceRanges};
+
+    fn name() -> ServicePortName {
+        ServicePortName::new("ns", "svc", "p80", Protocol::Tcp)
+    }
+
+    fn svc() -> ServicePort {
+        ServicePort::basic(name(), "172.30.0.1".parse().unwrap(), 80)
+    }
+
+    /// A LoadBalancer with a node port and one LB IP.
+    fn lb(etp_local: bool) -> ServicePort {
+        let mut s = svc();
+        s.service_type = ServiceType::LoadBalancer;
+        s.node_port = 30080;
+        s.load_balancer_ips = vec!["1.2.3.4".parse().unwrap()];
+        s.external_policy_local = etp_local;
+        s.health_check_node_port = if etp_local { 30000 } else { 0 };
+        s
+    }
+
+    fn ep(ip: &str, local: bool) -> Endpoint {
+        let mut e = Endpoint::ready(ip.parse().unwrap(), 80);
+        e.is_local = local;
+        e
+    }
+
+    fn addrs(eps: &[Endpoint]) -> Vec<String> {
+        eps.iter().map(Endpoint::addr_string).collect()
+    }
+
+    fn plan_one(s: ServicePort, eps: Vec<Endpoint>, opts: &PlanOptions) -> ServicePlan<'static> {
+        let m = ProxyModel::for_tests("node1", vec![s], vec![(name(), eps)]);
+        let m: &'static ProxyModel = Box::leak(Box::new(m));
+        let mut p = plan(m, IpFamily::V4, opts);
+        assert_eq!(p.services.len(), 1);
+        p.services.remove(0)
+    }
+
+    use Disposition::{Drop, Reject, Serve};
+    use Reason::{NoEndpoints, NoLocalEndpoints};
+
+    #[test]
+    fn no_endpoints_anywhere_rejects_internal_and_external_traffic() {
+        for (itp, etp) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut s = lb(etp);
+            s.internal_policy_local = itp;
+            // Not ready and not serving-terminating: unusable.
+            let mut dead = ep("10.0.0.1", true);
+            dead.ready = false;
+            let p = plan_one(s, vec![dead], &PlanOptions::default());
+            assert!(!p.has_endpoints);
+            assert_eq!(p.internal, Reject(NoEndpoints), "itp {itp} etp {etp}");
+            assert_eq!(p.external, Reject(NoEndpoints), "itp {itp} etp {etp}");
+            assert_eq!(NoEndpoints.describe(), "has no endpoints");
+        }
+    }
+
+    #[test]
+    fn cluster_policies_serve_every_endpoint() {
+        let p = plan_one(
+            lb(false),
+            vec![ep("10.0.0.1", false), ep("10.0.0.2", true)],
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.internal, Serve(Policy::Cluster));
+        assert_eq!(p.external, Serve(Policy::Cluster));
+        assert_eq!(addrs(&p.cluster), ["10.0.0.1:80", "10.0.0.2:80"]);
+        assert!(p.local.is_empty());
+        assert_eq!(p.external_masquerade, ExternalMasquerade::All);
+        assert!(p.health_check.is_none());
+    }
+
+    /// eTP=Local without a local endpoint: external traffic is dropped (a load balancer's
+    /// health check moves it elsewhere), cluster traffic still served, and the cluster
+    /// endpoints stay planned for the short-circuit of host and pod traffic.
+    #[test]
+    fn external_local_without_local_endpoints_drops_only_external_traffic() {
+        let p = plan_one(
+            lb(true),
+            vec![ep("10.0.0.1", false)],
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.internal, Serve(Policy::Cluster));
+        assert_eq!(p.external, Drop(NoLocalEndpoints));
+        assert!(p.external.lacks_local_endpoints() && !p.internal.lacks_local_endpoints());
+        assert_eq!(addrs(&p.cluster), ["10.0.0.1:80"]);
+        assert!(p.local.is_empty());
+        assert_eq!(
+            p.health_check,
+            Some(HealthCheck {
+                node_port: 30000,
+                local_endpoints: 0
+            })
+        );
+
+        let p = plan_one(
+            lb(true),
+            vec![ep("10.0.0.1", false), ep("10.0.0.2", true)],
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.external, Serve(Policy::Local));
+        assert_eq!(addrs(&p.local), ["10.0.0.2:80"]);
+        assert_eq!(p.health_check.map(|h| h.local_endpoints), Some(1));
+    }
+
+    #[test]
+    fn internal_local_without_local_endpoints_drops_cluster_ip_traffic() {
+        let mut s = svc();
+        s.internal_policy_local = true;
+        let p = plan_one(
+            s.clone(),
+            vec![ep("10.0.0.1", false)],
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.internal, Drop(NoLocalEndpoints));
+        assert_eq!(NoLocalEndpoints.describe(), "has no local endpoints");
+        // Not externally accessible: no cluster endpoints are needed at all.
+        assert!(p.cluster.is_empty() && p.reachable.is_empty());
+
+        let p = plan_one(
+            s,
+            vec![ep("10.0.0.1", false), ep("10.0.0.2", true)],
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.internal, Serve(Policy::Local));
+        assert_eq!(addrs(&p.reachable), ["10.0.0.2:80"]);
+    }
+
+    /// Upstream `UsesClusterEndpoints`: both policies Local on an externally accessible
+    /// port still plan the cluster endpoints (the EXT chain short-circuits to them).
+    #[test]
+    fn both_policies_local_keep_cluster_endpoints_for_short_circuiting() {
+        let mut s = lb(true);
+        s.internal_policy_local = true;
+        let p = plan_one(
+            s,
+            vec![ep("10.0.0.1", false), ep("10.0.0.2", true)],
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.internal, Serve(Policy::Local));
+        assert_eq!(p.external, Serve(Policy::Local));
+        assert_eq!(addrs(&p.cluster), ["10.0.0.1:80", "10.0.0.2:80"]);
+        assert_eq!(addrs(&p.local), ["10.0.0.2:80"]);
+    }
+
+    #[test]
+    fn local_serving_terminating_endpoint_serves_local_traffic() {
+        let mut term = ep("10.0.0.2", true);
+        term.ready = false;
+        term.terminating = true;
+        let p = plan_one(
+            lb(true),
+            vec![ep("10.0.0.1", false), term],
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.external, Serve(Policy::Local));
+        assert_eq!(addrs(&p.local), ["10.0.0.2:80"]);
+        assert_eq!(addrs(&p.reachable), ["10.0.0.1:80", "10.0.0.2:80"]);
+    }
+
+    #[test]
+    fn masquerade_follows_flags_detector_and_external_policy() {
+        let opts = |masquerade_all, detects_local_pods| PlanOptions {
+            masquerade_all,
+            detects_local_pods,
+            primary_node_ip: None,
+        };
+        let eps = || vec![ep("10.0.0.1", false)];
+        let p = plan_one(lb(true), eps(), &opts(true, true));
+        assert_eq!(p.cluster_ip_masquerade, ClusterIpMasquerade::All);
+        assert_eq!(
+            p.external_masquerade,
+            ExternalMasquerade::HostSourcesOnly {
+                short_circuit_pods: true
+            }
+        );
+        let p = plan_one(lb(true), eps(), &opts(false, true));
+        assert_eq!(
+            p.cluster_ip_masquerade,
+            ClusterIpMasquerade::NonLocalSources
+        );
+        let p = plan_one(lb(true), eps(), &opts(false, false));
+        assert_eq!(p.cluster_ip_masquerade, ClusterIpMasquerade::None);
+        assert_eq!(
+            p.external_masquerade,
+            ExternalMasquerade::HostSourcesOnly {
+                short_circuit_pods: false
+            }
+        );
+    }
+
+    #[test]
+    fn firewall_admits_the_node_only_when_a_range_holds_its_ip() {
+        let cidr = |s: &str| s.parse::<Cidr>().unwrap();
+        let node = |ip: &str| PlanOptions {
+            primary_node_ip: Some(ip.parse().unwrap()),
+            ..PlanOptions::default()
+        };
+        let mut s = lb(false);
+        s.source_ranges = SourceRanges::Only(vec![cidr("10.9.0.0/16"), cidr("192.168.0.0/24")]);
+        let eps = || vec![ep("10.0.0.1", false)];
+        let p = plan_one(s.clone(), eps(), &node("192.168.0.7"));
+        assert_eq!(
+            p.firewall,
+            Some(Firewall {
+                allowed: vec![cidr("10.9.0.0/16"), cidr("192.168.0.0/24")],
+                allow_from_node: true
+            })
+        );
+        let p = plan_one(s.clone(), eps(), &node("10.1.0.7"));
+        assert_eq!(p.firewall.map(|f| f.allow_from_node), Some(false));
+
+        // Every range unreadable: a firewall admitting nothing (fail closed).
+        s.source_ranges = SourceRanges::Only(Vec::new());
+        let p = plan_one(s.clone(), eps(), &node("10.1.0.7"));
+        assert_eq!(p.firewall.map(|f| f.allowed), Some(Vec::new()));
+        // No LB IPs, or no ranges: no firewall.
+        s.load_balancer_ips.clear();
+        assert!(
+            plan_one(s.clone(), eps(), &node("10.1.0.7"))
+                .firewall
+                .is_none()
+        );
+        let p = plan_one(lb(false), eps(), &node("10.1.0.7"));
+        assert!(p.firewall.is_none());
+    }
+
+    #[test]
+    fn plan_keeps_only_its_family() {
+        let v6 = ServicePortName::new("ns", "v6", "p80", Protocol::Tcp);
+        let mut s4 = lb(false);
+        s4.external_ips = vec!["5.6.7.8".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let s6 = ServicePort::basic(v6.clone(), "fd00::10".parse().unwrap(), 80);
+        let m = ProxyModel::for_tests(
+            "node1",
+            vec![s4, s6],
+            vec![
+                (name(), vec![ep("10.0.0.1", false), ep("fd00:1::1", false)]),
+                (v6.clone(), vec![ep("fd00:1::2", true)]),
+            ],
+        );
+        let p4 = plan(&m, IpFamily::V4, &PlanOptions::default());
+        assert_eq!(p4.services.len(), 1);
+        let sp = &p4.services[0];
+        assert_eq!(addrs(&sp.endpoints), ["10.0.0.1:80"]);
+        assert_eq!(addrs(&sp.reachable), ["10.0.0.1:80"]);
+        assert_eq!(sp.external_ips, ["5.6.7.8".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p4.endpoint_count(), 1);
+
+        let p6 = plan(&m, IpFamily::V6, &PlanOptions::default());
+        assert_eq!(p6.services.len(), 1);
+        assert_eq!(p6.services[0].service.name, v6);
+        assert_eq!(addrs(&p6.services[0].reachable), ["[fd00:1::2]:80"]);
+    }
+}
