@@ -19,9 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::backend::iptables::jumps::{KUBE_PROXY_JUMPS, jump_rules};
-use crate::backend::iptables::names::{KUBE_MARK_MASQ, SEP_PREFIX};
-use crate::backend::iptables::parse::{Chain, Dump, ParseError, Rule, Table, Value};
+use crate::backend::netfilter::jumps::{KUBE_PROXY_JUMPS, jump_rules};
+use crate::backend::netfilter::names::{KUBE_MARK_MASQ, SEP_PREFIX};
+use crate::backend::netfilter::parse::{Chain, Dump, ParseError, Rule, Table, Value};
 use crate::config::{ConfigError, ProxyMode, RenderArgs, parse_render_args};
 use crate::model::Protocol;
 

@@ -3,14 +3,16 @@
 //! Every backend sits behind [`Backend`], so the sync loop, metrics and health logic are
 //! shared and a mode switch changes only how the kernel is written.
 
+pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
+pub mod netfilter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use crate::model::{ProxyModel, ServiceName};
-use crate::sync::conntrack::ReconcileReport;
+use conntrack::ReconcileReport;
 
 /// One sync as the loop asks for it.
 #[derive(Debug, Clone, Copy)]

@@ -104,7 +104,7 @@ impl Reporter for DaemonReporter {
 mod tests {
     use super::*;
     use crate::backend::{IptablesRuleCounts, SyncOutcome};
-    use crate::sync::conntrack::ReconcileReport;
+    use crate::backend::conntrack::ReconcileReport;
 
     fn reporter() -> (DaemonReporter, Metrics) {
         let metrics = Metrics::new();

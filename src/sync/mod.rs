@@ -2,7 +2,6 @@
 //! `min_sync_period` and at least every `sync_period`, choosing full or partial syncs as
 //! upstream does (KEP-3453).
 
-pub mod conntrack;
 pub mod runner;
 pub mod shared;
 

@@ -4,19 +4,17 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use super::jumps::{cleanup_plan, jump_rules};
-use super::names::KUBE_PROXY_CANARY;
-use super::parse::Dump;
-use super::render::{
-    NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS, RenderConfig, RenderInput, SyncScope,
-    render,
-};
+use super::render::{RenderConfig, RenderInput, SyncScope, render};
+use crate::backend::conntrack::ConntrackCleaner;
+use crate::backend::netfilter::jumps::{cleanup_plan, jump_rules};
+use crate::backend::netfilter::names::KUBE_PROXY_CANARY;
+use crate::backend::netfilter::parse::Dump;
+use crate::backend::netfilter::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
 use crate::backend::{Backend, BackendError, IptablesRuleCounts, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::iptables::{Iptables, RulePosition, Table};
 use crate::kernel::nfacct::Nfacct;
-use crate::sync::conntrack::ConntrackCleaner;
 
 /// The iptables-mode proxier.
 pub struct IptablesProxier {

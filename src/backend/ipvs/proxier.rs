@@ -25,7 +25,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use super::{DesiredService, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
-use crate::backend::iptables::parse::Dump;
+use crate::backend::conntrack::ConntrackCleaner;
+use crate::backend::netfilter::parse::Dump;
+use crate::backend::netfilter::restore::flush_and_delete;
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use crate::host::{NodeFacts, NodePortDestinations};
 use crate::kernel::addrs::Addresses;
@@ -37,8 +39,6 @@ use crate::kernel::ipvs::{
 };
 use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::Sysctl;
-
-use crate::sync::conntrack::ConntrackCleaner;
 
 /// How often terminating real servers are re-checked besides every sync (upstream
 /// `rsCheckDeleteInterval`).
@@ -617,15 +617,7 @@ impl IpvsProxier {
             if chains.is_empty() {
                 continue;
             }
-            let mut input = format!("*{t}\n");
-            for c in &chains {
-                input.push_str(&format!(":{c} - [0:0]\n"));
-            }
-            for c in &chains {
-                input.push_str(&format!("-X {c}\n"));
-            }
-            input.push_str("COMMIT\n");
-            if let Err(e) = ipt.restore(&input).await {
+            if let Err(e) = ipt.restore(&flush_and_delete(t, &chains)).await {
                 errors.push(format!("deleting {t} chains: {e}"));
             }
         }
