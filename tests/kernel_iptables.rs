@@ -5,8 +5,8 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kube_proxy_rs::backend::netfilter::parse::Dump;
 use kube_proxy_rs::backend::iptables::proxier::{IptablesProxier, render_config};
+use kube_proxy_rs::backend::netfilter::parse::Dump;
 use kube_proxy_rs::backend::{Backend, SyncRequest};
 use kube_proxy_rs::config::parse_render_args;
 use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant, Table};

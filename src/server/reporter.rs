@@ -103,8 +103,8 @@ impl Reporter for DaemonReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{IptablesRuleCounts, SyncOutcome};
     use crate::backend::conntrack::ReconcileReport;
+    use crate::backend::{IptablesRuleCounts, SyncOutcome};
 
     fn reporter() -> (DaemonReporter, Metrics) {
         let metrics = Metrics::new();
@@ -195,7 +195,7 @@ mod tests {
         r.sync_failed(
             SyncKind::Unsplit,
             Duration::from_millis(3),
-            &BackendError::Apply("1 IPVS change(s) failed".into()),
+            &BackendError::Ipvs("1 IPVS change(s) failed".into()),
         );
         let text = m.encode().unwrap();
         for absent in [

@@ -275,7 +275,7 @@ mod tests {
             let mut f = self.fail_next.lock().unwrap();
             if *f {
                 *f = false;
-                return Err(BackendError::Apply("boom".into()));
+                return Err(BackendError::Ipvs("boom".into()));
             }
             Ok(SyncOutcome::default())
         }

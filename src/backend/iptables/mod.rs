@@ -12,5 +12,6 @@ pub mod tracer;
 #[cfg(test)]
 mod tests;
 
+pub use proxier::render_text;
 pub use render::{LocalDetector, RenderConfig, RenderInput, Rendered, SyncScope, render};
 pub use tracer::{Packet, Trace, trace_packet};

@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+pub use crate::backend::netfilter::LocalDetector;
 use crate::backend::netfilter::names::{self, *};
 use crate::backend::netfilter::{self, NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
-pub use crate::backend::netfilter::LocalDetector;
 use crate::model::{
     Categorized, Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, categorize_endpoints,
 };

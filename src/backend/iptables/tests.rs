@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::backend::netfilter::parse::{Dump, Rule};
 use super::render::*;
 use super::tracer::{Packet, trace_packet};
+use crate::backend::netfilter::parse::{Dump, Rule};
 use crate::model::{
     Cidr, Endpoint, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName, ServiceType,
     SourceRanges,
@@ -3128,8 +3128,14 @@ fn session_affinity_rules() {
         )],
     );
     let r = render_full(&m);
-    let sep1 = crate::backend::netfilter::names::endpoint_chain_for(&spn("ns1", "svc1", "p80"), "10.180.0.1:80");
-    let sep2 = crate::backend::netfilter::names::endpoint_chain_for(&spn("ns1", "svc1", "p80"), "10.180.0.2:80");
+    let sep1 = crate::backend::netfilter::names::endpoint_chain_for(
+        &spn("ns1", "svc1", "p80"),
+        "10.180.0.1:80",
+    );
+    let sep2 = crate::backend::netfilter::names::endpoint_chain_for(
+        &spn("ns1", "svc1", "p80"),
+        "10.180.0.2:80",
+    );
     assert_eq!(
         chain_text(&r.text, "nat", "KUBE-SVC-XPGD46QRK7WJZT7O"),
         format!(
@@ -3247,7 +3253,8 @@ fn cleanup_removes_only_our_chains() {
         d.tables.retain(|t| t.name == table);
         d.to_string()
     };
-    let plan = crate::backend::netfilter::jumps::cleanup_plan(&save("nat"), &save("filter")).unwrap();
+    let plan =
+        crate::backend::netfilter::jumps::cleanup_plan(&save("nat"), &save("filter")).unwrap();
     assert_eq!(plan.delete_chain, ("mangle", "KUBE-PROXY-CANARY"));
     assert_eq!(
         plan.delete_jumps.len(),
@@ -3297,12 +3304,16 @@ fn cleanup_removes_only_our_chains() {
     assert_eq!(kernel.chain("filter", "FORWARD").unwrap().rules.len(), 1);
 
     // Cleaning a clean node is a no-op restore.
-    let plan = crate::backend::netfilter::jumps::cleanup_plan("*nat\nCOMMIT\n", "*filter\nCOMMIT\n").unwrap();
+    let plan =
+        crate::backend::netfilter::jumps::cleanup_plan("*nat\nCOMMIT\n", "*filter\nCOMMIT\n")
+            .unwrap();
     assert_eq!(
         (plan.nat_restore.as_str(), plan.filter_restore.as_str()),
         ("*nat\nCOMMIT\n", "*filter\nCOMMIT\n")
     );
-    assert!(crate::backend::netfilter::jumps::cleanup_plan("garbage", "*filter\nCOMMIT\n").is_err());
+    assert!(
+        crate::backend::netfilter::jumps::cleanup_plan("garbage", "*filter\nCOMMIT\n").is_err()
+    );
 }
 
 #[test]

@@ -188,10 +188,6 @@ fn read_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Read(e.to_string())
 }
 
-fn apply_err(e: impl std::fmt::Display) -> BackendError {
-    BackendError::Apply(e.to_string())
-}
-
 /// Upstream `CanUseIPVSProxier`: IPVS answers, ipset is recent enough, and a virtual server
 /// with `scheduler` can be created (proving its module loads). Skips the dummy service when
 /// an existing one already uses the scheduler (a restart).
@@ -409,7 +405,7 @@ impl IpvsProxier {
     }
 
     async fn sync_link(&self) -> Result<(), BackendError> {
-        if self.kernel.link.ensure().await.map_err(apply_err)? {
+        if (self.kernel.link.ensure().await).map_err(|e| BackendError::Link(e.to_string()))? {
             tracing::info!(
                 link = self.kernel.link.name(),
                 "created the IPVS dummy link"
@@ -438,14 +434,17 @@ impl IpvsProxier {
         for name in &plan.type_mismatch {
             tracing::warn!(set = %name, "ipset has another type; recreating it");
             ipset.destroy(name).await.map_err(|e| {
-                apply_err(format!(
+                BackendError::Ipset(format!(
                     "ipset {name} has the wrong type and cannot be destroyed: {e}"
                 ))
             })?;
             self.counters.ipsets.fetch_add(1, Ordering::Relaxed);
         }
         if !plan.is_empty() {
-            ipset.restore(&plan.input).await.map_err(apply_err)?;
+            ipset
+                .restore(&plan.input)
+                .await
+                .map_err(|e| BackendError::Ipset(e.to_string()))?;
             let n = plan.created.len() + plan.added + plan.deleted;
             self.counters.ipsets.fetch_add(n as u64, Ordering::Relaxed);
             tracing::debug!(
@@ -630,7 +629,7 @@ impl IpvsProxier {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(BackendError::Apply(errors.join("; ")))
+            Err(BackendError::Cleanup(errors.join("; ")))
         }
     }
 }
@@ -642,10 +641,11 @@ impl IpvsProxier {
 pub async fn sync_iptables(ipt: &Iptables, restore: &str) -> Result<(), BackendError> {
     for j in ipvs_jump_rules() {
         let t = Table::from_name(j.table);
-        ipt.ensure_chain(t, j.target).await.map_err(apply_err)?;
+        let jump_err = |e: crate::kernel::KernelError| BackendError::JumpRules(e.to_string());
+        ipt.ensure_chain(t, j.target).await.map_err(jump_err)?;
         ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
             .await
-            .map_err(apply_err)?;
+            .map_err(jump_err)?;
     }
     ipt.restore(restore)
         .await
@@ -852,7 +852,7 @@ impl Backend for IpvsProxier {
         if !errors.is_empty() {
             let n = errors.len();
             errors.truncate(5);
-            return Err(BackendError::Apply(format!(
+            return Err(BackendError::Ipvs(format!(
                 "{n} IPVS change(s) failed: {}",
                 errors.join("; ")
             )));
@@ -874,6 +874,52 @@ impl Backend for IpvsProxier {
         // one would repair.
         false
     }
+}
+
+/// Starts IPVS mode writing through `ipt`: probes IPVS, sets its sysctls, starts the
+/// graceful-termination checker.
+pub async fn start(
+    opts: &crate::config::ProxyOptions,
+    ipt: Iptables,
+    random_fully: bool,
+) -> Result<IpvsProxier, IpvsStartError> {
+    let client = IpvsClient::connect()
+        .await
+        .map_err(|e| IpvsStartError(e.to_string()))?;
+    let mut config = super::ipvs_config(opts, &crate::model::NodeInfo::default(), Vec::new());
+    config.random_fully = random_fully;
+    let kernel = IpvsKernel {
+        iptables: ipt,
+        ipset: Ipset::new(),
+        link: DummyLink::default(),
+        conntrack: Conntrack::new(),
+        addrs: Addresses::new(),
+        sysctl: Sysctl::new(),
+    };
+    let proxier = IpvsProxier::start(client, kernel, config, ipvs_settings(opts)).await?;
+    tracing::info!(scheduler = proxier.config().scheduler(), "using IPVS");
+    Ok(proxier)
+}
+
+/// What `render` prints in IPVS mode: the virtual servers (`ipvsadm -Sn`), the ipsets
+/// (`ipset save`) and the iptables-restore input of a sync of `model`, each under a `#`
+/// header.
+pub fn render_text(
+    opts: &crate::config::ProxyOptions,
+    model: &crate::model::ProxyModel,
+    node_ips: Vec<IpAddr>,
+) -> String {
+    let mut config = super::ipvs_config(opts, &model.node, node_ips);
+    // Upstream probes iptables for --random-fully; every supported distribution has it.
+    config.random_fully = true;
+    let desired = render(model, &config);
+    let mut out = String::from("# IPVS virtual servers (ipvsadm -Sn)\n");
+    out.push_str(&super::ipvsadm_save(&desired));
+    out.push_str("# ipsets (ipset save)\n");
+    out.push_str(&super::ipset_save(&desired));
+    out.push_str("# iptables (iptables-restore --noflush)\n");
+    out.push_str(&desired.iptables_restore);
+    out
 }
 
 /// Settings from the options.

@@ -207,4 +207,3 @@ pub fn cleanup_plan(save_nat: &str, save_filter: &str) -> Result<CleanupPlan, Pa
         delete_chain: ("mangle", KUBE_PROXY_CANARY),
     })
 }
-

@@ -579,7 +579,11 @@ impl Dump {
                 Op::Flush(name) => index.live_chain(table, &name).map_err(err)?.rules.clear(),
                 Op::Append(rule) => {
                     let name = rule.chain.clone();
-                    index.live_chain(table, &name).map_err(err)?.rules.push(rule);
+                    index
+                        .live_chain(table, &name)
+                        .map_err(err)?
+                        .rules
+                        .push(rule);
                 }
                 Op::Insert(rule, pos) => {
                     let name = rule.chain.clone();
@@ -597,8 +601,7 @@ impl Dump {
                     }
                     if kernel {
                         let referenced = table.chains.iter().any(|c| {
-                            !c.deleted
-                                && c.rules.iter().any(|r| r.target() == Some(name.as_str()))
+                            !c.deleted && c.rules.iter().any(|r| r.target() == Some(name.as_str()))
                         });
                         if referenced {
                             return Err(err(format!("cannot delete chain {name}: in use")));
@@ -700,7 +703,8 @@ impl ChainIndex {
     }
 
     fn push(&mut self, table: &mut Table, chain: Chain) {
-        self.positions.insert(chain.name.clone(), table.chains.len());
+        self.positions
+            .insert(chain.name.clone(), table.chains.len());
         table.chains.push(chain);
     }
 
@@ -1007,13 +1011,15 @@ COMMIT
     #[test]
     fn a_redeclared_deleted_chain_is_found_again() {
         // The index must follow -X and a later declaration in the same input.
-        let dump = Dump::parse("*nat\n:A - [0:0]\n-X A\n:A - [0:0]\n-A A -j RETURN\nCOMMIT\n")
-            .unwrap();
+        let dump =
+            Dump::parse("*nat\n:A - [0:0]\n-X A\n:A - [0:0]\n-A A -j RETURN\nCOMMIT\n").unwrap();
         assert_eq!(dump.chain("nat", "A").unwrap().rules.len(), 1);
         assert!(!dump.chain("nat", "A").unwrap().deleted);
         let mut kernel = Dump::default();
         kernel
-            .apply_restore("*nat\n:A - [0:0]\n:B - [0:0]\n:C - [0:0]\n-X A\n-A C -j RETURN\nCOMMIT\n")
+            .apply_restore(
+                "*nat\n:A - [0:0]\n:B - [0:0]\n:C - [0:0]\n-X A\n-A C -j RETURN\nCOMMIT\n",
+            )
             .unwrap();
         // A's removal shifted B and C: the index must still find C.
         assert_eq!(kernel.chain("nat", "C").unwrap().rules.len(), 1);
