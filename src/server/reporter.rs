@@ -235,6 +235,31 @@ mod tests {
         );
     }
 
+    #[test]
+    fn only_a_rejected_restore_counts_as_a_restore_failure() {
+        let (mut r, m) = reporter();
+        for e in [
+            BackendError::JumpRules("-I failed".into()),
+            BackendError::Ipset("restore failed".into()),
+            BackendError::Ipvs("1 IPVS change(s) failed".into()),
+            BackendError::Link("no dummy module".into()),
+            BackendError::Read("iptables-save failed".into()),
+        ] {
+            r.sync_failed(SyncKind::Full, Duration::from_millis(1), &e);
+        }
+        let restore = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{";
+        assert!(lines(&m, restore).is_empty(), "{:?}", lines(&m, restore));
+        r.sync_failed(
+            SyncKind::Partial,
+            Duration::from_millis(1),
+            &BackendError::IptablesRestore("line 9 failed".into()),
+        );
+        assert_eq!(
+            lines(&m, restore),
+            ["kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1"]
+        );
+    }
+
     #[tokio::test]
     async fn pending_changes_survive_a_sync_that_did_not_take_them() {
         let (mut r, m) = reporter();
