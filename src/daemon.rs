@@ -5,20 +5,11 @@ use std::time::Duration;
 
 use kube::Client;
 
-use crate::backend::Backend;
-use crate::backend::iptables::proxier::{IptablesProxier, render_config, setup_nfacct};
-use crate::backend::ipvs::ipvs_config;
-use crate::backend::ipvs::proxier::{IpvsKernel, IpvsProxier, ipvs_settings};
-use crate::config::{Invocation, ProxyMode, ProxyOptions};
+use crate::backend::{Backend, Kind};
+use crate::config::{Invocation, ProxyOptions};
 use crate::host::{HostSettings, NODE_WAIT_POLL, NODE_WAIT_TIMEOUT, NodeFacts};
 use crate::kernel::IpFamily;
-use crate::kernel::addrs::Addresses;
-use crate::kernel::conntrack::Conntrack;
-use crate::kernel::ipset::Ipset;
 use crate::kernel::iptables::{Iptables, detect_variant};
-use crate::kernel::ipvs::IpvsClient;
-use crate::kernel::link::DummyLink;
-use crate::kernel::nfacct::Nfacct;
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
 use crate::kubeconfig;
 use crate::model::ClusterState;
@@ -46,15 +37,15 @@ pub enum DaemonError {
     /// The mode is not available.
     #[error("--proxy-mode={0} is not supported yet")]
     UnsupportedMode(String),
-    /// IPVS mode cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
-    #[error("{0}")]
-    Ipvs(String),
+    /// The backend cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
+    #[error(transparent)]
+    Backend(#[from] crate::backend::StartError),
     /// Start-up could not get the Node facts it needs (no podCIDR in NodeCIDR mode).
     #[error("{0}")]
     Host(#[from] crate::host::HostError),
     /// `--cleanup` failed.
     #[error("cleanup failed: {0}")]
-    Cleanup(String),
+    Cleanup(#[from] crate::backend::BackendError),
     /// The config file changed: upstream exits so the DaemonSet restarts it with the new one.
     #[error("the configuration file {0} changed; exiting so the new configuration is used")]
     ConfigChanged(String),
@@ -126,7 +117,7 @@ fn enable_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) {
 }
 
 fn wants_route_localnet(opts: &ProxyOptions, facts: &NodeFacts) -> bool {
-    opts.mode == ProxyMode::Iptables && facts.localhost_node_ports
+    Kind::for_mode(opts.mode).is_some_and(Kind::uses_route_localnet) && facts.localhost_node_ports
 }
 
 async fn bind_or_warn(
@@ -158,62 +149,19 @@ async fn bind_or_warn(
     }
 }
 
-/// `--cleanup`: removes what iptables mode and IPVS mode (ours or upstream's) created, as
-/// upstream's `--cleanup` tears down every mode. Every step runs; failures are reported
-/// together.
+/// `--cleanup`: removes what every mode (ours or upstream's) created.
 pub async fn cleanup() -> Result<(), DaemonError> {
     let variant = detect_variant(None).await?;
     let ipt = Iptables::new(variant, IpFamily::V4);
-    let mut errors = Vec::new();
-    let first = IptablesProxier::cleanup(&ipt).await;
-    if let Err(e) = IpvsProxier::cleanup(&ipt, &Ipset::new(), &DummyLink::default()).await {
-        errors.push(format!("ipvs mode: {e}"));
-    }
-    // Both modes share chain names (KUBE-MARK-MASQ, jumped to from IPVS-mode chains): when
-    // IPVS-mode rules were present the iptables-mode pass fails on them; once they are gone
-    // a second pass completes it.
-    if first.is_err()
-        && let Err(e) = IptablesProxier::cleanup(&ipt).await
-    {
-        errors.push(format!("iptables mode: {e}"));
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(DaemonError::Cleanup(errors.join("; ")))
-    }
-}
-
-/// The IPVS backend: probes IPVS, sets its sysctls, starts the graceful-termination checker.
-async fn ipvs_backend(
-    opts: &ProxyOptions,
-    ipt: Iptables,
-    random_fully: bool,
-) -> Result<IpvsProxier, DaemonError> {
-    let client = IpvsClient::connect()
-        .await
-        .map_err(|e| DaemonError::Ipvs(format!("IPVS proxy mode cannot be used: {e}")))?;
-    let mut config = ipvs_config(opts, &crate::model::NodeInfo::default(), Vec::new());
-    config.random_fully = random_fully;
-    let kernel = IpvsKernel {
-        iptables: ipt,
-        ipset: Ipset::new(),
-        link: DummyLink::default(),
-        conntrack: Conntrack::new(),
-        addrs: Addresses::new(),
-        sysctl: Sysctl::new(),
-    };
-    IpvsProxier::start(client, kernel, config, ipvs_settings(opts))
-        .await
-        .map_err(|e| DaemonError::Ipvs(e.to_string()))
+    Ok(crate::backend::cleanup(&ipt).await?)
 }
 
 /// Runs the proxy until a signal or a fatal error.
 pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
-    if !matches!(opts.mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
+    let Some(kind) = Kind::for_mode(opts.mode) else {
         return Err(DaemonError::UnsupportedMode(opts.mode.to_string()));
-    }
+    };
     let client = client(&opts).await?;
     host_setup(&opts);
 
@@ -221,30 +169,12 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     let ipt = Iptables::new(variant, IpFamily::V4);
     tracing::info!(variant = %variant, "using iptables");
     let random_fully = ipt.supports_random_fully().await;
-    if opts.mode == ProxyMode::Ipvs {
-        let mut backend = ipvs_backend(&opts, ipt, random_fully).await?;
-        tracing::info!(scheduler = backend.config().scheduler(), "using IPVS");
-        let graceful = backend.take_graceful_task();
-        let tasks = graceful.map(|t| ("IPVS graceful termination", t));
-        return serve(
-            inv,
-            client,
-            backend,
-            tasks.into_iter().collect(),
-            Metrics::new(),
-        )
-        .await;
-    }
-    let mut config = render_config(&opts, &crate::model::NodeInfo::default(), Vec::new());
-    config.random_fully = random_fully;
-    let nfacct = Nfacct::new();
-    let metrics = if setup_nfacct(&nfacct, &mut config) {
-        Metrics::with_nfacct(crate::server::IpFamily::V4, nfacct)
-    } else {
-        Metrics::new()
+    let started = kind.start(&opts, ipt, random_fully).await?;
+    let metrics = match started.nfacct {
+        Some(nfacct) => Metrics::with_nfacct(crate::server::IpFamily::V4, nfacct),
+        None => Metrics::new(),
     };
-    let backend = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config);
-    serve(inv, client, backend, Vec::new(), metrics).await
+    serve(inv, client, started.backend, started.tasks, metrics).await
 }
 
 /// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error (a
@@ -434,7 +364,11 @@ mod tests {
             .unwrap();
             let node = crate::model::NodeInfo::default();
             let facts = HostSettings::from_options(&args.options).facts(&node);
-            let rc = render_config(&args.options, &node, vec!["127.0.0.2".parse().unwrap()]);
+            let rc = crate::backend::iptables::proxier::render_config(
+                &args.options,
+                &node,
+                vec!["127.0.0.2".parse().unwrap()],
+            );
             assert_eq!(rc.effective_localhost_node_ports(), want, "{addresses}");
             assert_eq!(
                 wants_route_localnet(&args.options, &facts),

@@ -19,9 +19,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::backend::iptables::jumps::{KUBE_PROXY_JUMPS, jump_rules};
-use crate::backend::iptables::names::{KUBE_MARK_MASQ, SEP_PREFIX};
-use crate::backend::iptables::parse::{Chain, Dump, ParseError, Rule, Table, Value};
+use crate::backend::Kind;
+use crate::backend::netfilter::jumps::{KUBE_PROXY_JUMPS, jump_rules};
+use crate::backend::netfilter::names::{KUBE_MARK_MASQ, SEP_PREFIX};
+use crate::backend::netfilter::parse::{Chain, Dump, ParseError, Rule, Table, Value};
 use crate::config::{ConfigError, ProxyMode, RenderArgs, parse_render_args};
 use crate::model::Protocol;
 
@@ -1341,9 +1342,9 @@ pub async fn run_parsed(
     args: &ExplainArgs,
     warnings: &mut Vec<String>,
 ) -> Result<String, ExplainError> {
-    match args.mode {
-        ProxyMode::Iptables => {}
-        ProxyMode::Ipvs => {
+    match Kind::for_mode(args.mode) {
+        Some(Kind::Iptables) => {}
+        Some(Kind::Ipvs) => {
             let table = if args.render.objects.is_empty() {
                 ipvs::table_from_kernel(&args.packet).await?
             } else {
@@ -1351,7 +1352,7 @@ pub async fn run_parsed(
             };
             return Ok(ipvs::explain(&table, &args.packet));
         }
-        other => return Err(ExplainError::Unsupported(other)),
+        None => return Err(ExplainError::Unsupported(args.mode)),
     }
     let ruleset = if args.render.objects.is_empty() {
         ruleset_from_kernel(args.packet.destination).await?

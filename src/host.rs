@@ -11,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use crate::backend::iptables::render::LocalDetector;
+use crate::backend::netfilter::LocalDetector;
 use crate::config::{DetectLocal, NodePortAddresses, ProxyOptions};
 use crate::model::{Cidr, NodeInfo};
 use crate::sync::shared::Shared;

@@ -224,7 +224,7 @@ async fn report_start_failure(
     use kube_proxy_rs::server::events::{NodeEvents, REASON_PROXIER_FAILED};
     if !matches!(
         e,
-        DaemonError::UnsupportedMode(_) | DaemonError::Kernel(_) | DaemonError::Ipvs(_)
+        DaemonError::UnsupportedMode(_) | DaemonError::Kernel(_) | DaemonError::Backend(_)
     ) {
         return;
     }

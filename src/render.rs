@@ -1,12 +1,8 @@
 //! `kube-proxy-rs render`: the ruleset a full sync would write for a set of objects, with no
 //! kernel and no root.
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
-
-use crate::backend::iptables::proxier::render_config;
-use crate::backend::iptables::render::{RenderInput, SyncScope, render};
-use crate::config::{ProxyMode, RenderArgs};
+use crate::backend::Kind;
+use crate::config::RenderArgs;
 use crate::model::ClusterState;
 use crate::watch::file::{FileError, Objects, parse_objects};
 
@@ -118,45 +114,12 @@ pub fn run(
     explicit_hostname: bool,
     warnings: &mut Vec<String>,
 ) -> Result<String, RenderError> {
-    if !matches!(args.options.mode, ProxyMode::Iptables | ProxyMode::Ipvs) {
+    let Some(kind) = Kind::for_mode(args.options.mode) else {
         return Err(RenderError::Unsupported(args.options.mode.to_string()));
-    }
+    };
     let model = model(args, explicit_hostname, warnings)?;
     let node_ips = model.node.ips.clone();
-    if args.options.mode == ProxyMode::Ipvs {
-        return Ok(render_ipvs(args, &model, node_ips));
-    }
-    let mut config = render_config(&args.options, &model.node, node_ips);
-    // Upstream probes iptables for --random-fully; every supported distribution has it.
-    config.random_fully = true;
-    let rendered = render(&RenderInput {
-        model: &model,
-        config: &config,
-        scope: SyncScope::Full,
-        existing_nat_chains: Some(&BTreeSet::new()),
-    });
-    Ok(rendered.text)
-}
-
-/// IPVS mode: the virtual servers (`ipvsadm -Sn`), the ipsets (`ipset save`) and the
-/// iptables-restore input, each under a `#` header.
-fn render_ipvs(
-    args: &RenderArgs,
-    model: &crate::model::ProxyModel,
-    node_ips: Vec<IpAddr>,
-) -> String {
-    use crate::backend::ipvs;
-    let mut config = ipvs::ipvs_config(&args.options, &model.node, node_ips);
-    // Upstream probes iptables for --random-fully; every supported distribution has it.
-    config.random_fully = true;
-    let desired = ipvs::render(model, &config);
-    let mut out = String::from("# IPVS virtual servers (ipvsadm -Sn)\n");
-    out.push_str(&ipvs::ipvsadm_save(&desired));
-    out.push_str("# ipsets (ipset save)\n");
-    out.push_str(&ipvs::ipset_save(&desired));
-    out.push_str("# iptables (iptables-restore --noflush)\n");
-    out.push_str(&desired.iptables_restore);
-    out
+    Ok(kind.render(&args.options, &model, node_ips))
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kube_proxy_rs::backend::iptables::parse::Dump;
 use kube_proxy_rs::backend::iptables::proxier::{IptablesProxier, render_config};
+use kube_proxy_rs::backend::netfilter::parse::Dump;
 use kube_proxy_rs::backend::{Backend, SyncRequest};
 use kube_proxy_rs::config::parse_render_args;
 use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant, Table};
@@ -166,7 +166,7 @@ async fn check_variant(variant: IptablesVariant) {
     let shop = ServiceName::new("demo", "shop");
     let chain_of = |m: &ProxyModel, svc: &ServiceName| {
         let (name, _) = m.services.iter().find(|(k, _)| &k.service == svc).unwrap();
-        kube_proxy_rs::backend::iptables::names::service_chain(name)
+        kube_proxy_rs::backend::netfilter::names::service_chain(name)
     };
     let (web_chain, shop_chain) = (chain_of(&model, &web), chain_of(&model, &shop));
     for chain in [&web_chain, &shop_chain] {

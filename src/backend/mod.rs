@@ -1,16 +1,25 @@
 //! Backends: render the model into kernel state (pure) and apply it (through `kernel`).
 //!
 //! Every backend sits behind [`Backend`], so the sync loop, metrics and health logic are
-//! shared and a mode switch changes only how the kernel is written.
+//! shared and a mode switch changes only how the kernel is written. [`Kind`] is the one place
+//! a proxy mode is mapped to its backend (start, cleanup, render; explain matches on it):
+//! adding a backend is a directory here plus one arm in each of its methods. Both backends
+//! build on the shared [`netfilter`] layer and the [`conntrack`] reconciler.
 
+pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
+pub mod netfilter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::net::IpAddr;
+
+use crate::config::{ProxyMode, ProxyOptions};
+use crate::kernel::iptables::Iptables;
 
 use crate::model::{ProxyModel, ServiceName};
-use crate::sync::conntrack::ReconcileReport;
+use conntrack::ReconcileReport;
 
 /// One sync as the loop asks for it.
 #[derive(Debug, Clone, Copy)]
@@ -80,19 +89,180 @@ impl SyncOutcome {
     }
 }
 
-/// Why a sync failed. The loop keeps the previous rules and retries with a full sync.
+/// Why a sync (or `--cleanup`) failed, one kind per thing that can fail, so metrics count
+/// the right failure. The loop keeps the previous rules and retries with a full sync.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// `iptables-restore` rejected the rendered rules (what upstream counts in
     /// `sync_proxy_rules_iptables_restore_failures_total`, in both modes).
     #[error("iptables-restore failed: {0}")]
     IptablesRestore(String),
-    /// The kernel refused another update (a jump rule, ipsets, IPVS, the dummy link).
-    #[error("applying rules failed: {0}")]
-    Apply(String),
+    /// A chain or jump rule in a builtin chain could not be ensured.
+    #[error("ensuring the jump rules failed: {0}")]
+    JumpRules(String),
+    /// An ipset could not be created, changed or destroyed.
+    #[error("updating ipsets failed: {0}")]
+    Ipset(String),
+    /// IPVS refused virtual or real server changes, or kube-ipvs0's addresses.
+    #[error("{0}")]
+    Ipvs(String),
+    /// The IPVS dummy link could not be created.
+    #[error("creating the dummy link failed: {0}")]
+    Link(String),
     /// Reading kernel state failed.
     #[error("reading kernel state failed: {0}")]
     Read(String),
+    /// `--cleanup` left something behind.
+    #[error("{0}")]
+    Cleanup(String),
+}
+
+/// The backend a proxy mode maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `--proxy-mode=iptables`.
+    Iptables,
+    /// `--proxy-mode=ipvs`.
+    Ipvs,
+}
+
+/// Why a backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// IPVS mode cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
+    #[error(transparent)]
+    Ipvs(#[from] ipvs::proxier::IpvsStartError),
+}
+
+/// A started backend and what the daemon runs beside it.
+pub struct Started {
+    /// The backend for the sync loop.
+    pub backend: AnyBackend,
+    /// Tasks the backend needs supervised (they never end while it works).
+    pub tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    /// The nfacct handle when the backend's rules count into nfacct counters.
+    pub nfacct: Option<crate::kernel::nfacct::Nfacct>,
+}
+
+impl Kind {
+    /// The backend of `mode`; `None` for a mode without one (nftables).
+    pub fn for_mode(mode: ProxyMode) -> Option<Kind> {
+        match mode {
+            ProxyMode::Iptables => Some(Kind::Iptables),
+            ProxyMode::Ipvs => Some(Kind::Ipvs),
+            ProxyMode::Nftables => None,
+        }
+    }
+
+    /// Whether localhost node ports are served by rules that need `route_localnet`.
+    pub fn uses_route_localnet(self) -> bool {
+        self == Kind::Iptables
+    }
+
+    /// What a full sync of `model` writes, as `render` prints it (`node_ips`: the addresses
+    /// node ports are served on).
+    pub fn render(self, opts: &ProxyOptions, model: &ProxyModel, node_ips: Vec<IpAddr>) -> String {
+        match self {
+            Kind::Iptables => iptables::render_text(opts, model, node_ips),
+            Kind::Ipvs => ipvs::render_text(opts, model, node_ips),
+        }
+    }
+
+    /// Probes and sets up the backend writing through `ipt`.
+    pub async fn start(
+        self,
+        opts: &ProxyOptions,
+        ipt: Iptables,
+        random_fully: bool,
+    ) -> Result<Started, StartError> {
+        match self {
+            Kind::Iptables => {
+                let (backend, nfacct) = iptables::proxier::start(opts, ipt, random_fully);
+                Ok(Started {
+                    backend: AnyBackend::Iptables(backend),
+                    tasks: Vec::new(),
+                    nfacct,
+                })
+            }
+            Kind::Ipvs => {
+                let mut backend = ipvs::proxier::start(opts, ipt, random_fully).await?;
+                let graceful = backend.take_graceful_task();
+                Ok(Started {
+                    backend: AnyBackend::Ipvs(backend),
+                    tasks: graceful
+                        .map(|t| ("IPVS graceful termination", t))
+                        .into_iter()
+                        .collect(),
+                    nfacct: None,
+                })
+            }
+        }
+    }
+}
+
+/// `--cleanup`: removes what every mode (ours or upstream's) created, as upstream's
+/// `--cleanup` tears down every mode. Every step runs; failures are reported together.
+pub async fn cleanup(ipt: &Iptables) -> Result<(), BackendError> {
+    use crate::kernel::ipset::Ipset;
+    use crate::kernel::link::DummyLink;
+    let mut errors = Vec::new();
+    let first = iptables::proxier::IptablesProxier::cleanup(ipt).await;
+    if let Err(e) =
+        ipvs::proxier::IpvsProxier::cleanup(ipt, &Ipset::new(), &DummyLink::default()).await
+    {
+        errors.push(format!("ipvs mode: {e}"));
+    }
+    // Both modes share chain names (KUBE-MARK-MASQ, jumped to from IPVS-mode chains): when
+    // IPVS-mode rules were present the iptables-mode pass fails on them; once they are gone
+    // a second pass completes it.
+    if first.is_err()
+        && let Err(e) = iptables::proxier::IptablesProxier::cleanup(ipt).await
+    {
+        errors.push(format!("iptables mode: {e}"));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(BackendError::Cleanup(errors.join("; ")))
+    }
+}
+
+/// One of the backends, for the sync loop.
+pub enum AnyBackend {
+    /// iptables mode.
+    Iptables(iptables::proxier::IptablesProxier),
+    /// IPVS mode.
+    Ipvs(ipvs::proxier::IpvsProxier),
+}
+
+impl Backend for AnyBackend {
+    fn mode(&self) -> &'static str {
+        match self {
+            AnyBackend::Iptables(b) => b.mode(),
+            AnyBackend::Ipvs(b) => b.mode(),
+        }
+    }
+
+    fn partial_syncs(&self) -> bool {
+        match self {
+            AnyBackend::Iptables(b) => b.partial_syncs(),
+            AnyBackend::Ipvs(b) => b.partial_syncs(),
+        }
+    }
+
+    async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
+        match self {
+            AnyBackend::Iptables(b) => b.sync(req).await,
+            AnyBackend::Ipvs(b) => b.sync(req).await,
+        }
+    }
+
+    async fn needs_full_sync(&mut self) -> bool {
+        match self {
+            AnyBackend::Iptables(b) => b.needs_full_sync().await,
+            AnyBackend::Ipvs(b) => b.needs_full_sync().await,
+        }
+    }
 }
 
 /// A way of programming the kernel.

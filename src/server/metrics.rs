@@ -28,7 +28,7 @@ use prometheus_client::registry::Registry;
 use super::IpFamily;
 use super::error::ServerError;
 use super::format::go_float;
-use crate::backend::iptables::render::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
+use crate::backend::netfilter::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
 use crate::kernel::nfacct::Nfacct;
 use crate::sync::SyncKind;
 

@@ -103,8 +103,8 @@ impl Reporter for DaemonReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::conntrack::ReconcileReport;
     use crate::backend::{IptablesRuleCounts, SyncOutcome};
-    use crate::sync::conntrack::ReconcileReport;
 
     fn reporter() -> (DaemonReporter, Metrics) {
         let metrics = Metrics::new();
@@ -195,7 +195,7 @@ mod tests {
         r.sync_failed(
             SyncKind::Unsplit,
             Duration::from_millis(3),
-            &BackendError::Apply("1 IPVS change(s) failed".into()),
+            &BackendError::Ipvs("1 IPVS change(s) failed".into()),
         );
         let text = m.encode().unwrap();
         for absent in [
@@ -232,6 +232,31 @@ mod tests {
                 "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{"
             )
             .is_empty()
+        );
+    }
+
+    #[test]
+    fn only_a_rejected_restore_counts_as_a_restore_failure() {
+        let (mut r, m) = reporter();
+        for e in [
+            BackendError::JumpRules("-I failed".into()),
+            BackendError::Ipset("restore failed".into()),
+            BackendError::Ipvs("1 IPVS change(s) failed".into()),
+            BackendError::Link("no dummy module".into()),
+            BackendError::Read("iptables-save failed".into()),
+        ] {
+            r.sync_failed(SyncKind::Full, Duration::from_millis(1), &e);
+        }
+        let restore = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{";
+        assert!(lines(&m, restore).is_empty(), "{:?}", lines(&m, restore));
+        r.sync_failed(
+            SyncKind::Partial,
+            Duration::from_millis(1),
+            &BackendError::IptablesRestore("line 9 failed".into()),
+        );
+        assert_eq!(
+            lines(&m, restore),
+            ["kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1"]
         );
     }
 

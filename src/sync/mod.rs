@@ -2,7 +2,6 @@
 //! `min_sync_period` and at least every `sync_period`, choosing full or partial syncs as
 //! upstream does (KEP-3453).
 
-pub mod conntrack;
 pub mod runner;
 pub mod shared;
 
@@ -276,7 +275,7 @@ mod tests {
             let mut f = self.fail_next.lock().unwrap();
             if *f {
                 *f = false;
-                return Err(BackendError::Apply("boom".into()));
+                return Err(BackendError::Ipvs("boom".into()));
             }
             Ok(SyncOutcome::default())
         }

@@ -4,19 +4,17 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use super::jumps::{cleanup_plan, jump_rules};
-use super::names::KUBE_PROXY_CANARY;
-use super::parse::Dump;
-use super::render::{
-    NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS, RenderConfig, RenderInput, SyncScope,
-    render,
-};
+use super::render::{RenderConfig, RenderInput, SyncScope, render};
+use crate::backend::conntrack::ConntrackCleaner;
+use crate::backend::netfilter::jumps::{cleanup_plan, jump_rules};
+use crate::backend::netfilter::names::KUBE_PROXY_CANARY;
+use crate::backend::netfilter::parse::Dump;
+use crate::backend::netfilter::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
 use crate::backend::{Backend, BackendError, IptablesRuleCounts, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::iptables::{Iptables, RulePosition, Table};
 use crate::kernel::nfacct::Nfacct;
-use crate::sync::conntrack::ConntrackCleaner;
 
 /// The iptables-mode proxier.
 pub struct IptablesProxier {
@@ -53,18 +51,18 @@ impl IptablesProxier {
             self.ipt
                 .ensure_chain(t, KUBE_PROXY_CANARY)
                 .await
-                .map_err(|e| BackendError::Apply(e.to_string()))?;
+                .map_err(|e| BackendError::JumpRules(e.to_string()))?;
         }
         for j in jump_rules() {
             let t = Table::from_name(j.table);
             self.ipt
                 .ensure_chain(t, j.target)
                 .await
-                .map_err(|e| BackendError::Apply(e.to_string()))?;
+                .map_err(|e| BackendError::JumpRules(e.to_string()))?;
             self.ipt
                 .ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
                 .await
-                .map_err(|e| BackendError::Apply(e.to_string()))?;
+                .map_err(|e| BackendError::JumpRules(e.to_string()))?;
         }
         Ok(())
     }
@@ -120,7 +118,7 @@ impl IptablesProxier {
             if !input.trim().is_empty() {
                 ipt.restore(input)
                     .await
-                    .map_err(|e| BackendError::Apply(e.to_string()))?;
+                    .map_err(|e| BackendError::IptablesRestore(e.to_string()))?;
             }
         }
         let (t, chain) = plan.delete_chain;
@@ -214,6 +212,40 @@ pub fn setup_nfacct(nfacct: &Nfacct, config: &mut RenderConfig) -> bool {
     config.nfacct_ct_state_invalid = ensure(NFACCT_CT_STATE_INVALID);
     config.nfacct_localhost_nodeports = ensure(NFACCT_LOCALHOST_NODEPORTS);
     true
+}
+
+/// Starts iptables mode writing through `ipt`: render settings from the options, and the
+/// nfacct counters (the handle is returned when nfacct works, for `/metrics`).
+pub fn start(
+    opts: &crate::config::ProxyOptions,
+    ipt: Iptables,
+    random_fully: bool,
+) -> (IptablesProxier, Option<Nfacct>) {
+    let mut config = render_config(opts, &crate::model::NodeInfo::default(), Vec::new());
+    config.random_fully = random_fully;
+    let nfacct = Nfacct::new();
+    let nfacct = setup_nfacct(&nfacct, &mut config).then_some(nfacct);
+    let proxier = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config);
+    (proxier, nfacct)
+}
+
+/// What `render` prints in iptables mode: the restore input of a full sync of `model`, with
+/// no chains in the kernel yet.
+pub fn render_text(
+    opts: &crate::config::ProxyOptions,
+    model: &crate::model::ProxyModel,
+    node_ips: Vec<IpAddr>,
+) -> String {
+    let mut config = render_config(opts, &model.node, node_ips);
+    // Upstream probes iptables for --random-fully; every supported distribution has it.
+    config.random_fully = true;
+    render(&RenderInput {
+        model,
+        config: &config,
+        scope: SyncScope::Full,
+        existing_nat_chains: Some(&BTreeSet::new()),
+    })
+    .text
 }
 
 /// Render settings from the options and what is known of the node (`node_ips`: addresses

@@ -4,53 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::names::{self, *};
+pub use crate::backend::netfilter::LocalDetector;
+use crate::backend::netfilter::names::{self, *};
+use crate::backend::netfilter::{self, NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
 use crate::model::plan::{
     self, ClusterIpMasquerade, Disposition, ExternalMasquerade, Firewall, IpFamily, PlanOptions,
     Policy, ServicePlan,
 };
 use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort};
-
-/// How traffic from local pods is recognised (`--detect-local-mode`); upstream
-/// `LocalTrafficDetector`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum LocalDetector {
-    /// No detection: no `! -s` masquerade rule, no pod short-circuit in KUBE-EXT chains.
-    #[default]
-    None,
-    /// ClusterCIDR or NodeCIDR mode: the one pod CIDR of this family (`-s CIDR`).
-    Cidr(Cidr),
-    /// BridgeInterface mode (`-i bridge`).
-    BridgeInterface(String),
-    /// InterfaceNamePrefix mode (`-i prefix+`).
-    InterfaceNamePrefix(String),
-}
-
-impl LocalDetector {
-    /// Whether the detector emits anything (upstream `IsImplemented`).
-    pub fn is_implemented(&self) -> bool {
-        !matches!(self, LocalDetector::None)
-    }
-
-    /// Match arguments for traffic from local pods.
-    pub fn if_local(&self) -> Vec<String> {
-        match self {
-            LocalDetector::None => Vec::new(),
-            LocalDetector::Cidr(c) => vec!["-s".into(), c.to_string()],
-            LocalDetector::BridgeInterface(i) => vec!["-i".into(), i.clone()],
-            LocalDetector::InterfaceNamePrefix(p) => vec!["-i".into(), format!("{p}+")],
-        }
-    }
-
-    /// Match arguments for traffic not from local pods.
-    pub fn if_not_local(&self) -> Vec<String> {
-        let mut args = self.if_local();
-        if !args.is_empty() {
-            args.insert(0, "!".into());
-        }
-        args
-    }
-}
 
 /// Settings that shape the rules (flags and probed host facts).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,18 +72,13 @@ impl Default for RenderConfig {
 
 /// Upstream `largeClusterEndpointsThreshold`.
 pub const LARGE_CLUSTER_THRESHOLD: usize = 1000;
-/// nfacct counter counting dropped ctstate INVALID packets.
-pub const NFACCT_CT_STATE_INVALID: &str = "ct_state_invalid_dropped_pkts";
-/// nfacct counter counting accepted localhost node-port packets.
-pub const NFACCT_LOCALHOST_NODEPORTS: &str = "localhost_nps_accepted_pkts";
 
 pub use crate::host::NodePortDestinations;
 
 impl RenderConfig {
     /// The masquerade mark as upstream formats it (`fmt.Sprintf("%#08x", 1<<bit)`).
     pub fn masquerade_mark(&self) -> String {
-        let value = 1u64 << u32::from(self.masquerade_bit.min(63));
-        format!("{value:#010x}")
+        netfilter::masquerade_mark(self.masquerade_bit)
     }
 
     /// The IPv4 node-port prefixes (`None`: every local address).

@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::parse::{Dump, Rule};
 use super::render::*;
 use super::tracer::{Packet, trace_packet};
+use crate::backend::netfilter::parse::{Dump, Rule};
 use crate::model::{
     Cidr, Endpoint, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName, ServiceType,
     SourceRanges,
@@ -2576,7 +2576,7 @@ fn large_cluster_mode_drops_endpoint_comments() {
         "-A KUBE-SEP-RUVVH7YV3PHQBDOS -m tcp -p tcp -j DNAT --to-destination 203.0.113.4:8081"
     );
     assert_eq!((n, comments), (3, 0));
-    let svc3_chain = super::names::service_chain(&spn("ns3", "svc3", "p8081"));
+    let svc3_chain = crate::backend::netfilter::names::service_chain(&spn("ns3", "svc3", "p8081"));
     let svc3_rules = chain_text(&r.text, "nat", &svc3_chain);
     assert_eq!(
         svc3_rules
@@ -3128,8 +3128,14 @@ fn session_affinity_rules() {
         )],
     );
     let r = render_full(&m);
-    let sep1 = super::names::endpoint_chain_for(&spn("ns1", "svc1", "p80"), "10.180.0.1:80");
-    let sep2 = super::names::endpoint_chain_for(&spn("ns1", "svc1", "p80"), "10.180.0.2:80");
+    let sep1 = crate::backend::netfilter::names::endpoint_chain_for(
+        &spn("ns1", "svc1", "p80"),
+        "10.180.0.1:80",
+    );
+    let sep2 = crate::backend::netfilter::names::endpoint_chain_for(
+        &spn("ns1", "svc1", "p80"),
+        "10.180.0.2:80",
+    );
     assert_eq!(
         chain_text(&r.text, "nat", "KUBE-SVC-XPGD46QRK7WJZT7O"),
         format!(
@@ -3165,7 +3171,7 @@ fn session_affinity_rules() {
 
 #[test]
 fn jump_rules_are_upstreams_in_order() {
-    let rules = super::jumps::jump_rules();
+    let rules = crate::backend::netfilter::jumps::jump_rules();
     let rendered: Vec<String> = rules
         .iter()
         .map(|j| format!("{} {} {}", j.table, j.chain, j.args().join(" ")))
@@ -3222,7 +3228,7 @@ fn cleanup_removes_only_our_chains() {
     let mut jumps = String::new();
     for table in ["filter", "nat"] {
         jumps.push_str(&format!("*{table}\n"));
-        for j in super::jumps::jump_rules()
+        for j in crate::backend::netfilter::jumps::jump_rules()
             .iter()
             .filter(|j| j.table == table)
         {
@@ -3247,7 +3253,8 @@ fn cleanup_removes_only_our_chains() {
         d.tables.retain(|t| t.name == table);
         d.to_string()
     };
-    let plan = super::jumps::cleanup_plan(&save("nat"), &save("filter")).unwrap();
+    let plan =
+        crate::backend::netfilter::jumps::cleanup_plan(&save("nat"), &save("filter")).unwrap();
     assert_eq!(plan.delete_chain, ("mangle", "KUBE-PROXY-CANARY"));
     assert_eq!(
         plan.delete_jumps.len(),
@@ -3297,12 +3304,16 @@ fn cleanup_removes_only_our_chains() {
     assert_eq!(kernel.chain("filter", "FORWARD").unwrap().rules.len(), 1);
 
     // Cleaning a clean node is a no-op restore.
-    let plan = super::jumps::cleanup_plan("*nat\nCOMMIT\n", "*filter\nCOMMIT\n").unwrap();
+    let plan =
+        crate::backend::netfilter::jumps::cleanup_plan("*nat\nCOMMIT\n", "*filter\nCOMMIT\n")
+            .unwrap();
     assert_eq!(
         (plan.nat_restore.as_str(), plan.filter_restore.as_str()),
         ("*nat\nCOMMIT\n", "*filter\nCOMMIT\n")
     );
-    assert!(super::jumps::cleanup_plan("garbage", "*filter\nCOMMIT\n").is_err());
+    assert!(
+        crate::backend::netfilter::jumps::cleanup_plan("garbage", "*filter\nCOMMIT\n").is_err()
+    );
 }
 
 #[test]

@@ -8,8 +8,8 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::names::*;
-use super::parse::{Dump, Rule};
+use crate::backend::netfilter::names::*;
+use crate::backend::netfilter::parse::{Dump, Rule};
 use crate::model::Protocol;
 
 /// A packet to trace.

@@ -13,6 +13,7 @@ pub mod rules;
 mod tests;
 
 pub use ipset::IpSetSpec;
+pub use proxier::render_text;
 pub use render::{
     DesiredService, IpvsConfig, IpvsDesired, ipset_save, ipvs_config, ipvs_jump_rules,
     ipvsadm_save, real_server, render,

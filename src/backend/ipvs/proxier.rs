@@ -25,7 +25,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use super::{DesiredService, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
-use crate::backend::iptables::parse::Dump;
+use crate::backend::conntrack::ConntrackCleaner;
+use crate::backend::netfilter::parse::Dump;
+use crate::backend::netfilter::restore::flush_and_delete;
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use crate::host::{NodeFacts, NodePortDestinations};
 use crate::kernel::addrs::Addresses;
@@ -37,8 +39,6 @@ use crate::kernel::ipvs::{
 };
 use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::Sysctl;
-
-use crate::sync::conntrack::ConntrackCleaner;
 
 /// How often terminating real servers are re-checked besides every sync (upstream
 /// `rsCheckDeleteInterval`).
@@ -186,10 +186,6 @@ impl Drop for IpvsProxier {
 
 fn read_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Read(e.to_string())
-}
-
-fn apply_err(e: impl std::fmt::Display) -> BackendError {
-    BackendError::Apply(e.to_string())
 }
 
 /// Upstream `CanUseIPVSProxier`: IPVS answers, ipset is recent enough, and a virtual server
@@ -409,7 +405,7 @@ impl IpvsProxier {
     }
 
     async fn sync_link(&self) -> Result<(), BackendError> {
-        if self.kernel.link.ensure().await.map_err(apply_err)? {
+        if (self.kernel.link.ensure().await).map_err(|e| BackendError::Link(e.to_string()))? {
             tracing::info!(
                 link = self.kernel.link.name(),
                 "created the IPVS dummy link"
@@ -438,14 +434,17 @@ impl IpvsProxier {
         for name in &plan.type_mismatch {
             tracing::warn!(set = %name, "ipset has another type; recreating it");
             ipset.destroy(name).await.map_err(|e| {
-                apply_err(format!(
+                BackendError::Ipset(format!(
                     "ipset {name} has the wrong type and cannot be destroyed: {e}"
                 ))
             })?;
             self.counters.ipsets.fetch_add(1, Ordering::Relaxed);
         }
         if !plan.is_empty() {
-            ipset.restore(&plan.input).await.map_err(apply_err)?;
+            ipset
+                .restore(&plan.input)
+                .await
+                .map_err(|e| BackendError::Ipset(e.to_string()))?;
             let n = plan.created.len() + plan.added + plan.deleted;
             self.counters.ipsets.fetch_add(n as u64, Ordering::Relaxed);
             tracing::debug!(
@@ -617,15 +616,7 @@ impl IpvsProxier {
             if chains.is_empty() {
                 continue;
             }
-            let mut input = format!("*{t}\n");
-            for c in &chains {
-                input.push_str(&format!(":{c} - [0:0]\n"));
-            }
-            for c in &chains {
-                input.push_str(&format!("-X {c}\n"));
-            }
-            input.push_str("COMMIT\n");
-            if let Err(e) = ipt.restore(&input).await {
+            if let Err(e) = ipt.restore(&flush_and_delete(t, &chains)).await {
                 errors.push(format!("deleting {t} chains: {e}"));
             }
         }
@@ -638,7 +629,7 @@ impl IpvsProxier {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(BackendError::Apply(errors.join("; ")))
+            Err(BackendError::Cleanup(errors.join("; ")))
         }
     }
 }
@@ -650,10 +641,11 @@ impl IpvsProxier {
 pub async fn sync_iptables(ipt: &Iptables, restore: &str) -> Result<(), BackendError> {
     for j in ipvs_jump_rules() {
         let t = Table::from_name(j.table);
-        ipt.ensure_chain(t, j.target).await.map_err(apply_err)?;
+        let jump_err = |e: crate::kernel::KernelError| BackendError::JumpRules(e.to_string());
+        ipt.ensure_chain(t, j.target).await.map_err(jump_err)?;
         ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
             .await
-            .map_err(apply_err)?;
+            .map_err(jump_err)?;
     }
     ipt.restore(restore)
         .await
@@ -860,7 +852,7 @@ impl Backend for IpvsProxier {
         if !errors.is_empty() {
             let n = errors.len();
             errors.truncate(5);
-            return Err(BackendError::Apply(format!(
+            return Err(BackendError::Ipvs(format!(
                 "{n} IPVS change(s) failed: {}",
                 errors.join("; ")
             )));
@@ -882,6 +874,52 @@ impl Backend for IpvsProxier {
         // one would repair.
         false
     }
+}
+
+/// Starts IPVS mode writing through `ipt`: probes IPVS, sets its sysctls, starts the
+/// graceful-termination checker.
+pub async fn start(
+    opts: &crate::config::ProxyOptions,
+    ipt: Iptables,
+    random_fully: bool,
+) -> Result<IpvsProxier, IpvsStartError> {
+    let client = IpvsClient::connect()
+        .await
+        .map_err(|e| IpvsStartError(e.to_string()))?;
+    let mut config = super::ipvs_config(opts, &crate::model::NodeInfo::default(), Vec::new());
+    config.random_fully = random_fully;
+    let kernel = IpvsKernel {
+        iptables: ipt,
+        ipset: Ipset::new(),
+        link: DummyLink::default(),
+        conntrack: Conntrack::new(),
+        addrs: Addresses::new(),
+        sysctl: Sysctl::new(),
+    };
+    let proxier = IpvsProxier::start(client, kernel, config, ipvs_settings(opts)).await?;
+    tracing::info!(scheduler = proxier.config().scheduler(), "using IPVS");
+    Ok(proxier)
+}
+
+/// What `render` prints in IPVS mode: the virtual servers (`ipvsadm -Sn`), the ipsets
+/// (`ipset save`) and the iptables-restore input of a sync of `model`, each under a `#`
+/// header.
+pub fn render_text(
+    opts: &crate::config::ProxyOptions,
+    model: &crate::model::ProxyModel,
+    node_ips: Vec<IpAddr>,
+) -> String {
+    let mut config = super::ipvs_config(opts, &model.node, node_ips);
+    // Upstream probes iptables for --random-fully; every supported distribution has it.
+    config.random_fully = true;
+    let desired = render(model, &config);
+    let mut out = String::from("# IPVS virtual servers (ipvsadm -Sn)\n");
+    out.push_str(&super::ipvsadm_save(&desired));
+    out.push_str("# ipsets (ipset save)\n");
+    out.push_str(&super::ipset_save(&desired));
+    out.push_str("# iptables (iptables-restore --noflush)\n");
+    out.push_str(&desired.iptables_restore);
+    out
 }
 
 /// Settings from the options.

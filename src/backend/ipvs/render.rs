@@ -8,7 +8,8 @@ use std::net::IpAddr;
 
 use super::ipset::{self, IpSetSpec};
 use super::rules::{self, NoNodeAccess, RuleParams};
-use crate::backend::iptables::render::{LocalDetector, NodePortDestinations, RenderConfig};
+use crate::backend::netfilter::{JumpRule, LocalDetector, masquerade_mark};
+use crate::host::NodePortDestinations;
 use crate::kernel::ipvs::codec::{
     ForwardMethod, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED1, IP_VS_SVC_F_SCHED2,
     IP_VS_SVC_F_SCHED3, Protocol as IpvsProtocol, RealServer, ServiceFlags, VirtualService,
@@ -85,11 +86,7 @@ impl IpvsConfig {
 
     /// The masquerade mark (`0x00004000`), formatted as upstream does.
     pub fn masquerade_mark(&self) -> String {
-        RenderConfig {
-            masquerade_bit: self.masquerade_bit,
-            ..RenderConfig::default()
-        }
-        .masquerade_mark()
+        masquerade_mark(self.masquerade_bit)
     }
 }
 
@@ -101,9 +98,9 @@ pub fn ipvs_config(
     node: &crate::model::NodeInfo,
     local_ips: Vec<IpAddr>,
 ) -> IpvsConfig {
-    let rc = crate::backend::iptables::proxier::render_config(opts, node, local_ips.clone());
+    let facts = crate::host::HostSettings::from_options(opts).facts(node);
     let usable = |ip: &IpAddr| ip.is_ipv4() && !ip.is_loopback();
-    let node_ips: Vec<IpAddr> = match rc.node_port_destinations() {
+    let node_ips: Vec<IpAddr> = match facts.node_port_ips(&local_ips) {
         NodePortDestinations::AllLocal => {
             let set: BTreeSet<IpAddr> = local_ips.iter().copied().filter(usable).collect();
             set.into_iter().collect()
@@ -114,12 +111,12 @@ pub fn ipvs_config(
         scheduler: opts.ipvs.scheduler.clone(),
         masquerade_all: opts.masquerade_all,
         masquerade_bit: opts.masquerade_bit,
-        local_detector: rc.local_detector,
+        local_detector: facts.local_detector,
         node_ips,
         exclude_cidrs: opts.ipvs.exclude_cidrs.clone(),
         strict_arp: opts.ipvs.strict_arp,
         random_fully: false,
-        primary_node_ip: rc.primary_node_ip,
+        primary_node_ip: facts.primary_ip,
         host_addrs: local_ips.into_iter().filter(IpAddr::is_ipv4).collect(),
         family: IpFamily::V4,
     }
@@ -642,6 +639,6 @@ pub fn ipset_save(d: &IpvsDesired) -> String {
 }
 
 /// The builtin-chain jumps IPVS mode ensures (upstream `iptablesJumpChain`).
-pub fn ipvs_jump_rules() -> Vec<crate::backend::iptables::jumps::JumpRule> {
+pub fn ipvs_jump_rules() -> Vec<JumpRule> {
     rules::ipvs_jump_rules()
 }

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::ipset::{self, IpSetSpec};
-use crate::backend::iptables::jumps::JumpRule;
-use crate::backend::iptables::render::LocalDetector;
+use crate::backend::netfilter::{JumpRule, LocalDetector};
 
 /// nat and filter: the service portal chain.
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use super::ipset::{self as sets, IpSetSpec};
 use super::render::*;
 use super::rules;
-use crate::backend::iptables::parse::{Dump, builtin_chains};
-use crate::backend::iptables::render::LocalDetector;
+use crate::backend::netfilter::LocalDetector;
+use crate::backend::netfilter::parse::{Dump, builtin_chains};
 use crate::kernel::ipvs::codec::{
     ForwardMethod, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED2, Protocol as IpvsProtocol,
     RealServer, ServiceFlags, VirtualService,

@@ -3,6 +3,7 @@
 
 use super::names::*;
 use super::parse::{Dump, ParseError};
+use super::restore::flush_and_delete;
 
 /// A rule in a builtin chain jumping to one of our chains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,16 +206,4 @@ pub fn cleanup_plan(save_nat: &str, save_filter: &str) -> Result<CleanupPlan, Pa
         filter_restore: flush_and_delete("filter", &filter_chains),
         delete_chain: ("mangle", KUBE_PROXY_CANARY),
     })
-}
-
-fn flush_and_delete(table: &str, chains: &[String]) -> String {
-    let mut s = format!("*{table}\n");
-    for c in chains {
-        s.push_str(&format!(":{c} - [0:0]\n"));
-    }
-    for c in chains {
-        s.push_str(&format!("-X {c}\n"));
-    }
-    s.push_str("COMMIT\n");
-    s
 }
