@@ -650,6 +650,15 @@ impl IpvsProxier {
 pub async fn sync_iptables(ipt: &Iptables, restore: &str) -> Result<(), BackendError> {
     for j in ipvs_jump_rules() {
         let t = Table::from_name(j.table);
+        // A jump that is there proves its target chain is too: one `-C` per jump in the steady
+        // state instead of `-N`, `-S` and `-C` (each a process; slow on busy nodes).
+        if ipt
+            .rule_exists(t, j.chain, &j.args())
+            .await
+            .map_err(apply_err)?
+        {
+            continue;
+        }
         ipt.ensure_chain(t, j.target).await.map_err(apply_err)?;
         ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
             .await
