@@ -642,6 +642,15 @@ pub async fn sync_iptables(ipt: &Iptables, restore: &str) -> Result<(), BackendE
     for j in ipvs_jump_rules() {
         let t = Table::from_name(j.table);
         let jump_err = |e: crate::kernel::KernelError| BackendError::JumpRules(e.to_string());
+        // A jump that is there proves its target chain is too: one `-C` per jump in the steady
+        // state instead of `-N`, `-S` and `-C` (each a process; slow on busy nodes).
+        if ipt
+            .rule_exists(t, j.chain, &j.args())
+            .await
+            .map_err(jump_err)?
+        {
+            continue;
+        }
         ipt.ensure_chain(t, j.target).await.map_err(jump_err)?;
         ipt.ensure_rule(RulePosition::Prepend, t, j.chain, &j.args())
             .await
