@@ -12,7 +12,7 @@ use kube_proxy_rs::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use kube_proxy_rs::config::{Invocation, parse_command_line};
 use kube_proxy_rs::daemon::{self, DaemonError};
 use kube_proxy_rs::server::metrics::Metrics;
-use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
+use support::fakeapi::FakeApiServer;
 
 /// A backend with a bug: its first sync panics.
 struct PanickingBackend;
@@ -60,21 +60,7 @@ fn free_port() -> u16 {
 /// The fake API server with one Service, and the daemon's invocation against it.
 fn setup() -> (FakeApiServer, tempfile::TempDir, Invocation) {
     let api = FakeApiServer::start();
-    api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
-    api.apply(service(
-        "demo",
-        "web",
-        "10.96.0.10",
-        &[("http", 80, "TCP", 8080)],
-    ));
-    api.apply(endpoint_slice(
-        "demo",
-        "web-1",
-        "web",
-        &[("http", 8080, "TCP")],
-        &["10.244.0.11"],
-        Some("node1"),
-    ));
+    api.apply_demo_web("node1", "192.168.50.1");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path());
     let args: Vec<String> = vec![

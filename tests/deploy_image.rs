@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
+use support::fakeapi::FakeApiServer;
 use support::manifests;
 use support::netns::{Netns, NsChild, veth};
 
@@ -326,21 +326,7 @@ fn node_with_kubelet(kubelet_variant: &str) -> (Netns, Netns, FakeApiServer) {
     ns.run_ok(&iptables, FOREIGN_RULE.split_whitespace());
 
     let api = FakeApiServer::start_in(Some(&ns), Ipv4Addr::LOCALHOST.into());
-    api.apply(node(NODE_NAME, &[NODE_IP], Some("10.244.0.0/24")));
-    api.apply(service(
-        "demo",
-        "web",
-        "10.96.0.10",
-        &[("http", 80, "TCP", 8080)],
-    ));
-    api.apply(endpoint_slice(
-        "demo",
-        "web-1",
-        "web",
-        &[("http", 8080, "TCP")],
-        &["10.244.0.11"],
-        Some(NODE_NAME),
-    ));
+    api.apply_demo_web(NODE_NAME, NODE_IP);
     (ns, peer, api)
 }
 

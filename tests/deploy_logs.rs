@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
+use support::fakeapi::{FakeApiServer, endpoint_slice, service};
 use support::netns::{Netns, NsChild};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
@@ -174,21 +174,7 @@ fn daemon_json_logs_one_line_per_sync_at_v2() {
     support::require_root();
     let ns = Netns::new("logs");
     let api = FakeApiServer::start_in(Some(&ns), IpAddr::V4(Ipv4Addr::LOCALHOST));
-    api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
-    api.apply(service(
-        "demo",
-        "web",
-        "10.96.0.10",
-        &[("http", 80, "TCP", 8080)],
-    ));
-    api.apply(endpoint_slice(
-        "demo",
-        "web-1",
-        "web",
-        &[("http", 8080, "TCP")],
-        &["10.244.0.11"],
-        Some("node1"),
-    ));
+    api.apply_demo_web("node1", "192.168.50.1");
     let mut bad = service("demo", "bad-ip", "10.96.0.999", &[("p", 80, "TCP", 80)]);
     bad["spec"]["clusterIPs"] = json!(["10.96.0.999"]);
     api.apply(bad);

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
+use support::fakeapi::FakeApiServer;
 use support::netns::{Netns, NsChild};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
@@ -110,21 +110,7 @@ fn running_daemon_logs_no_credential_at_v10() {
     support::require_root();
     let ns = Netns::new("kcrun");
     let api = FakeApiServer::start_in(Some(&ns), IpAddr::V4(Ipv4Addr::LOCALHOST));
-    api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
-    api.apply(service(
-        "demo",
-        "web",
-        "10.96.0.10",
-        &[("http", 80, "TCP", 8080)],
-    ));
-    api.apply(endpoint_slice(
-        "demo",
-        "web-1",
-        "web",
-        &[("http", 8080, "TCP")],
-        &["10.244.0.11"],
-        Some("node1"),
-    ));
+    api.apply_demo_web("node1", "192.168.50.1");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kubeconfig");
     std::fs::write(&path, kubeconfig(&api.url(), false)).unwrap();

@@ -266,6 +266,27 @@ impl FakeApiServer {
         format!("http://{}", self.shared.addr)
     }
 
+    /// The one-service cluster the daemon-level tests start from: Node `node_name` (InternalIP
+    /// `node_ip`, podCIDR 10.244.0.0/24), Service demo/web (10.96.0.10:80 -> 8080) and its
+    /// slice `web-1` with one endpoint, 10.244.0.11, on that node.
+    pub fn apply_demo_web(&self, node_name: &str, node_ip: &str) {
+        self.apply(node(node_name, &[node_ip], Some("10.244.0.0/24")));
+        self.apply(service(
+            "demo",
+            "web",
+            "10.96.0.10",
+            &[("http", 80, "TCP", 8080)],
+        ));
+        self.apply(endpoint_slice(
+            "demo",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &["10.244.0.11"],
+            Some(node_name),
+        ));
+    }
+
     /// Creates or updates an object (needs `kind` and `metadata.name`;
     /// namespaced kinds default to namespace "default"). Sets apiVersion if
     /// missing, `metadata.resourceVersion` (new global RV), `uid` and
