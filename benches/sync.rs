@@ -91,7 +91,7 @@ fn main() {
         t.elapsed()
     );
 
-    let (snap_t, model) = best_of(3, || state.snapshot());
+    let (snap_t, model) = best_of(3, || state.snapshot(kube_proxy_rs::model::IpFamily::V4));
     let config = RenderConfig {
         local_detector: kube_proxy_rs::backend::iptables::render::LocalDetector::Cidr(
             "10.0.0.0/8".parse().unwrap(),
@@ -116,7 +116,7 @@ fn main() {
     .unwrap();
     state.apply_slice(&slice);
     let changed: BTreeSet<ServiceName> = state.take_changes().services;
-    let model2 = state.snapshot();
+    let model2 = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
     let (partial_t, partial) = best_of(5, || {
         render(&RenderInput {
             model: &model2,

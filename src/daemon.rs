@@ -37,6 +37,9 @@ pub enum DaemonError {
     /// The mode is not available.
     #[error("--proxy-mode={0} is not supported yet")]
     UnsupportedMode(String),
+    /// Neither IP family can be proxied on this host (no working iptables nat table).
+    #[error("neither IPv4 nor IPv6 can be proxied on this host (no usable iptables nat table)")]
+    NoFamily,
     /// The backend cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
     #[error(transparent)]
     Backend(#[from] crate::backend::StartError),
@@ -166,24 +169,39 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     host_setup(&opts);
 
     let variant = detect_variant(None).await?;
-    let ipt = Iptables::new(variant, IpFamily::V4);
     tracing::info!(variant = %variant, "using iptables");
-    let random_fully = ipt.supports_random_fully().await;
-    let started = kind.start(&opts, ipt, random_fully).await?;
-    let metrics = match started.nfacct {
-        Some(nfacct) => Metrics::with_nfacct(crate::server::IpFamily::V4, nfacct),
+    let random_fully = Iptables::new(variant, IpFamily::V4)
+        .supports_random_fully()
+        .await;
+    let families = kind.families(variant).await;
+    if families.is_empty() {
+        return Err(DaemonError::NoFamily);
+    }
+    let mut backends = Vec::new();
+    let mut tasks = Vec::new();
+    let mut nfacct = None;
+    for family in families {
+        let ipt = Iptables::new(variant, family);
+        let started = kind.start(&opts, ipt, random_fully).await?;
+        tracing::info!(%family, "proxier started");
+        backends.push((family, started.backend));
+        tasks.extend(started.tasks);
+        nfacct = nfacct.or(started.nfacct);
+    }
+    let metrics = match nfacct {
+        Some(nfacct) => Metrics::with_nfacct(IpFamily::V4, nfacct),
         None => Metrics::new(),
     };
-    serve(inv, client, started.backend, started.tasks, metrics).await
+    serve(inv, client, backends, tasks, metrics).await
 }
 
-/// Servers, watchers and the sync loop around `backend`, until a signal or a fatal error (a
-/// changed config file, or any of the watchers, the sync loop or the backend's own `tasks`
-/// ending).
+/// Servers, watchers and the sync loop around `backends` (one per IP family), until a signal
+/// or a fatal error (a changed config file, or any of the watchers, the sync loop or the
+/// backends' own `tasks` ending).
 pub async fn serve<B: Backend + 'static>(
     inv: Invocation,
     client: Client,
-    backend: B,
+    backends: Vec<(IpFamily, B)>,
     mut tasks: Vec<Task>,
     metrics: Metrics,
 ) -> Result<(), DaemonError> {
@@ -242,12 +260,18 @@ pub async fn serve<B: Backend + 'static>(
         }
     };
     let node = node.inspect_err(|_| abort_all(&tasks))?;
-    let facts = host.facts(&node);
-    enable_route_localnet(&opts, &facts);
+    let facts: Vec<_> = backends
+        .iter()
+        .map(|(family, _)| host.facts(&node, *family))
+        .collect();
+    if let Some(v4) = facts.iter().find(|f| f.family == IpFamily::V4) {
+        enable_route_localnet(&opts, v4);
+    }
     // Upstream lists the addresses once, at start-up; the reporter follows node IP changes.
     let local = crate::host::local_addresses().await;
     let service_health = ServiceHealthServers::for_node_facts(&facts, &local, health.clone());
-    let reporter = DaemonReporter::new(metrics, health, service_health);
+    let reporter = DaemonReporter::new(metrics, health, service_health)
+        .with_primary(host.primary_family(&node));
 
     let settings = SyncSettings {
         min_sync_period: opts.min_sync_period,
@@ -255,7 +279,7 @@ pub async fn serve<B: Backend + 'static>(
         full_sync_period: FULL_SYNC_PERIOD,
         host,
     };
-    let sync = SyncLoop::new(shared, backend, reporter, settings).run(None);
+    let sync = SyncLoop::new(shared, backends, reporter, settings).run(None);
     tasks.push((
         "sync",
         tokio::spawn(async move {
@@ -363,7 +387,7 @@ mod tests {
             )
             .unwrap();
             let node = crate::model::NodeInfo::default();
-            let facts = HostSettings::from_options(&args.options).facts(&node);
+            let facts = HostSettings::from_options(&args.options).facts(&node, IpFamily::V4);
             let rc = crate::backend::iptables::proxier::render_config(
                 &args.options,
                 &node,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::backend::netfilter::LocalDetector;
 use crate::config::{DetectLocal, NodePortAddresses, ProxyOptions};
-use crate::model::{Cidr, NodeInfo};
+use crate::model::{Cidr, IpFamily, NodeInfo};
 use crate::sync::shared::Shared;
 
 /// How long start-up waits for the Node (its podCIDR, its IPs), as upstream's NodeManager.
@@ -45,16 +45,19 @@ impl Default for HostSettings {
     }
 }
 
-/// What both backends need to know about this node for one sync (IPv4).
+/// What every backend needs to know about this node for one sync of one IP family.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NodeFacts {
-    /// The primary node IP (upstream `nodeIP`), `None` while unknown.
+    /// The family these facts are for (every address and prefix below is of it).
+    pub family: IpFamily,
+    /// The primary node IP of the family (upstream `nodeIPs[family]`), `None` while unknown.
     pub primary_ip: Option<IpAddr>,
-    /// The IPv4 prefixes node ports are served on; `None`: every local address (upstream
+    /// The prefixes node ports are served on; `None`: every local address (upstream
     /// `MatchAll`).
     pub node_port_cidrs: Option<Vec<Cidr>>,
-    /// Localhost node ports are in effect: the flag is set and the node-port addresses
-    /// include an IPv4 loopback address. Also decides `route_localnet`.
+    /// Localhost node ports are in effect: the flag is set, the family is IPv4 (IPv6 node
+    /// ports never work on `::1`, as upstream) and the node-port addresses include an IPv4
+    /// loopback address. Also decides `route_localnet`.
     pub localhost_node_ports: bool,
     /// How traffic from local pods is recognised.
     pub local_detector: LocalDetector,
@@ -93,35 +96,48 @@ impl HostSettings {
         }
     }
 
-    /// The facts for `node` (as last seen; a default `NodeInfo` while it is unknown).
-    pub fn facts(&self, node: &NodeInfo) -> NodeFacts {
-        let primary_ip = primary_node_ip(self.bind_address, node);
-        let node_port_cidrs = node_port_cidrs(&self.node_port_addresses, primary_ip);
+    /// The facts of `family` for `node` (as last seen; a default `NodeInfo` while it is
+    /// unknown).
+    pub fn facts(&self, node: &NodeInfo, family: IpFamily) -> NodeFacts {
+        let primary_ip = primary_node_ip(self.bind_address, node, family);
+        let node_port_cidrs = node_port_cidrs(&self.node_port_addresses, primary_ip, family);
         NodeFacts {
+            family,
             primary_ip,
-            localhost_node_ports: self.localhost_node_ports
+            localhost_node_ports: family == IpFamily::V4
+                && self.localhost_node_ports
                 && contains_ipv4_loopback(node_port_cidrs.as_deref()),
             node_port_cidrs,
-            local_detector: self.local_detector(node),
+            local_detector: self.local_detector(node, family),
         }
     }
 
-    fn local_detector(&self, node: &NodeInfo) -> LocalDetector {
+    /// The family of the primary node IP (upstream `detectNodeIPs`): `--bind-address` when
+    /// specified, else the Node's first address, else IPv4.
+    pub fn primary_family(&self, node: &NodeInfo) -> IpFamily {
+        if !self.bind_address.is_unspecified() {
+            return IpFamily::of(&self.bind_address);
+        }
+        node.ips.first().map_or(IpFamily::V4, IpFamily::of)
+    }
+
+    fn local_detector(&self, node: &NodeInfo, family: IpFamily) -> LocalDetector {
         match &self.detect_local {
             DetectLocal::None => LocalDetector::None,
-            DetectLocal::ClusterCidr(cidrs) => first_ipv4(cidrs),
-            DetectLocal::NodeCidr => first_ipv4(&node.pod_cidrs),
+            DetectLocal::ClusterCidr(cidrs) => first_of(cidrs, family),
+            DetectLocal::NodeCidr => first_of(&node.pod_cidrs, family),
             DetectLocal::BridgeInterface(i) => LocalDetector::BridgeInterface(i.clone()),
             DetectLocal::InterfaceNamePrefix(p) => LocalDetector::InterfaceNamePrefix(p.clone()),
         }
     }
 
     /// Whether start-up must wait for `node` before the first sync: NodeCIDR mode needs its
-    /// podCIDR; `--nodeport-addresses primary` needs its IP unless `--bind-address` gives it.
+    /// podCIDR; `--nodeport-addresses primary` needs an IP unless `--bind-address` gives it.
     fn node_ready(&self, node: &NodeInfo) -> bool {
         let cidr_ok = self.detect_local != DetectLocal::NodeCidr || !node.pod_cidrs.is_empty();
         let ip_ok = self.node_port_addresses != NodePortAddresses::Primary
-            || primary_node_ip(self.bind_address, node).is_some();
+            || !self.bind_address.is_unspecified()
+            || !node.ips.is_empty();
         cidr_ok && ip_ok
     }
 
@@ -149,7 +165,7 @@ impl HostSettings {
                         waited,
                     });
                 }
-                tracing::warn!(node = %node.name, "the Node has no IPv4 address after {waited:?}; --nodeport-addresses primary falls back to every local address, as upstream");
+                tracing::warn!(node = %node.name, "the Node has no address after {waited:?}; --nodeport-addresses primary falls back to every local address, as upstream");
                 return Ok(node);
             }
             if !logged {
@@ -161,28 +177,37 @@ impl HostSettings {
     }
 }
 
-/// The IPv4 primary node IP: a specified `bind_address` (upstream's override), else the
-/// Node's first IPv4 address, InternalIPs before ExternalIPs (upstream `GetNodeHostIPs`; the
-/// model keeps `NodeInfo::ips` in that order).
-pub fn primary_node_ip(bind_address: IpAddr, node: &NodeInfo) -> Option<IpAddr> {
-    if bind_address.is_ipv4() && !bind_address.is_unspecified() {
+/// The primary node IP of `family`: a specified `bind_address` of that family (upstream's
+/// override), else the Node's first address of the family, InternalIPs before ExternalIPs
+/// (upstream `GetNodeHostIPs`; the model keeps `NodeInfo::ips` in that order).
+pub fn primary_node_ip(bind_address: IpAddr, node: &NodeInfo, family: IpFamily) -> Option<IpAddr> {
+    if family.matches(&bind_address) && !bind_address.is_unspecified() {
         return Some(bind_address);
     }
-    node.ips.iter().copied().find(IpAddr::is_ipv4)
+    node.ips.iter().copied().find(|ip| family.matches(ip))
 }
 
-/// `--nodeport-addresses` as IPv4 prefixes (upstream `NewNodePortAddresses` for IPv4, after
-/// server.go turned `primary` into the node IP's /32): `None` when it matches every address
-/// (unset, `0.0.0.0/0`, no IPv4 prefix, or `primary` without a known non-loopback node IP).
-pub fn node_port_cidrs(npa: &NodePortAddresses, primary: Option<IpAddr>) -> Option<Vec<Cidr>> {
+/// `--nodeport-addresses` as prefixes of `family` (upstream `NewNodePortAddresses`, after
+/// server.go turned `primary` into the node IP's /32 or /128): `None` when it matches every
+/// address (unset, a zero-length prefix, no prefix of the family, or `primary` without a
+/// known non-loopback node IP).
+pub fn node_port_cidrs(
+    npa: &NodePortAddresses,
+    primary: Option<IpAddr>,
+    family: IpFamily,
+) -> Option<Vec<Cidr>> {
     let cidrs: Vec<Cidr> = match npa {
         NodePortAddresses::All => return None,
         NodePortAddresses::Primary => primary
-            .filter(|ip| !ip.is_loopback())
+            .filter(|ip| !ip.is_loopback() && family.matches(ip))
             .map(Cidr::host)
             .into_iter()
             .collect(),
-        NodePortAddresses::Cidrs(c) => c.iter().copied().filter(Cidr::is_ipv4).collect(),
+        NodePortAddresses::Cidrs(c) => c
+            .iter()
+            .copied()
+            .filter(|c| family.matches(&c.addr()))
+            .collect(),
     };
     if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix() == 0) {
         None
@@ -202,10 +227,15 @@ pub fn contains_ipv4_loopback(cidrs: Option<&[Cidr]>) -> bool {
 }
 
 impl NodeFacts {
-    /// The local addresses node ports (and health-check node ports) are served on, from the
-    /// host's `local` addresses (upstream `MatchAll` / `GetNodeIPs`, IPv4).
+    /// The local addresses of this family node ports (and health-check node ports) are
+    /// served on, from the host's `local` addresses (upstream `MatchAll` / `GetNodeIPs`).
     pub fn node_port_ips(&self, local: &[IpAddr]) -> NodePortDestinations {
-        node_port_destinations(self.node_port_cidrs.as_deref(), local)
+        let mine: Vec<IpAddr> = local
+            .iter()
+            .copied()
+            .filter(|ip| self.family.matches(ip))
+            .collect();
+        node_port_destinations(self.node_port_cidrs.as_deref(), &mine)
     }
 }
 
@@ -235,10 +265,12 @@ pub async fn local_addresses() -> Vec<IpAddr> {
     }
 }
 
-fn first_ipv4(cidrs: &[Cidr]) -> LocalDetector {
+/// Detect-local of one family: the first prefix of it (`--cluster-cidr` and podCIDRs are
+/// dual-stack pairs).
+fn first_of(cidrs: &[Cidr], family: IpFamily) -> LocalDetector {
     cidrs
         .iter()
-        .find(|c| c.is_ipv4())
+        .find(|c| family.matches(&c.addr()))
         .map(|c| LocalDetector::Cidr(*c))
         .unwrap_or_default()
 }
@@ -275,7 +307,7 @@ mod tests {
 
     #[test]
     fn primary_node_ports_are_the_node_ip_only() {
-        let f = primary().facts(&node(&["192.168.50.1", "10.0.0.7"], &[]));
+        let f = primary().facts(&node(&["192.168.50.1", "10.0.0.7"], &[]), IpFamily::V4);
         assert_eq!(f.primary_ip, Some(ip("192.168.50.1")));
         assert_eq!(f.node_port_cidrs, Some(vec![cidr("192.168.50.1/32")]));
         assert!(!f.localhost_node_ports, "a node IP /32 holds no loopback");
@@ -290,19 +322,19 @@ mod tests {
     fn bind_address_overrides_the_node_addresses() {
         let mut s = primary();
         s.bind_address = ip("10.0.0.7");
-        let f = s.facts(&node(&["192.168.50.1"], &[]));
+        let f = s.facts(&node(&["192.168.50.1"], &[]), IpFamily::V4);
         assert_eq!(f.primary_ip, Some(ip("10.0.0.7")));
         assert_eq!(f.node_port_cidrs, Some(vec![cidr("10.0.0.7/32")]));
         s.bind_address = ip("0.0.0.0");
         assert_eq!(
-            s.facts(&node(&["192.168.50.1"], &[])).primary_ip,
+            s.facts(&node(&["192.168.50.1"], &[]), IpFamily::V4).primary_ip,
             Some(ip("192.168.50.1"))
         );
     }
 
     #[test]
     fn primary_without_a_node_ip_matches_every_address_as_upstream() {
-        let f = primary().facts(&NodeInfo::default());
+        let f = primary().facts(&NodeInfo::default(), IpFamily::V4);
         assert_eq!(f.primary_ip, None);
         assert_eq!(f.node_port_cidrs, None);
         assert_eq!(
@@ -319,7 +351,7 @@ mod tests {
                 localhost_node_ports: flag,
                 ..HostSettings::default()
             }
-            .facts(&NodeInfo::default())
+            .facts(&NodeInfo::default(), IpFamily::V4)
             .localhost_node_ports
         };
         // 127.0.0.2/32 is a loopback address though it does not hold 127.0.0.1.
@@ -340,9 +372,59 @@ mod tests {
             detect_local: DetectLocal::NodeCidr,
             ..HostSettings::default()
         };
-        let f = s.facts(&node(&[], &["fd00::/64", "10.244.1.0/24"]));
+        let f = s.facts(&node(&[], &["fd00::/64", "10.244.1.0/24"]), IpFamily::V4);
         assert_eq!(f.local_detector, LocalDetector::Cidr(cidr("10.244.1.0/24")));
-        assert_eq!(s.facts(&node(&[], &[])).local_detector, LocalDetector::None);
+        assert_eq!(s.facts(&node(&[], &[]), IpFamily::V4).local_detector, LocalDetector::None);
+    }
+
+    #[test]
+    fn each_family_gets_its_own_facts() {
+        let s = HostSettings {
+            node_port_addresses: NodePortAddresses::Primary,
+            detect_local: DetectLocal::ClusterCidr(vec![
+                cidr("fd00:10:244::/56"),
+                cidr("10.244.0.0/16"),
+            ]),
+            ..HostSettings::default()
+        };
+        let n = node(&["fd00:50::1", "192.168.50.1", "fd00:50::2"], &[]);
+        let v4 = s.facts(&n, IpFamily::V4);
+        let v6 = s.facts(&n, IpFamily::V6);
+        assert_eq!((v4.family, v6.family), (IpFamily::V4, IpFamily::V6));
+        assert_eq!(v4.primary_ip, Some(ip("192.168.50.1")));
+        assert_eq!(v6.primary_ip, Some(ip("fd00:50::1")));
+        assert_eq!(v4.node_port_cidrs, Some(vec![cidr("192.168.50.1/32")]));
+        assert_eq!(v6.node_port_cidrs, Some(vec![cidr("fd00:50::1/128")]));
+        assert_eq!(v4.local_detector, LocalDetector::Cidr(cidr("10.244.0.0/16")));
+        assert_eq!(v6.local_detector, LocalDetector::Cidr(cidr("fd00:10:244::/56")));
+        let local = [ip("192.168.50.1"), ip("fd00:50::1"), ip("fd00:50::2")];
+        assert_eq!(
+            v6.node_port_ips(&local),
+            NodePortDestinations::Ips(vec![ip("fd00:50::1")])
+        );
+        assert_eq!(s.primary_family(&n), IpFamily::V6, "the Node's first address");
+    }
+
+    #[test]
+    fn ipv6_never_has_localhost_node_ports_and_bind_address_picks_its_family() {
+        let mut s = HostSettings::default();
+        let n = node(&["192.168.50.1", "fd00:50::1"], &[]);
+        assert!(s.facts(&n, IpFamily::V4).localhost_node_ports);
+        assert!(!s.facts(&n, IpFamily::V6).localhost_node_ports);
+        s.bind_address = ip("fd00:50::9");
+        assert_eq!(s.primary_family(&n), IpFamily::V6);
+        assert_eq!(s.facts(&n, IpFamily::V6).primary_ip, Some(ip("fd00:50::9")));
+        assert_eq!(
+            s.facts(&n, IpFamily::V4).primary_ip,
+            Some(ip("192.168.50.1")),
+            "the override applies to its own family only"
+        );
+        s.bind_address = ip("::");
+        assert_eq!(s.primary_family(&n), IpFamily::V4);
+        assert_eq!(
+            s.facts(&NodeInfo::default(), IpFamily::V6).node_port_cidrs,
+            None
+        );
     }
 
     fn node_object(pod_cidr: Option<&str>) -> k8s_openapi::api::core::v1::Node {

@@ -100,7 +100,7 @@ pub fn model(
 ) -> Result<crate::model::ProxyModel, RenderError> {
     let objects = load(args, warnings)?;
     let node = node_name(args, explicit_hostname, &objects);
-    let mut model = state_from(&objects, &node, warnings).snapshot();
+    let mut model = state_from(&objects, &node, warnings).snapshot(crate::model::IpFamily::V4);
     if !args.node_ips.is_empty() {
         model.node.ips = args.node_ips.clone();
     }

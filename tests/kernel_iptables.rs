@@ -23,7 +23,7 @@ fn demo_objects() -> Objects {
 }
 
 fn model_of(objects: &Objects) -> ProxyModel {
-    state_from(objects, "node1", &mut Vec::new()).snapshot()
+    state_from(objects, "node1", &mut Vec::new()).snapshot(kube_proxy_rs::model::IpFamily::V4)
 }
 
 fn proxier(

@@ -150,7 +150,7 @@ fn model(objs: &[Value]) -> ProxyModel {
     let mut o = Objects::default();
     let mut warnings = Vec::new();
     parse_objects("kernel_ipvs", &text.join("\n---\n"), &mut o, &mut warnings).unwrap();
-    let m = state_from(&o, "node1", &mut warnings).snapshot();
+    let m = state_from(&o, "node1", &mut warnings).snapshot(kube_proxy_rs::model::IpFamily::V4);
     assert!(warnings.is_empty(), "{warnings:?}");
     m
 }

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use crate::config::{ProxyMode, ProxyOptions};
 use crate::kernel::iptables::Iptables;
 
-use crate::model::{ProxyModel, ServiceName};
+use crate::model::{IpFamily, ProxyModel, ServiceName};
 use conntrack::ReconcileReport;
 
 /// One sync as the loop asks for it.
@@ -151,6 +151,32 @@ impl Kind {
             ProxyMode::Iptables => Some(Kind::Iptables),
             ProxyMode::Ipvs => Some(Kind::Ipvs),
             ProxyMode::Nftables => None,
+        }
+    }
+
+    /// The IP families this host can run a proxier for, primary-first order not implied
+    /// (upstream `platformCheckSupported`: a family is supported when its iptables works,
+    /// `POSTROUTING` in its nat table). An unsupported family is skipped with one log line.
+    pub async fn families(self, variant: crate::kernel::IptablesVariant) -> Vec<IpFamily> {
+        let mut out = Vec::new();
+        for family in self.candidate_families() {
+            let ipt = Iptables::new(variant, family);
+            match ipt.chain_exists(crate::kernel::Table::Nat, "POSTROUTING").await {
+                Ok(true) => out.push(family),
+                Ok(false) => tracing::warn!(%family, "no {family} nat table; not proxying {family}"),
+                Err(e) => {
+                    tracing::warn!(%family, error = %e, "{family} is not supported on this host; not proxying {family}")
+                }
+            }
+        }
+        out
+    }
+
+    fn candidate_families(self) -> Vec<IpFamily> {
+        match self {
+            Kind::Iptables => IpFamily::ALL.to_vec(),
+            // IPv6 virtual servers are not written yet: an IPv6 IPVS proxier must not run.
+            Kind::Ipvs => vec![IpFamily::V4],
         }
     }
 

@@ -33,14 +33,7 @@ pub use iptables::{Iptables, IptablesVariant, IptablesVersion, RulePosition, Tab
 pub use link::DummyLink;
 pub use sysctl::{ConntrackSettings, SettingOutcome, SettingReport, Sysctl};
 
-/// IP family a tool invocation works on (`iptables` vs `ip6tables`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IpFamily {
-    /// IPv4.
-    V4,
-    /// IPv6.
-    V6,
-}
+pub use crate::model::IpFamily;
 
 /// Everything that can go wrong while talking to the kernel.
 #[derive(Debug, thiserror::Error)]

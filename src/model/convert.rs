@@ -6,8 +6,9 @@
 //! object with one warning: names are written into the ruleset (comments, hashed chain
 //! names), so only names the API server would accept may reach it. Addresses are read
 //! leniently, as upstream's `netutils.ParseIPSloppy` does (leading zeros are decimal), so
-//! values stored by older releases keep working. Only IPv4 is programmed for now, so IPv6
-//! data is dropped silently.
+//! values stored by older releases keep working. Both IP families are converted: a Service
+//! yields one [`ServicePort`] per port and per family it has a cluster IP of (upstream's
+//! per-family change trackers), each carrying only that family's addresses and ranges.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -15,8 +16,8 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::NodeInfo;
-use super::net::Protocol;
+use super::net::{Cidr, Protocol};
+use super::{IpFamily, NodeInfo};
 use super::service::{
     Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges,
 };
@@ -40,19 +41,10 @@ const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 pub struct ConvertedService {
     /// The Service's name.
     pub name: ServiceName,
-    /// Its usable ports; empty when the Service produces no rules (headless, ExternalName,
-    /// no IPv4 cluster IP, or every port invalid).
+    /// Its usable ports, IPv4 ones first, then IPv6 ones (one per port and family with a
+    /// cluster IP); empty when the Service produces no rules (headless, ExternalName, no
+    /// cluster IP, or every port invalid).
     pub ports: Vec<ServicePort>,
-}
-
-/// An IPv4 address read as upstream reads object addresses; `Err` if unreadable, `Ok(None)`
-/// for another family.
-fn ipv4_sloppy(s: &str) -> Result<Option<IpAddr>, ()> {
-    match parse_ip_sloppy(s) {
-        Some(ip) if ip.is_ipv4() => Ok(Some(ip)),
-        Some(_) => Ok(None),
-        None => Err(()),
-    }
 }
 
 /// One name check: what the value is, the value, and the API server's rule for it.
@@ -91,8 +83,8 @@ fn check_service_names(svc: &Service, namespace: &str, name: &str) -> Result<(),
 }
 
 /// Converts a Service; `warnings` receives one line per skipped part. `None` when the
-/// object itself is unusable (no name, a name the API server would refuse, or no IPv4
-/// cluster IP).
+/// object itself is unusable (no name, a name the API server would refuse, or no cluster
+/// IP of either family).
 pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<ConvertedService> {
     let namespace = svc.metadata.namespace.clone().unwrap_or_default();
     let name_str = svc.metadata.name.clone()?;
@@ -123,94 +115,148 @@ pub fn convert_service(svc: &Service, warnings: &mut Vec<String>) -> Option<Conv
             return Some(out);
         }
     };
-    let template = service_template(svc, spec, &name, service_type, warnings)?;
-    for (i, p) in spec.ports.iter().flatten().enumerate() {
-        if let Some(port) = convert_port(p, i, &template, warnings) {
-            out.ports.push(port);
+    let fields = ServiceFields::read(svc, spec, &name, service_type, warnings)?;
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let Some(template) = fields.template(family) else {
+            continue;
+        };
+        // Port problems are the same in both families: report them once.
+        let mut port_warnings = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            if let Some(port) = convert_port(p, i, &template, &mut port_warnings) {
+                out.ports.push(port);
+            }
+        }
+        if !port_warnings.is_empty() && !warnings.contains(&port_warnings[0]) {
+            warnings.extend(port_warnings);
         }
     }
     Some(out)
 }
 
-/// The fields every port of the Service shares (the port's own fields are placeholders);
-/// `None` without an IPv4 cluster IP.
-fn service_template(
-    svc: &Service,
-    spec: &ServiceSpec,
-    name: &ServiceName,
+/// What a Service's ports share, read once for both families (so each unreadable value
+/// is warned about once).
+struct ServiceFields {
+    name: ServiceName,
     service_type: ServiceType,
-    warnings: &mut Vec<String>,
-) -> Option<ServicePort> {
-    let cluster_ip = cluster_ip(spec, name, warnings)?;
-    let external_ips = ip_list(
-        spec.external_ips.iter().flatten().map(|s| s.trim()),
-        name,
-        "externalIP",
-        warnings,
-    );
-    let load_balancer_ips = if service_type == ServiceType::LoadBalancer {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        // ipMode Proxy means the load balancer does not deliver to the VIP itself.
-        let ips = ingress
-            .into_iter()
-            .flatten()
-            .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|ing| ing.ip.as_deref())
-            .filter(|ip| !ip.is_empty());
-        ip_list(ips, name, "load balancer ingress IP", warnings)
-    } else {
-        Vec::new()
-    };
-    let source_ranges = source_ranges(
-        spec.load_balancer_source_ranges
-            .as_deref()
-            .unwrap_or_default(),
-        name,
-        warnings,
-    );
-    let externally_accessible = matches!(
-        service_type,
-        ServiceType::NodePort | ServiceType::LoadBalancer
-    ) || !spec.external_ips.as_deref().unwrap_or_default().is_empty();
-    let external_policy_local =
-        externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
-    let health_check_node_port =
-        if service_type == ServiceType::LoadBalancer && external_policy_local {
-            health_check_node_port(spec, name, warnings)
-        } else {
-            0
-        };
-    Some(ServicePort {
-        service_type,
-        external_ips,
-        load_balancer_ips,
-        source_ranges,
-        session_affinity_timeout: session_affinity_timeout(spec),
-        external_policy_local,
-        internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        health_check_node_port,
-        ..ServicePort::basic(
-            ServicePortName {
-                service: name.clone(),
-                port: String::new(),
-                protocol: Protocol::Tcp,
-            },
-            cluster_ip,
-            0,
-        )
-    })
+    cluster_ips: Vec<IpAddr>,
+    external_ips: Vec<IpAddr>,
+    load_balancer_ips: Vec<IpAddr>,
+    source_ranges: ParsedRanges,
+    session_affinity_timeout: Option<u32>,
+    external_policy_local: bool,
+    internal_policy_local: bool,
+    health_check_node_port: u16,
 }
 
-/// The first IPv4 entry of `clusterIPs` (authoritative when set) or `clusterIP`.
-fn cluster_ip(
+impl ServiceFields {
+    /// `None` without a cluster IP.
+    fn read(
+        svc: &Service,
+        spec: &ServiceSpec,
+        name: &ServiceName,
+        service_type: ServiceType,
+        warnings: &mut Vec<String>,
+    ) -> Option<Self> {
+        let cluster_ips = cluster_ips(spec, name, warnings)?;
+        let external_ips = ip_list(
+            spec.external_ips.iter().flatten().map(|s| s.trim()),
+            name,
+            "externalIP",
+            warnings,
+        );
+        let load_balancer_ips = if service_type == ServiceType::LoadBalancer {
+            load_balancer_ips(svc, name, warnings)
+        } else {
+            Vec::new()
+        };
+        let source_ranges = ParsedRanges::read(
+            spec.load_balancer_source_ranges
+                .as_deref()
+                .unwrap_or_default(),
+            name,
+            warnings,
+        );
+        let externally_accessible = matches!(
+            service_type,
+            ServiceType::NodePort | ServiceType::LoadBalancer
+        ) || !spec.external_ips.as_deref().unwrap_or_default().is_empty();
+        let external_policy_local =
+            externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
+        let health_check_node_port =
+            if service_type == ServiceType::LoadBalancer && external_policy_local {
+                health_check_node_port(spec, name, warnings)
+            } else {
+                0
+            };
+        Some(ServiceFields {
+            name: name.clone(),
+            service_type,
+            cluster_ips,
+            external_ips,
+            load_balancer_ips,
+            source_ranges,
+            session_affinity_timeout: session_affinity_timeout(spec),
+            external_policy_local,
+            internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            health_check_node_port,
+        })
+    }
+
+    /// The fields every port shares in `family` (the port's own fields are placeholders);
+    /// `None` without a cluster IP of that family (upstream `GetClusterIPByFamily`: the first
+    /// of the family, `clusterIPs` authoritative when set).
+    fn template(&self, family: IpFamily) -> Option<ServicePort> {
+        let cluster_ip = self.cluster_ips.iter().copied().find(|ip| family.matches(ip))?;
+        let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+            ips.iter().copied().filter(|ip| family.matches(ip)).collect()
+        };
+        Some(ServicePort {
+            service_type: self.service_type,
+            external_ips: of_family(&self.external_ips),
+            load_balancer_ips: of_family(&self.load_balancer_ips),
+            source_ranges: self.source_ranges.for_family(family),
+            session_affinity_timeout: self.session_affinity_timeout,
+            external_policy_local: self.external_policy_local,
+            internal_policy_local: self.internal_policy_local,
+            health_check_node_port: self.health_check_node_port,
+            ..ServicePort::basic(
+                ServicePortName {
+                    service: self.name.clone(),
+                    port: String::new(),
+                    protocol: Protocol::Tcp,
+                },
+                cluster_ip,
+                0,
+            )
+        })
+    }
+}
+
+/// `status.loadBalancer.ingress[].ip`, except ingresses with ipMode Proxy (the load
+/// balancer does not deliver to the VIP itself).
+fn load_balancer_ips(svc: &Service, name: &ServiceName, warnings: &mut Vec<String>) -> Vec<IpAddr> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    let ips = ingress
+        .into_iter()
+        .flatten()
+        .filter(|ing| ing.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|ing| ing.ip.as_deref())
+        .filter(|ip| !ip.is_empty());
+    ip_list(ips, name, "load balancer ingress IP", warnings)
+}
+
+/// Every readable entry of `clusterIPs` (authoritative when set) or `clusterIP`; `None` for
+/// a headless or unset cluster IP, or when none is readable.
+fn cluster_ips(
     spec: &ServiceSpec,
     name: &ServiceName,
     warnings: &mut Vec<String>,
-) -> Option<IpAddr> {
+) -> Option<Vec<IpAddr>> {
     let mut ip_strings: Vec<&str> = Vec::new();
     if let Some(ips) = &spec.cluster_ips {
         ip_strings.extend(ips.iter().map(String::as_str));
@@ -223,12 +269,11 @@ fn cluster_ip(
     if ip_strings.iter().all(|s| s.is_empty() || *s == "None") {
         return None;
     }
-    ip_list(ip_strings.into_iter(), name, "clusterIP", warnings)
-        .into_iter()
-        .next()
+    let ips = ip_list(ip_strings.into_iter(), name, "clusterIP", warnings);
+    (!ips.is_empty()).then_some(ips)
 }
 
-/// The IPv4 addresses among `ips`; unreadable ones are warned about and skipped.
+/// The addresses among `ips`, both families; unreadable ones are warned about and skipped.
 fn ip_list<'a>(
     ips: impl Iterator<Item = &'a str>,
     name: &ServiceName,
@@ -237,10 +282,9 @@ fn ip_list<'a>(
 ) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for s in ips {
-        match ipv4_sloppy(s) {
-            Ok(Some(ip)) => out.push(ip),
-            Ok(None) => {}
-            Err(()) => warnings.push(format!(
+        match parse_ip_sloppy(s) {
+            Some(ip) => out.push(ip),
+            None => warnings.push(format!(
                 "Service {name}: {what} {s:?} is not an IP address, ignored"
             )),
         }
@@ -248,39 +292,54 @@ fn ip_list<'a>(
     out
 }
 
-/// Upstream `newBaseServiceInfo`: entries are trimmed and split by family, and a zero-length
-/// range of this family admits everyone (no firewall). An unreadable entry is skipped with a
-/// warning; if that leaves no range at all, nothing is admitted rather than everything.
-fn source_ranges(
-    ranges: &[String],
-    name: &ServiceName,
-    warnings: &mut Vec<String>,
-) -> SourceRanges {
-    let mut allowed = Vec::new();
-    let mut unreadable = false;
-    let mut allow_all = false;
-    for raw in ranges {
-        match parse_cidr_sloppy(raw.trim()) {
-            Some(c) if c.is_ipv4() && c.prefix() == 0 => allow_all = true,
-            Some(c) if c.is_ipv4() => allowed.push(c),
-            Some(_) => {}
-            None => {
-                unreadable = true;
-                warnings.push(format!(
-                    "Service {name}: loadBalancerSourceRanges entry {raw:?} is not a CIDR, ignored"
-                ));
+/// `loadBalancerSourceRanges` as read, both families.
+#[derive(Debug, Clone, Default)]
+struct ParsedRanges {
+    cidrs: Vec<Cidr>,
+    /// Some entry was unreadable: a family left without ranges then admits nothing.
+    unreadable: bool,
+}
+
+impl ParsedRanges {
+    fn read(ranges: &[String], name: &ServiceName, warnings: &mut Vec<String>) -> Self {
+        let mut out = ParsedRanges::default();
+        for raw in ranges {
+            match parse_cidr_sloppy(raw.trim()) {
+                Some(c) => out.cidrs.push(c),
+                None => {
+                    out.unreadable = true;
+                    warnings.push(format!(
+                        "Service {name}: loadBalancerSourceRanges entry {raw:?} is not a CIDR, ignored"
+                    ));
+                }
             }
         }
+        if out.unreadable && out.cidrs.is_empty() {
+            warnings.push(format!(
+                "Service {name}: no usable loadBalancerSourceRanges entry, traffic to its load balancer IPs is dropped"
+            ));
+        }
+        out
     }
-    if allow_all || (allowed.is_empty() && !unreadable) {
-        return SourceRanges::Any;
+
+    /// Upstream `newBaseServiceInfo`: entries are split by family, and a zero-length range of
+    /// this family admits everyone (no firewall). If unreadable entries leave this family
+    /// without a range, nothing is admitted rather than everything (fail closed).
+    fn for_family(&self, family: IpFamily) -> SourceRanges {
+        let mine: Vec<Cidr> = self
+            .cidrs
+            .iter()
+            .copied()
+            .filter(|c| family.matches(&c.addr()))
+            .collect();
+        if mine.iter().any(|c| c.prefix() == 0) {
+            return SourceRanges::Any;
+        }
+        if mine.is_empty() && !self.unreadable {
+            return SourceRanges::Any;
+        }
+        SourceRanges::Only(mine)
     }
-    if allowed.is_empty() {
-        warnings.push(format!(
-            "Service {name}: no usable loadBalancerSourceRanges entry, traffic to its load balancer IPs is dropped"
-        ));
-    }
-    SourceRanges::Only(allowed)
 }
 
 fn session_affinity_timeout(spec: &ServiceSpec) -> Option<u32> {
@@ -388,6 +447,8 @@ pub struct SlicePort {
 pub struct SliceInfo {
     /// The Service it belongs to.
     pub service: ServiceName,
+    /// Its `addressType`: every endpoint is of this family.
+    pub family: IpFamily,
     /// Its ports.
     pub ports: Vec<SlicePort>,
     /// Its endpoints with port 0: each is instantiated once per slice port.
@@ -420,7 +481,8 @@ fn check_slice_names(
     check_names("EndpointSlice", namespace, name, &checks)
 }
 
-/// Converts an EndpointSlice of the IPv4 family; `None` if it carries nothing for us.
+/// Converts an EndpointSlice of either IP family; `None` if it carries nothing for us (an
+/// FQDN slice, a bad name).
 pub fn convert_endpoint_slice(
     slice: &EndpointSlice,
     node_name: &str,
@@ -428,9 +490,9 @@ pub fn convert_endpoint_slice(
 ) -> Option<SliceInfo> {
     let namespace = slice.metadata.namespace.clone().unwrap_or_default();
     let slice_name = slice.metadata.name.clone().unwrap_or_default();
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" => return None,
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
         other => {
             warnings.push(format!(
                 "EndpointSlice {}/{}: addressType {other:?} is not supported, skipped",
@@ -439,7 +501,7 @@ pub fn convert_endpoint_slice(
             ));
             return None;
         }
-    }
+    };
     let svc_name = slice
         .metadata
         .labels
@@ -454,8 +516,9 @@ pub fn convert_endpoint_slice(
     let who = format!("EndpointSlice {namespace}/{slice_name}");
     Some(SliceInfo {
         service: ServiceName::new(namespace, svc_name),
+        family,
         ports: slice_ports(slice, &who, warnings),
-        endpoints: slice_endpoints(slice, node_name, &who, warnings),
+        endpoints: slice_endpoints(slice, family, node_name, &who, warnings),
     })
 }
 
@@ -491,6 +554,7 @@ fn slice_ports(slice: &EndpointSlice, who: &str, warnings: &mut Vec<String>) -> 
 /// `terminating` as false.
 fn slice_endpoints(
     slice: &EndpointSlice,
+    family: IpFamily,
     node_name: &str,
     who: &str,
     warnings: &mut Vec<String>,
@@ -500,9 +564,9 @@ fn slice_endpoints(
         let Some(addr) = ep.addresses.first() else {
             continue;
         };
-        let Ok(Some(ip)) = ipv4_sloppy(addr) else {
+        let Some(ip) = parse_ip_sloppy(addr).filter(|ip| family.matches(ip)) else {
             warnings.push(format!(
-                "{who}: endpoint address {addr:?} is not an IPv4 address, endpoint skipped"
+                "{who}: endpoint address {addr:?} is not an {family} address, endpoint skipped"
             ));
             continue;
         };

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 pub use categorize::{Categorized, categorize_endpoints};
-pub use net::{Cidr, Protocol};
-pub use plan::{IpFamily, Plan, PlanOptions, ServicePlan, plan};
+pub use net::{Cidr, IpFamily, Protocol};
+pub use plan::{Plan, PlanOptions, ServicePlan, plan};
 pub use service::{Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges};
 pub use state::ClusterState;
 

@@ -10,34 +10,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+pub use super::net::IpFamily;
 use super::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, categorize_endpoints};
-
-/// An IP family. Only IPv4 is programmed today; the plan filters by it so that a dual-stack
-/// model yields one plan per family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum IpFamily {
-    /// IPv4.
-    #[default]
-    V4,
-    /// IPv6.
-    V6,
-}
-
-impl IpFamily {
-    /// The family of `ip`.
-    pub fn of(ip: &IpAddr) -> Self {
-        if ip.is_ipv4() {
-            IpFamily::V4
-        } else {
-            IpFamily::V6
-        }
-    }
-
-    /// Whether `ip` belongs to this family.
-    pub fn matches(self, ip: &IpAddr) -> bool {
-        IpFamily::of(ip) == self
-    }
-}
 
 /// Which endpoint set served traffic goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::convert::{self, SliceInfo};
-use super::{Endpoint, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePortName};
+use super::{
+    Endpoint, IpFamily, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePortName,
+};
 
 /// What changed since the last [`ClusterState::take_changes`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -257,21 +259,29 @@ impl ClusterState {
         std::mem::take(&mut self.changes)
     }
 
-    /// Builds the desired-state snapshot a backend renders.
-    pub fn snapshot(&self) -> ProxyModel {
+    /// Builds the desired-state snapshot `family`'s proxier renders: the service ports with a
+    /// cluster IP of that family, and the endpoints of that family's slices (upstream's
+    /// per-family change trackers).
+    pub fn snapshot(&self, family: IpFamily) -> ProxyModel {
         let mut model = ProxyModel {
             node: self.node.clone(),
             ..Default::default()
         };
         for (name, ports) in &self.services {
-            for p in ports {
+            let ports = ports.iter().filter(|p| family.matches(&p.cluster_ip));
+            for p in ports.clone() {
                 model.services.insert(p.name.clone(), p.clone());
             }
             let Some(keys) = self.slices_by_service.get(name) else {
                 continue;
             };
+            let slices = || {
+                keys.iter()
+                    .filter_map(|k| self.slices.get(k))
+                    .filter(|s| s.family == family)
+            };
             for p in ports {
-                let eps = endpoints_for(p, keys.iter().filter_map(|k| self.slices.get(k)));
+                let eps = endpoints_for(p, slices());
                 if !eps.is_empty() {
                     model.endpoints.insert(p.name.clone(), eps);
                 }
@@ -280,7 +290,7 @@ impl ClusterState {
         model
     }
 
-    /// Number of service ports known.
+    /// Number of service ports known (over both families).
     pub fn service_port_count(&self) -> usize {
         self.services.values().map(Vec::len).sum()
     }
@@ -366,7 +376,7 @@ mod tests {
         st.apply_service(&svc("a", "172.30.0.1"));
         st.apply_slice(&slice("a-1", "a", &["10.0.0.5", "10.0.0.10"], None));
         st.apply_slice(&slice("a-2", "a", &["10.0.0.5"], Some("node1")));
-        let m = st.snapshot();
+        let m = st.snapshot(IpFamily::V4);
         let name = ServicePortName::new("ns", "a", "p80", crate::model::Protocol::Tcp);
         let eps = m.endpoints_of(&name);
         let addrs: Vec<_> = eps.iter().map(Endpoint::addr_string).collect();
@@ -389,7 +399,7 @@ mod tests {
             );
         }
         st.apply_slice(&ghost);
-        let m = st.snapshot();
+        let m = st.snapshot(IpFamily::V4);
         let name = ServicePortName::new("ns", "a", "p80", crate::model::Protocol::Tcp);
         let eps = m.endpoints_of(&name);
         assert_eq!(eps.len(), 1);
@@ -438,7 +448,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["b"]
         );
-        assert!(!st.snapshot().services.keys().any(|k| k.service.name == "b"));
+        assert!(!st.snapshot(IpFamily::V4).services.keys().any(|k| k.service.name == "b"));
     }
 
     #[test]

@@ -74,6 +74,38 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
     std::net::TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// Binds `addr` accepting only its own family: an IPv6 address gets `IPV6_V6ONLY`, so `[::]`
+/// does not also take IPv4 and the IPv4 listeners of the same port can coexist (each
+/// family's health check servers cover exactly that family's node-port addresses).
+pub fn bind_family_only(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
+    if addr.is_ipv4() {
+        return bind(addr);
+    }
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind as nix_bind, listen,
+        setsockopt, socket, sockopt,
+    };
+    let err = |e: nix::Error| ServerError::Bind {
+        addr,
+        source: std::io::Error::from(e),
+    };
+    let SocketAddr::V6(v6) = addr else {
+        return bind(addr);
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(err)?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(err)?;
+    nix_bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn6::from(v6)).map_err(err)?;
+    listen(&fd, Backlog::new(1024).map_err(err)?).map_err(err)?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
 /// Serves `handler` on `listener` on the current Tokio runtime.
 pub fn spawn(listener: std::net::TcpListener, handler: Handler) -> Result<HttpServer, ServerError> {
     let rt = tokio::runtime::Handle::try_current()?;

@@ -82,7 +82,6 @@ fn network_programming_histogram() -> Histogram {
 
 struct Inner {
     registry: Registry,
-    family: IpFamily,
     sync_duration: HistogramFamily,
     sync_full_duration: HistogramFamily,
     sync_partial_duration: HistogramFamily,
@@ -104,14 +103,18 @@ struct Inner {
     conntrack_deleted: Family<FamilyLabel, Counter>,
 }
 
-/// kube-proxy's metrics for one IP family. Cheap to clone; all clones share one registry.
+/// kube-proxy's metrics, seen from one IP family (the `ip_family` label of what it records).
+/// Cheap to clone; all clones, and the views of other families, share one registry.
 #[derive(Clone)]
-pub struct Metrics(Arc<Inner>);
+pub struct Metrics {
+    inner: Arc<Inner>,
+    family: IpFamily,
+}
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics")
-            .field("family", &self.0.family)
+            .field("family", &self.family)
             .finish_non_exhaustive()
     }
 }
@@ -160,7 +163,6 @@ impl Metrics {
         let hist = || HistogramFamily::new_with_constructor(sync_histogram as fn() -> Histogram);
         let inner = Inner {
             registry: Registry::default(),
-            family,
             sync_duration: hist(),
             sync_full_duration: hist(),
             sync_partial_duration: hist(),
@@ -319,33 +321,44 @@ impl Metrics {
                 &counter(NFACCT_LOCALHOST_NODEPORTS),
             );
         }
-        Metrics(Arc::new(i))
+        Metrics {
+            inner: Arc::new(i),
+            family,
+        }
     }
 
     /// The IP family these metrics are labelled with.
     pub fn family(&self) -> IpFamily {
-        self.0.family
+        self.family
+    }
+
+    /// The same registry, recording for `family` (one view per proxier).
+    pub fn for_view(&self, family: IpFamily) -> Metrics {
+        Metrics {
+            inner: self.inner.clone(),
+            family,
+        }
     }
 
     fn fam(&self) -> FamilyLabel {
-        [("ip_family", self.0.family.as_str())]
+        [("ip_family", self.family.as_str())]
     }
 
     fn fam_and(&self, key: &'static str, value: &'static str) -> FamilyAnd {
-        [("ip_family", self.0.family.as_str()), (key, value)]
+        [("ip_family", self.family.as_str()), (key, value)]
     }
 
     /// One sync round (successful or not) took `duration`: `sync_proxy_rules_duration_seconds`
     /// plus, for a backend with partial syncs, the full or partial histogram.
     pub fn observe_sync(&self, duration: Duration, kind: SyncKind) {
         let secs = duration.as_secs_f64();
-        self.0
+        self.inner
             .sync_duration
             .get_or_create(&self.fam())
             .observe(secs);
         let h = match kind {
-            SyncKind::Full => &self.0.sync_full_duration,
-            SyncKind::Partial => &self.0.sync_partial_duration,
+            SyncKind::Full => &self.inner.sync_full_duration,
+            SyncKind::Partial => &self.inner.sync_partial_duration,
             SyncKind::Unsplit => return,
         };
         h.get_or_create(&self.fam()).observe(secs);
@@ -358,7 +371,7 @@ impl Metrics {
 
     /// `sync_proxy_rules_last_timestamp_seconds` = `at`.
     pub fn set_last_sync(&self, at: SystemTime) {
-        self.0
+        self.inner
             .last_timestamp
             .get_or_create(&self.fam())
             .set(unix_seconds(at));
@@ -371,7 +384,7 @@ impl Metrics {
 
     /// A sync was queued at `at`.
     pub fn record_queued_at(&self, at: SystemTime) {
-        self.0
+        self.inner
             .last_queued_timestamp
             .get_or_create(&self.fam())
             .set(unix_seconds(at));
@@ -380,7 +393,7 @@ impl Metrics {
     /// One `network_programming_duration_seconds` observation (from an EndpointSlice's
     /// `endpoints.kubernetes.io/last-change-trigger-time` to the end of the sync).
     pub fn observe_network_programming(&self, seconds: f64) {
-        self.0
+        self.inner
             .network_programming
             .get_or_create(&self.fam())
             .observe(seconds);
@@ -389,9 +402,9 @@ impl Metrics {
     /// An iptables-restore failed. As upstream, every failure counts in the plain counter and
     /// a failed partial sync (which falls back to a full one) also in the partial counter.
     pub fn inc_restore_failure(&self, partial: bool) {
-        self.0.restore_failures.get_or_create(&self.fam()).inc();
+        self.inner.restore_failures.get_or_create(&self.fam()).inc();
         if partial {
-            self.0
+            self.inner
                 .partial_restore_failures
                 .get_or_create(&self.fam())
                 .inc();
@@ -400,18 +413,18 @@ impl Metrics {
 
     /// `sync_proxy_rules_iptables_total{table}`: rules owned by kube-proxy per table.
     pub fn set_rule_counts(&self, filter: u64, nat: u64) {
-        set_tables(&self.0.iptables_total, self, filter, nat);
+        set_tables(&self.inner.iptables_total, self, filter, nat);
     }
 
     /// `sync_proxy_rules_iptables_last{table}`: rules written in the last sync per table.
     pub fn set_rules_written(&self, filter: u64, nat: u64) {
-        set_tables(&self.0.iptables_last, self, filter, nat);
+        set_tables(&self.inner.iptables_last, self, filter, nat);
     }
 
     /// `sync_proxy_rules_no_local_endpoints_total{traffic_policy}`: Services with a Local
     /// internal / external traffic policy and no local endpoints.
     pub fn set_no_local_endpoints(&self, internal: u64, external: u64) {
-        let g = &self.0.no_local_endpoints;
+        let g = &self.inner.no_local_endpoints;
         g.get_or_create(&self.fam_and("traffic_policy", "internal"))
             .set(as_i64(internal));
         g.get_or_create(&self.fam_and("traffic_policy", "external"))
@@ -420,23 +433,23 @@ impl Metrics {
 
     /// `sync_proxy_rules_service_changes_total += n`.
     pub fn inc_service_changes(&self, n: u64) {
-        self.0.service_changes_total.inc_by(n);
+        self.inner.service_changes_total.inc_by(n);
     }
 
     /// `sync_proxy_rules_endpoint_changes_total += n`.
     pub fn inc_endpoint_changes(&self, n: u64) {
-        self.0.endpoint_changes_total.inc_by(n);
+        self.inner.endpoint_changes_total.inc_by(n);
     }
 
     /// `sync_proxy_rules_{service,endpoint}_changes_pending`.
     pub fn set_pending(&self, services: u64, endpoints: u64) {
-        self.0.service_changes_pending.set(as_i64(services));
-        self.0.endpoint_changes_pending.set(as_i64(endpoints));
+        self.inner.service_changes_pending.set(as_i64(services));
+        self.inner.endpoint_changes_pending.set(as_i64(endpoints));
     }
 
     /// `proxy_healthz_total{code}` += 1.
     pub fn inc_healthz(&self, code: u16) {
-        self.0
+        self.inner
             .healthz_total
             .get_or_create(&[("code", code.to_string())])
             .inc();
@@ -444,7 +457,7 @@ impl Metrics {
 
     /// `proxy_livez_total{code}` += 1.
     pub fn inc_livez(&self, code: u16) {
-        self.0
+        self.inner
             .livez_total
             .get_or_create(&[("code", code.to_string())])
             .inc();
@@ -452,11 +465,11 @@ impl Metrics {
 
     /// One conntrack reconcile round: its duration and how many flows it deleted.
     pub fn observe_conntrack_reconcile(&self, duration: Duration, deleted: u64) {
-        self.0
+        self.inner
             .conntrack_sync_duration
             .get_or_create(&self.fam())
             .observe(duration.as_secs_f64());
-        self.0
+        self.inner
             .conntrack_deleted
             .get_or_create(&self.fam())
             .inc_by(deleted);
@@ -465,7 +478,7 @@ impl Metrics {
     /// The registry in the Prometheus text format, as upstream's `/metrics` serves it.
     pub fn encode(&self) -> Result<String, ServerError> {
         let mut om = String::new();
-        encode_registry(&mut om, &self.0.registry)?;
+        encode_registry(&mut om, &self.inner.registry)?;
         Ok(openmetrics_to_prometheus(&om))
     }
 }

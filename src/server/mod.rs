@@ -26,31 +26,5 @@ pub use http::{
 pub use metrics::Metrics;
 pub use service_health::ServiceHealthServers;
 
-use std::fmt;
 
-/// An IP family, spelled as upstream's `v1.IPFamily` (the `ip_family` metric label value and
-/// the key of the `/healthz` `status` map).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum IpFamily {
-    /// `IPv4`.
-    #[default]
-    V4,
-    /// `IPv6`.
-    V6,
-}
-
-impl IpFamily {
-    /// Upstream's spelling: `IPv4` or `IPv6`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IpFamily::V4 => "IPv4",
-            IpFamily::V6 => "IPv6",
-        }
-    }
-}
-
-impl fmt::Display for IpFamily {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::model::IpFamily;

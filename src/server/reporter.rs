@@ -8,6 +8,8 @@ use super::health::ProxyHealth;
 use super::metrics::Metrics;
 use super::service_health::ServiceHealthServers;
 use crate::backend::BackendError;
+use crate::host::NodeFacts;
+use crate::model::{IpFamily, ServiceName};
 use crate::sync::{Reporter, SyncKind, SyncReport};
 
 /// Updates metrics, `/healthz` state and health-check node ports.
@@ -15,6 +17,12 @@ pub struct DaemonReporter {
     metrics: Metrics,
     health: ProxyHealth,
     service_health: ServiceHealthServers,
+    /// The primary IP family (its health-check counts win for dual-stack services).
+    primary: IpFamily,
+    /// Each family's node facts as last synced.
+    facts: BTreeMap<IpFamily, NodeFacts>,
+    /// Each family's health checks as last synced.
+    health_checks: BTreeMap<IpFamily, BTreeMap<ServiceName, (u16, usize)>>,
 }
 
 impl DaemonReporter {
@@ -28,14 +36,23 @@ impl DaemonReporter {
             metrics,
             health,
             service_health,
+            primary: IpFamily::V4,
+            facts: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
         }
+    }
+
+    /// The same reporter with `family` as the primary IP family.
+    pub fn with_primary(mut self, family: IpFamily) -> Self {
+        self.primary = family;
+        self
     }
 }
 
 impl Reporter for DaemonReporter {
-    fn queued(&mut self) {
-        self.health.queued_update();
-        self.metrics.record_queued();
+    fn queued(&mut self, family: IpFamily) {
+        self.health.queued_update_for(family);
+        self.metrics.for_view(family).record_queued();
     }
 
     fn changes_pending(&mut self, services: usize, endpoints: usize) {
@@ -44,59 +61,75 @@ impl Reporter for DaemonReporter {
 
     async fn sync_done(&mut self, report: &SyncReport<'_>) {
         let out = report.outcome;
-        self.metrics.observe_sync(report.duration, report.kind);
-        self.metrics.set_last_sync_now();
-        self.metrics.inc_service_changes(report.service_events);
-        self.metrics.inc_endpoint_changes(report.endpoint_events);
+        let metrics = self.metrics.for_view(report.family);
+        metrics.observe_sync(report.duration, report.kind);
+        metrics.set_last_sync_now();
+        metrics.inc_service_changes(report.service_events);
+        metrics.inc_endpoint_changes(report.endpoint_events);
         if let Some(r) = &out.iptables_rules {
-            self.metrics
-                .set_rule_counts(r.filter_total as u64, r.nat_total as u64);
-            self.metrics
-                .set_rules_written(r.filter_last as u64, r.nat_last as u64);
+            metrics.set_rule_counts(r.filter_total as u64, r.nat_total as u64);
+            metrics.set_rules_written(r.filter_last as u64, r.nat_last as u64);
         }
         if let Some(ct) = &out.conntrack {
-            self.metrics
-                .observe_conntrack_reconcile(ct.duration, ct.deleted);
+            metrics.observe_conntrack_reconcile(ct.duration, ct.deleted);
         }
-        self.metrics.set_no_local_endpoints(
+        metrics.set_no_local_endpoints(
             out.no_local_endpoints_internal as u64,
             out.no_local_endpoints_external as u64,
         );
         let now = SystemTime::now();
         for t in report.trigger_times {
             let latency = now.duration_since(*t).unwrap_or(Duration::ZERO);
-            self.metrics
-                .observe_network_programming(latency.as_secs_f64());
+            metrics.observe_network_programming(latency.as_secs_f64());
         }
-        self.health.updated();
-
-        let ports: BTreeMap<_, _> = out
-            .health_checks
-            .iter()
-            .map(|(k, (port, _))| (k.clone(), *port))
-            .collect();
-        let locals: BTreeMap<_, _> = out
-            .health_checks
-            .iter()
-            .map(|(k, (_, n))| (k.clone(), *n))
-            .collect();
-        if !self.service_health.follows(report.node_facts) {
-            let local = crate::host::local_addresses().await;
-            self.service_health.follow(report.node_facts, &local).await;
-        }
-        for (svc, err) in self.service_health.sync(ports).await {
-            tracing::warn!(service = %svc, error = %err, "health check node port not served");
-        }
-        self.service_health.set_local_endpoints(locals);
+        self.health.updated_for(report.family);
+        self.facts.insert(report.family, report.node_facts.clone());
+        self.health_checks
+            .insert(report.family, out.health_checks.clone());
+        self.serve_health_checks().await;
     }
 
-    fn sync_failed(&mut self, kind: SyncKind, duration: Duration, error: &BackendError) {
-        self.metrics.observe_sync(duration, kind);
+    fn sync_failed(
+        &mut self,
+        family: IpFamily,
+        kind: SyncKind,
+        duration: Duration,
+        error: &BackendError,
+    ) {
+        let metrics = self.metrics.for_view(family);
+        metrics.observe_sync(duration, kind);
         // Only a rejected iptables-restore counts, as upstream: an IPVS, ipset or netlink
         // failure is none.
         if matches!(error, BackendError::IptablesRestore(_)) {
-            self.metrics.inc_restore_failure(kind == SyncKind::Partial);
+            metrics.inc_restore_failure(kind == SyncKind::Partial);
         }
+    }
+}
+
+impl DaemonReporter {
+    /// Serves every family's health checks on one set of servers (one port per service,
+    /// listening on each family's node-port addresses). A dual-stack service's count comes
+    /// from the primary family, so a load balancer probing the node sees one answer.
+    async fn serve_health_checks(&mut self) {
+        let mut merged: BTreeMap<ServiceName, (u16, usize)> = BTreeMap::new();
+        for (family, checks) in &self.health_checks {
+            for (name, check) in checks {
+                if *family == self.primary || !merged.contains_key(name) {
+                    merged.insert(name.clone(), *check);
+                }
+            }
+        }
+        let facts: Vec<NodeFacts> = self.facts.values().cloned().collect();
+        if !self.service_health.follows(&facts) {
+            let local = crate::host::local_addresses().await;
+            self.service_health.follow(&facts, &local).await;
+        }
+        let ports = merged.iter().map(|(k, (port, _))| (k.clone(), *port)).collect();
+        for (svc, err) in self.service_health.sync(ports).await {
+            tracing::warn!(service = %svc, error = %err, "health check node port not served");
+        }
+        let locals = merged.into_iter().map(|(k, (_, n))| (k, n)).collect();
+        self.service_health.set_local_endpoints(locals);
     }
 }
 

@@ -32,7 +32,7 @@ struct Instance {
 pub struct ServiceHealthServers {
     listen_ips: Mutex<Vec<IpAddr>>,
     /// The node-port prefixes `listen_ips` were chosen for (`None`: fixed addresses).
-    followed: Mutex<Option<Option<Vec<Cidr>>>>,
+    followed: Mutex<Option<Vec<(crate::model::IpFamily, Option<Vec<Cidr>>)>>>,
     health: ProxyHealth,
     /// Local endpoint counts of the open services; shared with the handlers.
     counts: Counts,
@@ -75,9 +75,9 @@ impl ServiceHealthServers {
     /// upstream: every address (`0.0.0.0`) when they match all, else exactly the matching
     /// local addresses (none when none match, e.g. `--nodeport-addresses primary` with a node
     /// IP that is not local).
-    pub fn for_node_facts(facts: &NodeFacts, local: &[IpAddr], health: ProxyHealth) -> Self {
+    pub fn for_node_facts(facts: &[NodeFacts], local: &[IpAddr], health: ProxyHealth) -> Self {
         let servers = Self::listening_on(listen_ips_for(facts, local), health);
-        *lock(&servers.followed) = Some(facts.node_port_cidrs.clone());
+        *lock(&servers.followed) = Some(followed(facts));
         servers
     }
 
@@ -97,19 +97,20 @@ impl ServiceHealthServers {
         lock(&self.listen_ips).clone()
     }
 
-    /// Whether the servers listen where `facts` put node ports (always, for fixed addresses).
-    pub fn follows(&self, facts: &NodeFacts) -> bool {
+    /// Whether the servers listen where `facts` (one per family) put node ports (always, for
+    /// fixed addresses).
+    pub fn follows(&self, facts: &[NodeFacts]) -> bool {
         lock(&self.followed)
             .as_ref()
-            .is_none_or(|cidrs| *cidrs == facts.node_port_cidrs)
+            .is_none_or(|cidrs| *cidrs == followed(facts))
     }
 
     /// Moves the servers to the addresses `facts` selects among `local` (the node IP
     /// changed): every open server is closed, and the next [`sync`](Self::sync) opens them
     /// on the new addresses. Upstream restarts instead.
-    pub async fn follow(&self, facts: &NodeFacts, local: &[IpAddr]) {
+    pub async fn follow(&self, facts: &[NodeFacts], local: &[IpAddr]) {
         let _serial = self.sync_lock.lock().await;
-        *lock(&self.followed) = Some(facts.node_port_cidrs.clone());
+        *lock(&self.followed) = Some(followed(facts));
         let ips = listen_ips_for(facts, local);
         if *lock(&self.listen_ips) == ips {
             return;
@@ -186,7 +187,7 @@ impl ServiceHealthServers {
         let listen_ips = self.listen_ips();
         let mut servers = Vec::with_capacity(listen_ips.len());
         for ip in &listen_ips {
-            let listener = http::bind(SocketAddr::new(*ip, port))?;
+            let listener = http::bind_family_only(SocketAddr::new(*ip, port))?;
             servers.push(http::spawn(listener, self.handler(name.clone()))?);
         }
         Ok(servers)
@@ -237,18 +238,33 @@ impl ServiceHealthServers {
 
 /// Where health check servers listen for `facts`: `0.0.0.0` when node ports are on every
 /// address, else the matching `local` addresses.
-fn listen_ips_for(facts: &NodeFacts, local: &[IpAddr]) -> Vec<IpAddr> {
-    match facts.node_port_ips(local) {
-        NodePortDestinations::AllLocal => vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
-        NodePortDestinations::Ips(ips) => {
-            if ips.is_empty() {
-                tracing::warn!(
-                    "no local address matches the node-port addresses; health check node ports are not served"
-                );
+/// Per family, as upstream's per-proxier servers: every address of the family (`0.0.0.0`,
+/// `[::]`) when its node-port addresses match all, else exactly its matching local addresses.
+fn listen_ips_for(facts: &[NodeFacts], local: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for f in facts {
+        match f.node_port_ips(local) {
+            NodePortDestinations::AllLocal => out.push(f.family.unspecified()),
+            NodePortDestinations::Ips(ips) => {
+                if ips.is_empty() {
+                    tracing::warn!(
+                        family = %f.family,
+                        "no local address matches the node-port addresses; health check node ports are not served for this family"
+                    );
+                }
+                out.extend(ips);
             }
-            ips
         }
     }
+    out
+}
+
+/// What the listen addresses were chosen from: each family's node-port prefixes.
+fn followed(facts: &[NodeFacts]) -> Vec<(crate::model::IpFamily, Option<Vec<Cidr>>)> {
+    facts
+        .iter()
+        .map(|f| (f.family, f.node_port_cidrs.clone()))
+        .collect()
 }
 
 /// Upstream's body: a dedented, tab-indented JSON document without a trailing newline.

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use tokio::time::{Duration, Instant, sleep_until};
 
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
-use crate::model::ServiceName;
+use crate::model::{IpFamily, ProxyModel, ServiceName};
 use runner::BoundedFrequency;
 use shared::Shared;
 
@@ -57,9 +57,11 @@ impl SyncKind {
     }
 }
 
-/// What one finished sync reports.
+/// What one finished sync of one family reports.
 #[derive(Debug, Clone)]
 pub struct SyncReport<'a> {
+    /// The family synced.
+    pub family: IpFamily,
     /// What kind of sync it was.
     pub kind: SyncKind,
     /// How long the backend took.
@@ -68,9 +70,10 @@ pub struct SyncReport<'a> {
     pub outcome: &'a SyncOutcome,
     /// Trigger times of the EndpointSlice changes it programmed.
     pub trigger_times: &'a [SystemTime],
-    /// Service and EndpointSlice events it consumed.
+    /// Service events it consumed (counted with the first family's sync only, so each event
+    /// counts once).
     pub service_events: u64,
-    /// EndpointSlice events it consumed.
+    /// EndpointSlice events it consumed (likewise).
     pub endpoint_events: u64,
     /// The node facts it programmed (health check servers listen where node ports are).
     pub node_facts: &'a crate::host::NodeFacts,
@@ -78,8 +81,8 @@ pub struct SyncReport<'a> {
 
 /// Side effects outside the kernel: metrics, health, health-check servers.
 pub trait Reporter: Send {
-    /// A change was queued (health: an update is pending).
-    fn queued(&mut self);
+    /// A change was queued for `family` (health: an update is pending).
+    fn queued(&mut self, family: IpFamily);
     /// Services with Service changes and services with EndpointSlice changes received but
     /// not yet taken by a sync (reported when a change wakes the loop, and when a sync takes
     /// them).
@@ -89,31 +92,83 @@ pub trait Reporter: Send {
         &mut self,
         report: &SyncReport<'_>,
     ) -> impl std::future::Future<Output = ()> + Send;
-    /// A sync failed with `error`; the next one is full.
-    fn sync_failed(&mut self, kind: SyncKind, duration: Duration, error: &BackendError);
+    /// A sync of `family` failed with `error`; its next one is full.
+    fn sync_failed(
+        &mut self,
+        family: IpFamily,
+        kind: SyncKind,
+        duration: Duration,
+        error: &BackendError,
+    );
 }
 
-/// The loop's state.
+/// One family's proxier and what the loop remembers about it.
+struct Proxier<B> {
+    family: IpFamily,
+    backend: B,
+    need_full: bool,
+    last_full: Instant,
+    /// The node facts of the last successful sync: a change rewrites every chain, as the
+    /// primary IP, node-port addresses and local detector appear in unchanged services'.
+    synced_facts: Option<crate::host::NodeFacts>,
+    /// Trigger times of changes not yet programmed for this family.
+    trigger_times: Vec<SystemTime>,
+    /// Service and EndpointSlice events not yet counted.
+    events: (u64, u64),
+}
+
+/// What one round hands each proxier.
+struct Round<'a> {
+    start: Instant,
+    node: &'a crate::model::NodeInfo,
+    changed: &'a BTreeSet<ServiceName>,
+}
+
+/// The loop's state: one proxier per IP family (upstream's metaproxier), synced in turn.
 pub struct SyncLoop<B: Backend, R: Reporter> {
     shared: Arc<Shared>,
-    backend: B,
+    proxiers: Vec<Proxier<B>>,
     reporter: R,
     settings: SyncSettings,
 }
 
 impl<B: Backend, R: Reporter> SyncLoop<B, R> {
-    /// Builds the loop.
-    pub fn new(shared: Arc<Shared>, backend: B, reporter: R, settings: SyncSettings) -> Self {
+    /// Builds the loop over one backend per family (primary family first).
+    pub fn new(
+        shared: Arc<Shared>,
+        backends: Vec<(IpFamily, B)>,
+        reporter: R,
+        settings: SyncSettings,
+    ) -> Self {
+        let now = Instant::now();
+        let proxiers = backends
+            .into_iter()
+            .map(|(family, backend)| Proxier {
+                family,
+                backend,
+                need_full: true,
+                last_full: now,
+                synced_facts: None,
+                trigger_times: Vec::new(),
+                events: (0, 0),
+            })
+            .collect();
         SyncLoop {
             shared,
-            backend,
+            proxiers,
             reporter,
             settings,
         }
     }
 
-    /// Runs until `max_syncs` syncs were attempted (`None`: forever).
-    pub async fn run(mut self, max_syncs: Option<usize>) -> B {
+    fn queued(&mut self) {
+        for p in &self.proxiers {
+            self.reporter.queued(p.family);
+        }
+    }
+
+    /// Runs until `max_syncs` rounds were attempted (`None`: forever); returns the backends.
+    pub async fn run(mut self, max_syncs: Option<usize>) -> Vec<B> {
         while !self.shared.initial_lists_done() {
             self.shared.woken().await;
         }
@@ -125,101 +180,48 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             2,
             now,
         );
-        let mut need_full = true;
-        let mut last_full = now;
-        // The node facts of the last successful sync: a change rewrites every chain, as the
-        // primary IP, node-port addresses and local detector appear in unchanged services'.
-        let mut synced_facts: Option<crate::host::NodeFacts> = None;
+        for p in &mut self.proxiers {
+            p.last_full = now;
+        }
         let mut pending: BTreeSet<ServiceName> = BTreeSet::new();
-        let mut trigger_times: Vec<SystemTime> = Vec::new();
-        let mut events = (0u64, 0u64);
         let mut attempts = 0usize;
-        self.reporter.queued();
+        self.queued();
         loop {
             sleep_until(rate.next_allowed(Instant::now())).await;
             let start = Instant::now();
             rate.ran(start);
-            let (model, node, left) = {
+            let families: Vec<IpFamily> = self.proxiers.iter().map(|p| p.family).collect();
+            let (models, node, left) = {
                 let mut st = self.shared.lock();
                 let c = st.take_changes();
-                need_full |= c.node;
                 pending.extend(c.services);
-                trigger_times.extend(c.trigger_times);
-                events.0 += c.service_events;
-                events.1 += c.endpoint_events;
-                (st.snapshot(), st.node().clone(), st.pending_changes())
+                for (i, p) in self.proxiers.iter_mut().enumerate() {
+                    p.need_full |= c.node;
+                    p.trigger_times.extend(c.trigger_times.iter().copied());
+                    if i == 0 {
+                        p.events.0 += c.service_events;
+                        p.events.1 += c.endpoint_events;
+                    }
+                }
+                let models: Vec<ProxyModel> = families.iter().map(|f| st.snapshot(*f)).collect();
+                (models, st.node().clone(), st.pending_changes())
             };
             self.reporter.changes_pending(left.0, left.1);
-            if start.duration_since(last_full) >= self.settings.full_sync_period {
-                need_full = true;
+            let round = Round {
+                start,
+                node: &node,
+                changed: &pending,
+            };
+            let mut any_failed = false;
+            for (p, model) in self.proxiers.iter_mut().zip(&models) {
+                any_failed |= !sync_family(p, model, &round, &self.settings, &mut self.reporter).await;
             }
-            let facts = self.settings.host.facts(&node);
-            if synced_facts.as_ref().is_some_and(|f| *f != facts) {
-                tracing::info!(
-                    ?facts,
-                    "node facts changed (primary IP, podCIDR), forcing a full sync"
-                );
-                need_full = true;
-            }
-            if !need_full && self.backend.needs_full_sync().await {
-                tracing::info!("kernel state drifted (canary missing), forcing a full sync");
-                need_full = true;
-            }
-            let full = need_full;
-            let kind = SyncKind::of(self.backend.partial_syncs(), full);
-            let result = self
-                .backend
-                .sync(SyncRequest {
-                    model: &model,
-                    changed: &pending,
-                    full,
-                    node_facts: &facts,
-                })
-                .await;
-            let duration = start.elapsed();
+            pending.clear();
             attempts += 1;
-            match result {
-                Ok(outcome) => {
-                    self.reporter
-                        .sync_done(&SyncReport {
-                            kind,
-                            duration,
-                            outcome: &outcome,
-                            trigger_times: &trigger_times,
-                            service_events: events.0,
-                            endpoint_events: events.1,
-                            node_facts: &facts,
-                        })
-                        .await;
-                    tracing::debug!(
-                        full,
-                        duration_ms = duration.as_millis() as u64,
-                        services = model.services.len(),
-                        endpoints = model.endpoint_count(),
-                        changed = pending.len(),
-                        rules = ?outcome.rules_per_table,
-                        "sync done"
-                    );
-                    pending.clear();
-                    trigger_times.clear();
-                    events = (0, 0);
-                    if full {
-                        last_full = start;
-                    }
-                    need_full = false;
-                    synced_facts = Some(facts);
-                }
-                Err(e) => {
-                    // Previous rules stay in the kernel; retry soon with a full sync.
-                    tracing::error!(error = %e, full, "sync failed, keeping previous rules; retrying with a full sync");
-                    self.reporter.sync_failed(kind, duration, &e);
-                    need_full = true;
-                }
-            }
             if max_syncs.is_some_and(|m| attempts >= m) {
-                return self.backend;
+                return self.proxiers.into_iter().map(|p| p.backend).collect();
             }
-            if need_full {
+            if any_failed {
                 // Failed: retry soon, but never spin (min_sync_period may be 0).
                 let wait = self.settings.min_sync_period.max(RETRY_MIN_INTERVAL);
                 tokio::time::sleep(wait).await;
@@ -227,12 +229,89 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             }
             tokio::select! {
                 _ = self.shared.woken() => {
-                    self.reporter.queued();
+                    self.queued();
                     let (services, endpoints) = self.shared.lock().pending_changes();
                     self.reporter.changes_pending(services, endpoints);
                 }
                 _ = sleep_until(rate.periodic_deadline()) => {}
             }
+        }
+    }
+}
+
+/// Syncs one family's proxier for this round; returns whether it succeeded. A failure keeps
+/// the previous rules in the kernel and makes the family's next sync full.
+async fn sync_family<B: Backend, R: Reporter>(
+    p: &mut Proxier<B>,
+    model: &ProxyModel,
+    round: &Round<'_>,
+    settings: &SyncSettings,
+    reporter: &mut R,
+) -> bool {
+    let family = p.family;
+    if round.start.duration_since(p.last_full) >= settings.full_sync_period {
+        p.need_full = true;
+    }
+    let facts = settings.host.facts(round.node, family);
+    if p.synced_facts.as_ref().is_some_and(|f| *f != facts) {
+        tracing::info!(%family, ?facts, "node facts changed (primary IP, podCIDR), forcing a full sync");
+        p.need_full = true;
+    }
+    if !p.need_full && p.backend.needs_full_sync().await {
+        tracing::info!(%family, "kernel state drifted (canary missing), forcing a full sync");
+        p.need_full = true;
+    }
+    let full = p.need_full;
+    let kind = SyncKind::of(p.backend.partial_syncs(), full);
+    let started = Instant::now();
+    let result = p
+        .backend
+        .sync(SyncRequest {
+            model,
+            changed: round.changed,
+            full,
+            node_facts: &facts,
+        })
+        .await;
+    let duration = started.elapsed();
+    match result {
+        Ok(outcome) => {
+            reporter
+                .sync_done(&SyncReport {
+                    family,
+                    kind,
+                    duration,
+                    outcome: &outcome,
+                    trigger_times: &p.trigger_times,
+                    service_events: p.events.0,
+                    endpoint_events: p.events.1,
+                    node_facts: &facts,
+                })
+                .await;
+            tracing::debug!(
+                %family,
+                full,
+                duration_ms = duration.as_millis() as u64,
+                services = model.services.len(),
+                endpoints = model.endpoint_count(),
+                changed = round.changed.len(),
+                rules = ?outcome.rules_per_table,
+                "sync done"
+            );
+            p.trigger_times.clear();
+            p.events = (0, 0);
+            if full {
+                p.last_full = round.start;
+            }
+            p.need_full = false;
+            p.synced_facts = Some(facts);
+            true
+        }
+        Err(e) => {
+            tracing::error!(%family, error = %e, full, "sync failed, keeping previous rules; retrying with a full sync");
+            reporter.sync_failed(family, kind, duration, &e);
+            p.need_full = true;
+            false
         }
     }
 }
@@ -291,14 +370,20 @@ mod tests {
         pending: Arc<Mutex<Vec<(usize, usize)>>>,
     }
     impl Reporter for CountingReporter {
-        fn queued(&mut self) {}
+        fn queued(&mut self, _family: IpFamily) {}
         fn changes_pending(&mut self, services: usize, endpoints: usize) {
             self.pending.lock().unwrap().push((services, endpoints));
         }
         async fn sync_done(&mut self, _r: &SyncReport<'_>) {
             *self.done.lock().unwrap() += 1;
         }
-        fn sync_failed(&mut self, _kind: SyncKind, _d: Duration, _e: &BackendError) {
+        fn sync_failed(
+            &mut self,
+            _family: IpFamily,
+            _kind: SyncKind,
+            _d: Duration,
+            _e: &BackendError,
+        ) {
             *self.failed.lock().unwrap() += 1;
         }
     }
@@ -331,7 +416,7 @@ mod tests {
             host: crate::host::HostSettings::default(),
         };
         let task =
-            tokio::spawn(SyncLoop::new(shared.clone(), backend, reporter, settings).run(Some(6)));
+            tokio::spawn(SyncLoop::new(shared.clone(), vec![(IpFamily::V4, backend)], reporter, settings).run(Some(6)));
 
         shared.lock().apply_service(&svc("a", "10.0.0.1"));
         shared.set_services_synced();
@@ -404,7 +489,7 @@ mod tests {
         };
         let reporter = CountingReporter::default();
         let task =
-            tokio::spawn(SyncLoop::new(shared.clone(), backend, reporter, settings).run(Some(6)));
+            tokio::spawn(SyncLoop::new(shared.clone(), vec![(IpFamily::V4, backend)], reporter, settings).run(Some(6)));
         shared
             .lock()
             .set_node(Some(&node("192.168.50.1", "10.244.0.0/24")));
@@ -475,7 +560,7 @@ mod tests {
             host: crate::host::HostSettings::default(),
         };
         let task =
-            tokio::spawn(SyncLoop::new(shared.clone(), backend, reporter, settings).run(Some(3)));
+            tokio::spawn(SyncLoop::new(shared.clone(), vec![(IpFamily::V4, backend)], reporter, settings).run(Some(3)));
         shared.set_services_synced();
         shared.set_slices_synced();
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -70,11 +70,7 @@ impl IptablesProxier {
     async fn refresh_node_ips(&mut self) {
         match self.addrs.list().await {
             Ok(list) => {
-                let ips: Vec<IpAddr> = list
-                    .into_iter()
-                    .map(|a| a.addr)
-                    .filter(IpAddr::is_ipv4)
-                    .collect();
+                let ips: Vec<IpAddr> = list.into_iter().map(|a| a.addr).collect();
                 self.config.node_ips = ips;
             }
             Err(e) => {
@@ -262,6 +258,8 @@ pub fn render_config(
         conntrack_tcp_be_liberal: opts.conntrack.tcp_be_liberal,
         ..RenderConfig::default()
     };
-    config.apply_node_facts(&crate::host::HostSettings::from_options(opts).facts(node));
+    config.apply_node_facts(
+        &crate::host::HostSettings::from_options(opts).facts(node, crate::model::IpFamily::V4),
+    );
     config
 }

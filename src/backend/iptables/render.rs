@@ -1,5 +1,6 @@
 //! Pure rendering of one sync: the `iptables-restore` input upstream's `syncProxyRules`
-//! writes (pkg/proxy/iptables/proxier.go), for IPv4, in upstream's chain and rule order.
+//! writes (pkg/proxy/iptables/proxier.go), for one IP family (the same text goes to
+//! `iptables-restore` or `ip6tables-restore`), in upstream's chain and rule order.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -16,15 +17,18 @@ use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort};
 /// Settings that shape the rules (flags and probed host facts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderConfig {
+    /// The IP family rendered (from the node facts): only its services, endpoints and
+    /// addresses are written.
+    pub family: IpFamily,
     /// `--iptables-masquerade-bit`: mark = `1 << bit`, written `%#08x` (`0x00004000`).
     pub masquerade_bit: u8,
     /// `--masquerade-all`.
     pub masquerade_all: bool,
     /// `--detect-local-mode` and its parameter.
     pub local_detector: LocalDetector,
-    /// `--nodeport-addresses` (both families allowed; IPv6 ones are ignored). `None`, an
-    /// empty list, a list without IPv4 CIDRs, or one holding `0.0.0.0/0` mean "all local
-    /// addresses" (`-m addrtype --dst-type LOCAL`).
+    /// `--nodeport-addresses` (both families allowed; the other family's are ignored).
+    /// `None`, an empty list, a list without a prefix of the family, or one holding a
+    /// zero-length prefix mean "all local addresses" (`-m addrtype --dst-type LOCAL`).
     pub node_port_addresses: Option<Vec<Cidr>>,
     /// The host's interface addresses, used to expand `node_port_addresses` into one
     /// `-d IP` rule per matching address.
@@ -53,6 +57,7 @@ pub struct RenderConfig {
 impl Default for RenderConfig {
     fn default() -> Self {
         RenderConfig {
+            family: IpFamily::V4,
             masquerade_bit: 14,
             masquerade_all: false,
             local_detector: LocalDetector::None,
@@ -81,30 +86,43 @@ impl RenderConfig {
         netfilter::masquerade_mark(self.masquerade_bit)
     }
 
-    /// The IPv4 node-port prefixes (`None`: every local address).
-    fn ipv4_node_port_cidrs(&self) -> Option<Vec<Cidr>> {
+    /// The node-port prefixes of the family (`None`: every local address).
+    fn family_node_port_cidrs(&self) -> Option<Vec<Cidr>> {
         let given = self.node_port_addresses.clone().unwrap_or_default();
-        crate::host::node_port_cidrs(&crate::config::NodePortAddresses::Cidrs(given), None)
+        crate::host::node_port_cidrs(
+            &crate::config::NodePortAddresses::Cidrs(given),
+            None,
+            self.family,
+        )
     }
 
     /// Upstream `NodePortAddresses.ContainsIPv4Loopback`.
     pub fn node_port_addresses_contain_loopback(&self) -> bool {
-        crate::host::contains_ipv4_loopback(self.ipv4_node_port_cidrs().as_deref())
+        crate::host::contains_ipv4_loopback(self.family_node_port_cidrs().as_deref())
     }
 
-    /// Localhost node ports as actually in effect.
+    /// Localhost node ports as actually in effect (never for IPv6, as upstream).
     pub fn effective_localhost_node_ports(&self) -> bool {
-        self.localhost_node_ports && self.node_port_addresses_contain_loopback()
+        self.family == IpFamily::V4
+            && self.localhost_node_ports
+            && self.node_port_addresses_contain_loopback()
     }
 
-    /// Upstream `NodePortAddresses.MatchAll` / `GetNodeIPs` (IPv4).
+    /// Upstream `NodePortAddresses.MatchAll` / `GetNodeIPs`, for the family.
     pub fn node_port_destinations(&self) -> NodePortDestinations {
-        crate::host::node_port_destinations(self.ipv4_node_port_cidrs().as_deref(), &self.node_ips)
+        let mine: Vec<IpAddr> = self
+            .node_ips
+            .iter()
+            .copied()
+            .filter(|ip| self.family.matches(ip))
+            .collect();
+        crate::host::node_port_destinations(self.family_node_port_cidrs().as_deref(), &mine)
     }
 
-    /// Takes this sync's node facts: primary node IP, node-port addresses, localhost node
-    /// ports and the local-traffic detector.
+    /// Takes this sync's node facts: family, primary node IP, node-port addresses, localhost
+    /// node ports and the local-traffic detector.
     pub fn apply_node_facts(&mut self, facts: &crate::host::NodeFacts) {
+        self.family = facts.family;
         self.primary_node_ip = facts.primary_ip;
         self.node_port_addresses = facts.node_port_cidrs.clone();
         self.localhost_node_ports = facts.localhost_node_ports;
@@ -245,7 +263,7 @@ struct Tables {
 /// decision (which endpoints, served/rejected/dropped, masquerading, firewall) is the plan's.
 pub fn render(input: &RenderInput) -> Rendered {
     let cfg = input.config;
-    let plan = plan::plan(input.model, IpFamily::V4, &plan_options(cfg));
+    let plan = plan::plan(input.model, cfg.family, &plan_options(cfg));
     let large = plan.endpoint_count() > cfg.large_cluster_threshold;
     let mut out = Rendered {
         large_cluster: large,
@@ -437,7 +455,10 @@ fn write_node_ports_tail(t: &mut Tables, cfg: &RenderConfig) {
     match cfg.node_port_destinations() {
         NodePortDestinations::AllLocal => {
             let mut dest = words!["-m", "addrtype", "--dst-type", "LOCAL"];
-            if !localhost_node_ports {
+            // IPv6 node ports never work on localhost; IPv4 ones only with route_localnet.
+            if cfg.family == IpFamily::V6 {
+                dest.extend(words!["!", "-d", "::1/128"]);
+            } else if !localhost_node_ports {
                 dest.extend(words!["!", "-d", "127.0.0.0/8"]);
             }
             t.nat_rules.push(&words![

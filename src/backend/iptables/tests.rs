@@ -3456,7 +3456,7 @@ fn model_from_objects(objects: &[serde_json::Value]) -> (ProxyModel, Vec<String>
     let mut state = crate::model::ClusterState::new(TEST_NODE_NAME);
     let mut warnings = state.replace_services(services.iter());
     warnings.extend(state.replace_slices(slices.iter()));
-    let mut m = state.snapshot();
+    let mut m = state.snapshot(crate::model::IpFamily::V4);
     m.node.present = true;
     (m, warnings)
 }

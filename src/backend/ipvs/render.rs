@@ -98,7 +98,7 @@ pub fn ipvs_config(
     node: &crate::model::NodeInfo,
     local_ips: Vec<IpAddr>,
 ) -> IpvsConfig {
-    let facts = crate::host::HostSettings::from_options(opts).facts(node);
+    let facts = crate::host::HostSettings::from_options(opts).facts(node, IpFamily::V4);
     let usable = |ip: &IpAddr| ip.is_ipv4() && !ip.is_loopback();
     let node_ips: Vec<IpAddr> = match facts.node_port_ips(&local_ips) {
         NodePortDestinations::AllLocal => {
