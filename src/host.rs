@@ -327,7 +327,8 @@ mod tests {
         assert_eq!(f.node_port_cidrs, Some(vec![cidr("10.0.0.7/32")]));
         s.bind_address = ip("0.0.0.0");
         assert_eq!(
-            s.facts(&node(&["192.168.50.1"], &[]), IpFamily::V4).primary_ip,
+            s.facts(&node(&["192.168.50.1"], &[]), IpFamily::V4)
+                .primary_ip,
             Some(ip("192.168.50.1"))
         );
     }
@@ -374,7 +375,10 @@ mod tests {
         };
         let f = s.facts(&node(&[], &["fd00::/64", "10.244.1.0/24"]), IpFamily::V4);
         assert_eq!(f.local_detector, LocalDetector::Cidr(cidr("10.244.1.0/24")));
-        assert_eq!(s.facts(&node(&[], &[]), IpFamily::V4).local_detector, LocalDetector::None);
+        assert_eq!(
+            s.facts(&node(&[], &[]), IpFamily::V4).local_detector,
+            LocalDetector::None
+        );
     }
 
     #[test]
@@ -395,14 +399,24 @@ mod tests {
         assert_eq!(v6.primary_ip, Some(ip("fd00:50::1")));
         assert_eq!(v4.node_port_cidrs, Some(vec![cidr("192.168.50.1/32")]));
         assert_eq!(v6.node_port_cidrs, Some(vec![cidr("fd00:50::1/128")]));
-        assert_eq!(v4.local_detector, LocalDetector::Cidr(cidr("10.244.0.0/16")));
-        assert_eq!(v6.local_detector, LocalDetector::Cidr(cidr("fd00:10:244::/56")));
+        assert_eq!(
+            v4.local_detector,
+            LocalDetector::Cidr(cidr("10.244.0.0/16"))
+        );
+        assert_eq!(
+            v6.local_detector,
+            LocalDetector::Cidr(cidr("fd00:10:244::/56"))
+        );
         let local = [ip("192.168.50.1"), ip("fd00:50::1"), ip("fd00:50::2")];
         assert_eq!(
             v6.node_port_ips(&local),
             NodePortDestinations::Ips(vec![ip("fd00:50::1")])
         );
-        assert_eq!(s.primary_family(&n), IpFamily::V6, "the Node's first address");
+        assert_eq!(
+            s.primary_family(&n),
+            IpFamily::V6,
+            "the Node's first address"
+        );
     }
 
     #[test]

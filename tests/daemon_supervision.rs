@@ -82,7 +82,13 @@ async fn serve_until_task_ends<B: Backend + 'static>(
     let client = daemon::client(&inv.options).await.expect("client");
     let result = tokio::time::timeout(
         Duration::from_secs(30),
-        daemon::serve(inv, client, backend, tasks, Metrics::new()),
+        daemon::serve(
+            inv,
+            client,
+            vec![(kube_proxy_rs::model::IpFamily::V4, backend)],
+            tasks,
+            Metrics::new(),
+        ),
     )
     .await
     .expect("the daemon kept running after one of its tasks ended");

@@ -28,7 +28,8 @@ async fn synced_node(variant: IptablesVariant) -> Netns {
 
     let mut objects = Objects::default();
     parse_objects("demo", DEMO_CLUSTER, &mut objects, &mut Vec::new()).unwrap();
-    let model = state_from(&objects, "node1", &mut Vec::new()).snapshot(kube_proxy_rs::model::IpFamily::V4);
+    let model =
+        state_from(&objects, "node1", &mut Vec::new()).snapshot(kube_proxy_rs::model::IpFamily::V4);
     let args = parse_render_args(&["--cluster-cidr=10.244.0.0/16".to_string()], "node1").unwrap();
     let ipt = Iptables::new(variant, IpFamily::V4).with_netns(ns.name());
     let mut config = render_config(&args.options, &model.node, Vec::new());
@@ -39,7 +40,8 @@ async fn synced_node(variant: IptablesVariant) -> Netns {
         Addresses::new().with_netns(ns.name()),
         config,
     );
-    let facts = kube_proxy_rs::host::HostSettings::from_options(&args.options).facts(&model.node);
+    let facts = kube_proxy_rs::host::HostSettings::from_options(&args.options)
+        .facts(&model.node, kube_proxy_rs::model::IpFamily::V4);
     p.sync(SyncRequest {
         model: &model,
         changed: &BTreeSet::new(),

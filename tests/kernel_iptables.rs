@@ -47,7 +47,8 @@ fn proxier(
 /// The node facts the daemon's sync loop would pass for `model` with the same flags.
 fn facts(model: &ProxyModel) -> kube_proxy_rs::host::NodeFacts {
     let args = parse_render_args(&["--cluster-cidr=10.244.0.0/16".to_string()], "node1").unwrap();
-    kube_proxy_rs::host::HostSettings::from_options(&args.options).facts(&model.node)
+    kube_proxy_rs::host::HostSettings::from_options(&args.options)
+        .facts(&model.node, kube_proxy_rs::model::IpFamily::V4)
 }
 
 async fn save(ipt: &Iptables) -> (Dump, Dump) {

@@ -349,7 +349,8 @@ async fn sync(p: &mut IpvsProxier, m: &ProxyModel, full: bool) {
         "node1",
     )
     .unwrap();
-    let facts = kube_proxy_rs::host::HostSettings::from_options(&args.options).facts(&m.node);
+    let facts = kube_proxy_rs::host::HostSettings::from_options(&args.options)
+        .facts(&m.node, kube_proxy_rs::model::IpFamily::V4);
     p.sync(SyncRequest {
         model: m,
         changed: &BTreeSet::new(),

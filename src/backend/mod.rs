@@ -161,9 +161,14 @@ impl Kind {
         let mut out = Vec::new();
         for family in self.candidate_families() {
             let ipt = Iptables::new(variant, family);
-            match ipt.chain_exists(crate::kernel::Table::Nat, "POSTROUTING").await {
+            match ipt
+                .chain_exists(crate::kernel::Table::Nat, "POSTROUTING")
+                .await
+            {
                 Ok(true) => out.push(family),
-                Ok(false) => tracing::warn!(%family, "no {family} nat table; not proxying {family}"),
+                Ok(false) => {
+                    tracing::warn!(%family, "no {family} nat table; not proxying {family}")
+                }
                 Err(e) => {
                     tracing::warn!(%family, error = %e, "{family} is not supported on this host; not proxying {family}")
                 }

@@ -17,11 +17,11 @@ use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::net::{Cidr, Protocol};
-use super::{IpFamily, NodeInfo};
 use super::service::{
     Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges,
 };
 use super::validate::{NameError, Shown, dns1123_label, dns1123_subdomain};
+use super::{IpFamily, NodeInfo};
 use crate::config::netutil::{parse_cidr_sloppy, parse_ip_sloppy};
 
 /// Label that hands a Service to another proxy; upstream ignores such Services.
@@ -177,10 +177,11 @@ impl ServiceFields {
             name,
             warnings,
         );
-        let externally_accessible = matches!(
-            service_type,
-            ServiceType::NodePort | ServiceType::LoadBalancer
-        ) || !spec.external_ips.as_deref().unwrap_or_default().is_empty();
+        let externally_accessible =
+            matches!(
+                service_type,
+                ServiceType::NodePort | ServiceType::LoadBalancer
+            ) || !spec.external_ips.as_deref().unwrap_or_default().is_empty();
         let external_policy_local =
             externally_accessible && spec.external_traffic_policy.as_deref() == Some("Local");
         let health_check_node_port =
@@ -207,9 +208,16 @@ impl ServiceFields {
     /// `None` without a cluster IP of that family (upstream `GetClusterIPByFamily`: the first
     /// of the family, `clusterIPs` authoritative when set).
     fn template(&self, family: IpFamily) -> Option<ServicePort> {
-        let cluster_ip = self.cluster_ips.iter().copied().find(|ip| family.matches(ip))?;
+        let cluster_ip = self
+            .cluster_ips
+            .iter()
+            .copied()
+            .find(|ip| family.matches(ip))?;
         let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
-            ips.iter().copied().filter(|ip| family.matches(ip)).collect()
+            ips.iter()
+                .copied()
+                .filter(|ip| family.matches(ip))
+                .collect()
         };
         Some(ServicePort {
             service_type: self.service_type,

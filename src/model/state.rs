@@ -10,9 +10,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::convert::{self, SliceInfo};
-use super::{
-    Endpoint, IpFamily, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePortName,
-};
+use super::{Endpoint, IpFamily, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePortName};
 
 /// What changed since the last [`ClusterState::take_changes`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -448,7 +446,12 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["b"]
         );
-        assert!(!st.snapshot(IpFamily::V4).services.keys().any(|k| k.service.name == "b"));
+        assert!(
+            !st.snapshot(IpFamily::V4)
+                .services
+                .keys()
+                .any(|k| k.service.name == "b")
+        );
     }
 
     #[test]

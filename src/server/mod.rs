@@ -26,5 +26,4 @@ pub use http::{
 pub use metrics::Metrics;
 pub use service_health::ServiceHealthServers;
 
-
 pub use crate::model::IpFamily;

@@ -124,7 +124,10 @@ impl DaemonReporter {
             let local = crate::host::local_addresses().await;
             self.service_health.follow(&facts, &local).await;
         }
-        let ports = merged.iter().map(|(k, (port, _))| (k.clone(), *port)).collect();
+        let ports = merged
+            .iter()
+            .map(|(k, (port, _))| (k.clone(), *port))
+            .collect();
         for (svc, err) in self.service_health.sync(ports).await {
             tracing::warn!(service = %svc, error = %err, "health check node port not served");
         }
@@ -160,6 +163,7 @@ mod tests {
 
     async fn done(r: &mut DaemonReporter, kind: SyncKind, outcome: &SyncOutcome) {
         r.sync_done(&SyncReport {
+            family: IpFamily::V4,
             kind,
             duration: Duration::from_millis(4),
             outcome,
@@ -226,6 +230,7 @@ mod tests {
         let out = SyncOutcome::new(3, 40, 0, 0, Default::default());
         done(&mut r, SyncKind::Unsplit, &out).await;
         r.sync_failed(
+            IpFamily::V4,
             SyncKind::Unsplit,
             Duration::from_millis(3),
             &BackendError::Ipvs("1 IPVS change(s) failed".into()),
@@ -248,6 +253,7 @@ mod tests {
         );
         // A rejected restore is one, in IPVS mode too (never "partial" there).
         r.sync_failed(
+            IpFamily::V4,
             SyncKind::Unsplit,
             Duration::from_millis(3),
             &BackendError::IptablesRestore("line 3 failed".into()),
@@ -278,11 +284,12 @@ mod tests {
             BackendError::Link("no dummy module".into()),
             BackendError::Read("iptables-save failed".into()),
         ] {
-            r.sync_failed(SyncKind::Full, Duration::from_millis(1), &e);
+            r.sync_failed(IpFamily::V4, SyncKind::Full, Duration::from_millis(1), &e);
         }
         let restore = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{";
         assert!(lines(&m, restore).is_empty(), "{:?}", lines(&m, restore));
         r.sync_failed(
+            IpFamily::V4,
             SyncKind::Partial,
             Duration::from_millis(1),
             &BackendError::IptablesRestore("line 9 failed".into()),

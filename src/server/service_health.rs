@@ -32,7 +32,7 @@ struct Instance {
 pub struct ServiceHealthServers {
     listen_ips: Mutex<Vec<IpAddr>>,
     /// The node-port prefixes `listen_ips` were chosen for (`None`: fixed addresses).
-    followed: Mutex<Option<Vec<(crate::model::IpFamily, Option<Vec<Cidr>>)>>>,
+    followed: Mutex<Option<Followed>>,
     health: ProxyHealth,
     /// Local endpoint counts of the open services; shared with the handlers.
     counts: Counts,
@@ -260,7 +260,9 @@ fn listen_ips_for(facts: &[NodeFacts], local: &[IpAddr]) -> Vec<IpAddr> {
 }
 
 /// What the listen addresses were chosen from: each family's node-port prefixes.
-fn followed(facts: &[NodeFacts]) -> Vec<(crate::model::IpFamily, Option<Vec<Cidr>>)> {
+type Followed = Vec<(crate::model::IpFamily, Option<Vec<Cidr>>)>;
+
+fn followed(facts: &[NodeFacts]) -> Followed {
     facts
         .iter()
         .map(|f| (f.family, f.node_port_cidrs.clone()))
@@ -461,7 +463,7 @@ mod tests {
             .collect();
         let first = facts("127.0.0.1");
         let servers = ServiceHealthServers::for_node_facts(
-            &first,
+            std::slice::from_ref(&first),
             &local,
             ProxyHealth::new(Duration::from_secs(30)),
         );
@@ -483,13 +485,13 @@ mod tests {
             get(at("127.0.0.2"), "/").await.is_err(),
             "not a node-port address"
         );
-        assert!(servers.follows(&first));
+        assert!(servers.follows(std::slice::from_ref(&first)));
 
         // The primary node IP moved: the servers move with it at the next sync.
         let second = facts("127.0.0.2");
-        assert!(!servers.follows(&second));
-        servers.follow(&second, &local).await;
-        assert!(servers.follows(&second));
+        assert!(!servers.follows(std::slice::from_ref(&second)));
+        servers.follow(std::slice::from_ref(&second), &local).await;
+        assert!(servers.follows(std::slice::from_ref(&second)));
         assert!(
             servers
                 .sync(BTreeMap::from([(svc.clone(), port)]))
@@ -505,13 +507,13 @@ mod tests {
 
         // Every address: one wildcard listener; no match at all: none (as upstream).
         let all = ServiceHealthServers::for_node_facts(
-            &NodeFacts::default(),
+            &[NodeFacts::default()],
             &local,
             ProxyHealth::new(Duration::from_secs(30)),
         );
         assert_eq!(all.listen_ips(), [IpAddr::V4(Ipv4Addr::UNSPECIFIED)]);
         let none = ServiceHealthServers::for_node_facts(
-            &facts("10.9.9.9"),
+            &[facts("10.9.9.9")],
             &local,
             ProxyHealth::new(Duration::from_secs(30)),
         );

@@ -214,7 +214,8 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             };
             let mut any_failed = false;
             for (p, model) in self.proxiers.iter_mut().zip(&models) {
-                any_failed |= !sync_family(p, model, &round, &self.settings, &mut self.reporter).await;
+                any_failed |=
+                    !sync_family(p, model, &round, &self.settings, &mut self.reporter).await;
             }
             pending.clear();
             attempts += 1;
@@ -415,8 +416,15 @@ mod tests {
             full_sync_period: Duration::from_secs(3600),
             host: crate::host::HostSettings::default(),
         };
-        let task =
-            tokio::spawn(SyncLoop::new(shared.clone(), vec![(IpFamily::V4, backend)], reporter, settings).run(Some(6)));
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![(IpFamily::V4, backend)],
+                reporter,
+                settings,
+            )
+            .run(Some(6)),
+        );
 
         shared.lock().apply_service(&svc("a", "10.0.0.1"));
         shared.set_services_synced();
@@ -488,8 +496,15 @@ mod tests {
             },
         };
         let reporter = CountingReporter::default();
-        let task =
-            tokio::spawn(SyncLoop::new(shared.clone(), vec![(IpFamily::V4, backend)], reporter, settings).run(Some(6)));
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![(IpFamily::V4, backend)],
+                reporter,
+                settings,
+            )
+            .run(Some(6)),
+        );
         shared
             .lock()
             .set_node(Some(&node("192.168.50.1", "10.244.0.0/24")));
@@ -559,8 +574,15 @@ mod tests {
             full_sync_period: Duration::from_secs(3600),
             host: crate::host::HostSettings::default(),
         };
-        let task =
-            tokio::spawn(SyncLoop::new(shared.clone(), vec![(IpFamily::V4, backend)], reporter, settings).run(Some(3)));
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![(IpFamily::V4, backend)],
+                reporter,
+                settings,
+            )
+            .run(Some(3)),
+        );
         shared.set_services_synced();
         shared.set_slices_synced();
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1625,7 +1625,8 @@ fn demo_cluster_render_golden() {
     assert!(warnings.is_empty(), "{warnings:?}");
     // The output is the three renderings of one consistent IpvsDesired.
     let objects = crate::render::load(&args, &mut warnings).unwrap();
-    let model = crate::render::state_from(&objects, "node1", &mut warnings).snapshot(crate::model::IpFamily::V4);
+    let model = crate::render::state_from(&objects, "node1", &mut warnings)
+        .snapshot(crate::model::IpFamily::V4);
     let mut c = ipvs_config(&args.options, &model.node, model.node.ips.clone());
     c.random_fully = true;
     let d = render_ok(&model, &c);
