@@ -391,6 +391,7 @@ mod tests {
             let rc = crate::backend::iptables::proxier::render_config(
                 &args.options,
                 &node,
+                IpFamily::V4,
                 vec!["127.0.0.2".parse().unwrap()],
             );
             assert_eq!(rc.effective_localhost_node_ports(), want, "{addresses}");

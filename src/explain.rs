@@ -259,11 +259,13 @@ pub fn ruleset_from_render(
     // The iptables rules whatever mode the flags or config file name (--mode decided).
     let mut render = args.render.clone();
     render.options.mode = ProxyMode::Iptables;
-    let text = crate::render::run(&render, args.explicit_hostname, warnings)?;
+    // The destination's family: its proxier's rules are the ones the packet meets.
+    let family = crate::model::IpFamily::of(&args.packet.destination);
+    let text = crate::render::run_family(&render, args.explicit_hostname, family, warnings)?;
     let mut dump = Dump::parse(&text)?;
     add_jump_rules(&mut dump);
     // The same node addresses as render's (objects parsed again, warnings dropped).
-    let node_ips = crate::render::model(&render, args.explicit_hostname, &mut Vec::new())?
+    let node_ips = crate::render::model(&render, args.explicit_hostname, family, &mut Vec::new())?
         .node
         .ips;
     let files: Vec<String> = args

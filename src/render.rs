@@ -3,7 +3,7 @@
 
 use crate::backend::Kind;
 use crate::config::RenderArgs;
-use crate::model::ClusterState;
+use crate::model::{ClusterState, IpFamily, ProxyModel};
 use crate::watch::file::{FileError, Objects, parse_objects};
 
 /// Usage text of `kube-proxy-rs render`.
@@ -90,25 +90,49 @@ pub fn state_from(objects: &Objects, node: &str, warnings: &mut Vec<String>) -> 
     state
 }
 
-/// The model a render of `args` programs: the objects as seen from the render's node, whose
-/// addresses are the `--node-ip` values when given (node ports are served there and the first
-/// IPv4 one is the primary node IP, whatever the Node object says).
+/// The model of `family` a render of `args` programs: the objects as seen from the render's
+/// node, whose addresses are the `--node-ip` values when given (node ports are served there
+/// and the first of the family is its primary node IP, whatever the Node object says).
 pub fn model(
     args: &RenderArgs,
     explicit_hostname: bool,
+    family: IpFamily,
     warnings: &mut Vec<String>,
-) -> Result<crate::model::ProxyModel, RenderError> {
+) -> Result<ProxyModel, RenderError> {
+    Ok(models(args, explicit_hostname, warnings)?
+        .into_iter()
+        .find(|(f, _)| *f == family)
+        .map(|(_, m)| m)
+        .unwrap_or_default())
+}
+
+/// The model of each family, IPv4 first.
+fn models(
+    args: &RenderArgs,
+    explicit_hostname: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(IpFamily, ProxyModel)>, RenderError> {
     let objects = load(args, warnings)?;
     let node = node_name(args, explicit_hostname, &objects);
-    let mut model = state_from(&objects, &node, warnings).snapshot(crate::model::IpFamily::V4);
-    if !args.node_ips.is_empty() {
-        model.node.ips = args.node_ips.clone();
-    }
-    Ok(model)
+    let state = state_from(&objects, &node, warnings);
+    Ok(IpFamily::ALL
+        .into_iter()
+        .map(|family| {
+            let mut model = state.snapshot(family);
+            if !args.node_ips.is_empty() {
+                model.node.ips = args.node_ips.clone();
+            }
+            (family, model)
+        })
+        .collect())
 }
 
 /// Renders `args`; `explicit_hostname` tells whether `--hostname-override` was given.
 /// Returns the text to print; `warnings` gets one line per skipped object or part.
+///
+/// Each family with services is rendered (IPv4 alone when there are none). A single IPv4
+/// render prints as before, ready for `iptables-restore`; otherwise each family's text
+/// follows a `# IPv4` / `# IPv6` heading line (a comment to the restore tools).
 pub fn run(
     args: &RenderArgs,
     explicit_hostname: bool,
@@ -117,9 +141,42 @@ pub fn run(
     let Some(kind) = Kind::for_mode(args.options.mode) else {
         return Err(RenderError::Unsupported(args.options.mode.to_string()));
     };
-    let model = model(args, explicit_hostname, warnings)?;
+    let supported = kind.candidate_families();
+    let mut models: Vec<(IpFamily, ProxyModel)> = models(args, explicit_hostname, warnings)?
+        .into_iter()
+        .filter(|(f, m)| supported.contains(f) && !m.services.is_empty())
+        .collect();
+    if models.is_empty() {
+        models = vec![(
+            IpFamily::V4,
+            model(args, explicit_hostname, IpFamily::V4, &mut Vec::new())?,
+        )];
+    }
+    let headed = models.len() > 1 || models[0].0 != IpFamily::V4;
+    let mut out = String::new();
+    for (family, model) in &models {
+        if headed {
+            out.push_str(&format!("# {family}\n"));
+        }
+        let node_ips = model.node.ips.clone();
+        out.push_str(&kind.render(&args.options, model, *family, node_ips));
+    }
+    Ok(out)
+}
+
+/// What [`run`] prints for one family, without a heading (what `explain` traces).
+pub fn run_family(
+    args: &RenderArgs,
+    explicit_hostname: bool,
+    family: IpFamily,
+    warnings: &mut Vec<String>,
+) -> Result<String, RenderError> {
+    let Some(kind) = Kind::for_mode(args.options.mode) else {
+        return Err(RenderError::Unsupported(args.options.mode.to_string()));
+    };
+    let model = model(args, explicit_hostname, family, warnings)?;
     let node_ips = model.node.ips.clone();
-    Ok(kind.render(&args.options, &model, node_ips))
+    Ok(kind.render(&args.options, &model, family, node_ips))
 }
 
 #[cfg(test)]

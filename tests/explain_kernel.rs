@@ -32,7 +32,12 @@ async fn synced_node(variant: IptablesVariant) -> Netns {
         state_from(&objects, "node1", &mut Vec::new()).snapshot(kube_proxy_rs::model::IpFamily::V4);
     let args = parse_render_args(&["--cluster-cidr=10.244.0.0/16".to_string()], "node1").unwrap();
     let ipt = Iptables::new(variant, IpFamily::V4).with_netns(ns.name());
-    let mut config = render_config(&args.options, &model.node, Vec::new());
+    let mut config = render_config(
+        &args.options,
+        &model.node,
+        kube_proxy_rs::model::IpFamily::V4,
+        Vec::new(),
+    );
     config.random_fully = true;
     let mut p = IptablesProxier::new(
         ipt,

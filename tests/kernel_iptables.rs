@@ -33,7 +33,12 @@ fn proxier(
 ) -> (IptablesProxier, Iptables) {
     let args = parse_render_args(&["--cluster-cidr=10.244.0.0/16".to_string()], "node1").unwrap();
     let ipt = Iptables::new(variant, IpFamily::V4).with_netns(ns.name());
-    let mut config = render_config(&args.options, &model.node, Vec::new());
+    let mut config = render_config(
+        &args.options,
+        &model.node,
+        kube_proxy_rs::model::IpFamily::V4,
+        Vec::new(),
+    );
     config.random_fully = true;
     let p = IptablesProxier::new(
         ipt.clone(),
@@ -282,7 +287,12 @@ async fn check_nfacct(variant: IptablesVariant) {
     let ns = Netns::new("knfacct");
     let model = model_of(&demo_objects());
     let args = parse_render_args(&["--cluster-cidr=10.244.0.0/16".to_string()], "node1").unwrap();
-    let mut config = render_config(&args.options, &model.node, Vec::new());
+    let mut config = render_config(
+        &args.options,
+        &model.node,
+        kube_proxy_rs::model::IpFamily::V4,
+        Vec::new(),
+    );
     let acct = Nfacct::new().with_netns(ns.name());
     assert_eq!(acct.get("localhost_nps_accepted_pkts").unwrap(), None);
     assert!(setup_nfacct(&acct, &mut config), "{variant}: nfacct probe");

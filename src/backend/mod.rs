@@ -177,7 +177,8 @@ impl Kind {
         out
     }
 
-    fn candidate_families(self) -> Vec<IpFamily> {
+    /// The families this backend can program at all.
+    pub fn candidate_families(self) -> Vec<IpFamily> {
         match self {
             Kind::Iptables => IpFamily::ALL.to_vec(),
             // IPv6 virtual servers are not written yet: an IPv6 IPVS proxier must not run.
@@ -190,11 +191,17 @@ impl Kind {
         self == Kind::Iptables
     }
 
-    /// What a full sync of `model` writes, as `render` prints it (`node_ips`: the addresses
-    /// node ports are served on).
-    pub fn render(self, opts: &ProxyOptions, model: &ProxyModel, node_ips: Vec<IpAddr>) -> String {
+    /// What a full sync of `family`'s `model` writes, as `render` prints it (`node_ips`: the
+    /// addresses node ports are served on).
+    pub fn render(
+        self,
+        opts: &ProxyOptions,
+        model: &ProxyModel,
+        family: IpFamily,
+        node_ips: Vec<IpAddr>,
+    ) -> String {
         match self {
-            Kind::Iptables => iptables::render_text(opts, model, node_ips),
+            Kind::Iptables => iptables::render_text(opts, model, family, node_ips),
             Kind::Ipvs => ipvs::render_text(opts, model, node_ips),
         }
     }

@@ -53,7 +53,8 @@ pub fn table_from_render(
     args: &ExplainArgs,
     warnings: &mut Vec<String>,
 ) -> Result<IpvsTable, ExplainError> {
-    let model = crate::render::model(&args.render, args.explicit_hostname, warnings)?;
+    let family = crate::model::IpFamily::of(&args.packet.destination);
+    let model = crate::render::model(&args.render, args.explicit_hostname, family, warnings)?;
     let cfg = crate::backend::ipvs::render::ipvs_config(
         &args.render.options,
         &model.node,

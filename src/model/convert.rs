@@ -686,12 +686,91 @@ mod tests {
         assert_eq!(c.ports[1].name.protocol, Protocol::Udp);
     }
 
+    /// Upstream's per-family trackers: one port per family with a cluster IP, each with only
+    /// its family's addresses and source ranges.
+    #[test]
+    fn dual_stack_services_yield_one_port_per_family() {
+        let mut w = Vec::new();
+        let c = convert_service(
+            &svc(json!({
+                "metadata": {"namespace": "a", "name": "b"},
+                "spec": {
+                    "type": "LoadBalancer",
+                    "clusterIP": "fd00:96::10",
+                    "clusterIPs": ["fd00:96::10", "10.96.0.10"],
+                    "externalIPs": ["192.0.2.1", "2001:db8::1"],
+                    "loadBalancerSourceRanges": ["203.0.113.0/24"],
+                    "ports": [{"name": "http", "port": 80, "nodePort": 30080}]
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": "2001:db8::99"}, {"ip": "198.51.100.9"}]}}
+            })),
+            &mut w,
+        )
+        .unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        let [v4, v6] = &c.ports[..] else {
+            panic!("{:?}", c.ports)
+        };
+        assert_eq!(v4.cluster_ip, "10.96.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(v6.cluster_ip, "fd00:96::10".parse::<IpAddr>().unwrap());
+        assert_eq!(v4.external_ips, ["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(v6.external_ips, ["2001:db8::1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            v4.load_balancer_ips,
+            ["198.51.100.9".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            v6.load_balancer_ips,
+            ["2001:db8::99".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            v4.source_ranges,
+            SourceRanges::Only(vec!["203.0.113.0/24".parse().unwrap()])
+        );
+        assert_eq!(
+            v6.source_ranges,
+            SourceRanges::Any,
+            "no IPv6 range: no firewall"
+        );
+        assert_eq!((v4.node_port, v6.node_port), (30080, 30080));
+
+        // An IPv6-only Service: one IPv6 port.
+        let c = convert_service(
+            &svc(json!({"metadata": {"namespace": "a", "name": "b"},
+                "spec": {"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"], "ports": [{"port": 80}]}})),
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!(c.ports.len(), 1);
+        assert_eq!(c.ports[0].cluster_ip, "fd00::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn ipv6_slices_convert_and_a_foreign_family_address_is_skipped() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"namespace": "a", "name": "b-6", "labels": {"kubernetes.io/service-name": "b"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["fd00:244::5"]}, {"addresses": ["10.244.0.5"]}]
+        }))
+        .unwrap();
+        let mut w = Vec::new();
+        let info = convert_endpoint_slice(&slice, "n1", &mut w).unwrap();
+        assert_eq!(info.family, IpFamily::V6);
+        assert_eq!(info.endpoints.len(), 1);
+        assert_eq!(
+            info.endpoints[0].ip,
+            "fd00:244::5".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("not an IPv6 address"), "{w:?}");
+    }
+
     #[test]
     fn ignored_services_produce_no_ports_and_no_warning() {
         for spec in [
             json!({"type": "ExternalName", "externalName": "example.com"}),
             json!({"clusterIP": "None", "ports": [{"port": 80}]}),
-            json!({"clusterIP": "fd00::1", "clusterIPs": ["fd00::1"], "ports": [{"port": 80}]}),
         ] {
             let mut w = Vec::new();
             let c = convert_service(

@@ -369,6 +369,36 @@ mod tests {
     }
 
     #[test]
+    fn each_family_snapshot_holds_its_own_ports_and_endpoints() {
+        let mut st = ClusterState::new("node1");
+        let dual: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "a"},
+            "spec": {"clusterIPs": ["10.0.0.1", "fd00::1"], "ports": [{"name": "p80", "port": 80}]}
+        }))
+        .unwrap();
+        st.apply_service(&dual);
+        st.apply_slice(&slice("a-4", "a", &["10.1.0.1"], None));
+        let mut v6 = slice("a-6", "a", &["fd00:1::1", "fd00:1::2"], None);
+        v6.address_type = "IPv6".into();
+        st.apply_slice(&v6);
+        let m4 = st.snapshot(IpFamily::V4);
+        let m6 = st.snapshot(IpFamily::V6);
+        let ips = |m: &ProxyModel| -> Vec<String> {
+            m.endpoints
+                .values()
+                .flatten()
+                .map(Endpoint::addr_string)
+                .collect()
+        };
+        assert_eq!(m4.services.len(), 1);
+        assert_eq!(m6.services.len(), 1);
+        assert!(m4.services.values().all(|p| p.cluster_ip.is_ipv4()));
+        assert!(m6.services.values().all(|p| p.cluster_ip.is_ipv6()));
+        assert_eq!(ips(&m4), ["10.1.0.1:8080"]);
+        assert_eq!(ips(&m6), ["[fd00:1::1]:8080", "[fd00:1::2]:8080"]);
+    }
+
+    #[test]
     fn endpoints_merge_across_slices_sorted_and_deduplicated() {
         let mut st = ClusterState::new("node1");
         st.apply_service(&svc("a", "172.30.0.1"));

@@ -217,7 +217,11 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 any_failed |=
                     !sync_family(p, model, &round, &self.settings, &mut self.reporter).await;
             }
-            pending.clear();
+            // After a failure the changes stay pending: the retry (full for the family that
+            // failed, partial again for the others) still names them.
+            if !any_failed {
+                pending.clear();
+            }
             attempts += 1;
             if max_syncs.is_some_and(|m| attempts >= m) {
                 return self.proxiers.into_iter().map(|p| p.backend).collect();

@@ -217,7 +217,8 @@ pub fn start(
     ipt: Iptables,
     random_fully: bool,
 ) -> (IptablesProxier, Option<Nfacct>) {
-    let mut config = render_config(opts, &crate::model::NodeInfo::default(), Vec::new());
+    let node = crate::model::NodeInfo::default();
+    let mut config = render_config(opts, &node, ipt.family(), Vec::new());
     config.random_fully = random_fully;
     let nfacct = Nfacct::new();
     let nfacct = setup_nfacct(&nfacct, &mut config).then_some(nfacct);
@@ -230,9 +231,10 @@ pub fn start(
 pub fn render_text(
     opts: &crate::config::ProxyOptions,
     model: &crate::model::ProxyModel,
+    family: crate::model::IpFamily,
     node_ips: Vec<IpAddr>,
 ) -> String {
-    let mut config = render_config(opts, &model.node, node_ips);
+    let mut config = render_config(opts, &model.node, family, node_ips);
     // Upstream probes iptables for --random-fully; every supported distribution has it.
     config.random_fully = true;
     render(&RenderInput {
@@ -249,6 +251,7 @@ pub fn render_text(
 pub fn render_config(
     opts: &crate::config::ProxyOptions,
     node: &crate::model::NodeInfo,
+    family: crate::model::IpFamily,
     node_ips: Vec<IpAddr>,
 ) -> RenderConfig {
     let mut config = RenderConfig {
@@ -258,8 +261,6 @@ pub fn render_config(
         conntrack_tcp_be_liberal: opts.conntrack.tcp_be_liberal,
         ..RenderConfig::default()
     };
-    config.apply_node_facts(
-        &crate::host::HostSettings::from_options(opts).facts(node, crate::model::IpFamily::V4),
-    );
+    config.apply_node_facts(&crate::host::HostSettings::from_options(opts).facts(node, family));
     config
 }
