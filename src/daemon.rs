@@ -155,8 +155,20 @@ async fn bind_or_warn(
 /// `--cleanup`: removes what every mode (ours or upstream's) created.
 pub async fn cleanup() -> Result<(), DaemonError> {
     let variant = detect_variant(None).await?;
-    let ipt = Iptables::new(variant, IpFamily::V4);
-    Ok(crate::backend::cleanup(&ipt).await?)
+    // Every family the host has, as upstream's cleanup runs each family's proxier's.
+    let mut families = Kind::Iptables.families(variant).await;
+    if families.is_empty() {
+        families.push(IpFamily::V4);
+    }
+    let mut result = Ok(());
+    for family in families {
+        let ipt = Iptables::new(variant, family);
+        if let Err(e) = crate::backend::cleanup(&ipt).await {
+            tracing::error!(%family, error = %e, "cleanup failed");
+            result = Err(e);
+        }
+    }
+    Ok(result?)
 }
 
 /// Runs the proxy until a signal or a fatal error.

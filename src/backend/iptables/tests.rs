@@ -3753,3 +3753,57 @@ fn load_balancer_source_ranges_from_objects() {
         ],
     );
 }
+
+/// upstream NewFakeProxier for an IPv6 `ipt`: pod CIDR fd00:10::/64, node IP 2001:db8::1.
+fn upstream_config_ipv6() -> RenderConfig {
+    RenderConfig {
+        family: crate::model::IpFamily::V6,
+        local_detector: LocalDetector::Cidr(cidr("fd00:10::/64")),
+        node_ips: vec![ip("::1"), ip("2001:db8::1"), ip("2001:db8:1::2")],
+        primary_node_ip: Some(ip("2001:db8::1")),
+        localhost_node_ports: true,
+        nfacct_ct_state_invalid: true,
+        nfacct_localhost_nodeports: true,
+        ..RenderConfig::default()
+    }
+}
+
+/// An IPv6-only model: a ClusterIP, a NodePort with affinity, an eTP=Local LoadBalancer with
+/// source ranges, and a Service without endpoints.
+fn ipv6_model() -> ProxyModel {
+    let cip = svc("ns1", "svc1", "p80", "fd00:172:30::41", 80);
+    let mut np = svc("ns2", "svc2", "p80", "fd00:172:30::42", 80);
+    np.service_type = ServiceType::NodePort;
+    np.node_port = 3001;
+    np.session_affinity_timeout = Some(10800);
+    let mut lb = svc("ns3", "svc3", "p80", "fd00:172:30::43", 80);
+    lb.service_type = ServiceType::LoadBalancer;
+    lb.node_port = 3003;
+    lb.load_balancer_ips = vec![ip("2001:db8:99::10")];
+    lb.source_ranges = SourceRanges::Only(vec![cidr("2001:db8:55::/64")]);
+    lb.external_policy_local = true;
+    lb.health_check_node_port = 30000;
+    let none = svc("ns4", "svc4", "p80", "fd00:172:30::44", 80);
+    model(
+        vec![cip, np, lb, none],
+        vec![
+            (spn("ns1", "svc1", "p80"), vec![ep("fd00:10::1", 80)]),
+            (
+                spn("ns2", "svc2", "p80"),
+                vec![ep("fd00:10::2", 80), local(ep("fd00:10::3", 80))],
+            ),
+            (spn("ns3", "svc3", "p80"), vec![local(ep("fd00:10::4", 80))]),
+        ],
+    )
+}
+
+#[test]
+fn ipv6_services_match_the_golden() {
+    let text = render_with(&ipv6_model(), &upstream_config_ipv6()).text;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/ipv6-services.iptables");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(path).unwrap();
+    assert_eq!(text, want, "rendered:\n{text}");
+}
