@@ -42,6 +42,15 @@ pub enum IpFamily {
     V6,
 }
 
+impl From<IpFamily> for crate::model::IpFamily {
+    fn from(f: IpFamily) -> Self {
+        match f {
+            IpFamily::V4 => crate::model::IpFamily::V4,
+            IpFamily::V6 => crate::model::IpFamily::V6,
+        }
+    }
+}
+
 /// Everything that can go wrong while talking to the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

@@ -15,8 +15,8 @@ use crate::kernel::ipvs::codec::{
     RealServer, ServiceFlags, VirtualService,
 };
 use crate::model::{
-    Cidr, Endpoint, NodeInfo, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName,
-    ServiceType, SourceRanges,
+    Cidr, Endpoint, IpFamily, NodeInfo, Protocol, ProxyModel, ServiceName, ServicePort,
+    ServicePortName, ServiceType, SourceRanges,
 };
 
 const NODE: &str = "test-node";
@@ -1533,17 +1533,17 @@ fn ipvsadm_save_format_and_order() {
 
 #[test]
 fn ipset_save_format() {
-    let mut bitmap = IpSetSpec::empty(sets::NODE_PORT_TCP).unwrap();
+    let mut bitmap = IpSetSpec::empty(sets::NODE_PORT_TCP, IpFamily::V4).unwrap();
     bitmap.entries = ["30443", "8080", "30080"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut net = IpSetSpec::empty(sets::LOAD_BALANCER_SOURCE_CIDR).unwrap();
+    let mut net = IpSetSpec::empty(sets::LOAD_BALANCER_SOURCE_CIDR, IpFamily::V4).unwrap();
     net.entries = ["1.2.3.4,tcp:80,10.0.0.0/8", "1.2.3.4,tcp:80,192.0.2.7/32"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let ips = IpSetSpec::empty(sets::IPVS_IPS).unwrap();
+    let ips = IpSetSpec::empty(sets::IPVS_IPS, IpFamily::V4).unwrap();
     let d = IpvsDesired {
         ipsets: vec![bitmap, net, ips],
         ..IpvsDesired::default()
