@@ -1697,16 +1697,28 @@ fn ipv6_model() -> ProxyModel {
 }
 
 /// The IPv6 golden: virtual servers, `KUBE-6-*` sets and the ip6tables-restore input of
-/// [`ipv6_model`] for an IPv6 proxier, byte for byte.
+/// [`ipv6_model`] as `render` prints it for an IPv6 proxier, byte for byte.
 #[test]
 fn ipv6_render_golden() {
+    let args = crate::config::parse_render_args(&strs(&["--proxy-mode", "ipvs"]), NODE).unwrap();
+    let facts = crate::host::NodeFacts {
+        primary_ip: Some(ip(NODE_IP6)),
+        local_detector: LocalDetector::Cidr(cidr("fd00:244::/48")),
+        ..Default::default()
+    };
+    let local = [ip("127.0.0.1"), ip("::1"), ip("fe80::1"), ip(NODE_IP6)];
+    let out = super::render_text_for(&args.options, &ipv6_model(), &facts, &local, IpFamily::V6);
+    // The same sync as the IPv6 proxier's settings render it, and consistent.
     let d = render_ok(&ipv6_model(), &cfg6());
-    let out = format!(
-        "# IPVS virtual servers (ipvsadm -Sn)\n{}# ipsets (ipset save)\n{}\
-         # iptables (ip6tables-restore --noflush)\n{}",
-        ipvsadm_save(&d),
-        ipset_save(&d),
-        d.iptables_restore
+    assert_eq!(
+        out,
+        format!(
+            "# IPVS virtual servers (ipvsadm -Sn)\n{}# ipsets (ipset save)\n{}\
+             # iptables (ip6tables-restore --noflush)\n{}",
+            ipvsadm_save(&d),
+            ipset_save(&d),
+            d.iptables_restore
+        )
     );
     let golden = include_str!("testdata/ipv6.ipvs");
     if out != golden {
