@@ -3,11 +3,15 @@
 //! through an IPv6 ClusterIP and an IPv6 NodePort, a service without endpoints refuses, and
 //! ClientIP affinity keeps a client on one pod. Along the way it checks the kernel state
 //! with tools nobody here wrote (`ipvsadm`, `ipset`, `ip6tables-save`, `ip`): `KUBE-6-*` sets
-//! of family inet6, the rules in ip6tables only, kube-ipvs0's /128 addresses usable at once,
-//! and an IPv4 virtual server and address (a dual-stack node's other proxier's) left alone.
+//! of family inet6, the rules in ip6tables only, kube-ipvs0's /128 addresses usable at once.
 //!
-//! The proxier is built directly (as the daemon's IPv6 start would build it) and fed an
-//! IPv6 model and IPv6 node facts.
+//! The node is dual-stack: an IPv4 proxier runs beside the IPv6 one (one per family, as
+//! upstream), on the same kube-ipvs0 and IPVS table; each family's syncs leave the other's
+//! virtual servers, addresses, sets and rules alone, and the service answers on both of its
+//! cluster IPs.
+//!
+//! The proxiers are built directly (as the daemon's start builds one per family) and fed
+//! their family's model and node facts.
 //!
 //! The host kernel has no IPVS and no dummy links: outside the VM this test re-runs itself in
 //! the qemu guest of tests/vm/vmrun. It never skips.
@@ -25,7 +29,7 @@ use kube_proxy_rs::backend::netfilter::LocalDetector;
 use kube_proxy_rs::backend::{Backend, SyncRequest};
 use kube_proxy_rs::config::parse_render_args;
 use kube_proxy_rs::host::NodeFacts;
-use kube_proxy_rs::kernel::iptables::{Iptables, detect_variant};
+use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant, detect_variant};
 use kube_proxy_rs::kernel::ipvs::IpvsClient;
 use kube_proxy_rs::kernel::{Addresses, Conntrack, DummyLink, IpFamily, Ipset, Sysctl};
 use kube_proxy_rs::model::{
@@ -47,8 +51,11 @@ const WEB: &str = "fd00:96::10";
 const NODEPORT_SVC: &str = "fd00:96::20";
 const STICKY: &str = "fd00:96::30";
 const EMPTY: &str = "fd00:96::40";
-/// A dual-stack node's IPv4 proxier's virtual server and kube-ipvs0 address.
-const V4_VIP: &str = "10.96.0.99";
+const NODE_IP4: &str = "192.168.50.1";
+const CLIENT_IP4: &str = "192.168.50.2";
+const PODS4: [&str; 2] = ["10.244.0.10", "10.244.0.11"];
+/// The IPv4 cluster IP of `web` (a dual-stack service).
+const WEB4: &str = "10.96.0.10";
 
 #[test]
 fn ipvs_ipv6_packets() {
@@ -87,7 +94,9 @@ fn ip(s: &str) -> IpAddr {
 
 /// ```text
 ///  pod i "eth0" fd00:244::1i/128 ──veth── node "vpod<i>" fd00:244::1/128 (+ route to the pod)
+///               10.244.0.1i/32                    10.244.0.1/32
 ///  client "eth0" fd00:50::2/64   ──veth── node "ext0" fd00:50::1/64
+///                192.168.50.2/24                    192.168.50.1/24
 /// ```
 /// Every address is added `nodad` (usable at once). The node forwards IPv6, as a CNI sets
 /// it up (kube-proxy leaves `net.ipv6.conf.all.forwarding` alone, as upstream does).
@@ -102,7 +111,15 @@ impl Net {
         let node = Netns::new("node6");
         node.sysctl("net.ipv6.conf.all.forwarding", "1");
         let client = Netns::new("client6");
-        veth(&node, "ext0", None, &client, "eth0", None);
+        veth(
+            &node,
+            "ext0",
+            Some(&format!("{NODE_IP4}/24")),
+            &client,
+            "eth0",
+            Some(&format!("{CLIENT_IP4}/24")),
+        );
+        client.set_default_route(NODE_IP4);
         node.ip(&["-6", "addr", "add", "fd00:50::1/64", "dev", "ext0", "nodad"]);
         client.ip(&["-6", "addr", "add", "fd00:50::2/64", "dev", "eth0", "nodad"]);
         client.ip(&["-6", "route", "add", "default", "via", NODE_IP]);
@@ -110,7 +127,17 @@ impl Net {
         for (i, pod_ip) in PODS.iter().enumerate() {
             let ns = Netns::new(&format!("pod6{i}"));
             let node_if = format!("vpod{i}");
-            veth(&node, &node_if, None, &ns, "eth0", None);
+            veth(
+                &node,
+                &node_if,
+                Some("10.244.0.1/32"),
+                &ns,
+                "eth0",
+                Some(&format!("{}/32", PODS4[i])),
+            );
+            node.add_route(&format!("{}/32", PODS4[i]), &["dev", &node_if]);
+            ns.add_route("10.244.0.1/32", &["dev", "eth0"]);
+            ns.set_default_route("10.244.0.1");
             node.ip(&[
                 "-6",
                 "addr",
@@ -205,6 +232,43 @@ fn model(with_empty: bool) -> ProxyModel {
     m
 }
 
+/// The IPv4 half: `web` on its IPv4 cluster IP, on both pods.
+fn model4() -> ProxyModel {
+    let mut m = ProxyModel {
+        node: NodeInfo {
+            name: "node1".into(),
+            ips: vec![ip(NODE_IP4)],
+            present: true,
+            ..NodeInfo::default()
+        },
+        ..ProxyModel::default()
+    };
+    let eps = PODS4
+        .iter()
+        .map(|p| {
+            let mut e = Endpoint::ready(ip(p), 8080);
+            e.is_local = true;
+            e
+        })
+        .collect();
+    m.endpoints.insert(port_name("web"), eps);
+    m.services.insert(
+        port_name("web"),
+        ServicePort::basic(port_name("web"), ip(WEB4), 80),
+    );
+    m
+}
+
+/// The IPv4 node facts.
+fn facts4() -> NodeFacts {
+    NodeFacts {
+        primary_ip: Some(ip(NODE_IP4)),
+        node_port_cidrs: None,
+        localhost_node_ports: false,
+        local_detector: LocalDetector::Cidr("10.244.0.0/16".parse().unwrap()),
+    }
+}
+
 /// The IPv6 node facts the daemon's sync loop passes the IPv6 proxier.
 fn facts() -> NodeFacts {
     NodeFacts {
@@ -216,14 +280,45 @@ fn facts() -> NodeFacts {
 }
 
 async fn sync(p: &mut IpvsProxier, m: &ProxyModel) {
+    let facts = match p.family() {
+        Family::V4 => facts4(),
+        Family::V6 => facts(),
+    };
     p.sync(SyncRequest {
         model: m,
         changed: &BTreeSet::new(),
         full: true,
-        node_facts: &facts(),
+        node_facts: &facts,
     })
     .await
     .expect("sync");
+}
+
+/// A proxier of `family` in the node namespace, as the daemon starts one per family.
+async fn start(ns: &str, variant: IptablesVariant, family: Family) -> IpvsProxier {
+    let args = parse_render_args(&["--proxy-mode=ipvs".to_string()], "node1").unwrap();
+    let opts = args.options;
+    let kernel_family = match family {
+        Family::V4 => IpFamily::V4,
+        Family::V6 => IpFamily::V6,
+    };
+    let kernel = IpvsKernel {
+        iptables: Iptables::new(variant, kernel_family).with_netns(ns),
+        ipset: Ipset::new().with_netns(ns),
+        link: DummyLink::default().with_netns(ns),
+        conntrack: Conntrack::new().with_netns(ns),
+        addrs: Addresses::new().with_netns(ns),
+        sysctl: Sysctl::new(),
+    };
+    // Not the config's family decides, but the iptables handle's.
+    let mut config = ipvs_config_for(&opts, &facts(), &[], Family::V4);
+    config.random_fully = true;
+    let client = IpvsClient::connect().await.expect("IPVS in the guest");
+    let p = IpvsProxier::start(client, kernel, config, ipvs_settings(&opts))
+        .await
+        .unwrap_or_else(|e| panic!("the {family:?} IPVS proxier starts: {e}"));
+    assert_eq!(p.family(), family, "the family of its iptables handle");
+    p
 }
 
 // ------------------------------------------------------------------ reading the kernel
@@ -280,43 +375,31 @@ async fn scenario(net: &Net) {
     let node = &net.node;
     let ns = node.name();
 
-    // What the node's IPv4 proxier would own: it must survive every IPv6 sync.
-    node.ip(&["link", "add", "kube-ipvs0", "type", "dummy"]);
-    node.ip(&["addr", "add", &format!("{V4_VIP}/32"), "dev", "kube-ipvs0"]);
-    node.run_ok("ipvsadm", ["-A", "-t", &format!("{V4_VIP}:80"), "-s", "rr"]);
-
-    // ---- start-up: the IPv6 probe leaves nothing behind
-    let args = parse_render_args(&["--proxy-mode=ipvs".to_string()], "node1").unwrap();
-    let opts = args.options;
+    // ---- start-up: each family's probe leaves nothing behind
     let variant = detect_variant(Some(ns)).await.unwrap();
-    let ipt6 = Iptables::new(variant, IpFamily::V6).with_netns(ns);
-    let kernel = IpvsKernel {
-        iptables: ipt6,
-        ipset: Ipset::new().with_netns(ns),
-        link: DummyLink::default().with_netns(ns),
-        conntrack: Conntrack::new().with_netns(ns),
-        addrs: Addresses::new().with_netns(ns),
-        sysctl: Sysctl::new(),
-    };
-    let mut config = ipvs_config_for(&opts, &facts(), &[], Family::V6);
-    config.random_fully = true;
-    let client = IpvsClient::connect().await.expect("IPVS in the guest");
-    let mut p = IpvsProxier::start(client, kernel, config, ipvs_settings(&opts))
-        .await
-        .expect("the IPv6 IPVS proxier starts");
-    assert_eq!(p.family(), Family::V6, "the family of its ip6tables handle");
-    assert_eq!(
-        ipvsadm_sn(node),
-        strs(&[&format!("-A -t {V4_VIP}:80 -s rr")]),
-        "the IPv6 start-up probe must leave no virtual server"
+    let mut p = start(ns, variant, Family::V6).await;
+    let mut p4 = start(ns, variant, Family::V4).await;
+    assert!(
+        ipvsadm_sn(node).is_empty(),
+        "the start-up probes must leave no virtual server"
     );
+
+    // ---- the IPv4 proxier syncs first: its state must survive every IPv6 sync
+    let m4 = model4();
+    sync(&mut p4, &m4).await;
+    let v4_state = strs(&[
+        &format!("-A -t {WEB4}:80 -s rr"),
+        &format!("-a -t {WEB4}:80 -r {}:8080 -m -w 1", PODS4[0]),
+        &format!("-a -t {WEB4}:80 -r {}:8080 -m -w 1", PODS4[1]),
+    ]);
+    assert_eq!(ipvsadm_sn(node), v4_state);
 
     // ---- first sync: kernel state
     let m = model(true);
     sync(&mut p, &m).await;
     let pods =
         |port: u16| -> Vec<String> { PODS.iter().map(|p| format!("[{p}]:{port}")).collect() };
-    let mut want = strs(&[&format!("-A -t {V4_VIP}:80 -s rr")]);
+    let mut want = v4_state.clone();
     let mut add_vs = |vs: &str, extra: &str, dests: &[String]| {
         want.insert(format!("-A -t {vs} -s rr{extra}"));
         for d in dests {
@@ -339,7 +422,7 @@ async fn scenario(net: &Net) {
         want.difference(&got).collect::<Vec<_>>(),
         got.difference(&want).collect::<Vec<_>>()
     );
-    // The renderer's own ipvsadm-save agrees with the kernel's (the IPv4 VS aside).
+    // The renderer's own ipvsadm-save agrees with the kernel's (the IPv4 half aside).
     let rendered: BTreeSet<String> = ipvsadm_save(&render(&m, p.config()))
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -364,9 +447,10 @@ async fn scenario(net: &Net) {
         strs(&[WEB, NODEPORT_SVC, STICKY, EMPTY])
     );
     let sets = node.run_ok("ipset", ["list", "-n"]);
-    assert!(
-        !sets.lines().any(|l| l == "KUBE-CLUSTER-IP"),
-        "the IPv6 proxier must not create IPv4 sets: {sets}"
+    assert_eq!(
+        ipset_list(node, "KUBE-CLUSTER-IP").1,
+        strs(&["10.96.0.10,tcp:80"]),
+        "the IPv4 proxier's set keeps its own entries: {sets}"
     );
 
     let ip6 = node.run_ok(
@@ -389,8 +473,12 @@ async fn scenario(net: &Net) {
         ["-t", "nat"],
     );
     assert!(
-        !ip4.contains("KUBE-SERVICES"),
-        "the IPv6 proxier must write no IPv4 rule: {ip4}"
+        ip4.contains("-A KUBE-SERVICES -s 127.0.0.0/8 -j RETURN"),
+        "{ip4}"
+    );
+    assert!(
+        !ip4.contains("KUBE-6-") && !ip6.contains("KUBE-CLUSTER-IP "),
+        "each family's rules only in its own table: {ip4}"
     );
 
     let v6_addrs = dummy_addrs(node, "-6");
@@ -414,9 +502,15 @@ async fn scenario(net: &Net) {
             .keys()
             .cloned()
             .collect::<BTreeSet<_>>(),
-        strs(&[&format!("{V4_VIP}/32")]),
+        strs(&[&format!("{WEB4}/32")]),
         "the IPv4 address on kube-ipvs0 belongs to the IPv4 proxier"
     );
+
+    // ---- an IPv4 sync now leaves the IPv6 half as it is
+    let before = ipvsadm_sn(node);
+    sync(&mut p4, &m4).await;
+    assert_eq!(ipvsadm_sn(node), before, "an IPv4 sync must not touch IPv6");
+    assert_eq!(dummy_addrs(node, "-6"), v6_addrs);
 
     // ---- packets: ClusterIP, NodePort, no endpoints, affinity
     let client = &net.client;
@@ -448,6 +542,12 @@ async fn scenario(net: &Net) {
     }
     assert_eq!(seen, pod_names);
 
+    // The dual-stack service answers on both cluster IPs.
+    let web4: BTreeSet<String> = (0..4)
+        .map(|_| tcp_request(client, sa(WEB4, 80), T).expect("client → IPv4 ClusterIP"))
+        .collect();
+    assert_eq!(web4, pod_names, "rr over both IPv4 real servers");
+
     let e = tcp_request(client, sa(EMPTY, 80), T).expect_err("no endpoints must not answer");
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
 
@@ -476,9 +576,9 @@ async fn scenario(net: &Net) {
         !got.iter().any(|l| l.contains(EMPTY)),
         "removed service still in IPVS: {got:?}"
     );
-    assert!(got.contains(&format!("-A -t {V4_VIP}:80 -s rr")), "{got:?}");
+    assert!(got.is_superset(&v4_state), "{got:?}");
     assert!(!dummy_addrs(node, "-6").contains_key(&format!("{EMPTY}/128")));
-    assert!(dummy_addrs(node, "-4").contains_key(&format!("{V4_VIP}/32")));
+    assert!(dummy_addrs(node, "-4").contains_key(&format!("{WEB4}/32")));
     assert_eq!(
         tcp_request(client, sa(WEB, 80), T)
             .map(|n| pod_names.contains(&n))
