@@ -336,7 +336,8 @@ impl IpvsProxier {
     /// Checks that IPVS mode can run, sets the sysctls and timeouts, and starts the
     /// graceful-termination checker. `client` must be connected in the namespace the
     /// `kernel` handles work in. The proxier's family is `kernel.iptables`'s (it overrides
-    /// `config.family`). Must be called within a tokio runtime.
+    /// `config.family`; the node addresses, primary IP and detector in `config` are
+    /// replaced by each sync's node facts). Must be called within a tokio runtime.
     pub async fn start(
         mut client: IpvsClient,
         kernel: IpvsKernel,

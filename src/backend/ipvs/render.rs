@@ -38,8 +38,7 @@ pub struct IpvsConfig {
     /// Node addresses of [`Self::family`] NodePort virtual servers go on (loopback excluded;
     /// already filtered by `--nodeport-addresses`).
     pub node_ips: Vec<IpAddr>,
-    /// `--ipvs-exclude-cidrs` of [`Self::family`]: virtual servers there are never deleted
-    /// (apply side only).
+    /// `--ipvs-exclude-cidrs`: virtual servers there are never deleted (apply side only).
     pub exclude_cidrs: Vec<Cidr>,
     /// `--ipvs-strict-arp` (apply side only).
     pub strict_arp: bool,
@@ -117,13 +116,8 @@ pub fn ipvs_config_for(
         masquerade_bit: opts.masquerade_bit,
         local_detector: facts.local_detector.clone(),
         node_ips,
-        exclude_cidrs: opts
-            .ipvs
-            .exclude_cidrs
-            .iter()
-            .copied()
-            .filter(|c| family.matches(&c.addr()))
-            .collect(),
+        // Both families' prefixes: one of the other family contains none of ours.
+        exclude_cidrs: opts.ipvs.exclude_cidrs.clone(),
         strict_arp: opts.ipvs.strict_arp,
         random_fully: false,
         primary_node_ip: facts.primary_ip.filter(|ip| family.matches(ip)),

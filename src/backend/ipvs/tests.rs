@@ -1773,20 +1773,11 @@ fn ipv6_source_range_containing_the_node_admits_it() {
 }
 
 /// The IPv6 proxier's node addresses: only IPv6 ones, without `::1` (no localhost node
-/// ports for IPv6, as upstream) and without link-local ones; exclude CIDRs and the primary
-/// node IP of the other family do not apply.
+/// ports for IPv6, as upstream) and without link-local ones; the primary node IP of the
+/// other family does not apply.
 #[test]
 fn ipv6_config_takes_only_usable_ipv6_node_addresses() {
-    let args = crate::config::parse_render_args(
-        &strs(&[
-            "--proxy-mode",
-            "ipvs",
-            "--ipvs-exclude-cidrs",
-            "10.200.0.0/16,fd00:200::/64",
-        ]),
-        "node1",
-    )
-    .unwrap();
+    let args = crate::config::parse_render_args(&strs(&["--proxy-mode", "ipvs"]), "node1").unwrap();
     let facts = crate::host::NodeFacts {
         primary_ip: Some(ip("192.168.50.1")),
         ..Default::default()
@@ -1803,9 +1794,7 @@ fn ipv6_config_takes_only_usable_ipv6_node_addresses() {
     assert_eq!(c.family, IpFamily::V6);
     assert_eq!(c.node_ips, vec![ip("2001:db8::9"), ip("fd00:50::1")]);
     assert_eq!(c.primary_node_ip, None);
-    assert_eq!(c.exclude_cidrs, vec![cidr("fd00:200::/64")]);
     let c4 = ipvs_config_for(&args.options, &facts, &local, IpFamily::V4);
     assert_eq!(c4.node_ips, vec![ip("192.168.50.1")]);
-    assert_eq!(c4.exclude_cidrs, vec![cidr("10.200.0.0/16")]);
     assert_eq!(c4.primary_node_ip, Some(ip("192.168.50.1")));
 }
