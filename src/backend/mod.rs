@@ -180,9 +180,7 @@ impl Kind {
     /// The families this backend can program at all.
     pub fn candidate_families(self) -> Vec<IpFamily> {
         match self {
-            Kind::Iptables => IpFamily::ALL.to_vec(),
-            // IPv6 virtual servers are not written yet: an IPv6 IPVS proxier must not run.
-            Kind::Ipvs => vec![IpFamily::V4],
+            Kind::Iptables | Kind::Ipvs => IpFamily::ALL.to_vec(),
         }
     }
 
@@ -202,7 +200,7 @@ impl Kind {
     ) -> String {
         match self {
             Kind::Iptables => iptables::render_text(opts, model, family, node_ips),
-            Kind::Ipvs => ipvs::render_text(opts, model, node_ips),
+            Kind::Ipvs => ipvs::render_text(opts, model, family, node_ips),
         }
     }
 

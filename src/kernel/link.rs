@@ -270,7 +270,10 @@ fn address_message(index: u32, ip: &IpAddr) -> AddressMessage {
         IpAddr::V6(_) => {
             msg.header.family = AddressFamily::Inet6;
             msg.header.prefix_len = 128;
-            // As `ip addr add ... nodad`: usable at once, no duplicate detection.
+            // A host /128 as upstream's (`netlink.NewIPNet`), and `nodad` as `ip addr add
+            // ... nodad`: usable at once. Upstream sets no flag and gets the same, since the
+            // kernel skips duplicate detection on a NOARP dummy link; the flag keeps that
+            // true whatever the link is.
             msg.header.flags = AddressHeaderFlags::Nodad;
         }
     }

@@ -1,7 +1,12 @@
 //! The ipsets IPVS mode keeps (upstream `pkg/proxy/ipvs/ipset.go` and the `ipsetInfo` table
 //! in `proxier.go`): names, types, comments, entry spelling, and `ipset save` output.
+//!
+//! The constants below are the IPv4 names; an IPv6 proxier's sets are named by
+//! [`set_name`] (`KUBE-6-*`, as upstream's `NewIPSet`), so both families' sets coexist.
 
 use std::collections::BTreeSet;
+
+use crate::model::IpFamily;
 
 /// `KUBE-LOOP-BACK`: endpoint `ip,proto:port,ip` for hairpin masquerade.
 pub const LOOP_BACK: &str = "KUBE-LOOP-BACK";
@@ -137,11 +142,30 @@ pub const SET_INFO: &[(&str, &str, &str)] = &[
     (IPVS_IPS, HASH_IP, "Addresses on the ipvs interface"),
 ];
 
+/// ipset's longest set name (`IPSET_MAXNAMELEN` 32, with the terminating NUL).
+pub const MAX_NAME_LEN: usize = 31;
+
+/// The name of the set called `base` (a [`SET_INFO`] name) in `family`: unchanged for IPv4;
+/// for IPv6 `KUBE-` becomes `KUBE-6-`, cut to [`MAX_NAME_LEN`] characters as upstream's
+/// `NewIPSet` does (`KUBE-6-LOAD-BALANCER-SOURCE-CID`).
+pub fn set_name(base: &str, family: IpFamily) -> String {
+    match (family, base.strip_prefix("KUBE-")) {
+        (IpFamily::V6, Some(rest)) => {
+            let mut name = format!("KUBE-6-{rest}");
+            name.truncate(MAX_NAME_LEN);
+            name
+        }
+        _ => base.to_string(),
+    }
+}
+
 /// One ipset as a sync wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IpSetSpec {
-    /// Set name (`KUBE-CLUSTER-IP`).
+    /// Set name (`KUBE-CLUSTER-IP`, `KUBE-6-CLUSTER-IP`).
     pub name: String,
+    /// The family of the addresses in the set (`family inet`/`inet6` of hash sets).
+    pub family: IpFamily,
     /// ipset type (`hash:ip,port`).
     pub set_type: String,
     /// Upstream's comment for the set (used in iptables `--comment`, not in the set itself).
@@ -151,13 +175,15 @@ pub struct IpSetSpec {
 }
 
 impl IpSetSpec {
-    /// An empty set from the [`SET_INFO`] table; `None` for an unknown name.
-    pub fn empty(name: &str) -> Option<Self> {
+    /// An empty set of `family` from the [`SET_INFO`] table (`name` is the table's name);
+    /// `None` for an unknown name.
+    pub fn empty(name: &str, family: IpFamily) -> Option<Self> {
         SET_INFO
             .iter()
             .find(|(n, _, _)| *n == name)
             .map(|(n, t, c)| IpSetSpec {
-                name: (*n).to_string(),
+                name: set_name(n, family),
+                family,
                 set_type: (*t).to_string(),
                 comment: (*c).to_string(),
                 entries: BTreeSet::new(),
@@ -169,7 +195,11 @@ impl IpSetSpec {
         if self.set_type == BITMAP_PORT {
             format!("range {PORT_RANGE}")
         } else {
-            format!("family inet hashsize {HASH_SIZE} maxelem {MAX_ELEM}")
+            let family = match self.family {
+                IpFamily::V4 => "inet",
+                IpFamily::V6 => "inet6",
+            };
+            format!("family {family} hashsize {HASH_SIZE} maxelem {MAX_ELEM}")
         }
     }
 
@@ -185,8 +215,8 @@ impl IpSetSpec {
     }
 
     /// Entries in the order and spelling `ipset save` lists them: bitmap ports numerically,
-    /// hash entries sorted; a `/32` net in `hash:ip,port,net` printed without the suffix (the
-    /// kernel stores host nets as plain addresses).
+    /// hash entries sorted; a host net (`/32`, `/128`) in `hash:ip,port,net` printed without
+    /// the suffix (the kernel stores host nets as plain addresses).
     pub fn saved_entries(&self) -> Vec<String> {
         if self.set_type == BITMAP_PORT {
             let mut ports: Vec<(u32, &String)> = self
@@ -197,11 +227,15 @@ impl IpSetSpec {
             ports.sort();
             return ports.into_iter().map(|(_, e)| e.clone()).collect();
         }
+        let host_suffix = match self.family {
+            IpFamily::V4 => "/32",
+            IpFamily::V6 => "/128",
+        };
         self.entries
             .iter()
             .map(|e| {
                 if self.set_type == HASH_IP_PORT_NET {
-                    e.strip_suffix("/32").unwrap_or(e).to_string()
+                    e.strip_suffix(host_suffix).unwrap_or(e).to_string()
                 } else {
                     e.clone()
                 }
@@ -210,11 +244,19 @@ impl IpSetSpec {
     }
 }
 
-/// Every set of [`SET_INFO`], empty, in upstream order.
-pub fn all_sets() -> Vec<IpSetSpec> {
+/// Every set of [`SET_INFO`] for `family`, empty, in upstream order.
+pub fn all_sets(family: IpFamily) -> Vec<IpSetSpec> {
     SET_INFO
         .iter()
-        .filter_map(|(n, _, _)| IpSetSpec::empty(n))
+        .filter_map(|(n, _, _)| IpSetSpec::empty(n, family))
+        .collect()
+}
+
+/// Every set name either family's proxier may create (what `--cleanup` destroys).
+pub fn all_set_names() -> Vec<String> {
+    [IpFamily::V4, IpFamily::V6]
+        .into_iter()
+        .flat_map(|f| SET_INFO.iter().map(move |(n, _, _)| set_name(n, f)))
         .collect()
 }
 
@@ -239,4 +281,76 @@ pub fn save(sets: &[IpSetSpec]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_sets_are_kube_6_names_cut_to_31_characters_as_upstream() {
+        let v6: Vec<String> = SET_INFO
+            .iter()
+            .map(|(n, _, _)| set_name(n, IpFamily::V6))
+            .collect();
+        assert_eq!(
+            v6,
+            [
+                "KUBE-6-LOOP-BACK",
+                "KUBE-6-CLUSTER-IP",
+                "KUBE-6-EXTERNAL-IP",
+                "KUBE-6-EXTERNAL-IP-LOCAL",
+                "KUBE-6-LOAD-BALANCER",
+                "KUBE-6-LOAD-BALANCER-FW",
+                "KUBE-6-LOAD-BALANCER-LOCAL",
+                "KUBE-6-LOAD-BALANCER-SOURCE-IP",
+                "KUBE-6-LOAD-BALANCER-SOURCE-CID",
+                "KUBE-6-NODE-PORT-TCP",
+                "KUBE-6-NODE-PORT-LOCAL-TCP",
+                "KUBE-6-NODE-PORT-UDP",
+                "KUBE-6-NODE-PORT-LOCAL-UDP",
+                "KUBE-6-NODE-PORT-SCTP-HASH",
+                "KUBE-6-NODE-PORT-LOCAL-SCTP-HAS",
+                "KUBE-6-HEALTH-CHECK-NODE-PORT",
+                "KUBE-6-IPVS-IPS",
+            ]
+        );
+        let unique: BTreeSet<&String> = v6.iter().collect();
+        assert_eq!(unique.len(), v6.len());
+        for (n, _, _) in SET_INFO {
+            assert_eq!(set_name(n, IpFamily::V4), *n, "IPv4 names are upstream's");
+        }
+        assert_eq!(all_set_names().len(), 2 * SET_INFO.len());
+    }
+
+    #[test]
+    fn ipv6_hash_sets_are_created_with_family_inet6() {
+        let v6 = IpSetSpec::empty(CLUSTER_IP, IpFamily::V6).unwrap();
+        assert_eq!(
+            v6.create_line(),
+            "create KUBE-6-CLUSTER-IP hash:ip,port family inet6 hashsize 1024 maxelem 65536"
+        );
+        let v4 = IpSetSpec::empty(CLUSTER_IP, IpFamily::V4).unwrap();
+        assert_eq!(
+            v4.create_line(),
+            "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536"
+        );
+        // Bitmap sets hold ports only: no family, but still their own name per family.
+        let bitmap = IpSetSpec::empty(NODE_PORT_TCP, IpFamily::V6).unwrap();
+        assert_eq!(
+            bitmap.create_line(),
+            "create KUBE-6-NODE-PORT-TCP bitmap:port range 0-65535"
+        );
+    }
+
+    #[test]
+    fn ipv6_host_nets_are_saved_without_their_128_suffix() {
+        let mut net = IpSetSpec::empty(LOAD_BALANCER_SOURCE_CIDR, IpFamily::V6).unwrap();
+        net.entries.insert("fd00::1,tcp:80,fd01::5/128".into());
+        net.entries.insert("fd00::1,tcp:80,fd02::/64".into());
+        assert_eq!(
+            net.saved_entries(),
+            ["fd00::1,tcp:80,fd01::5", "fd00::1,tcp:80,fd02::/64"]
+        );
+    }
 }

@@ -13,8 +13,8 @@ pub mod rules;
 mod tests;
 
 pub use ipset::IpSetSpec;
-pub use proxier::render_text;
+pub use proxier::{render_text, render_text_for};
 pub use render::{
-    DesiredService, IpvsConfig, IpvsDesired, ipset_save, ipvs_config, ipvs_jump_rules,
-    ipvsadm_save, real_server, render,
+    DesiredService, IpvsConfig, IpvsDesired, ipset_save, ipvs_config, ipvs_config_for,
+    ipvs_jump_rules, ipvsadm_save, real_server, render,
 };

@@ -3,9 +3,15 @@
 //! IPVS virtual/real servers as one batched netlink diff.
 //!
 //! Upstream behaviours kept (KK `pkg/proxy/ipvs/{proxier,graceful_termination}.go`):
+//! - one proxier per IP family, the family of its `Iptables` handle: it programs only that
+//!   family's virtual servers, kube-ipvs0 addresses and ipsets (`KUBE-6-*` for IPv6), writes
+//!   its rules with that family's `ip[6]tables-restore`, and leaves the other family's alone.
 //! - start-up: IPVS answers, ipset ≥ 6.0, and a dummy virtual server at 198.51.100.0:20000
-//!   can be added with the configured scheduler (skipped when a service already uses it);
-//!   the `net/ipv4/vs/*`, `ip_forward` and strict-ARP sysctls; `--ipvs-*-timeout`.
+//!   (IPv6: [2001:db8::]:20000) can be added with the configured scheduler (skipped when a
+//!   service of the family already uses it); the `net/ipv4/vs/*` (shared by both families),
+//!   `ip_forward` and strict-ARP sysctls; `--ipvs-*-timeout`. As upstream, IPv6 forwarding
+//!   is left to the node: setting `conf/all/forwarding` would stop it accepting router
+//!   advertisements.
 //! - per sync: the dummy link exists (created down), missing addresses are bound and stale
 //!   ones unbound (never in `--ipvs-exclude-cidrs`), ipsets are diffed (never flushed),
 //!   services not desired are deleted (except excluded and other-family ones), real servers
@@ -17,19 +23,20 @@
 //!   chains and the ipsets.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+use super::render::{ipvs_config_for, is_node_address, node_addresses};
 use super::{DesiredService, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::netfilter::parse::Dump;
 use crate::backend::netfilter::restore::flush_and_delete;
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
-use crate::host::{NodeFacts, NodePortDestinations};
+use crate::host::NodeFacts;
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::ipset::{DesiredSet, Ipset, IpsetVersion, plan_restore};
@@ -39,6 +46,7 @@ use crate::kernel::ipvs::{
 };
 use crate::kernel::link::DummyLink;
 use crate::kernel::sysctl::Sysctl;
+use crate::model::IpFamily;
 
 /// How often terminating real servers are re-checked besides every sync (upstream
 /// `rsCheckDeleteInterval`).
@@ -46,6 +54,9 @@ pub const GRACEFUL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The start-up probe's virtual server (TEST-NET-2, upstream `CanUseIPVSProxier`).
 pub const PROBE_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
+/// The IPv6 proxier's probe address (the documentation prefix, RFC 3849): upstream probes
+/// IPv4 only, which would not show that the kernel lacks IPv6 IPVS (`CONFIG_IP_VS_IPV6`).
+pub const PROBE_ADDRESS_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0);
 /// The start-up probe's port.
 pub const PROBE_PORT: u16 = 20000;
 
@@ -120,10 +131,26 @@ fn rs_key(vs: &VirtualService, rs: &RealServer) -> RsKey {
     (vs.key(), rs.address, rs.port)
 }
 
+/// The IPVS address family of `family`.
+pub fn address_family(family: IpFamily) -> AddressFamily {
+    match family {
+        IpFamily::V4 => AddressFamily::Inet,
+        IpFamily::V6 => AddressFamily::Inet6,
+    }
+}
+
+/// The start-up probe's address for `family`.
+pub fn probe_address(family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::V4 => IpAddr::V4(PROBE_ADDRESS),
+        IpFamily::V6 => IpAddr::V6(PROBE_ADDRESS_V6),
+    }
+}
+
 /// The tools the proxier drives, all bound to the same network namespace.
 #[derive(Debug, Clone)]
 pub struct IpvsKernel {
-    /// iptables (IPv4).
+    /// iptables of the proxier's family (`ip6tables` for IPv6): its family is the proxier's.
     pub iptables: Iptables,
     /// ipset.
     pub ipset: Ipset,
@@ -189,12 +216,14 @@ fn read_err(e: impl std::fmt::Display) -> BackendError {
 }
 
 /// Upstream `CanUseIPVSProxier`: IPVS answers, ipset is recent enough, and a virtual server
-/// with `scheduler` can be created (proving its module loads). Skips the dummy service when
-/// an existing one already uses the scheduler (a restart).
+/// of `family` with `scheduler` can be created (proving its module loads, and IPVS of that
+/// family). Skips the dummy service when an existing one of the family already uses the
+/// scheduler (a restart).
 pub async fn check_ipvs_usable(
     client: &mut IpvsClient,
     ipset: &Ipset,
     scheduler: &str,
+    family: IpFamily,
 ) -> Result<(), IpvsStartError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| IpvsStartError(format!("{what}: {e}"));
     client
@@ -215,16 +244,19 @@ pub async fn check_ipvs_usable(
         .services()
         .await
         .map_err(|e| fail("cannot list IPVS services", &e))?;
-    if existing.iter().any(|s| s.scheduler == scheduler) {
-        tracing::debug!(scheduler, "an IPVS service already uses the scheduler");
+    let af = address_family(family);
+    if existing
+        .iter()
+        .any(|s| s.scheduler == scheduler && s.address_family == af)
+    {
+        tracing::debug!(
+            scheduler,
+            ?family,
+            "an IPVS service already uses the scheduler"
+        );
         return Ok(());
     }
-    let probe = VirtualService::new(
-        IpAddr::V4(PROBE_ADDRESS),
-        Protocol::Tcp,
-        PROBE_PORT,
-        scheduler,
-    );
+    let probe = VirtualService::new(probe_address(family), Protocol::Tcp, PROBE_PORT, scheduler);
     client.add_service(&probe).await.map_err(|e| {
         IpvsStartError(format!(
             "cannot create a virtual server with scheduler {scheduler:?} (is the kernel module \
@@ -303,14 +335,23 @@ fn secs(d: Duration) -> u32 {
 impl IpvsProxier {
     /// Checks that IPVS mode can run, sets the sysctls and timeouts, and starts the
     /// graceful-termination checker. `client` must be connected in the namespace the
-    /// `kernel` handles work in. Must be called within a tokio runtime.
+    /// `kernel` handles work in. The proxier's family is `kernel.iptables`'s (it overrides
+    /// `config.family`; the node addresses, primary IP and detector in `config` are
+    /// replaced by each sync's node facts). Must be called within a tokio runtime.
     pub async fn start(
         mut client: IpvsClient,
         kernel: IpvsKernel,
-        config: IpvsConfig,
+        mut config: IpvsConfig,
         settings: IpvsSettings,
     ) -> Result<Self, IpvsStartError> {
-        check_ipvs_usable(&mut client, &kernel.ipset, config.scheduler()).await?;
+        config.family = kernel.iptables.family();
+        check_ipvs_usable(
+            &mut client,
+            &kernel.ipset,
+            config.scheduler(),
+            config.family,
+        )
+        .await?;
         apply_sysctls(&kernel.sysctl, config.strict_arp)?;
         let (tcp, fin, udp) = (
             secs(settings.tcp_timeout),
@@ -369,12 +410,18 @@ impl IpvsProxier {
         v
     }
 
+    /// The IP family this proxier programs.
+    pub fn family(&self) -> IpFamily {
+        self.config.family
+    }
+
     /// Takes this sync's node facts and refreshes the node addresses in the render config:
-    /// `host_addrs` (every local IPv4 address except the dummy link's), `node_ips` (those
-    /// NodePort virtual servers go on: no loopback, inside the node-port addresses, upstream
-    /// `NodeIPs` and `GetNodeAddresses`). Keeps the previous lists if listing fails.
+    /// `host_addrs` (every local address of the family except the dummy link's), `node_ips`
+    /// (those NodePort virtual servers go on: no loopback, inside the node-port addresses,
+    /// upstream `NodeIPs` and `GetNodeAddresses`). Keeps the previous lists if listing fails.
     async fn refresh_node_facts(&mut self, facts: &NodeFacts) {
-        self.config.primary_node_ip = facts.primary_ip;
+        let family = self.config.family;
+        self.config.primary_node_ip = facts.primary_ip.filter(|ip| family.matches(ip));
         self.config.local_detector = facts.local_detector.clone();
         let list = match self.kernel.addrs.list().await {
             Ok(l) => l,
@@ -383,21 +430,12 @@ impl IpvsProxier {
                 return;
             }
         };
-        let mut host: Vec<IpAddr> = list
+        let local: Vec<IpAddr> = list
             .into_iter()
-            .filter(|a| a.addr.is_ipv4() && a.interface != self.kernel.link.name())
+            .filter(|a| a.interface != self.kernel.link.name())
             .map(|a| a.addr)
             .collect();
-        host.sort();
-        host.dedup();
-        self.config.node_ips = match facts.node_port_ips(&host) {
-            NodePortDestinations::AllLocal => host.clone(),
-            NodePortDestinations::Ips(ips) => ips,
-        }
-        .into_iter()
-        .filter(|ip| !ip.is_loopback())
-        .collect();
-        self.config.host_addrs = host;
+        (self.config.host_addrs, self.config.node_ips) = node_addresses(facts, &local, family);
     }
 
     fn excluded(&self, ip: &IpAddr) -> bool {
@@ -457,8 +495,9 @@ impl IpvsProxier {
         Ok(())
     }
 
-    /// Binds missing addresses and unbinds stale ones (IPv4, not in `--ipvs-exclude-cidrs`)
-    /// in one rtnetlink batch. Returns what could not be changed.
+    /// Binds missing addresses and unbinds stale ones (of this family, neither loopback nor
+    /// IPv6 link-local, as upstream's `GetLocalAddresses`; not in `--ipvs-exclude-cidrs`) in
+    /// one rtnetlink batch. Returns what could not be changed.
     async fn sync_addresses(&self, desired: &IpvsDesired) -> Result<Vec<String>, BackendError> {
         let link = &self.kernel.link;
         let current: BTreeSet<IpAddr> = link
@@ -470,7 +509,7 @@ impl IpvsProxier {
         let add: Vec<IpAddr> = desired.bound_addrs.difference(&current).copied().collect();
         let del: Vec<IpAddr> = current
             .difference(&desired.bound_addrs)
-            .filter(|ip| ip.is_ipv4() && !self.excluded(ip))
+            .filter(|ip| is_node_address(ip, self.config.family) && !self.excluded(ip))
             .copied()
             .collect();
         if add.is_empty() && del.is_empty() {
@@ -534,7 +573,11 @@ impl IpvsProxier {
             }
         }
         for (_, cur) in current {
-            if cur.address_family != AddressFamily::Inet || self.excluded(&cur.address) {
+            // The other family's proxier owns its virtual servers (upstream
+            // `cleanLegacyService`).
+            if cur.address_family != address_family(self.config.family)
+                || self.excluded(&cur.address)
+            {
                 continue;
             }
             plan.deletes.push(IpvsOp::DeleteService(cur));
@@ -620,9 +663,10 @@ impl IpvsProxier {
                 errors.push(format!("deleting {t} chains: {e}"));
             }
         }
-        // After the rules using them are gone (a referenced set cannot be destroyed).
-        for (set, _, _) in super::ipset::SET_INFO {
-            if let Err(e) = ipset.destroy(set).await {
+        // After the rules using them are gone (a referenced set cannot be destroyed). Both
+        // families' sets: upstream's cleanup forgets the `KUBE-6-*` ones.
+        for set in super::ipset::all_set_names() {
+            if let Err(e) = ipset.destroy(&set).await {
                 errors.push(format!("destroying ipset {set}: {e}"));
             }
         }
@@ -885,8 +929,8 @@ impl Backend for IpvsProxier {
     }
 }
 
-/// Starts IPVS mode writing through `ipt`: probes IPVS, sets its sysctls, starts the
-/// graceful-termination checker.
+/// Starts the IPVS proxier of `ipt`'s family writing through `ipt`: probes IPVS, sets its
+/// sysctls, starts the graceful-termination checker. Node facts come with each sync.
 pub async fn start(
     opts: &crate::config::ProxyOptions,
     ipt: Iptables,
@@ -895,7 +939,8 @@ pub async fn start(
     let client = IpvsClient::connect()
         .await
         .map_err(|e| IpvsStartError(e.to_string()))?;
-    let mut config = super::ipvs_config(opts, &crate::model::NodeInfo::default(), Vec::new());
+    let family = ipt.family();
+    let mut config = ipvs_config_for(opts, &NodeFacts::default(), &[], family);
     config.random_fully = random_fully;
     let kernel = IpvsKernel {
         iptables: ipt,
@@ -906,27 +951,49 @@ pub async fn start(
         sysctl: Sysctl::new(),
     };
     let proxier = IpvsProxier::start(client, kernel, config, ipvs_settings(opts)).await?;
-    tracing::info!(scheduler = proxier.config().scheduler(), "using IPVS");
+    tracing::info!(
+        scheduler = proxier.config().scheduler(),
+        ?family,
+        "using IPVS"
+    );
     Ok(proxier)
 }
 
 /// What `render` prints in IPVS mode: the virtual servers (`ipvsadm -Sn`), the ipsets
 /// (`ipset save`) and the iptables-restore input of a sync of `model`, each under a `#`
-/// header.
+/// header (`family`'s proxier, node facts from `opts`).
 pub fn render_text(
     opts: &crate::config::ProxyOptions,
     model: &crate::model::ProxyModel,
+    family: IpFamily,
     node_ips: Vec<IpAddr>,
 ) -> String {
-    let mut config = super::ipvs_config(opts, &model.node, node_ips);
+    let facts = crate::host::HostSettings::from_options(opts).facts(&model.node, family);
+    render_text_for(opts, model, &facts, &node_ips, family)
+}
+
+/// [`render_text`] for the `family` proxier, given that family's node facts and the
+/// host's addresses.
+pub fn render_text_for(
+    opts: &crate::config::ProxyOptions,
+    model: &crate::model::ProxyModel,
+    facts: &NodeFacts,
+    local_ips: &[IpAddr],
+    family: IpFamily,
+) -> String {
+    let mut config = ipvs_config_for(opts, facts, local_ips, family);
     // Upstream probes iptables for --random-fully; every supported distribution has it.
     config.random_fully = true;
     let desired = render(model, &config);
+    let restore = match family {
+        IpFamily::V4 => "iptables-restore",
+        IpFamily::V6 => "ip6tables-restore",
+    };
     let mut out = String::from("# IPVS virtual servers (ipvsadm -Sn)\n");
     out.push_str(&super::ipvsadm_save(&desired));
     out.push_str("# ipsets (ipset save)\n");
     out.push_str(&super::ipset_save(&desired));
-    out.push_str("# iptables (iptables-restore --noflush)\n");
+    out.push_str(&format!("# iptables ({restore} --noflush)\n"));
     out.push_str(&desired.iptables_restore);
     out
 }

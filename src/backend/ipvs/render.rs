@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use super::ipset::{self, IpSetSpec};
 use super::rules::{self, NoNodeAccess, RuleParams};
 use crate::backend::netfilter::{JumpRule, LocalDetector, masquerade_mark};
-use crate::host::NodePortDestinations;
+use crate::host::{NodeFacts, NodePortDestinations};
 use crate::kernel::ipvs::codec::{
     ForwardMethod, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED1, IP_VS_SVC_F_SCHED2,
     IP_VS_SVC_F_SCHED3, Protocol as IpvsProtocol, RealServer, ServiceFlags, VirtualService,
@@ -35,8 +35,8 @@ pub struct IpvsConfig {
     pub masquerade_bit: u8,
     /// `--detect-local-mode` and its parameter.
     pub local_detector: LocalDetector,
-    /// IPv4 node addresses NodePort virtual servers go on (loopback excluded; already
-    /// filtered by `--nodeport-addresses`).
+    /// Node addresses of [`Self::family`] NodePort virtual servers go on (loopback excluded;
+    /// already filtered by `--nodeport-addresses`).
     pub node_ips: Vec<IpAddr>,
     /// `--ipvs-exclude-cidrs`: virtual servers there are never deleted (apply side only).
     pub exclude_cidrs: Vec<Cidr>,
@@ -90,36 +90,72 @@ impl IpvsConfig {
     }
 }
 
-/// IPVS settings from the options and what is known of the node. `local_ips`: the host's
-/// addresses (without kube-ipvs0's); NodePort virtual servers go on the IPv4 non-loopback
-/// ones that `--nodeport-addresses` selects.
+/// IPv4 IPVS settings from the options and what is known of the node (`local_ips`: the
+/// host's addresses without kube-ipvs0's), with the node facts worked out from `opts`.
 pub fn ipvs_config(
     opts: &crate::config::ProxyOptions,
     node: &crate::model::NodeInfo,
     local_ips: Vec<IpAddr>,
 ) -> IpvsConfig {
     let facts = crate::host::HostSettings::from_options(opts).facts(node, IpFamily::V4);
-    let usable = |ip: &IpAddr| ip.is_ipv4() && !ip.is_loopback();
-    let node_ips: Vec<IpAddr> = match facts.node_port_ips(&local_ips) {
-        NodePortDestinations::AllLocal => {
-            let set: BTreeSet<IpAddr> = local_ips.iter().copied().filter(usable).collect();
-            set.into_iter().collect()
-        }
-        NodePortDestinations::Ips(ips) => ips.into_iter().filter(usable).collect(),
-    };
+    ipvs_config_for(opts, &facts, &local_ips, IpFamily::V4)
+}
+
+/// The IPVS settings of the `family` proxier: from the options, that family's node `facts`
+/// and the host's addresses (`local_ips`, kube-ipvs0's excluded; other families ignored).
+pub fn ipvs_config_for(
+    opts: &crate::config::ProxyOptions,
+    facts: &NodeFacts,
+    local_ips: &[IpAddr],
+    family: IpFamily,
+) -> IpvsConfig {
+    let (host_addrs, node_ips) = node_addresses(facts, local_ips, family);
     IpvsConfig {
         scheduler: opts.ipvs.scheduler.clone(),
         masquerade_all: opts.masquerade_all,
         masquerade_bit: opts.masquerade_bit,
-        local_detector: facts.local_detector,
+        local_detector: facts.local_detector.clone(),
         node_ips,
+        // Both families' prefixes: one of the other family contains none of ours.
         exclude_cidrs: opts.ipvs.exclude_cidrs.clone(),
         strict_arp: opts.ipvs.strict_arp,
         random_fully: false,
-        primary_node_ip: facts.primary_ip,
-        host_addrs: local_ips.into_iter().filter(IpAddr::is_ipv4).collect(),
-        family: IpFamily::V4,
+        primary_node_ip: facts.primary_ip.filter(|ip| family.matches(ip)),
+        host_addrs,
+        family,
     }
+}
+
+/// Whether `ip` counts as a node address of `family` (upstream `isValidForSet`): of the
+/// family, not loopback (so no localhost node ports, in either family) and, for IPv6, not
+/// link-local (an IPVS virtual server has no scope to tell links apart).
+pub fn is_node_address(ip: &IpAddr, family: IpFamily) -> bool {
+    family.matches(ip) && !ip.is_loopback() && !is_ipv6_link_local(ip)
+}
+
+/// From the host's addresses (`local_ips`, kube-ipvs0's excluded): those of `family`
+/// (upstream `nodeAddressSet`, sorted) and those NodePort virtual servers go on (the node
+/// addresses `--nodeport-addresses` selects, upstream `nodeIPs`).
+pub fn node_addresses(
+    facts: &NodeFacts,
+    local_ips: &[IpAddr],
+    family: IpFamily,
+) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let host: Vec<IpAddr> = local_ips
+        .iter()
+        .copied()
+        .filter(|ip| family.matches(ip))
+        .collect::<BTreeSet<IpAddr>>()
+        .into_iter()
+        .collect();
+    let node_ips = match facts.node_port_ips(&host) {
+        NodePortDestinations::AllLocal => host.clone(),
+        NodePortDestinations::Ips(ips) => ips,
+    }
+    .into_iter()
+    .filter(|ip| is_node_address(ip, family))
+    .collect();
+    (host, node_ips)
 }
 
 /// One virtual server and the real servers it should have.
@@ -289,14 +325,9 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
     let mut b = Builder {
         cfg,
         services: BTreeMap::new(),
-        sets: ipset::all_sets()
-            .into_iter()
-            .filter_map(|s| {
-                ipset::SET_INFO
-                    .iter()
-                    .find(|(n, _, _)| *n == s.name)
-                    .map(|(n, _, _)| (*n, s))
-            })
+        sets: ipset::SET_INFO
+            .iter()
+            .filter_map(|(n, _, _)| IpSetSpec::empty(n, cfg.family).map(|s| (*n, s)))
             .collect(),
         no_local_internal: BTreeSet::new(),
         no_local_external: BTreeSet::new(),
@@ -309,14 +340,14 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
         .iter()
         .chain(&cfg.node_ips)
         .copied()
-        .filter(|ip| !ip.is_loopback() && !is_ipv6_link_local(ip))
+        .filter(|ip| is_node_address(ip, cfg.family))
         .collect();
     let node_ips: Vec<IpAddr> = {
         let set: BTreeSet<IpAddr> = cfg
             .node_ips
             .iter()
             .copied()
-            .filter(|ip| !ip.is_loopback())
+            .filter(|ip| is_node_address(ip, cfg.family))
             .collect();
         set.into_iter().collect()
     };
@@ -447,6 +478,7 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
             mark: &mark,
             local_detector: &cfg.local_detector,
             random_fully: cfg.random_fully,
+            family: cfg.family,
         },
     );
 

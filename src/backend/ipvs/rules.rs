@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use super::ipset::{self, IpSetSpec};
 use crate::backend::netfilter::{JumpRule, LocalDetector};
+use crate::model::IpFamily;
 
 /// nat and filter: the service portal chain.
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -241,6 +242,17 @@ pub struct RuleParams<'a> {
     pub local_detector: &'a LocalDetector,
     /// Append `--random-fully` to the MASQUERADE rule.
     pub random_fully: bool,
+    /// The family written (the restore runs through that family's `ip[6]tables-restore`).
+    pub family: IpFamily,
+}
+
+/// Sources KUBE-SERVICES leaves alone (upstream's "dismiss connects to localhost early"):
+/// the IPv4 loopback net, or IPv6's only loopback address.
+fn loopback_sources(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "127.0.0.0/8",
+        IpFamily::V6 => "::1/128",
+    }
 }
 
 /// The rendered ruleset.
@@ -274,10 +286,12 @@ pub fn write_rules(
         let c = sets
             .get(name)
             .map(|s| s.comment.clone())
-            .or_else(|| IpSetSpec::empty(name).map(|s| s.comment))
+            .or_else(|| IpSetSpec::empty(name, p.family).map(|s| s.comment))
             .unwrap_or_default();
         quoted(&c)
     };
+    // `--match-set` takes the family's name of a set (`KUBE-6-*` for IPv6).
+    let set = |name: &str| ipset::set_name(name, p.family);
     let mut nat: Vec<String> = Vec::new();
     let mut filter: Vec<String> = Vec::new();
 
@@ -285,7 +299,7 @@ pub fn write_rules(
         "-A",
         KUBE_SERVICES,
         "-s",
-        "127.0.0.0/8",
+        loopback_sources(p.family),
         "-j",
         "RETURN",
     ]));
@@ -306,7 +320,7 @@ pub fn write_rules(
             "-m".into(),
             "set".into(),
             "--match-set".into(),
-            (*name).into(),
+            set(name),
             (*match_type).into(),
             "-j".into(),
             (*to).into(),
@@ -321,6 +335,7 @@ pub fn write_rules(
 
     if !empty(ipset::CLUSTER_IP) {
         let c = comment(ipset::CLUSTER_IP);
+        let cluster_ip = set(ipset::CLUSTER_IP);
         let base = [
             "-A",
             KUBE_SERVICES,
@@ -331,7 +346,7 @@ pub fn write_rules(
             "-m",
             "set",
             "--match-set",
-            ipset::CLUSTER_IP,
+            cluster_ip.as_str(),
         ];
         let mut w: Vec<&str> = base.to_vec();
         let not_local = p.local_detector.if_not_local();
@@ -369,14 +384,15 @@ pub fn write_rules(
         a.extend(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "ACCEPT"]);
         nat.push(line(&a));
     };
-    for (set, masq) in [
+    for (base, masq) in [
         (ipset::EXTERNAL_IP, true),
         (ipset::EXTERNAL_IP_LOCAL, false),
     ] {
-        if empty(set) {
+        if empty(base) {
             continue;
         }
-        let c = comment(set);
+        let c = comment(base);
+        let name = set(base);
         let args = [
             "-A",
             KUBE_SERVICES,
@@ -387,7 +403,7 @@ pub fn write_rules(
             "-m",
             "set",
             "--match-set",
-            set,
+            name.as_str(),
             "dst,dst",
         ];
         if masq {
@@ -433,15 +449,15 @@ pub fn write_rules(
     }
 
     // Accept traffic to IPVS virtual services in case other rules would drop it.
-    for set in [ipset::CLUSTER_IP, ipset::LOAD_BALANCER] {
-        if !empty(set) {
+    for base in [ipset::CLUSTER_IP, ipset::LOAD_BALANCER] {
+        if !empty(base) {
             nat.push(line(&[
                 "-A",
                 KUBE_SERVICES,
                 "-m",
                 "set",
                 "--match-set",
-                set,
+                &set(base),
                 "dst,dst",
                 "-j",
                 "ACCEPT",
@@ -491,13 +507,13 @@ pub fn write_rules(
         "-m",
         "set",
         "--match-set",
-        ipset::HEALTH_CHECK_NODE_PORT,
+        &set(ipset::HEALTH_CHECK_NODE_PORT),
         "dst",
         "-j",
         "ACCEPT",
     ]));
 
-    for (set, match_type) in [
+    for (base, match_type) in [
         (ipset::LOAD_BALANCER, "dst,dst"),
         (ipset::CLUSTER_IP, "dst,dst"),
         (ipset::EXTERNAL_IP, "dst,dst"),
@@ -510,7 +526,7 @@ pub fn write_rules(
             "-m",
             "set",
             "--match-set",
-            set,
+            &set(base),
             match_type,
             "-j",
             "RETURN",
@@ -526,7 +542,7 @@ pub fn write_rules(
         "-m",
         "set",
         "--match-set",
-        ipset::IPVS_IPS,
+        &set(ipset::IPVS_IPS),
         "dst",
         "-j",
         "REJECT",

@@ -15,8 +15,8 @@ use crate::kernel::ipvs::codec::{
     RealServer, ServiceFlags, VirtualService,
 };
 use crate::model::{
-    Cidr, Endpoint, NodeInfo, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName,
-    ServiceType, SourceRanges,
+    Cidr, Endpoint, IpFamily, NodeInfo, Protocol, ProxyModel, ServiceName, ServicePort,
+    ServicePortName, ServiceType, SourceRanges,
 };
 
 const NODE: &str = "test-node";
@@ -1533,17 +1533,17 @@ fn ipvsadm_save_format_and_order() {
 
 #[test]
 fn ipset_save_format() {
-    let mut bitmap = IpSetSpec::empty(sets::NODE_PORT_TCP).unwrap();
+    let mut bitmap = IpSetSpec::empty(sets::NODE_PORT_TCP, IpFamily::V4).unwrap();
     bitmap.entries = ["30443", "8080", "30080"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut net = IpSetSpec::empty(sets::LOAD_BALANCER_SOURCE_CIDR).unwrap();
+    let mut net = IpSetSpec::empty(sets::LOAD_BALANCER_SOURCE_CIDR, IpFamily::V4).unwrap();
     net.entries = ["1.2.3.4,tcp:80,10.0.0.0/8", "1.2.3.4,tcp:80,192.0.2.7/32"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let ips = IpSetSpec::empty(sets::IPVS_IPS).unwrap();
+    let ips = IpSetSpec::empty(sets::IPVS_IPS, IpFamily::V4).unwrap();
     let d = IpvsDesired {
         ipsets: vec![bitmap, net, ips],
         ..IpvsDesired::default()
@@ -1645,4 +1645,157 @@ fn demo_cluster_render_golden() {
         d.health_checks,
         BTreeMap::from([(ServiceName::new("demo", "edge"), (32100, 1))])
     );
+}
+
+// === IPv6 ===
+
+const NODE_IP6: &str = "fd00:50::1";
+
+/// An IPv6 proxier's settings: node fd00:50::1, pods in fd00:244::/48.
+fn cfg6() -> IpvsConfig {
+    IpvsConfig {
+        node_ips: vec![ip(NODE_IP6)],
+        primary_node_ip: Some(ip(NODE_IP6)),
+        local_detector: LocalDetector::Cidr(cidr("fd00:244::/48")),
+        random_fully: true,
+        family: IpFamily::V6,
+        ..IpvsConfig::default()
+    }
+}
+
+/// An IPv6-only cluster: a ClusterIP service with ClientIP affinity, a NodePort service, and
+/// an externalTrafficPolicy=Local LoadBalancer whose source ranges leave out the node.
+fn ipv6_model() -> ProxyModel {
+    let web = spn("ns1", "web", "http", Protocol::Tcp);
+    let np = spn("ns1", "np", "http", Protocol::Tcp);
+    let lb = spn("ns1", "lb", "https", Protocol::Tcp);
+    let mut sweb = svc(&web, "fd00:96::10", 80);
+    sweb.session_affinity_timeout = Some(10800);
+    let mut snp = svc(&np, "fd00:96::20", 80);
+    snp.service_type = ServiceType::NodePort;
+    snp.node_port = 30080;
+    let mut slb = svc(&lb, "fd00:96::30", 443);
+    slb.service_type = ServiceType::LoadBalancer;
+    slb.node_port = 30443;
+    slb.load_balancer_ips = vec![ip("2001:db8:1::4")];
+    slb.source_ranges = SourceRanges::Only(vec![cidr("2001:db8:ff::/48"), cidr("fd00:7::5/128")]);
+    slb.external_policy_local = true;
+    slb.health_check_node_port = 30000;
+    model(
+        vec![sweb, snp, slb],
+        vec![
+            (
+                web,
+                vec![local(ep("fd00:244::11", 8080)), ep("fd00:244:1::12", 8080)],
+            ),
+            (np, vec![ep("fd00:244:1::12", 8080)]),
+            (
+                lb,
+                vec![local(ep("fd00:244::11", 8443)), ep("fd00:244:1::12", 8443)],
+            ),
+        ],
+    )
+}
+
+/// The IPv6 golden: virtual servers, `KUBE-6-*` sets and the ip6tables-restore input of
+/// [`ipv6_model`] as `render` prints it for an IPv6 proxier, byte for byte.
+#[test]
+fn ipv6_render_golden() {
+    let args = crate::config::parse_render_args(&strs(&["--proxy-mode", "ipvs"]), NODE).unwrap();
+    let facts = crate::host::NodeFacts {
+        primary_ip: Some(ip(NODE_IP6)),
+        local_detector: LocalDetector::Cidr(cidr("fd00:244::/48")),
+        ..Default::default()
+    };
+    let local = [ip("127.0.0.1"), ip("::1"), ip("fe80::1"), ip(NODE_IP6)];
+    let out = super::render_text_for(&args.options, &ipv6_model(), &facts, &local, IpFamily::V6);
+    // The same sync as the IPv6 proxier's settings render it, and consistent.
+    let d = render_ok(&ipv6_model(), &cfg6());
+    assert_eq!(
+        out,
+        format!(
+            "# IPVS virtual servers (ipvsadm -Sn)\n{}# ipsets (ipset save)\n{}\
+             # iptables (ip6tables-restore --noflush)\n{}",
+            ipvsadm_save(&d),
+            ipset_save(&d),
+            d.iptables_restore
+        )
+    );
+    let golden = include_str!("testdata/ipv6.ipvs");
+    if out != golden {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/backend/ipvs/testdata/ipv6.ipvs.new"
+        );
+        std::fs::write(path, &out).unwrap();
+        panic!("IPv6 render differs from the golden file; wrote {path}");
+    }
+}
+
+/// Each family's proxier renders only its family's half of a dual-stack model, into its own
+/// sets: the IPv4 output keeps upstream's names and loopback rule, the IPv6 one has no IPv4.
+#[test]
+fn each_family_renders_only_its_half_of_a_dual_stack_model() {
+    let v4 = spn("ns1", "web4", "http", Protocol::Tcp);
+    let mut m = ipv6_model();
+    m.services.insert(v4.clone(), svc(&v4, "172.30.0.10", 80));
+    m.endpoints.insert(v4, vec![ep("10.0.1.1", 8080)]);
+    let d6 = render_ok(&m, &cfg6());
+    assert!(d6.services.iter().all(|s| s.vs.address.is_ipv6()));
+    assert!(d6.bound_addrs.iter().all(IpAddr::is_ipv6));
+    assert!(d6.ipsets.iter().all(|s| s.name.starts_with("KUBE-6-")));
+    assert!(!d6.iptables_restore.contains("127.0.0.0/8"));
+    assert!(!d6.iptables_restore.contains("172.30."));
+    let d4 = render_ok(&m, &cfg());
+    assert_eq!(
+        ipvs_table(&d4),
+        vec![("172.30.0.10:80/TCP".to_string(), strs(&["10.0.1.1:8080"]))]
+    );
+    assert!(d4.ipsets.iter().all(|s| !s.name.starts_with("KUBE-6-")));
+    assert!(
+        d4.iptables_restore
+            .contains("-A KUBE-SERVICES -s 127.0.0.0/8 -j RETURN\n")
+    );
+    assert!(!d4.iptables_restore.contains("fd00:"));
+}
+
+/// A source range holding the IPv6 node IP admits the node through the
+/// `KUBE-6-LOAD-BALANCER-SOURCE-IP` set instead of a KUBE-IPVS-OUT-FILTER drop.
+#[test]
+fn ipv6_source_range_containing_the_node_admits_it() {
+    let mut c = cfg6();
+    c.primary_node_ip = Some(ip("2001:db8:ff::7"));
+    let d = render_ok(&ipv6_model(), &c);
+    assert_eq!(
+        entries(&d, "KUBE-6-LOAD-BALANCER-SOURCE-IP"),
+        strs(&["2001:db8:1::4,tcp:443,2001:db8:1::4"])
+    );
+    assert!(chain_rules(&d, "filter", "KUBE-IPVS-OUT-FILTER").is_empty());
+}
+
+/// The IPv6 proxier's node addresses: only IPv6 ones, without `::1` (no localhost node
+/// ports for IPv6, as upstream) and without link-local ones; the primary node IP of the
+/// other family does not apply.
+#[test]
+fn ipv6_config_takes_only_usable_ipv6_node_addresses() {
+    let args = crate::config::parse_render_args(&strs(&["--proxy-mode", "ipvs"]), "node1").unwrap();
+    let facts = crate::host::NodeFacts {
+        primary_ip: Some(ip("192.168.50.1")),
+        ..Default::default()
+    };
+    let local = [
+        ip("127.0.0.1"),
+        ip("::1"),
+        ip("192.168.50.1"),
+        ip("fe80::1"),
+        ip("fd00:50::1"),
+        ip("2001:db8::9"),
+    ];
+    let c = ipvs_config_for(&args.options, &facts, &local, IpFamily::V6);
+    assert_eq!(c.family, IpFamily::V6);
+    assert_eq!(c.node_ips, vec![ip("2001:db8::9"), ip("fd00:50::1")]);
+    assert_eq!(c.primary_node_ip, None);
+    let c4 = ipvs_config_for(&args.options, &facts, &local, IpFamily::V4);
+    assert_eq!(c4.node_ips, vec![ip("192.168.50.1")]);
+    assert_eq!(c4.primary_node_ip, Some(ip("192.168.50.1")));
 }

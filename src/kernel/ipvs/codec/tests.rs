@@ -691,3 +691,54 @@ fn nested_flag_is_optional_on_parse() {
     };
     assert_eq!(m.service.as_ref(), Some(&svc_10_0_0_1_80_rr()));
 }
+
+/// `ipvsadm -a -t [fd00:96::10]:80 -r [fd00:244::5]:8080 -m -w 1` on a ClientIP-affinity
+/// service (`-p 10800`): AF_INET6 in both nests, the 16-byte addresses as they are, and the
+/// IPv6 netmask as a prefix length (128), not the IPv4 all-ones mask.
+const ADD_DEST_V6: &str = "
+    b0000000 2400 0500 07000000 00000000  // len 176
+    05 01 0000                            // NEW_DEST
+    5400 0180                             // SERVICE nest, len 84
+      0600 0100 0a00 0000                 //   SVC_ATTR_AF = AF_INET6 (10)
+      0600 0200 0600 0000                 //   TCP
+      1400 0300 fd000096 00000000 00000000 00000010 // fd00:96::10
+      0600 0400 0050 0000                 //   port 80
+      0700 0600 727200 00                 //   \"rr\"
+      0c00 0700 01000000 ffffffff         //   IP_VS_SVC_F_PERSISTENT
+      0800 0800 302a0000                  //   timeout 10800
+      0800 0900 80000000                  //   NETMASK = 128 (prefix length)
+    4800 0280                             // DEST nest, len 72
+      0600 0b00 0a00 0000                 //   DEST_ATTR_ADDR_FAMILY = AF_INET6
+      1400 0100 fd000244 00000000 00000000 00000005 // fd00:244::5
+      0600 0200 1f90 0000                 //   port 8080
+      0800 0300 00000000                  //   MASQ
+      0800 0400 01000000                  //   weight 1
+      0800 0500 00000000
+      0800 0600 00000000
+";
+
+#[test]
+fn ipv6_dest_of_a_persistent_service_golden() {
+    let mut svc = VirtualService::new("fd00:96::10".parse().unwrap(), Protocol::Tcp, 80, "rr");
+    svc.flags = ServiceFlags::exactly(IP_VS_SVC_F_PERSISTENT);
+    svc.timeout = 10800;
+    assert_eq!(svc.address_family, AddressFamily::Inet6);
+    let rs = RealServer::new("fd00:244::5".parse().unwrap(), 8080, 1);
+    assert_eq!(rs.address_family, Some(AddressFamily::Inet6));
+    let msg = NetlinkMessage::ipvs(
+        FAM,
+        NLM_F_REQUEST | NLM_F_ACK,
+        7,
+        IpvsMessage::new_dest(&svc, &rs),
+    );
+    let bytes = msg.emit().unwrap();
+    assert_eq!(bytes, hex(ADD_DEST_V6));
+    assert_eq!(parse(&bytes, FAM).unwrap(), vec![msg]);
+    // A kernel dump of the service decodes to the same key, so a sync finds it again.
+    let key = svc.key();
+    assert!(key.same_key(&svc));
+    assert_eq!(
+        key.address,
+        "fd00:96::10".parse::<std::net::IpAddr>().unwrap()
+    );
+}
