@@ -186,19 +186,28 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         .supports_random_fully()
         .await;
     let families = kind.families(variant).await;
-    if families.is_empty() {
-        return Err(DaemonError::NoFamily);
-    }
     let mut backends = Vec::new();
     let mut tasks = Vec::new();
     let mut nfacct = None;
+    let mut first_error = None;
     for family in families {
         let ipt = Iptables::new(variant, family);
-        let started = kind.start(&opts, ipt, random_fully).await?;
-        tracing::info!(%family, "proxier started");
-        backends.push((family, started.backend));
-        tasks.extend(started.tasks);
-        nfacct = nfacct.or(started.nfacct);
+        match kind.start(&opts, ipt, random_fully).await {
+            Ok(started) => {
+                tracing::info!(%family, "proxier started");
+                backends.push((family, started.backend));
+                tasks.extend(started.tasks);
+                nfacct = nfacct.or(started.nfacct);
+            }
+            // As upstream, a family this host cannot proxy leaves the other single-stack.
+            Err(e) => {
+                tracing::error!(%family, error = %e, "cannot proxy {family} on this host; continuing without it");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if backends.is_empty() {
+        return Err(first_error.map_or(DaemonError::NoFamily, DaemonError::from));
     }
     let metrics = match nfacct {
         Some(nfacct) => Metrics::with_nfacct(IpFamily::V4, nfacct),

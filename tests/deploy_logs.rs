@@ -148,9 +148,10 @@ fn sync_lines(log: &std::path::Path) -> Vec<Value> {
         Some(i) => &text[..=i],
         None => "",
     };
+    // One line per family and round; the IPv4 proxier's are compared with its histogram.
     json_lines(complete)
         .into_iter()
-        .filter(|v| message(v) == "sync done")
+        .filter(|v| message(v) == "sync done" && v["fields"]["family"] == "IPv4")
         .collect()
 }
 

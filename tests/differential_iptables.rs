@@ -83,7 +83,9 @@ fn ours(case: &Case, dir: &std::path::Path, seed: u64) -> String {
     let args = kube_proxy_rs::config::parse_render_args(&argv, "some-host")
         .unwrap_or_else(|e| panic!("seed {seed}: render flags {:?} refused: {e}", case.args));
     let mut warnings = Vec::new();
-    kube_proxy_rs::render::run(&args, true, &mut warnings)
+    // The reference transcribes upstream's IPv4 proxier: compare that family's render.
+    let v4 = kube_proxy_rs::model::IpFamily::V4;
+    kube_proxy_rs::render::run_family(&args, true, v4, &mut warnings)
         .unwrap_or_else(|e| panic!("seed {seed}: render failed: {e}"))
 }
 
