@@ -17,11 +17,12 @@ use crate::support::pods::{EchoServer, eventually, tcp_request, tcp_request_peer
 /// Wait for a rule change: min-sync-period (1s) plus a second, plus slack for slow CI.
 pub const PROGRAMMED: Duration = Duration::from_secs(6);
 
-/// [`PROGRAMMED`], tripled inside the emulated (TCG) VM of tests/vm, where every fork/exec
-/// of a kernel tool costs ~0.1 s and a sync takes seconds.
+/// [`PROGRAMMED`], five times over inside the emulated (TCG) VM of tests/vm, where every
+/// fork/exec of a kernel tool costs ~0.1 s (more on a loaded host), a sync takes seconds, and
+/// a dual-stack node syncs both families' proxiers in turn.
 pub fn programmed() -> Duration {
     if std::env::var("KPRS_IN_VM").as_deref() == Ok("1") {
-        PROGRAMMED * 3
+        PROGRAMMED * 5
     } else {
         PROGRAMMED
     }
