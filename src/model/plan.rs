@@ -287,7 +287,9 @@ fn ips_of(ips: &[IpAddr], family: IpFamily) -> Vec<IpAddr> {
         .collect()
 }
 
-fn cluster_ip_masquerade(opts: &PlanOptions) -> ClusterIpMasquerade {
+/// How ClusterIP traffic is masqueraded under `opts`: the same for every service port, so a
+/// backend that writes one node-wide rule (IPVS' cluster-IP ipset) asks here.
+pub fn cluster_ip_masquerade(opts: &PlanOptions) -> ClusterIpMasquerade {
     if opts.masquerade_all {
         ClusterIpMasquerade::All
     } else if opts.detects_local_pods {

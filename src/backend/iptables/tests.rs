@@ -3800,7 +3800,10 @@ fn ipv6_model() -> ProxyModel {
 #[test]
 fn ipv6_services_match_the_golden() {
     let text = render_with(&ipv6_model(), &upstream_config_ipv6()).text;
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/ipv6-services.iptables");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/ipv6-services.iptables"
+    );
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(path, &text).unwrap();
     }

@@ -313,15 +313,7 @@ fn is_ipv6_link_local(ip: &IpAddr) -> bool {
 
 /// Renders one sync.
 pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
-    let plan = plan::plan(
-        model,
-        cfg.family,
-        &PlanOptions {
-            masquerade_all: cfg.masquerade_all,
-            detects_local_pods: cfg.local_detector.is_implemented(),
-            primary_node_ip: cfg.primary_node_ip,
-        },
-    );
+    let plan = plan::plan(model, cfg.family, &plan_options(cfg));
     let mut b = Builder {
         cfg,
         services: BTreeMap::new(),
@@ -474,7 +466,7 @@ pub fn render(model: &ProxyModel, cfg: &IpvsConfig) -> IpvsDesired {
         &set_refs,
         &no_node_access,
         &RuleParams {
-            masquerade_all: cfg.masquerade_all,
+            cluster_ip_masquerade: crate::model::plan::cluster_ip_masquerade(&plan_options(cfg)),
             mark: &mark,
             local_detector: &cfg.local_detector,
             random_fully: cfg.random_fully,
@@ -673,4 +665,13 @@ pub fn ipset_save(d: &IpvsDesired) -> String {
 /// The builtin-chain jumps IPVS mode ensures (upstream `iptablesJumpChain`).
 pub fn ipvs_jump_rules() -> Vec<JumpRule> {
     rules::ipvs_jump_rules()
+}
+
+/// What the plan needs of the IPVS settings.
+fn plan_options(cfg: &IpvsConfig) -> PlanOptions {
+    PlanOptions {
+        masquerade_all: cfg.masquerade_all,
+        detects_local_pods: cfg.local_detector.is_implemented(),
+        primary_node_ip: cfg.primary_node_ip,
+    }
 }

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use super::ipset::{self, IpSetSpec};
 use crate::backend::netfilter::{JumpRule, LocalDetector};
 use crate::model::IpFamily;
+use crate::model::plan::ClusterIpMasquerade;
 
 /// nat and filter: the service portal chain.
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -234,8 +235,8 @@ pub struct NoNodeAccess {
 /// Settings the ruleset depends on.
 #[derive(Debug, Clone, Copy)]
 pub struct RuleParams<'a> {
-    /// `--masquerade-all`.
-    pub masquerade_all: bool,
+    /// How ClusterIP traffic is masqueraded (the plan's decision).
+    pub cluster_ip_masquerade: ClusterIpMasquerade,
     /// The mark, formatted (`0x00004000`).
     pub mark: &'a str,
     /// Local traffic detection.
@@ -350,15 +351,15 @@ pub fn write_rules(
         ];
         let mut w: Vec<&str> = base.to_vec();
         let not_local = p.local_detector.if_not_local();
-        if p.masquerade_all {
-            w.push("dst,dst");
-        } else if p.local_detector.is_implemented() {
-            w.push("dst,dst");
-            w.extend(not_local.iter().map(String::as_str));
-        } else {
+        match p.cluster_ip_masquerade {
+            ClusterIpMasquerade::All => w.push("dst,dst"),
+            ClusterIpMasquerade::NonLocalSources => {
+                w.push("dst,dst");
+                w.extend(not_local.iter().map(String::as_str));
+            }
             // No detector: masquerade node-originated traffic whose source is a VIP
             // (the VIPs on kube-ipvs0 are picked as source addresses).
-            w.push("src,dst");
+            ClusterIpMasquerade::None => w.push("src,dst"),
         }
         w.extend(["-j", KUBE_MARK_MASQ]);
         nat.push(line(&w));
