@@ -1508,6 +1508,61 @@ mod tests {
         assert!(rs.origin.contains("demo-cluster.yaml"), "{}", rs.origin);
     }
 
+    /// A dual-stack Service: `--to [IPv6]:port` walks the IPv6 proxier's rules, the IPv4
+    /// address the IPv4 ones.
+    #[test]
+    fn each_family_is_explained_from_its_own_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dual.yaml");
+        std::fs::write(
+            &file,
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: dual}
+spec:
+  clusterIP: 10.96.0.7
+  clusterIPs: [10.96.0.7, "fd00:96::7"]
+  ports: [{name: p, port: 80, protocol: TCP, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: ns, name: dual-4, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv4
+ports: [{name: p, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.0.7]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: ns, name: dual-6, labels: {kubernetes.io/service-name: dual}}
+addressType: IPv6
+ports: [{name: p, port: 8080, protocol: TCP}]
+endpoints: [{addresses: ["fd00:244::7"]}, {addresses: ["fd00:244::8"]}]
+"#,
+        )
+        .unwrap();
+        let run = |to: &str| {
+            let args: Vec<String> = ["--to", to, "--objects", &file.display().to_string()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let parsed = parse_explain_args(&args, "node1").unwrap();
+            let rs = ruleset_from_render(&parsed, &mut Vec::new()).unwrap();
+            endpoints(&explain(&rs, &parsed.packet))
+        };
+        assert_eq!(
+            run("[fd00:96::7]:80"),
+            [
+                ("[fd00:244::7]:8080".to_string(), "50.00%".to_string()),
+                ("[fd00:244::8]:8080".to_string(), "50.00%".to_string()),
+            ]
+        );
+        assert_eq!(
+            run("10.96.0.7:80"),
+            [("10.244.0.7:8080".to_string(), "100.00%".to_string())]
+        );
+    }
+
     #[test]
     fn cluster_ip_three_endpoints() {
         let (e, text) = run_demo(&[], Some("10.244.1.5"), "10.96.0.10:80");

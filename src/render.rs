@@ -229,6 +229,38 @@ status:
         run(&parsed, true, &mut Vec::new()).unwrap()
     }
 
+    const DUAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {namespace: ns, name: dual}
+spec:
+  clusterIP: 10.96.0.7
+  clusterIPs: [10.96.0.7, "fd00:96::7"]
+  ports: [{name: p, port: 80, protocol: TCP, targetPort: 8080}]
+"#;
+
+    #[test]
+    fn each_family_renders_under_its_heading() {
+        for mode in ["iptables", "ipvs"] {
+            let text = render_with(DUAL, &[&format!("--proxy-mode={mode}")]);
+            let (v4, v6) = text
+                .strip_prefix("# IPv4\n")
+                .and_then(|t| t.split_once("# IPv6\n"))
+                .unwrap_or_else(|| panic!("{mode}: no family headings:\n{text}"));
+            assert!(
+                v4.contains("10.96.0.7") && !v4.contains("fd00:96::7"),
+                "{mode}: {v4}"
+            );
+            assert!(
+                v6.contains("fd00:96::7") && !v6.contains("10.96.0.7"),
+                "{mode}: {v6}"
+            );
+        }
+        // One IPv4 family prints as before: restore input with no heading.
+        let text = render_with(LB, &[]);
+        assert!(text.starts_with("*filter"), "{text}");
+    }
+
     const ALLOW_FROM_NODE: &str = "-s 203.0.113.10 -j KUBE-EXT-";
 
     #[test]
