@@ -466,12 +466,12 @@ pub fn run_all(features: Features) {
 
     // A changed UDP nodePort: the old port's flow is deleted, not left pointing at the pod.
     let old = sa("192.168.50.1", 30053);
-    let r = eventually(PROGRAMMED, POLL, || {
+    let r = eventually(programmed(), POLL, || {
         udp_request(outside, old, T, Some(40054))
     });
     assert_eq!(r.unwrap(), "pod2");
     c.api.apply(udp_node_port(30054));
-    let r = eventually(PROGRAMMED, POLL, || {
+    let r = eventually(programmed(), POLL, || {
         udp_request(outside, sa("192.168.50.1", 30054), T, Some(40055))
     });
     assert_eq!(r.unwrap(), "pod2", "new node port never worked");
