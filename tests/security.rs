@@ -220,6 +220,16 @@ fn http_changes_nothing_and_source_ranges_drop_outsiders() {
         assert!(allowed, "request outside system:node-proxier: {r}");
     }
 
+    // Default flags serve node ports on localhost (route_localnet on), with upstream's rule
+    // dropping martian localnet traffic from off the node.
+    assert_eq!(node.read_sysctl("net.ipv4.conf.all.route_localnet"), "1");
+    assert!(
+        before_rules.contains(
+            "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        ),
+        "no martian-drop rule:\n{before_rules}"
+    );
+
     // Metrics on loopback only by default, as upstream: not reachable on the node's address.
     let from_outside = request(outside, sa("192.168.50.1", 10249), "GET", "/metrics", "");
     assert_eq!(from_outside, 0, "the metrics server answers off-node");
