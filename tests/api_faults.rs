@@ -20,9 +20,9 @@ use support::pods::{eventually, tcp_request};
 const NODE: &str = "node1";
 const T: Duration = Duration::from_millis(800);
 const POLL: Duration = Duration::from_millis(200);
-/// Recovery: the watchers' backoff step after an outage (client-go's reflector: ≤ 30 s)
-/// plus a sync.
-const CONVERGE: Duration = Duration::from_secs(45);
+/// Recovery: the watchers' backoff step after repeated outages (client-go's reflector:
+/// 30 s cap, jitter 1.0, so up to 60 s), a 4 s list and a sync.
+const CONVERGE: Duration = Duration::from_secs(80);
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
@@ -127,6 +127,56 @@ fn api_server_faults_leave_the_kernel_alone_then_converge() {
     assert!(
         gone(&c, "10.96.7.2", programmed()),
         "b's rules after the outage"
+    );
+
+    // 2b. Connection refused (a TCP reset for every packet to the server) for 8 s, with
+    //     changes made there meanwhile. The reject rule is not kube-proxy's: it stays.
+    std::thread::sleep(programmed());
+    let steady = kube_rules(&c);
+    let port = c.api.addr().port().to_string();
+    let reject = |op: &str| {
+        let args = [
+            "-t",
+            "filter",
+            op,
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "127.0.0.1",
+            "--dport",
+            &port,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ];
+        c.topo.node.run_ok("iptables", args);
+    };
+    reject("-I");
+    c.api.drop_watches();
+    c.api.delete("Service", "faults", "a");
+    for o in svc_and_slice("a", "10.96.7.1", &p1) {
+        c.api.apply(o);
+    }
+    hold_steady(
+        &c,
+        &steady,
+        Duration::from_secs(8),
+        "API server refusing connections",
+    );
+    reject("-D");
+    assert!(
+        eventually(CONVERGE, POLL, || {
+            let peer = tcp_request(&c.topo.outside, sa("10.96.7.1", 80), T)?;
+            if peer == c.topo.pods[1].name {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(peer))
+            }
+        })
+        .is_ok(),
+        "a did not move to pod 1 after the refusal"
     );
 
     // 3. 410 Gone on re-watch with lists taking 4 s: no rule changes during the slow relist.
