@@ -2,8 +2,9 @@
 //! runs in a "node" namespace against the fake API server:
 //! - the xtables lock held by someone else longer than `-w 5` (legacy back end, private lock
 //!   file through `XTABLES_LOCKFILE`) and an injected `iptables-restore` failure (a wrapper
-//!   earlier on `PATH`): the previous rules stay, the restore-failure metric counts, the next
-//!   successful sync is full;
+//!   earlier on `PATH`): the previous rules stay, the restore-failure metric counts, `/healthz`
+//!   turns 503 after two sync periods of failing as upstream's, the next successful sync is
+//!   full;
 //! - a flushed KUBE-SVC chain and a deleted canary are repaired within one sync period;
 //! - foreign chains and rules in the same tables are the same byte for byte at the end;
 //! - SIGTERM exits 0 and leaves the rules; `kill -9` with a sync pending, then a restart:
@@ -140,6 +141,22 @@ fn scrape(ns: &support::netns::Netns, path: &str) -> String {
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
         text
+    })
+}
+
+fn healthz(ns: &support::netns::Netns) -> u16 {
+    ns.in_netns(|| {
+        let Ok(mut s) = TcpStream::connect_timeout(&sa("127.0.0.1", 10256), T) else {
+            return 0;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = write!(s, "GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
     })
 }
 
@@ -344,6 +361,13 @@ fn write_faults_and_drift_keep_previous_rules_and_repair() {
     );
     let (rules_now, _) = split(&n.save("iptables-legacy-save"));
     assert_eq!(rules_now, rules_a, "a failed restore changed the rules");
+    // Upstream's /healthz: unhealthy once a queued change waits longer than 2 sync periods.
+    wait_for(
+        "/healthz 503 while syncs keep failing",
+        SYNC_PERIOD * 2 + Duration::from_secs(6),
+        || healthz(&n.topo.node) == 503,
+        || n.logs(),
+    );
     assert!(n.answers("10.96.9.1", T * 3), "a stopped answering");
     let log_len = n.logs().len();
     std::fs::remove_file(&fail).unwrap();
