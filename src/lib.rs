@@ -19,3 +19,4 @@ pub mod render;
 pub mod server;
 pub mod sync;
 pub mod watch;
+pub mod yamlguard;

@@ -60,6 +60,8 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
     let _pod = EchoServer::start(&topo.pods[0].ns, "pod0", sa("0.0.0.0", 8080));
     topo.node
         .ip(&["addr", "add", &format!("{OTHER}/24"), "dev", "ext0"]);
+    // A new namespace inherits the host's value; start from off to see that nothing sets it.
+    topo.node.sysctl("net.ipv4.conf.all.route_localnet", "0");
     let api = FakeApiServer::start_in(Some(&topo.node), IpAddr::V4(Ipv4Addr::LOCALHOST));
     api.apply(node_object(PRIMARY, OTHER));
     let (svc, slice) = local_lb();
@@ -106,6 +108,12 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
         e.kind(),
         std::io::ErrorKind::ConnectionRefused,
         "localhost: {e}"
+    );
+    // No localhost node ports, so no route_localnet (issue 11).
+    assert_eq!(
+        topo.node.read_sysctl("net.ipv4.conf.all.route_localnet"),
+        "0",
+        "route_localnet without localhost node ports"
     );
 
     // The health check node port listens on the primary node IP only.

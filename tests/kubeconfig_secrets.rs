@@ -2,7 +2,8 @@
 //! the highest verbosity: not in the error for a malformed kubeconfig (its YAML parser quotes
 //! the lines around the error), named by `--kubeconfig` or found through `$KUBECONFIG`, and not
 //! in the API client's debug logs while it runs with a valid one. The daemon runs in its own
-//! network namespace (root); fails, never skips, without it.
+//! network namespace (root); fails, never skips, without it. The in-cluster service-account
+//! token (well-formed or malformed) is never printed either.
 
 mod support;
 
@@ -143,4 +144,54 @@ fn running_daemon_logs_no_credential_at_v10() {
         "the API client's debug logs should be on at -v=10:\n{text}"
     );
     assert!(!text.contains(SECRET), "a credential was logged:\n{text}");
+}
+
+/// In-cluster configuration (no kubeconfig): the service-account token, well-formed or not
+/// (a newline and control bytes make it an invalid header value), is never printed, neither
+/// while the client fails against a server that does not speak TLS nor at start-up. The
+/// token directory is a tmpfs mounted over /run inside `ip netns exec`'s own mount
+/// namespace, so the host's /run is untouched.
+#[test]
+fn service_account_token_is_not_printed() {
+    support::require_root();
+    let ns = Netns::new("kcsa");
+    let api = FakeApiServer::start_in(Some(&ns), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = "/etc/ssl/certs/ca-certificates.crt";
+    assert!(
+        std::path::Path::new(ca).exists(),
+        "{ca} (ca-certificates) is needed as a CA bundle"
+    );
+    for (what, token) in [
+        ("well-formed token", SECRET.to_string()),
+        ("malformed token", format!("{SECRET}\n\u{1}bad {SECRET}")),
+    ] {
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, &token).unwrap();
+        let sa = "/run/secrets/kubernetes.io/serviceaccount";
+        let script = format!(
+            "mount -t tmpfs kprs-sa /run && mkdir -p {sa} && cp {} {sa}/token && cp {ca} {sa}/ca.crt \
+             && echo kube-system > {sa}/namespace && exec timeout -s KILL 6 {BIN} \
+             --hostname-override=node1 --conntrack-max-per-core=0 -v=10",
+            token_file.display()
+        );
+        let out = ns
+            .command("sh", ["-c", &script])
+            .stdin(Stdio::null())
+            .env_remove("KUBECONFIG")
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", api.addr().port().to_string())
+            .env("HOME", dir.path())
+            .output()
+            .expect("run kube-proxy-rs in-cluster");
+        let text = output_text(&out);
+        assert!(
+            text.contains("kube_client::client") || text.contains("invalid bearer token"),
+            "{what}: the client never ran:\n{text}"
+        );
+        assert!(
+            !text.contains(SECRET),
+            "{what}: the token was printed:\n{text}"
+        );
+    }
 }

@@ -307,6 +307,7 @@ pub struct LoadedConfig {
 
 /// Decodes configuration text (YAML or JSON); `Err` carries a one-line reason.
 pub fn decode_config(text: &str) -> Result<LoadedConfig, String> {
+    crate::yamlguard::check(text, crate::yamlguard::Limits::CONFIG).map_err(|e| e.to_string())?;
     let yaml: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(text).map_err(|e| format!("invalid YAML/JSON: {e}"))?;
     let mut doc = yaml_to_json(yaml)?;

@@ -291,6 +291,11 @@ fn ip_list<'a>(
     let mut out = Vec::new();
     for s in ips {
         match parse_ip_sloppy(s) {
+            // The API server refuses 0.0.0.0 and :: (ValidateNonSpecialIP), and an ipset
+            // refuses them too: kept, one would fail the whole IPVS sync for every service.
+            Some(ip) if ip.is_unspecified() => warnings.push(format!(
+                "Service {name}: {what} {s:?} is the unspecified address, ignored"
+            )),
             Some(ip) => out.push(ip),
             None => warnings.push(format!(
                 "Service {name}: {what} {s:?} is not an IP address, ignored"
@@ -925,6 +930,30 @@ mod tests {
         let mut w = Vec::new();
         let ok = slice("ns", "web-1.x", "web", "http");
         assert!(convert_endpoint_slice(&ok, "node1", &mut w).is_some() && w.is_empty());
+    }
+
+    /// Issue 11: found by tests/fuzz_proptest.rs, an externalIP of 0.0.0.0 made the IPVS
+    /// render's ipset restore fail (kernel: Invalid argument), so no service synced.
+    #[test]
+    fn unspecified_external_and_ingress_ips_are_ignored_with_a_warning() {
+        let s = svc(json!({
+            "metadata": {"namespace": "ns", "name": "web"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.1",
+                     "externalIPs": ["0.0.0.0", "192.168.99.1"],
+                     "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "0.0.0.0"}, {"ip": "1.2.3.4"}]}}
+        }));
+        let mut w = Vec::new();
+        let p = &convert_service(&s, &mut w).unwrap().ports[0];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(p.external_ips, [ip("192.168.99.1")]);
+        assert_eq!(p.load_balancer_ips, [ip("1.2.3.4")]);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w.iter()
+                .all(|w| w.contains("0.0.0.0") && w.contains("ns/web")),
+            "{w:?}"
+        );
     }
 
     /// Item 7: values stored by older releases (leading zeros, read as decimal) keep working,

@@ -5,6 +5,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
+use crate::yamlguard::YamlGuardError;
+
 /// The objects found, in file order.
 #[derive(Debug, Default, Clone)]
 pub struct Objects {
@@ -35,6 +37,17 @@ pub fn parse_objects(
     out: &mut Objects,
     warnings: &mut Vec<String>,
 ) -> Result<(), FileError> {
+    crate::yamlguard::check(text, crate::yamlguard::Limits::OBJECTS).map_err(|e| {
+        let index = match &e {
+            YamlGuardError::Syntax { line, .. } => crate::yamlguard::document_at(text, *line),
+            _ => 1,
+        };
+        FileError {
+            source_name: source_name.to_string(),
+            index,
+            message: e.to_string(),
+        }
+    })?;
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = serde_json::Value::deserialize(doc).map_err(|e| FileError {
             source_name: source_name.to_string(),

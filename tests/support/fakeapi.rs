@@ -135,6 +135,10 @@ struct State {
     /// While set, every request is answered with this status (503, 401, ...).
     failing: Option<u16>,
     down: bool,
+    /// How long every list request waits before it is answered.
+    list_delay: Duration,
+    /// When set, the next watch event is sent half-written and its stream aborted.
+    cut_mid_event: bool,
     requests: Vec<String>,
     bookmark_interval: Duration,
     open_watches: HashMap<usize, usize>,
@@ -201,6 +205,8 @@ impl FakeApiServer {
                 log: Vec::new(),
                 failing: None,
                 down: false,
+                list_delay: Duration::ZERO,
+                cut_mid_event: false,
                 requests: Vec::new(),
                 bookmark_interval: Duration::from_secs(2),
                 open_watches: HashMap::new(),
@@ -383,6 +389,17 @@ impl FakeApiServer {
         if down {
             self.shared.cut_watches();
         }
+    }
+
+    /// Every list request waits `d` before it is answered (a slow, overloaded server).
+    pub fn set_list_delay(&self, d: Duration) {
+        self.shared.lock().list_delay = d;
+    }
+
+    /// The next event on any watch is written only half (a JSON line cut in the middle),
+    /// then that watch's connection is aborted.
+    pub fn cut_next_event_mid_line(&self) {
+        self.shared.lock().cut_mid_event = true;
     }
 
     /// Interval of BOOKMARK events on watches with allowWatchBookmarks=true (default 2 s).
@@ -909,6 +926,10 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             start_watch(sh, r, filter, &q)
         }
         (&Method::GET, None) => {
+            let delay = sh.lock().list_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let st = sh.lock();
             let id = rid(r);
             let items: Vec<Value> = st
@@ -1162,6 +1183,15 @@ fn start_watch(
                 out
             };
             for line in lines {
+                if std::mem::take(&mut sh.lock().cut_mid_event) {
+                    let half = line.slice(..line.len() / 2);
+                    let _ = tx.unbounded_send(Ok(Frame::data(half)));
+                    let _ = tx.unbounded_send(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "watch cut mid-event",
+                    )));
+                    return;
+                }
                 if tx.unbounded_send(Ok(Frame::data(line))).is_err() {
                     return;
                 }

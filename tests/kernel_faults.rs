@@ -1,0 +1,547 @@
+//! Kernel-write faults, drift and process faults, iptables mode (issue 11). The built daemon
+//! runs in a "node" namespace against the fake API server:
+//! - the xtables lock held by someone else longer than `-w 5` (legacy back end, private lock
+//!   file through `XTABLES_LOCKFILE`) and an injected `iptables-restore` failure (a wrapper
+//!   earlier on `PATH`): the previous rules stay, the restore-failure metric counts, `/healthz`
+//!   turns 503 after two sync periods of failing as upstream's, the next successful sync is
+//!   full;
+//! - a flushed KUBE-SVC chain and a deleted canary are repaired within one sync period;
+//! - foreign chains and rules in the same tables are the same byte for byte at the end;
+//! - SIGTERM exits 0 and leaves the rules; `kill -9` with a sync pending, then a restart:
+//!   an established connection through a ClusterIP survives, new connections work.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
+use support::netns::{NsChild, Topology};
+use support::pods::{EchoServer, eventually, tcp_request};
+
+const NODE: &str = "node1";
+const T: Duration = Duration::from_millis(800);
+const POLL: Duration = Duration::from_millis(200);
+/// `--iptables-sync-period` of these tests: drift must be repaired within it.
+const SYNC_PERIOD: Duration = Duration::from_secs(4);
+const SETTLE: Duration = Duration::from_secs(8);
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+struct Node {
+    topo: Topology,
+    api: FakeApiServer,
+    dir: tempfile::TempDir,
+    _pods: Vec<EchoServer>,
+}
+
+impl Node {
+    fn new() -> Node {
+        support::require_root();
+        let topo = Topology::new(2);
+        let pods = topo
+            .pods
+            .iter()
+            .map(|p| EchoServer::start(&p.ns, &p.name, sa("0.0.0.0", 8080)))
+            .collect();
+        let api = FakeApiServer::start_in(Some(&topo.node), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        api.apply(node(NODE, &["192.168.50.1"], Some("10.244.0.0/24")));
+        Node {
+            topo,
+            api,
+            dir: tempfile::tempdir().unwrap(),
+            _pods: pods,
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("proxy.log")
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// Starts the daemon; its output is appended to one log across restarts.
+    fn start(&self, env: &[(&str, String)]) -> NsChild {
+        let kubeconfig = self.api.write_kubeconfig(self.dir.path());
+        let mut cmd = self.topo.node.command(
+            env!("CARGO_BIN_EXE_kube-proxy-rs"),
+            [
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--hostname-override={NODE}"),
+                "--cluster-cidr=10.244.0.0/16".into(),
+                "--iptables-min-sync-period=1s".into(),
+                format!("--iptables-sync-period={}s", SYNC_PERIOD.as_secs()),
+                "--conntrack-max-per-core=0".into(),
+                "-v=2".into(),
+            ],
+        );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        NsChild(cmd.spawn().expect("start kube-proxy-rs"))
+    }
+
+    fn add(&self, name: &str, ip: &str, port: u16, target: u16, pod: usize) {
+        let pod_ip = self.topo.pods[pod].ip.to_string();
+        self.api
+            .apply(service("kf", name, ip, &[("p", port, "TCP", target)]));
+        self.api.apply(endpoint_slice(
+            "kf",
+            &format!("{name}-1"),
+            name,
+            &[("p", target, "TCP")],
+            &[&pod_ip],
+            Some(NODE),
+        ));
+    }
+
+    fn answers(&self, ip: &str, within: Duration) -> bool {
+        eventually(within, POLL, || {
+            tcp_request(&self.topo.outside, sa(ip, 80), T)
+        })
+        .is_ok()
+    }
+
+    fn save(&self, tool: &str) -> String {
+        self.topo.node.run_ok(tool, Vec::<&str>::new())
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let text = scrape(&self.topo.node, "/metrics");
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+fn scrape(ns: &support::netns::Netns, path: &str) -> String {
+    let path = path.to_string();
+    ns.in_netns(move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&sa("127.0.0.1", 10249), T) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    })
+}
+
+fn healthz(ns: &support::netns::Netns) -> u16 {
+    ns.in_netns(|| {
+        let Ok(mut s) = TcpStream::connect_timeout(&sa("127.0.0.1", 10256), T) else {
+            return 0;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let _ = write!(s, "GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Rules without counters and save-time comments, split into kube-proxy's lines and the
+/// rest (table headers, built-in chains and COMMIT lines go to both).
+fn split(save: &str) -> (String, String) {
+    let (mut kube, mut foreign) = (String::new(), String::new());
+    for line in save.lines().filter(|l| !l.starts_with('#')) {
+        let line = match line.split_once(" [") {
+            Some((chain, _)) if line.starts_with(':') => chain,
+            _ => line,
+        };
+        let ours = line.contains("KUBE-");
+        let shared = line.starts_with('*') || line == "COMMIT" || is_builtin_decl(line);
+        if ours || shared {
+            kube.push_str(line);
+            kube.push('\n');
+        }
+        if !ours || shared {
+            foreign.push_str(line);
+            foreign.push('\n');
+        }
+    }
+    (kube, foreign)
+}
+
+fn is_builtin_decl(line: &str) -> bool {
+    [
+        ":PREROUTING",
+        ":INPUT",
+        ":FORWARD",
+        ":OUTPUT",
+        ":POSTROUTING",
+    ]
+    .iter()
+    .any(|b| line.starts_with(b))
+}
+
+/// Someone else's chains and rules in every table kube-proxy writes.
+fn install_foreign_rules(run: impl Fn(&[&str])) {
+    for args in [
+        &["-t", "nat", "-N", "FOREIGN-NAT"][..],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "FOREIGN-NAT",
+            "-p",
+            "tcp",
+            "--dport",
+            "7777",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-s",
+            "198.51.100.7/32",
+            "-j",
+            "FOREIGN-NAT",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-d",
+            "198.51.100.8/32",
+            "-j",
+            "ACCEPT",
+        ],
+        &["-t", "filter", "-N", "FOREIGN-FILTER"],
+        &[
+            "-t",
+            "filter",
+            "-A",
+            "FOREIGN-FILTER",
+            "-m",
+            "comment",
+            "--comment",
+            "keep me",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "filter",
+            "-A",
+            "INPUT",
+            "-s",
+            "198.51.100.9/32",
+            "-j",
+            "FOREIGN-FILTER",
+        ],
+        &[
+            "-t",
+            "filter",
+            "-A",
+            "FORWARD",
+            "-d",
+            "198.51.100.10/32",
+            "-j",
+            "DROP",
+        ],
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-s",
+            "198.51.100.11/32",
+            "-j",
+            "MARK",
+            "--set-mark",
+            "0x7",
+        ],
+    ] {
+        run(args);
+    }
+}
+
+fn wait_for(what: &str, within: Duration, f: impl Fn() -> bool, log: impl Fn() -> String) {
+    let end = Instant::now() + within;
+    while !f() {
+        assert!(
+            Instant::now() < end,
+            "{what}: not within {within:?}\n{}",
+            log()
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+#[test]
+fn write_faults_and_drift_keep_previous_rules_and_repair() {
+    let n = Node::new();
+    let node = &n.topo.node;
+    let legacy = |args: &[&str]| {
+        node.run_ok("iptables-legacy", args);
+    };
+    install_foreign_rules(legacy);
+    let (_, foreign_before) = split(&n.save("iptables-legacy-save"));
+
+    // A wrapper in front of the real iptables-legacy-restore: fails while FAIL exists.
+    let bin = n.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fail = n.dir.path().join("FAIL");
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v iptables-legacy-restore"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let wrapper = bin.join("iptables-legacy-restore");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then cat >/dev/null; echo injected failure >&2; exit 1; fi\nexec {} \"$@\"\n",
+            fail.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", wrapper.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let lockfile = n.dir.path().join("xtables.lock");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut proxy = n.start(&[
+        ("KUBE_PROXY_RS_IPTABLES_MODE", "legacy".into()),
+        ("XTABLES_LOCKFILE", lockfile.display().to_string()),
+        ("PATH", path),
+    ]);
+    n.add("a", "10.96.9.1", 80, 8080, 0);
+    assert!(
+        n.answers("10.96.9.1", SETTLE),
+        "a never answered\n{}",
+        n.logs()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (rules_a, _) = split(&n.save("iptables-legacy-save"));
+
+    // 1. Injected restore failure: a change cannot be written; a's rules stay as they were.
+    std::fs::write(&fail, "").unwrap();
+    let failures = n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total");
+    n.add("b", "10.96.9.2", 80, 8080, 1);
+    wait_for(
+        "a counted restore failure",
+        SETTLE,
+        || n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") > failures,
+        || n.logs(),
+    );
+    let (rules_now, _) = split(&n.save("iptables-legacy-save"));
+    assert_eq!(rules_now, rules_a, "a failed restore changed the rules");
+    // Upstream's /healthz: unhealthy once a queued change waits longer than 2 sync periods.
+    wait_for(
+        "/healthz 503 while syncs keep failing",
+        SYNC_PERIOD * 2 + Duration::from_secs(6),
+        || healthz(&n.topo.node) == 503,
+        || n.logs(),
+    );
+    assert!(n.answers("10.96.9.1", T * 3), "a stopped answering");
+    let log_len = n.logs().len();
+    std::fs::remove_file(&fail).unwrap();
+    assert!(
+        n.answers("10.96.9.2", SETTLE),
+        "b after the failure\n{}",
+        n.logs()
+    );
+    let after: Vec<String> = n.logs()[log_len..]
+        .lines()
+        .filter(|l| l.contains("sync done"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        after.first().is_some_and(|l| l.contains("full=true")),
+        "the first sync after a failure must be full: {after:?}"
+    );
+
+    // 2. The xtables lock held for longer than the daemon's -w 5.
+    let lock = std::fs::File::create(&lockfile).unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock");
+    let failures = n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total");
+    let (rules_ab, _) = split(&n.save("iptables-legacy-save"));
+    n.add("c", "10.96.9.3", 80, 8080, 0);
+    wait_for(
+        "a failure while the lock is held",
+        Duration::from_secs(20),
+        || n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") > failures,
+        || n.logs(),
+    );
+    assert!(n.answers("10.96.9.1", T * 3), "a stopped answering");
+    drop(held);
+    assert!(
+        n.answers("10.96.9.3", Duration::from_secs(20)),
+        "c after the lock\n{}",
+        n.logs()
+    );
+    let (rules_abc, _) = split(&n.save("iptables-legacy-save"));
+    assert_ne!(rules_abc, rules_ab);
+
+    // 3. Drift: a KUBE-SVC chain flushed, the canary deleted: back within one sync period.
+    std::thread::sleep(Duration::from_secs(2));
+    let (steady, _) = split(&n.save("iptables-legacy-save"));
+    let svc_chain = steady
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("-A ")
+                .filter(|r| r.starts_with("KUBE-SVC-") && r.contains("kf/a:p"))
+                .and_then(|r| r.split(' ').next())
+        })
+        .expect("a's KUBE-SVC chain")
+        .to_string();
+    legacy(&["-t", "nat", "-F", &svc_chain]);
+    legacy(&["-t", "mangle", "-F", "KUBE-PROXY-CANARY"]);
+    legacy(&["-t", "mangle", "-X", "KUBE-PROXY-CANARY"]);
+    let (drifted, _) = split(&n.save("iptables-legacy-save"));
+    assert_ne!(drifted, steady);
+    wait_for(
+        "drift repaired",
+        SYNC_PERIOD + Duration::from_secs(4),
+        || split(&n.save("iptables-legacy-save")).0 == steady,
+        || n.logs(),
+    );
+    assert!(n.answers("10.96.9.1", T * 3));
+
+    // 4. SIGTERM: exit 0, rules left in place; foreign rules the same byte for byte.
+    let status = proxy.terminate(Duration::from_secs(5));
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", n.logs());
+    let (kube_after, foreign_after) = split(&n.save("iptables-legacy-save"));
+    assert_eq!(kube_after, steady, "SIGTERM removed or changed rules");
+    assert_eq!(foreign_after, foreign_before, "foreign rules changed");
+    assert!(n.answers("10.96.9.1", T * 3), "a after SIGTERM");
+}
+
+/// A TCP peer in a pod that echoes every line until the client closes.
+fn line_echo_server(ns: &support::netns::Netns, port: u16) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ns.spawn_thread(move || {
+        let l = TcpListener::bind(("0.0.0.0", port)).unwrap();
+        tx.send(()).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let end = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < end {
+            match l.accept() {
+                Ok((s, _)) => {
+                    std::thread::spawn(move || {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                        let mut w = s.try_clone().unwrap();
+                        for line in BufReader::new(s).lines().map_while(Result::ok) {
+                            if writeln!(w, "echo {line}").is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    rx.recv().unwrap();
+}
+
+fn exchange(r: &mut BufReader<TcpStream>, w: &mut TcpStream, msg: &str) -> String {
+    writeln!(w, "{msg}").unwrap();
+    let mut line = String::new();
+    let _ = r.read_line(&mut line);
+    line.trim().to_string()
+}
+
+#[test]
+fn kill_9_mid_sync_keeps_established_connections_and_restart_recovers() {
+    let n = Node::new();
+    line_echo_server(&n.topo.pods[0].ns, 9090);
+    let mut proxy = n.start(&[]);
+    n.add("long", "10.96.10.1", 90, 9090, 0);
+    n.add("a", "10.96.10.2", 80, 8080, 1);
+    assert!(
+        n.answers("10.96.10.2", SETTLE),
+        "a never answered\n{}",
+        n.logs()
+    );
+
+    let dst = sa("10.96.10.1", 90);
+    let stream = n
+        .topo
+        .outside
+        .in_netns(move || TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+        .expect("connect to the long-lived service");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    assert_eq!(exchange(&mut r, &mut w, "one"), "echo one");
+
+    // Fifty new services, then SIGKILL while their sync is pending or running.
+    let log_len = n.logs().len();
+    for i in 0..50 {
+        n.add(
+            &format!("s{i}"),
+            &format!("10.96.11.{}", i + 1),
+            80,
+            8080,
+            1,
+        );
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while !n.logs()[log_len..].contains("sync") && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    proxy.0.kill().unwrap();
+    let _ = proxy.0.wait();
+    assert_eq!(
+        exchange(&mut r, &mut w, "two"),
+        "echo two",
+        "established connection"
+    );
+    assert!(
+        n.answers("10.96.10.2", T * 3),
+        "new connections with the daemon dead"
+    );
+
+    // Restart: the established connection still works; everything converges.
+    let started = Instant::now();
+    let _proxy = n.start(&[]);
+    assert!(
+        n.answers("10.96.11.50", SETTLE),
+        "s49 after restart\n{}",
+        n.logs()
+    );
+    eprintln!("converged {:?} after restart", started.elapsed());
+    assert!(n.answers("10.96.10.2", T * 3));
+    assert_eq!(exchange(&mut r, &mut w, "three"), "echo three");
+}
