@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
 pub mod netfilter;
+pub mod nftables;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
