@@ -309,3 +309,134 @@ fn unknown_prior_flushes_containers_and_leftover_chains() {
         sort_transaction(&applied(&[&first_sync(&m2, &cfg).text]).dump().join("\n"))
     );
 }
+
+/// Per-service lines of a transaction (the fixed section is covered by the goldens above).
+fn service_lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| l.contains("/tcp/")).collect()
+}
+
+/// IPv6: `ip6` table, `ipv6_addr` types, `[ip]:port` DNAT, dotted endpoint names; match-all
+/// node ports use the `fib daddr type local` form against `::1`.
+#[test]
+fn ipv6_table_golden() {
+    let mut svc = ServicePort::basic(spn("ns1", "svc1"), ip("fd00:10:96::41"), 80);
+    svc.service_type = ServiceType::NodePort;
+    svc.node_port = 3001;
+    let m = ProxyModel::for_tests(
+        "test-node",
+        vec![svc],
+        vec![(spn("ns1", "svc1"), vec![ep("fd00:10:180::2:1", 80, false)])],
+    );
+    let cfg = RenderConfig {
+        family: IpFamily::V6,
+        local_detector: LocalDetector::Cidr("fd00:10::/64".parse().unwrap()),
+        node_ports: NodePortDestinations::AllLocal,
+        service_cidrs: vec!["fd00:10:96::/112".parse().unwrap()],
+        ..golden_config()
+    };
+    let tx = first_sync(&m, &cfg);
+    let fixed = [
+        "add table ip6 kube-proxy { comment \"rules for kube-proxy\" ; }",
+        "add set ip6 kube-proxy cluster-ips { type ipv6_addr ; comment \"Active ClusterIPs\" ; }",
+        "add rule ip6 kube-proxy cluster-ips-check ip6 daddr { fd00:10:96::/112 } drop comment \"Drop traffic to unallocated ClusterIPs\"",
+        "add set ip6 kube-proxy nodeport-ips { type ipv6_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+        "delete set ip6 kube-proxy nodeport-ips",
+        "add rule ip6 kube-proxy nodeport-endpoints-check ip6 daddr != ::1 meta l4proto . th dport vmap @no-endpoint-nodeports",
+        "add rule ip6 kube-proxy services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports",
+    ];
+    for l in fixed {
+        assert!(tx.text.lines().any(|x| x == l), "missing {l}");
+    }
+    let ep = "endpoint-2CRNCTTE-ns1/svc1/tcp/p80__fd00.10.180..2.1/80";
+    let svc = "service-ULMVA6XW-ns1/svc1/tcp/p80";
+    let ext = "external-ULMVA6XW-ns1/svc1/tcp/p80";
+    let want = [
+        format!("add chain ip6 kube-proxy {ep}"),
+        format!("flush chain ip6 kube-proxy {ep}"),
+        format!("add chain ip6 kube-proxy {svc}"),
+        format!("flush chain ip6 kube-proxy {svc}"),
+        format!("add chain ip6 kube-proxy {ext}"),
+        format!("flush chain ip6 kube-proxy {ext}"),
+        format!(
+            "add element ip6 kube-proxy service-ips {{ fd00:10:96::41 . tcp . 80 : goto {svc} }}"
+        ),
+        format!("add element ip6 kube-proxy service-nodeports {{ tcp . 3001 : goto {ext} }}"),
+        format!(
+            "add rule ip6 kube-proxy {svc} ip6 daddr fd00:10:96::41 ip6 saddr != fd00:10::/64 jump mark-for-masquerade"
+        ),
+        format!("add rule ip6 kube-proxy {ext} jump mark-for-masquerade"),
+        format!("add rule ip6 kube-proxy {ext} goto {svc}"),
+        format!("add rule ip6 kube-proxy {svc} numgen random mod 1 vmap {{ 0 : goto {ep} }}"),
+        format!("add rule ip6 kube-proxy {ep} ip6 saddr fd00:10:180::2:1 jump mark-for-masquerade"),
+        format!("add rule ip6 kube-proxy {ep} meta l4proto tcp dnat to [fd00:10:180::2:1]:80"),
+    ];
+    assert_eq!(service_lines(&tx.text), want);
+    applied(&[&tx.text]);
+}
+
+/// eTP=Local with a local endpoint (the `local-` chain and the final `goto local-`),
+/// iTP=Local without one (drop), masquerade-all, and an interface-prefix detector.
+#[test]
+fn local_policies_and_masquerade_all_golden() {
+    let mut lb = port("ns1", "lb", "172.30.0.50");
+    lb.service_type = ServiceType::LoadBalancer;
+    lb.node_port = 3005;
+    lb.load_balancer_ips = vec![ip("1.2.3.5")];
+    lb.external_policy_local = true;
+    lb.health_check_node_port = 30005;
+    let mut itp = port("ns1", "itp", "172.30.0.51");
+    itp.internal_policy_local = true;
+    let m = ProxyModel::for_tests(
+        "test-node",
+        vec![lb, itp],
+        vec![
+            (
+                spn("ns1", "lb"),
+                vec![ep("10.180.1.1", 80, false), ep("10.180.1.2", 80, true)],
+            ),
+            (spn("ns1", "itp"), vec![ep("10.180.2.1", 80, false)]),
+        ],
+    );
+    let cfg = RenderConfig {
+        masquerade_all: true,
+        local_detector: LocalDetector::InterfaceNamePrefix("veth".into()),
+        ..golden_config()
+    };
+    let rs = render(&m, &cfg);
+    assert_eq!(
+        (
+            rs.no_local_endpoints_internal,
+            rs.no_local_endpoints_external
+        ),
+        (1, 0)
+    );
+    let tx = first_sync(&m, &cfg);
+    let got = service_lines(&tx.text);
+    let svc = "service-FCBKHWL6-ns1/lb/tcp/p80";
+    let local = "local-FCBKHWL6-ns1/lb/tcp/p80";
+    let ext = "external-FCBKHWL6-ns1/lb/tcp/p80";
+    let expected_rules = [
+        format!("add rule ip kube-proxy {svc} ip daddr 172.30.0.50 jump mark-for-masquerade"),
+        format!("add rule ip kube-proxy {ext} iifname \"veth*\" goto {svc} comment \"short-circuit pod traffic\""),
+        format!("add rule ip kube-proxy {ext} fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\""),
+        format!("add rule ip kube-proxy {ext} fib saddr type local goto {svc} comment \"short-circuit local traffic\""),
+        format!("add rule ip kube-proxy {ext} goto {local}"),
+        "add element ip kube-proxy no-endpoint-services { 172.30.0.51 . tcp . 80 comment \"ns1/itp:p80\" : drop }".to_string(),
+    ];
+    for l in &expected_rules {
+        assert!(
+            got.contains(&l.as_str()) || tx.text.lines().any(|x| x == l),
+            "missing {l}\n{}",
+            got.join("\n")
+        );
+    }
+    assert!(tx.text.contains(&format!(
+        "add element ip kube-proxy service-nodeports {{ tcp . 3005 : goto {ext} }}"
+    )));
+    assert!(tx.text.contains(&format!("add rule ip kube-proxy {local} numgen random mod 1 vmap {{ 0 : goto endpoint-R3QUHIKQ-ns1/lb/tcp/p80__10.180.1.2/80 }}")));
+    assert!(
+        !tx.text.contains("service-ips { 172.30.0.51"),
+        "iTP=Local without local endpoints is not served"
+    );
+    applied(&[&tx.text]);
+}
