@@ -9,6 +9,7 @@
 pub mod names;
 pub mod render;
 pub mod table;
+pub mod tracer;
 pub mod tx;
 
 #[cfg(test)]

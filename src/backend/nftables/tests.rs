@@ -440,3 +440,204 @@ fn local_policies_and_masquerade_all_golden() {
     );
     applied(&[&tx.text]);
 }
+
+mod traffic {
+    use super::*;
+    use crate::backend::nftables::tracer::{Packet, trace_packet};
+
+    fn overall_table() -> Table {
+        applied(&[&first_sync(&overall_model(), &golden_config()).text])
+    }
+
+    /// The fake node's addresses (upstream's test interfaces).
+    fn node_ips() -> Vec<IpAddr> {
+        ["127.0.0.1", "192.168.0.2", "192.168.1.2", "192.168.99.11"]
+            .into_iter()
+            .map(ip)
+            .collect()
+    }
+
+    /// (name, source, destination, port, output, masquerade), as upstream's packet-flow
+    /// tables.
+    fn check(t: &Table, flows: &[(&str, &str, &str, u16, &str, bool)]) {
+        for (name, src, dst, port, output, masq) in flows {
+            let tr = trace_packet(t, &node_ips(), &Packet::tcp(ip(src), ip(dst), *port));
+            assert_eq!(
+                (tr.output(), tr.masquerade),
+                (output.to_string(), *masq),
+                "{name}: {:#?}",
+                tr.matched_rules
+            );
+        }
+    }
+
+    #[test]
+    fn overall_ruleset_packet_flows() {
+        check(
+            &overall_table(),
+            &[
+                (
+                    "clusterIP from pod",
+                    "10.0.0.2",
+                    "172.30.0.41",
+                    80,
+                    "10.180.0.1:80",
+                    false,
+                ),
+                (
+                    "clusterIP from outside the pod CIDR",
+                    "192.168.0.5",
+                    "172.30.0.41",
+                    80,
+                    "10.180.0.1:80",
+                    true,
+                ),
+                (
+                    "hairpin: endpoint to itself",
+                    "10.180.0.1",
+                    "172.30.0.41",
+                    80,
+                    "10.180.0.1:80",
+                    true,
+                ),
+                (
+                    "clusterIP, wrong port",
+                    "10.0.0.2",
+                    "172.30.0.41",
+                    81,
+                    "REJECT",
+                    false,
+                ),
+                (
+                    "unallocated clusterIP",
+                    "10.0.0.2",
+                    "172.30.0.99",
+                    80,
+                    "DROP",
+                    false,
+                ),
+                (
+                    "no endpoints",
+                    "10.0.0.2",
+                    "172.30.0.46",
+                    80,
+                    "REJECT",
+                    false,
+                ),
+                (
+                    "eTP=Local LB without local endpoint, external source",
+                    "203.0.113.1",
+                    "1.2.3.4",
+                    80,
+                    "DROP",
+                    false,
+                ),
+                (
+                    "eTP=Local LB, pod source short-circuits",
+                    "10.0.0.2",
+                    "1.2.3.4",
+                    80,
+                    "10.180.0.2:80",
+                    false,
+                ),
+                (
+                    "eTP=Local LB, host source short-circuits and masquerades",
+                    "192.168.0.2",
+                    "1.2.3.4",
+                    80,
+                    "10.180.0.2:80",
+                    true,
+                ),
+                (
+                    "eTP=Local node port, external source",
+                    "203.0.113.1",
+                    "192.168.0.2",
+                    3001,
+                    "DROP",
+                    false,
+                ),
+                (
+                    "node port",
+                    "203.0.113.1",
+                    "192.168.0.2",
+                    3003,
+                    "10.180.0.3:80",
+                    true,
+                ),
+                (
+                    "node port on an address outside nodePortAddresses",
+                    "203.0.113.1",
+                    "192.168.1.2",
+                    3003,
+                    "",
+                    false,
+                ),
+                (
+                    "external IP, two endpoints",
+                    "203.0.113.1",
+                    "192.168.99.33",
+                    80,
+                    "10.180.0.4:80, 10.180.0.5:80",
+                    true,
+                ),
+                (
+                    "LB with source ranges, allowed source",
+                    "203.0.113.1",
+                    "5.6.7.8",
+                    80,
+                    "10.180.0.3:80",
+                    true,
+                ),
+                (
+                    "LB with source ranges, other source",
+                    "203.0.113.200",
+                    "5.6.7.8",
+                    80,
+                    "DROP",
+                    false,
+                ),
+                (
+                    "LB node port is not firewalled",
+                    "203.0.113.200",
+                    "192.168.0.2",
+                    3002,
+                    "10.180.0.3:80",
+                    true,
+                ),
+            ],
+        );
+    }
+
+    /// Match-all node ports: any local address but loopback.
+    #[test]
+    fn match_all_node_ports_flows() {
+        let cfg = RenderConfig {
+            node_ports: NodePortDestinations::AllLocal,
+            ..golden_config()
+        };
+        let t = applied(&[&first_sync(&overall_model(), &cfg).text]);
+        check(
+            &t,
+            &[
+                (
+                    "primary IP",
+                    "203.0.113.1",
+                    "192.168.0.2",
+                    3003,
+                    "10.180.0.3:80",
+                    true,
+                ),
+                (
+                    "secondary IP",
+                    "203.0.113.1",
+                    "192.168.1.2",
+                    3003,
+                    "10.180.0.3:80",
+                    true,
+                ),
+                ("loopback", "127.0.0.1", "127.0.0.1", 3003, "", false),
+                ("not local", "203.0.113.1", "192.168.5.5", 3003, "", false),
+            ],
+        );
+    }
+}
