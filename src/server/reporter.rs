@@ -94,8 +94,12 @@ impl Reporter for DaemonReporter {
         self.metrics.observe_sync(duration, kind);
         // Only a rejected iptables-restore counts, as upstream: an IPVS, ipset or netlink
         // failure is none.
-        if matches!(error, BackendError::IptablesRestore(_)) {
-            self.metrics.inc_restore_failure(kind == SyncKind::Partial);
+        match error {
+            BackendError::IptablesRestore(_) => {
+                self.metrics.inc_restore_failure(kind == SyncKind::Partial)
+            }
+            BackendError::NftablesTransaction(_) => self.metrics.inc_nftables_sync_failure(),
+            _ => {}
         }
     }
 }
@@ -184,6 +188,31 @@ mod tests {
                 "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
             ),
             ["kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1"]
+        );
+    }
+
+    /// A rejected nftables transaction counts in the nftables series only.
+    #[test]
+    fn nftables_transaction_failure_counts_once() {
+        let (mut r, m) = reporter();
+        r.sync_failed(
+            SyncKind::Partial,
+            Duration::from_millis(3),
+            &BackendError::NftablesTransaction("Error: No such file or directory".into()),
+        );
+        assert_eq!(
+            lines(
+                &m,
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{"
+            ),
+            ["kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"} 1"]
+        );
+        assert!(
+            lines(
+                &m,
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{"
+            )
+            .is_empty()
         );
     }
 

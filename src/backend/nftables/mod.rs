@@ -7,6 +7,7 @@
 //! the [`tracer`]), and [`proxier`] drives the kernel through [`crate::kernel::nft`].
 
 pub mod names;
+pub mod proxier;
 pub mod render;
 pub mod table;
 pub mod tracer;
@@ -15,6 +16,7 @@ pub mod tx;
 #[cfg(test)]
 mod tests;
 
+pub use proxier::render_text;
 pub use render::{RenderConfig, Ruleset, render};
 pub use table::Table;
 pub use tx::{Committed, Existing, Prior, Transaction, build};
