@@ -205,6 +205,14 @@ async fn every_rendered_transaction_passes_nft_check() {
             },
         ),
         ("no detector", &demo, RenderConfig::default()),
+        (
+            "large-cluster layout",
+            &demo,
+            RenderConfig {
+                large_cluster_threshold: 0,
+                ..base.clone()
+            },
+        ),
         ("IPv6", &v6_model(), v6),
     ];
     for (what, model, cfg) in cases {

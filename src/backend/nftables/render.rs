@@ -34,7 +34,15 @@ pub struct RenderConfig {
     pub primary_node_ip: Option<IpAddr>,
     /// ServiceCIDRs of this family: other addresses inside them are dropped.
     pub service_cidrs: Vec<Cidr>,
+    /// Above this many service ports, endpoints are picked by one `numgen` rule per
+    /// endpoint instead of upstream's per-service `numgen … vmap { … }`: every inline map is
+    /// an anonymous set, and the kernel's cost of adding sets grows with the square of their
+    /// number (10k services: 110 s for `nft -f`).
+    pub large_cluster_threshold: usize,
 }
+
+/// Service ports above which [`RenderConfig::large_cluster_threshold`] switches layouts.
+pub const LARGE_CLUSTER_THRESHOLD: usize = 1000;
 
 impl Default for RenderConfig {
     fn default() -> Self {
@@ -46,6 +54,7 @@ impl Default for RenderConfig {
             node_ports: NodePortDestinations::AllLocal,
             primary_node_ip: None,
             service_cidrs: Vec::new(),
+            large_cluster_threshold: LARGE_CLUSTER_THRESHOLD,
         }
     }
 }
@@ -182,6 +191,7 @@ pub fn render(model: &ProxyModel, cfg: &RenderConfig) -> Ruleset {
         primary_node_ip: cfg.primary_node_ip,
     };
     let plan = plan::plan(model, cfg.family, &opts);
+    let large = plan.services.len() > cfg.large_cluster_threshold;
     let mut rs = Ruleset {
         family: cfg.family,
         config: cfg.clone(),
@@ -195,7 +205,7 @@ pub fn render(model: &ProxyModel, cfg: &RenderConfig) -> Ruleset {
         rs.no_local_endpoints_external += usize::from(sp.external.lacks_local_endpoints());
         rs.services.push(ServiceBlock {
             service: sp.service.name.service.clone(),
-            ops: PortOps::new(sp, cfg).ops(),
+            ops: PortOps::new(sp, cfg, large).ops(),
         });
     }
     rs
@@ -506,15 +516,18 @@ fn verdict(d: Disposition) -> &'static str {
 struct PortOps<'p, 'a> {
     sp: &'p ServicePlan<'a>,
     cfg: &'p RenderConfig,
+    /// Large-cluster layout: no anonymous map per service.
+    large: bool,
     chains: ServiceChains,
     ops: Vec<Op>,
 }
 
 impl<'p, 'a> PortOps<'p, 'a> {
-    fn new(sp: &'p ServicePlan<'a>, cfg: &'p RenderConfig) -> Self {
+    fn new(sp: &'p ServicePlan<'a>, cfg: &'p RenderConfig, large: bool) -> Self {
         PortOps {
             sp,
             cfg,
+            large,
             chains: ServiceChains::of(&sp.service.name),
             ops: Vec::new(),
         }
@@ -743,6 +756,21 @@ impl<'p, 'a> PortOps<'p, 'a> {
                     ),
                 );
             }
+        }
+        if self.large {
+            // Uniform over the endpoints, as iptables' statistic rules: endpoint i is taken
+            // with probability 1/(n-i) among those left.
+            let n = eps.len();
+            for (i, ep) in eps.iter().enumerate() {
+                let target = endpoint_chain(sp, ep);
+                let rule = if i + 1 < n {
+                    format!("numgen random mod {} 0 goto {target}", n - i)
+                } else {
+                    format!("goto {target}")
+                };
+                self.rule(chain, rule);
+            }
+            return;
         }
         let entries: Vec<String> = eps
             .iter()

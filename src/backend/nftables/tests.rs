@@ -40,6 +40,7 @@ pub(super) fn golden_config() -> RenderConfig {
         node_ports: NodePortDestinations::Ips(vec![ip("192.168.0.2")]),
         primary_node_ip: Some(ip("192.168.0.2")),
         service_cidrs: vec!["172.30.0.0/16".parse().unwrap()],
+        large_cluster_threshold: super::render::LARGE_CLUSTER_THRESHOLD,
     }
 }
 
@@ -608,6 +609,54 @@ mod traffic {
         );
     }
 
+    /// The large-cluster layout serves exactly what upstream's does.
+    #[test]
+    fn large_cluster_layout_packet_flows() {
+        let cfg = RenderConfig {
+            large_cluster_threshold: 0,
+            ..golden_config()
+        };
+        let tx = first_sync(&overall_model(), &cfg);
+        assert!(!tx.text.contains("vmap {"), "no anonymous map per service");
+        check(
+            &applied(&[&tx.text]),
+            &[
+                (
+                    "clusterIP from pod",
+                    "10.0.0.2",
+                    "172.30.0.41",
+                    80,
+                    "10.180.0.1:80",
+                    false,
+                ),
+                (
+                    "external IP, two endpoints",
+                    "203.0.113.1",
+                    "192.168.99.33",
+                    80,
+                    "10.180.0.4:80, 10.180.0.5:80",
+                    true,
+                ),
+                (
+                    "affinity service",
+                    "203.0.113.1",
+                    "5.6.7.8",
+                    80,
+                    "10.180.0.3:80",
+                    true,
+                ),
+                (
+                    "no endpoints",
+                    "10.0.0.2",
+                    "172.30.0.46",
+                    80,
+                    "REJECT",
+                    false,
+                ),
+            ],
+        );
+    }
+
     /// Match-all node ports: any local address but loopback.
     #[test]
     fn match_all_node_ports_flows() {
@@ -640,4 +689,39 @@ mod traffic {
             ],
         );
     }
+}
+
+/// The large-cluster layout: one `numgen` rule per endpoint with upstream's odds, and a
+/// partial sync crossing the threshold rewrites the policy chains and converges.
+#[test]
+fn large_cluster_layout_golden_and_switch() {
+    let cfg = RenderConfig {
+        large_cluster_threshold: 5,
+        ..golden_config()
+    };
+    let m = overall_model();
+    let tx = first_sync(&m, &cfg);
+    let svc4: Vec<&str> = tx
+        .text
+        .lines()
+        .filter(|l| l.starts_with("add rule ip kube-proxy service-LAUZTJTB"))
+        .collect();
+    assert_eq!(
+        svc4,
+        [
+            "add rule ip kube-proxy service-LAUZTJTB-ns4/svc4/tcp/p80 ip daddr 172.30.0.44 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+            "add rule ip kube-proxy service-LAUZTJTB-ns4/svc4/tcp/p80 numgen random mod 2 0 goto endpoint-UNZV3OEC-ns4/svc4/tcp/p80__10.180.0.4/80",
+            "add rule ip kube-proxy service-LAUZTJTB-ns4/svc4/tcp/p80 goto endpoint-5RFCDDV7-ns4/svc4/tcp/p80__10.180.0.5/80",
+        ]
+    );
+    // Below the threshold again (one service fewer): upstream's layout, by a partial sync.
+    let mut small = overall_model();
+    small.services.remove(&spn("ns6", "svc6"));
+    let tx2 = build(&render(&small, &cfg), Prior::Known(&tx.next), false, false);
+    assert!(tx2.text.contains("numgen random mod 2 vmap {"));
+    let t = applied(&[&tx.text, &tx2.text]);
+    assert_eq!(
+        sort_transaction(&t.dump().join("\n")),
+        sort_transaction(&applied(&[&first_sync(&small, &cfg).text]).dump().join("\n"))
+    );
 }

@@ -279,6 +279,12 @@ impl Tracer<'_> {
                 Step::Verdict("accept".into())
             }
             "update" => Step::Next(group(w, i + 2).1),
+            // Large-cluster layout: `numgen random mod K 0 goto X` takes X with odds 1/K and
+            // otherwise goes on; both ways are followed.
+            "numgen" if at(4) != "vmap" => {
+                self.run_chain(at(6), depth + 1);
+                Step::NoMatch
+            }
             "numgen" => {
                 let (entries, _) = group(w, i + 5);
                 for e in entries.chunks(4) {
