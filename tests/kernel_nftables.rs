@@ -360,3 +360,21 @@ async fn cleanup_removes_both_tables() {
     // Idempotent.
     NftablesProxier::cleanup(&nft).await.unwrap();
 }
+
+/// `kube-proxy-rs --cleanup` removes nftables mode's tables with everything else.
+#[tokio::test]
+async fn cleanup_flag_removes_the_tables() {
+    support::require_root();
+    let ns = Netns::new("nftcleanup");
+    let nft = Nft::new().with_netns(ns.name());
+    let mut p = proxier(&ns);
+    sync(&mut p, &demo_model(), true).await.unwrap();
+    assert!(nft.list_table("ip").await.unwrap().is_some());
+    let out = ns.run(env!("CARGO_BIN_EXE_kube-proxy-rs"), ["--cleanup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(nft.list_table("ip").await.unwrap(), None);
+}
