@@ -378,3 +378,43 @@ async fn cleanup_flag_removes_the_tables() {
     );
     assert_eq!(nft.list_table("ip").await.unwrap(), None);
 }
+
+/// A stale chain that cannot be deleted (someone jumps to it) is found again by the next
+/// sync, and deleted once the reference is gone.
+#[tokio::test]
+async fn undeletable_stale_chain_is_retried() {
+    support::require_root();
+    let ns = Netns::new("nftstale");
+    let m1 = demo_model();
+    let m2 = changed(&m1);
+    let mut p = proxier(&ns);
+    sync(&mut p, &m1, true).await.unwrap();
+    sync(&mut p, &m2, false).await.unwrap();
+    let stale = kernel_state(&ns, "ip")
+        .chains
+        .into_iter()
+        .find(|(name, rules)| name.contains("demo/legacy/") && rules.is_empty())
+        .map(|(name, _)| name)
+        .expect("a flushed legacy chain");
+    // A foreign reference from a fixed chain: the delayed delete fails.
+    ns.run_ok(
+        "nft",
+        [
+            "add",
+            "rule",
+            "ip",
+            "kube-proxy",
+            "firewall-check",
+            "jump",
+            &stale,
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sync(&mut p, &m2, false).await.unwrap();
+    // That sync was full (the fixed chains were rewritten, dropping the reference) and
+    // found the chain again; the one after deletes it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sync(&mut p, &m2, false).await.unwrap();
+    assert!(!kernel_state(&ns, "ip").chains.contains_key(&stale));
+    assert_matches_desired(&kernel_state(&ns, "ip"), &desired(&m2, p.config()));
+}

@@ -136,7 +136,10 @@ impl NftablesProxier {
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "Unable to delete stale chains; will retry later");
+                // The next sync lists the table again, so the survivors are found, flushed
+                // and retried.
                 self.stale.clear();
+                self.committed = None;
                 self.needs_full = true;
             }
         }
