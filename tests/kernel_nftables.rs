@@ -52,6 +52,14 @@ fn proxier(ns: &Netns) -> NftablesProxier {
 }
 
 async fn sync(p: &mut NftablesProxier, model: &ProxyModel, full: bool) -> Result<(), BackendError> {
+    sync_outcome(p, model, full).await.map(drop)
+}
+
+async fn sync_outcome(
+    p: &mut NftablesProxier,
+    model: &ProxyModel,
+    full: bool,
+) -> Result<kube_proxy_rs::backend::SyncOutcome, BackendError> {
     p.sync(SyncRequest {
         model,
         changed: &BTreeSet::new(),
@@ -59,7 +67,6 @@ async fn sync(p: &mut NftablesProxier, model: &ProxyModel, full: bool) -> Result
         node_facts: &facts(model),
     })
     .await
-    .map(drop)
 }
 
 /// The kernel's table as read back with `nft -j`: rules per chain (in order) and elements
@@ -410,7 +417,11 @@ async fn undeletable_stale_chain_is_retried() {
         ],
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    sync(&mut p, &m2, false).await.unwrap();
+    let out = sync_outcome(&mut p, &m2, false).await.unwrap();
+    assert!(
+        out.nftables_cleanup_failed,
+        "counted in nftables_cleanup_failures_total"
+    );
     // That sync was full (the fixed chains were rewritten, dropping the reference) and
     // found the chain again; the one after deletes it.
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -52,6 +52,9 @@ pub struct SyncOutcome {
     /// The conntrack reconcile round that followed the sync (`None`: skipped, no UDP or
     /// SCTP frontend could have a stale flow).
     pub conntrack: Option<ReconcileReport>,
+    /// nftables mode: the stale-chain delete transaction of this sync failed
+    /// (`sync_proxy_rules_nftables_cleanup_failures_total`).
+    pub nftables_cleanup_failed: bool,
 }
 
 /// iptables rule counts per table, as upstream's iptables proxier reports them.
@@ -86,6 +89,7 @@ impl SyncOutcome {
             no_local_endpoints_external,
             health_checks,
             conntrack: None,
+            nftables_cleanup_failed: false,
         }
     }
 }

@@ -98,6 +98,7 @@ struct Inner {
     restore_failures: Family<FamilyLabel, Counter>,
     partial_restore_failures: Family<FamilyLabel, Counter>,
     nftables_sync_failures: Family<FamilyLabel, Counter>,
+    nftables_cleanup_failures: Family<FamilyLabel, Counter>,
     no_local_endpoints: Family<FamilyAnd, Gauge>,
     healthz_total: Family<CodeLabel, Counter>,
     livez_total: Family<CodeLabel, Counter>,
@@ -179,6 +180,7 @@ impl Metrics {
             restore_failures: Family::default(),
             partial_restore_failures: Family::default(),
             nftables_sync_failures: Family::default(),
+            nftables_cleanup_failures: Family::default(),
             no_local_endpoints: Family::default(),
             healthz_total: Family::default(),
             livez_total: Family::default(),
@@ -278,6 +280,12 @@ impl Metrics {
             &n("sync_proxy_rules_nftables_sync_failures_total"),
             "Cumulative proxy nftables sync failures",
             &i.nftables_sync_failures,
+        );
+        reg(
+            r,
+            &n("sync_proxy_rules_nftables_cleanup_failures_total"),
+            "Cumulative proxy nftables cleanup failures",
+            &i.nftables_cleanup_failures,
         );
         reg(
             r,
@@ -398,6 +406,14 @@ impl Metrics {
     pub fn inc_nftables_sync_failure(&self) {
         self.0
             .nftables_sync_failures
+            .get_or_create(&self.fam())
+            .inc();
+    }
+
+    /// nftables mode's stale-chain delete transaction failed.
+    pub fn inc_nftables_cleanup_failure(&self) {
+        self.0
+            .nftables_cleanup_failures
             .get_or_create(&self.fam())
             .inc();
     }
@@ -702,6 +718,7 @@ mod tests {
         m.inc_restore_failure(false);
         m.inc_restore_failure(true);
         m.inc_nftables_sync_failure();
+        m.inc_nftables_cleanup_failure();
         m.set_no_local_endpoints(0, 1);
         m.inc_healthz(200);
         m.inc_livez(503);
@@ -731,6 +748,10 @@ mod tests {
             ("sync_proxy_rules_iptables_total", "gauge"),
             ("sync_proxy_rules_last_queued_timestamp_seconds", "gauge"),
             ("sync_proxy_rules_last_timestamp_seconds", "gauge"),
+            (
+                "sync_proxy_rules_nftables_cleanup_failures_total",
+                "counter",
+            ),
             ("sync_proxy_rules_nftables_sync_failures_total", "counter"),
             ("sync_proxy_rules_no_local_endpoints_total", "gauge"),
             ("sync_proxy_rules_service_changes_pending", "gauge"),

@@ -54,6 +54,9 @@ impl Reporter for DaemonReporter {
             self.metrics
                 .set_rules_written(r.filter_last as u64, r.nat_last as u64);
         }
+        if out.nftables_cleanup_failed {
+            self.metrics.inc_nftables_cleanup_failure();
+        }
         if let Some(ct) = &out.conntrack {
             self.metrics
                 .observe_conntrack_reconcile(ct.duration, ct.deleted);
@@ -191,9 +194,10 @@ mod tests {
         );
     }
 
-    /// A rejected nftables transaction counts in the nftables series only.
-    #[test]
-    fn nftables_transaction_failure_counts_once() {
+    /// A rejected nftables transaction counts in the nftables series only; a failed
+    /// stale-chain cleanup in its own.
+    #[tokio::test]
+    async fn nftables_failures_count_in_their_series() {
         let (mut r, m) = reporter();
         r.sync_failed(
             SyncKind::Partial,
@@ -213,6 +217,16 @@ mod tests {
                 "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{"
             )
             .is_empty()
+        );
+        let mut out = SyncOutcome::new(0, 0, 0, 0, Default::default());
+        out.nftables_cleanup_failed = true;
+        done(&mut r, SyncKind::Partial, &out).await;
+        assert_eq!(
+            lines(
+                &m,
+                "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{"
+            ),
+            ["kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv4\"} 1"]
         );
     }
 

@@ -112,8 +112,9 @@ impl NftablesProxier {
         }
     }
 
-    /// Deletes chains flushed at least [`STALE_CHAIN_DELAY`] ago, in their own transaction.
-    async fn delete_stale_chains(&mut self) {
+    /// Deletes chains flushed at least [`STALE_CHAIN_DELAY`] ago, in their own transaction;
+    /// `false` when that transaction failed.
+    async fn delete_stale_chains(&mut self) -> bool {
         let now = Instant::now();
         let due: Vec<String> = self
             .stale
@@ -122,7 +123,7 @@ impl NftablesProxier {
             .map(|(c, _)| c.clone())
             .collect();
         if due.is_empty() {
-            return;
+            return true;
         }
         let fam = self.family_word();
         let text: String = due
@@ -131,9 +132,12 @@ impl NftablesProxier {
             .collect();
         tracing::info!(num_chains = due.len(), "Deleting stale nftables chains");
         match self.nft.run(&text).await {
-            Ok(()) => due.iter().for_each(|c| {
-                self.stale.remove(c);
-            }),
+            Ok(()) => {
+                due.iter().for_each(|c| {
+                    self.stale.remove(c);
+                });
+                true
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Unable to delete stale chains; will retry later");
                 // The next sync lists the table again, so the survivors are found, flushed
@@ -141,6 +145,7 @@ impl NftablesProxier {
                 self.stale.clear();
                 self.committed = None;
                 self.needs_full = true;
+                false
             }
         }
     }
@@ -216,7 +221,7 @@ impl Backend for NftablesProxier {
     }
 
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
-        self.delete_stale_chains().await;
+        let cleanup_ok = self.delete_stale_chains().await;
         let local = self.local_ips().await;
         self.config.apply_node_facts(req.node_facts, &local);
         let full = req.full || std::mem::take(&mut self.needs_full);
@@ -234,6 +239,7 @@ impl Backend for NftablesProxier {
             self.last_ops,
         )]);
         outcome.conntrack = conntrack;
+        outcome.nftables_cleanup_failed = !cleanup_ok;
         Ok(outcome)
     }
 
