@@ -28,7 +28,7 @@ pub const MODES: &[(&str, &str)] = &[
     ),
     (
         "nftables",
-        "not supported: accepted by the parser, refused at start-up",
+        "supported: upstream's v1.34/1.35 ruleset, IPv4 table for now; `explain` does not read it yet",
     ),
 ];
 
@@ -76,10 +76,7 @@ pub const NOTES: &[(&str, &str)] = &[
     ),
     ("logging.options.", "accepted, not applied"),
     ("logging.vmodule", "accepted, not applied"),
-    (
-        "nftables.",
-        "nftables mode only, which is not supported (see Modes)",
-    ),
+    ("nftables.", "supported; applies in nftables mode only"),
     (
         "portRange",
         "no effect: it configured the removed userspace proxy",

@@ -1354,7 +1354,8 @@ pub async fn run_parsed(
             };
             return Ok(ipvs::explain(&table, &args.packet));
         }
-        None => return Err(ExplainError::Unsupported(args.mode)),
+        // explain does not read nftables rulesets yet.
+        Some(Kind::Nftables) | None => return Err(ExplainError::Unsupported(args.mode)),
     }
     let ruleset = if args.render.objects.is_empty() {
         ruleset_from_kernel(args.packet.destination).await?

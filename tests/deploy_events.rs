@@ -86,12 +86,18 @@ fn check(e: &Event, node: &str, warning: bool, note_has: &str) {
 }
 
 async fn run(args: Vec<String>) -> Output {
+    run_with_path(args, None).await
+}
+
+/// Runs the daemon with `dir` first on its PATH (to put a fake tool in front).
+async fn run_with_path(args: Vec<String>, dir: Option<std::path::PathBuf>) -> Output {
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        let mut cmd = std::process::Command::new(BIN);
+        if let Some(dir) = dir {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", dir.display()));
+        }
+        cmd.args(&args).stdin(Stdio::null()).output().unwrap()
     })
     .await
     .unwrap()
@@ -102,11 +108,20 @@ async fn backend_that_cannot_start_posts_failed_to_start_proxier() {
     let api = FakeApiServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.write_kubeconfig(dir.path());
-    let out = run(vec![
-        format!("--kubeconfig={}", kubeconfig.display()),
-        "--hostname-override=node1".into(),
-        "--proxy-mode=nftables".into(),
-    ])
+    // An nft older than upstream's minimum: nftables mode refuses to start.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let nft = bin.join("nft");
+    std::fs::write(&nft, "#!/bin/sh\necho 'nftables v1.0.0 (Fake)'\n").unwrap();
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run_with_path(
+        vec![
+            format!("--kubeconfig={}", kubeconfig.display()),
+            "--hostname-override=node1".into(),
+            "--proxy-mode=nftables".into(),
+        ],
+        Some(bin),
+    )
     .await;
     assert_eq!(
         out.status.code(),
@@ -114,13 +129,13 @@ async fn backend_that_cannot_start_posts_failed_to_start_proxier() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is too old (need 1.0.1 or later)"));
     let e = wait_for_event(&api, None, "FailedToStartProxier").await;
     check(
         &e,
         "node1",
         true,
-        "--proxy-mode=nftables is not supported yet",
+        "nft version nftables v1.0.0 (Fake) is too old (need 1.0.1 or later)",
     );
 }
 

@@ -117,3 +117,31 @@ fn syntax_error_is_a_clear_failure() {
     assert!(stdout.is_empty());
     assert!(stderr.contains("broken.yaml: document 1"), "{stderr}");
 }
+
+/// nftables mode prints the first-sync `nft -f -` transaction of upstream's ruleset.
+#[test]
+fn demo_cluster_renders_the_nftables_golden() {
+    let (code, stdout, stderr) = render(&[
+        "--objects",
+        "examples/demo-cluster.yaml",
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--proxy-mode",
+        "nftables",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let golden = include_str!("golden/demo-cluster.nft");
+    assert_eq!(
+        stdout, golden,
+        "render drifted from tests/golden/demo-cluster.nft"
+    );
+    assert!(golden.starts_with("add table ip kube-proxy { comment \"rules for kube-proxy\" ; }\n"));
+    // The real mark (%#08x), the primary node IP as the only node-port address (nftables
+    // mode's default), and the eTP=Local LB's firewall.
+    assert!(
+        golden.contains("add rule ip kube-proxy mark-for-masquerade mark set mark or 0x00004000\n")
+    );
+    assert!(golden.contains("add element ip kube-proxy nodeport-ips { 192.168.50.1 }\n"));
+    assert!(golden.contains("ip saddr != { 198.51.100.0/24 } drop\n"));
+    assert!(golden.contains("comment \"demo/empty:http\" : goto reject-chain }"));
+}

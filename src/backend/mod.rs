@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
 pub mod netfilter;
+pub mod nftables;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -51,6 +52,9 @@ pub struct SyncOutcome {
     /// The conntrack reconcile round that followed the sync (`None`: skipped, no UDP or
     /// SCTP frontend could have a stale flow).
     pub conntrack: Option<ReconcileReport>,
+    /// nftables mode: the stale-chain delete transaction of this sync failed
+    /// (`sync_proxy_rules_nftables_cleanup_failures_total`).
+    pub nftables_cleanup_failed: bool,
 }
 
 /// iptables rule counts per table, as upstream's iptables proxier reports them.
@@ -85,6 +89,7 @@ impl SyncOutcome {
             no_local_endpoints_external,
             health_checks,
             conntrack: None,
+            nftables_cleanup_failed: false,
         }
     }
 }
@@ -112,6 +117,10 @@ pub enum BackendError {
     /// Reading kernel state failed.
     #[error("reading kernel state failed: {0}")]
     Read(String),
+    /// `nft -f -` rejected the sync's transaction (upstream's
+    /// `sync_proxy_rules_nftables_sync_failures_total`).
+    #[error("nft transaction failed: {0}")]
+    NftablesTransaction(String),
     /// `--cleanup` left something behind.
     #[error("{0}")]
     Cleanup(String),
@@ -124,6 +133,8 @@ pub enum Kind {
     Iptables,
     /// `--proxy-mode=ipvs`.
     Ipvs,
+    /// `--proxy-mode=nftables`.
+    Nftables,
 }
 
 /// Why a backend could not start.
@@ -132,6 +143,9 @@ pub enum StartError {
     /// IPVS mode cannot run on this host (no IPVS, old ipset, unknown scheduler, ...).
     #[error(transparent)]
     Ipvs(#[from] ipvs::proxier::IpvsStartError),
+    /// nftables mode cannot run on this host (old nft or kernel, no nf_tables).
+    #[error(transparent)]
+    Nftables(#[from] nftables::proxier::NftablesStartError),
 }
 
 /// A started backend and what the daemon runs beside it.
@@ -145,12 +159,12 @@ pub struct Started {
 }
 
 impl Kind {
-    /// The backend of `mode`; `None` for a mode without one (nftables).
+    /// The backend of `mode` (`None` for a mode without one).
     pub fn for_mode(mode: ProxyMode) -> Option<Kind> {
         match mode {
             ProxyMode::Iptables => Some(Kind::Iptables),
             ProxyMode::Ipvs => Some(Kind::Ipvs),
-            ProxyMode::Nftables => None,
+            ProxyMode::Nftables => Some(Kind::Nftables),
         }
     }
 
@@ -180,7 +194,7 @@ impl Kind {
     /// The families this backend can program at all.
     pub fn candidate_families(self) -> Vec<IpFamily> {
         match self {
-            Kind::Iptables | Kind::Ipvs => IpFamily::ALL.to_vec(),
+            Kind::Iptables | Kind::Ipvs | Kind::Nftables => IpFamily::ALL.to_vec(),
         }
     }
 
@@ -201,6 +215,7 @@ impl Kind {
         match self {
             Kind::Iptables => iptables::render_text(opts, model, family, node_ips),
             Kind::Ipvs => ipvs::render_text(opts, model, family, node_ips),
+            Kind::Nftables => nftables::render_text(opts, model, family, node_ips),
         }
     }
 
@@ -211,7 +226,20 @@ impl Kind {
         ipt: Iptables,
         random_fully: bool,
     ) -> Result<Started, StartError> {
+        if self != Kind::Nftables {
+            // Switching away from nftables mode leaves nothing of it behind.
+            if let Err(e) =
+                nftables::proxier::NftablesProxier::cleanup(&crate::kernel::nft::Nft::new()).await
+            {
+                tracing::debug!(error = %e, "removing nftables-mode tables");
+            }
+        }
         match self {
+            Kind::Nftables => Ok(Started {
+                backend: AnyBackend::Nftables(nftables::proxier::start(opts, &ipt).await?),
+                tasks: Vec::new(),
+                nfacct: None,
+            }),
             Kind::Iptables => {
                 let (backend, nfacct) = iptables::proxier::start(opts, ipt, random_fully);
                 Ok(Started {
@@ -239,6 +267,17 @@ impl Kind {
 /// `--cleanup`: removes what every mode (ours or upstream's) created, as upstream's
 /// `--cleanup` tears down every mode. Every step runs; failures are reported together.
 pub async fn cleanup(ipt: &Iptables) -> Result<(), BackendError> {
+    let legacy = cleanup_legacy(ipt).await;
+    let nft = nftables::proxier::NftablesProxier::cleanup(&crate::kernel::nft::Nft::new()).await;
+    match (legacy, nft) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(BackendError::Cleanup(format!("{a}; {b}"))),
+    }
+}
+
+/// Removes what iptables and IPVS mode created (nftables mode's start-up, and `--cleanup`).
+pub async fn cleanup_legacy(ipt: &Iptables) -> Result<(), BackendError> {
     use crate::kernel::ipset::Ipset;
     use crate::kernel::link::DummyLink;
     let mut errors = Vec::new();
@@ -269,6 +308,8 @@ pub enum AnyBackend {
     Iptables(iptables::proxier::IptablesProxier),
     /// IPVS mode.
     Ipvs(ipvs::proxier::IpvsProxier),
+    /// nftables mode.
+    Nftables(nftables::proxier::NftablesProxier),
 }
 
 impl Backend for AnyBackend {
@@ -276,6 +317,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Iptables(b) => b.mode(),
             AnyBackend::Ipvs(b) => b.mode(),
+            AnyBackend::Nftables(b) => b.mode(),
         }
     }
 
@@ -283,6 +325,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Iptables(b) => b.partial_syncs(),
             AnyBackend::Ipvs(b) => b.partial_syncs(),
+            AnyBackend::Nftables(b) => b.partial_syncs(),
         }
     }
 
@@ -290,6 +333,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Iptables(b) => b.sync(req).await,
             AnyBackend::Ipvs(b) => b.sync(req).await,
+            AnyBackend::Nftables(b) => b.sync(req).await,
         }
     }
 
@@ -297,6 +341,7 @@ impl Backend for AnyBackend {
         match self {
             AnyBackend::Iptables(b) => b.needs_full_sync().await,
             AnyBackend::Ipvs(b) => b.needs_full_sync().await,
+            AnyBackend::Nftables(b) => b.needs_full_sync().await,
         }
     }
 }

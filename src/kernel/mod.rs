@@ -18,6 +18,7 @@ pub mod iptables;
 pub mod ipvs;
 pub mod link;
 pub mod nfacct;
+pub mod nft;
 pub mod sysctl;
 
 mod exec;

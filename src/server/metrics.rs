@@ -96,6 +96,8 @@ struct Inner {
     iptables_last: Family<FamilyAnd, Gauge>,
     restore_failures: Family<FamilyLabel, Counter>,
     partial_restore_failures: Family<FamilyLabel, Counter>,
+    nftables_sync_failures: Family<FamilyLabel, Counter>,
+    nftables_cleanup_failures: Family<FamilyLabel, Counter>,
     no_local_endpoints: Family<FamilyAnd, Gauge>,
     healthz_total: Family<CodeLabel, Counter>,
     livez_total: Family<CodeLabel, Counter>,
@@ -179,6 +181,8 @@ impl Metrics {
             iptables_last: Family::default(),
             restore_failures: Family::default(),
             partial_restore_failures: Family::default(),
+            nftables_sync_failures: Family::default(),
+            nftables_cleanup_failures: Family::default(),
             no_local_endpoints: Family::default(),
             healthz_total: Family::default(),
             livez_total: Family::default(),
@@ -272,6 +276,18 @@ impl Metrics {
             &n("sync_proxy_rules_iptables_partial_restore_failures_total"),
             "Cumulative proxy iptables partial restore failures",
             &i.partial_restore_failures,
+        );
+        reg(
+            r,
+            &n("sync_proxy_rules_nftables_sync_failures_total"),
+            "Cumulative proxy nftables sync failures",
+            &i.nftables_sync_failures,
+        );
+        reg(
+            r,
+            &n("sync_proxy_rules_nftables_cleanup_failures_total"),
+            "Cumulative proxy nftables cleanup failures",
+            &i.nftables_cleanup_failures,
         );
         reg(
             r,
@@ -397,6 +413,22 @@ impl Metrics {
             .network_programming
             .get_or_create(&self.fam())
             .observe(seconds);
+    }
+
+    /// An nftables transaction failed.
+    pub fn inc_nftables_sync_failure(&self) {
+        self.inner
+            .nftables_sync_failures
+            .get_or_create(&self.fam())
+            .inc();
+    }
+
+    /// nftables mode's stale-chain delete transaction failed.
+    pub fn inc_nftables_cleanup_failure(&self) {
+        self.inner
+            .nftables_cleanup_failures
+            .get_or_create(&self.fam())
+            .inc();
     }
 
     /// An iptables-restore failed. As upstream, every failure counts in the plain counter and
@@ -698,6 +730,8 @@ mod tests {
         m.set_rules_written(1, 2);
         m.inc_restore_failure(false);
         m.inc_restore_failure(true);
+        m.inc_nftables_sync_failure();
+        m.inc_nftables_cleanup_failure();
         m.set_no_local_endpoints(0, 1);
         m.inc_healthz(200);
         m.inc_livez(503);
@@ -727,6 +761,11 @@ mod tests {
             ("sync_proxy_rules_iptables_total", "gauge"),
             ("sync_proxy_rules_last_queued_timestamp_seconds", "gauge"),
             ("sync_proxy_rules_last_timestamp_seconds", "gauge"),
+            (
+                "sync_proxy_rules_nftables_cleanup_failures_total",
+                "counter",
+            ),
+            ("sync_proxy_rules_nftables_sync_failures_total", "counter"),
             ("sync_proxy_rules_no_local_endpoints_total", "gauge"),
             ("sync_proxy_rules_service_changes_pending", "gauge"),
             ("sync_proxy_rules_service_changes_total", "counter"),
@@ -885,6 +924,7 @@ mod tests {
         m.inc_endpoint_changes(1_500_000);
         m.set_pending(2, 7);
         m.inc_restore_failure(true);
+        m.inc_nftables_sync_failure();
         m.set_rule_counts(12, 34);
         m.set_no_local_endpoints(5, 6);
         m.inc_healthz(503);

@@ -70,6 +70,9 @@ impl Reporter for DaemonReporter {
             metrics.set_rule_counts(r.filter_total as u64, r.nat_total as u64);
             metrics.set_rules_written(r.filter_last as u64, r.nat_last as u64);
         }
+        if out.nftables_cleanup_failed {
+            self.metrics.inc_nftables_cleanup_failure();
+        }
         if let Some(ct) = &out.conntrack {
             metrics.observe_conntrack_reconcile(ct.duration, ct.deleted);
         }
@@ -100,8 +103,12 @@ impl Reporter for DaemonReporter {
         metrics.observe_sync(duration, kind);
         // Only a rejected iptables-restore counts, as upstream: an IPVS, ipset or netlink
         // failure is none.
-        if matches!(error, BackendError::IptablesRestore(_)) {
-            metrics.inc_restore_failure(kind == SyncKind::Partial);
+        match error {
+            BackendError::IptablesRestore(_) => {
+                metrics.inc_restore_failure(kind == SyncKind::Partial)
+            }
+            BackendError::NftablesTransaction(_) => metrics.inc_nftables_sync_failure(),
+            _ => {}
         }
     }
 }
@@ -221,6 +228,43 @@ mod tests {
                 "kubeproxy_sync_partial_proxy_rules_duration_seconds_count"
             ),
             ["kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"} 1"]
+        );
+    }
+
+    /// A rejected nftables transaction counts in the nftables series only; a failed
+    /// stale-chain cleanup in its own.
+    #[tokio::test]
+    async fn nftables_failures_count_in_their_series() {
+        let (mut r, m) = reporter();
+        r.sync_failed(
+            IpFamily::V4,
+            SyncKind::Partial,
+            Duration::from_millis(3),
+            &BackendError::NftablesTransaction("Error: No such file or directory".into()),
+        );
+        assert_eq!(
+            lines(
+                &m,
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{"
+            ),
+            ["kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"} 1"]
+        );
+        assert!(
+            lines(
+                &m,
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{"
+            )
+            .is_empty()
+        );
+        let mut out = SyncOutcome::new(0, 0, 0, 0, Default::default());
+        out.nftables_cleanup_failed = true;
+        done(&mut r, SyncKind::Partial, &out).await;
+        assert_eq!(
+            lines(
+                &m,
+                "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{"
+            ),
+            ["kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv4\"} 1"]
         );
     }
 

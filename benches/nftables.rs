@@ -1,0 +1,174 @@
+//! nftables mode beside iptables mode, at N services × 5 endpoints, in one run:
+//! - full sync: our render + transaction build, and `nft -f` of that transaction into a
+//!   fresh network namespace (elapsed and `nft`'s peak RSS, from /usr/bin/time);
+//! - one-endpoint change: partial render + transaction, and `nft -f` of it (median of 20
+//!   changes, each to another service);
+//! - iptables mode's full `iptables-nft-restore` of the same cluster, for comparison.
+//!
+//! `cargo bench --bench nftables [-- N...]` (default 1000 10000). Needs root.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kube_proxy_rs::backend::iptables::render as ipt;
+use kube_proxy_rs::backend::netfilter::LocalDetector;
+use kube_proxy_rs::backend::nftables::{Committed, Prior, RenderConfig, build, render};
+use kube_proxy_rs::host::NodePortDestinations;
+use kube_proxy_rs::model::{ClusterState, IpFamily};
+use serde_json::json;
+
+fn slice(i: usize, extra: Option<&str>) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let (hi, lo) = (i / 250, i % 250);
+    let mut eps: Vec<_> = (0..5)
+        .map(|e| json!({"addresses": [format!("10.{}.{}.{}", 100 + e, hi, lo)], "nodeName": "node2"}))
+        .collect();
+    if let Some(ip) = extra {
+        eps.push(json!({"addresses": [ip], "nodeName": "node2"}));
+    }
+    serde_json::from_value(json!({
+        "metadata": {"namespace": "bench", "name": format!("svc{i}-1"),
+                     "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p80", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps
+    }))
+    .unwrap()
+}
+
+fn build_state(n: usize) -> ClusterState {
+    let mut st = ClusterState::new("node1");
+    for i in 0..n {
+        let (hi, lo) = (i / 250, i % 250);
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"namespace": "bench", "name": format!("svc{i}")},
+            "spec": {"clusterIP": format!("10.96.{hi}.{lo}"), "ports": [{"name": "p80", "port": 80}]}
+        }))
+        .unwrap();
+        st.apply_service(&svc);
+        st.apply_slice(&slice(i, None));
+    }
+    st.take_changes();
+    st
+}
+
+/// Runs `tool args` in `ns` with `input` on stdin: (elapsed, peak RSS in KiB).
+fn timed(ns: &str, tool: &[&str], input: &str) -> (Duration, u64) {
+    let mut args = vec!["-f", "%M", "ip", "netns", "exec", ns];
+    args.extend_from_slice(tool);
+    let t = Instant::now();
+    let mut child = Command::new("/usr/bin/time")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    let elapsed = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{tool:?} failed: {err}");
+    let rss = err
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    (elapsed, rss)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn run(n: usize) {
+    let mut state = build_state(n);
+    let model = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
+    let cfg = RenderConfig {
+        mark: "0x00004000".into(),
+        local_detector: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
+        node_ports: NodePortDestinations::Ips(vec!["192.168.0.2".parse().unwrap()]),
+        service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        family: IpFamily::V4,
+        ..RenderConfig::default()
+    };
+    let t = Instant::now();
+    let empty = Committed::default();
+    let tx = build(&render(&model, &cfg), Prior::Known(&empty), true, true);
+    let ours_full = t.elapsed();
+
+    let ns = format!("kprs-nftbench-{}-{n}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let (nft_full, nft_rss) = timed(&ns, &["nft", "-f", "-"], &tx.text);
+
+    let mut committed = tx.next;
+    let mut ours = Vec::new();
+    let mut kernel = Vec::new();
+    let mut ops = 0;
+    for k in 0..20 {
+        let i = (k * 7919) % n;
+        state.apply_slice(&slice(i, Some(&format!("10.200.{}.{}", k / 250, k % 250))));
+        let m = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
+        let t = Instant::now();
+        let ptx = build(&render(&m, &cfg), Prior::Known(&committed), false, false);
+        ours.push(t.elapsed());
+        ops = ptx.ops;
+        kernel.push(timed(&ns, &["nft", "-f", "-"], &ptx.text).0);
+        committed = ptx.next;
+    }
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+
+    let icfg = ipt::RenderConfig {
+        local_detector: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),
+        random_fully: true,
+        ..ipt::RenderConfig::default()
+    };
+    let t = Instant::now();
+    let itext = ipt::render(&ipt::RenderInput {
+        model: &model,
+        config: &icfg,
+        scope: ipt::SyncScope::Full,
+        existing_nat_chains: None,
+    })
+    .text;
+    let ours_ipt = t.elapsed();
+    let ns = format!("kprs-iptbench-{}-{n}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "add", &ns]).status();
+    let (ipt_full, ipt_rss) = timed(&ns, &["iptables-nft-restore", "-w", "5"], &itext);
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+
+    println!(
+        "| {n} | nftables | {ours_full:.2?} | {nft_full:.2?} | {} MiB | {:.2?} + {:.2?} ({ops} ops) |",
+        nft_rss / 1024,
+        median(ours),
+        median(kernel),
+    );
+    println!(
+        "| {n} | iptables | {ours_ipt:.2?} | {ipt_full:.2?} | {} MiB | |",
+        ipt_rss / 1024
+    );
+}
+
+fn main() {
+    let ns: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let ns = if ns.is_empty() {
+        vec![1000, 10_000]
+    } else {
+        ns
+    };
+    println!(
+        "| services (x5 endpoints) | mode | render full | kernel load (first) | tool peak RSS | one-endpoint change: render + kernel (median of 20) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for n in ns {
+        run(n);
+    }
+}

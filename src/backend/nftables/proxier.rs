@@ -1,0 +1,335 @@
+//! The nftables [`Backend`]: renders with [`super::render`], builds the transaction against
+//! the record of what was committed ([`super::tx`]) and applies it with one `nft -f -` per
+//! sync through [`crate::kernel::nft`]. Stale chains are flushed at once and deleted by a
+//! separate transaction in a later sync, as upstream (a chain still referenced from a map
+//! element being deleted is only released a little later on kernels before 6.2).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::names::FamilyTokens;
+use super::render::{RenderConfig, Ruleset, render};
+use super::tx::{Committed, Existing, Prior, build};
+use crate::backend::conntrack::ConntrackCleaner;
+use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
+use crate::kernel::addrs::Addresses;
+use crate::kernel::conntrack::Conntrack;
+use crate::kernel::nft::Nft;
+use crate::model::{IpFamily, ProxyModel};
+
+/// How long a flushed stale chain waits before it is deleted (upstream: 1 s).
+const STALE_CHAIN_DELAY: Duration = Duration::from_secs(1);
+
+/// Oldest `nft` upstream accepts (knftables rejects v0.x and v1.0.0).
+const MIN_NFT: (u32, u32, u32) = (1, 0, 1);
+/// Oldest kernel upstream accepts (`NFTablesKubeProxyKernelVersion`).
+const MIN_KERNEL: (u32, u32) = (5, 13);
+/// Upstream's override of the kernel version check.
+const SKIP_KERNEL_CHECK_ENV: &str = "KUBE_PROXY_NFTABLES_SKIP_KERNEL_VERSION_CHECK";
+
+/// Why nftables mode cannot run on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum NftablesStartError {
+    /// `nft` is missing or failed.
+    #[error("nft is not usable: {0}")]
+    Nft(String),
+    /// `nft` is older than 1.0.1.
+    #[error("nft version {0} is too old (need 1.0.1 or later)")]
+    NftVersion(String),
+    /// The kernel is older than 5.13.
+    #[error(
+        "kernel {0} is too old for nftables mode (need 5.13 or later; set {SKIP_KERNEL_CHECK_ENV} to override)"
+    )]
+    Kernel(String),
+}
+
+/// The nftables-mode proxier (one family; the table is `ip kube-proxy` or `ip6 kube-proxy`).
+pub struct NftablesProxier {
+    nft: Nft,
+    conntrack: ConntrackCleaner,
+    addrs: Addresses,
+    config: RenderConfig,
+    /// What the last successful transaction left; `None` when unknown (start-up, failure).
+    committed: Option<Committed>,
+    /// A full sync succeeded since start (upstream `flushed`): later ones skip the base
+    /// chains' add+delete.
+    flushed: bool,
+    /// Flushed per-service chains awaiting deletion, with when they were flushed.
+    stale: BTreeMap<String, Instant>,
+    /// Deleting stale chains failed: the next sync re-reads the table and is full.
+    needs_full: bool,
+    /// Operations in the last transaction (for the sync log).
+    last_ops: usize,
+}
+
+impl NftablesProxier {
+    /// A proxier writing through `nft`; the node facts come with every sync request.
+    pub fn new(nft: Nft, conntrack: Conntrack, addrs: Addresses, config: RenderConfig) -> Self {
+        NftablesProxier {
+            nft,
+            conntrack: ConntrackCleaner::new(conntrack),
+            addrs,
+            config,
+            committed: None,
+            flushed: false,
+            stale: BTreeMap::new(),
+            needs_full: false,
+            last_ops: 0,
+        }
+    }
+
+    /// The render settings in use (with the last sync's node facts).
+    pub fn config(&self) -> &RenderConfig {
+        &self.config
+    }
+
+    /// Operations written by the last sync's main transaction.
+    pub fn last_operations(&self) -> usize {
+        self.last_ops
+    }
+
+    /// Stale chains flushed and not yet deleted.
+    pub fn pending_stale_chains(&self) -> usize {
+        self.stale.len()
+    }
+
+    fn family_word(&self) -> &'static str {
+        self.config.family.nft()
+    }
+
+    async fn local_ips(&self) -> Vec<IpAddr> {
+        match self.addrs.list().await {
+            Ok(list) => list
+                .into_iter()
+                .map(|a| a.addr)
+                .filter(|ip| self.config.family.matches(ip))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing local addresses failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Deletes chains flushed at least [`STALE_CHAIN_DELAY`] ago, in their own transaction;
+    /// `false` when that transaction failed.
+    async fn delete_stale_chains(&mut self) -> bool {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .stale
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= STALE_CHAIN_DELAY)
+            .map(|(c, _)| c.clone())
+            .collect();
+        if due.is_empty() {
+            return true;
+        }
+        let fam = self.family_word();
+        let text: String = due
+            .iter()
+            .map(|c| format!("delete chain {fam} {} {c}\n", super::names::TABLE))
+            .collect();
+        tracing::info!(num_chains = due.len(), "Deleting stale nftables chains");
+        match self.nft.run(&text).await {
+            Ok(()) => {
+                due.iter().for_each(|c| {
+                    self.stale.remove(c);
+                });
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Unable to delete stale chains; will retry later");
+                // The next sync lists the table again, so the survivors are found, flushed
+                // and retried.
+                self.stale.clear();
+                self.committed = None;
+                self.needs_full = true;
+                false
+            }
+        }
+    }
+
+    /// What the kernel holds when the record is unknown: nothing (no table), or names.
+    async fn existing(&self) -> Result<Option<Existing>, BackendError> {
+        let names = self
+            .nft
+            .table_names(self.family_word())
+            .await
+            .map_err(|e| BackendError::Read(e.to_string()))?;
+        Ok(names.map(|n| Existing {
+            chains: n.chains,
+            sets: n.sets,
+        }))
+    }
+
+    /// Renders and applies one sync.
+    async fn apply(&mut self, model: &ProxyModel, full: bool) -> Result<Ruleset, BackendError> {
+        let rs = render(model, &self.config);
+        let existing = match self.committed {
+            Some(_) => None,
+            None => self.existing().await?,
+        };
+        let empty = Committed::default();
+        let prior = match (&self.committed, &existing) {
+            (Some(c), _) => Prior::Known(c),
+            (None, Some(existing)) => Prior::Unknown { existing },
+            (None, None) => Prior::Known(&empty),
+        };
+        let full = full || self.committed.is_none();
+        let tx = build(&rs, prior, full, !self.flushed);
+        self.last_ops = tx.ops;
+        if !tx.text.is_empty() {
+            tracing::trace!(transaction = %tx.text, "Running nftables transaction");
+            if let Err(e) = self.nft.run(&tx.text).await {
+                // The flushes never happened: forget them, and rebuild from the kernel.
+                self.committed = None;
+                self.stale.clear();
+                return Err(BackendError::NftablesTransaction(e.to_string()));
+            }
+        }
+        self.flushed |= full;
+        let now = Instant::now();
+        for c in tx.flushed_stale {
+            self.stale.entry(c).or_insert(now);
+        }
+        self.stale.retain(|c, _| !tx.next.chains.contains_key(c));
+        self.committed = Some(tx.next);
+        Ok(rs)
+    }
+
+    /// `--cleanup` and other modes' start-up: deletes both families' tables.
+    pub async fn cleanup(nft: &Nft) -> Result<(), BackendError> {
+        for fam in ["ip", "ip6"] {
+            match nft.delete_table(fam).await {
+                Ok(true) => tracing::info!(family = fam, "deleted the kube-proxy nftables table"),
+                Ok(false) => {}
+                Err(e) => return Err(BackendError::Cleanup(format!("nftables {fam}: {e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for NftablesProxier {
+    fn mode(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn partial_syncs(&self) -> bool {
+        true
+    }
+
+    async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
+        let cleanup_ok = self.delete_stale_chains().await;
+        let local = self.local_ips().await;
+        self.config.apply_node_facts(req.node_facts, &local);
+        let full = req.full || std::mem::take(&mut self.needs_full);
+        let rs_counts = self.apply(req.model, full).await?;
+        let conntrack = self.conntrack.after_sync(req.model, &local).await;
+        let mut outcome = SyncOutcome::new(
+            0,
+            0,
+            rs_counts.no_local_endpoints_internal,
+            rs_counts.no_local_endpoints_external,
+            rs_counts.health_checks,
+        );
+        outcome.rules_per_table = BTreeMap::from([(
+            format!("{} {}", self.family_word(), super::names::TABLE),
+            self.last_ops,
+        )]);
+        outcome.conntrack = conntrack;
+        outcome.nftables_cleanup_failed = !cleanup_ok;
+        Ok(outcome)
+    }
+
+    async fn needs_full_sync(&mut self) -> bool {
+        self.needs_full
+    }
+}
+
+impl RenderConfig {
+    /// Takes this sync's node facts: primary node IP, node-port addresses (against the
+    /// host's `local` addresses of this family) and the local-traffic detector.
+    pub fn apply_node_facts(&mut self, facts: &crate::host::NodeFacts, local: &[IpAddr]) {
+        self.primary_node_ip = facts.primary_ip.filter(|ip| self.family.matches(ip));
+        self.node_ports = facts.node_port_ips(local);
+        self.local_detector = facts.local_detector.clone();
+    }
+}
+
+/// Render settings from the options (the node facts are applied per sync).
+pub fn render_config(opts: &crate::config::ProxyOptions, family: IpFamily) -> RenderConfig {
+    RenderConfig {
+        family,
+        mark: crate::backend::netfilter::masquerade_mark(opts.masquerade_bit),
+        masquerade_all: opts.masquerade_all,
+        ..RenderConfig::default()
+    }
+}
+
+/// What `render` prints in nftables mode: the first-sync transaction of `model` on a host
+/// without the table.
+pub fn render_text(
+    opts: &crate::config::ProxyOptions,
+    model: &ProxyModel,
+    family: IpFamily,
+    node_ips: Vec<IpAddr>,
+) -> String {
+    let mut config = render_config(opts, family);
+    let facts = crate::host::HostSettings::from_options(opts).facts(&model.node, family);
+    config.apply_node_facts(&facts, &node_ips);
+    let rs = render(model, &config);
+    build(&rs, Prior::Known(&Committed::default()), true, true).text
+}
+
+fn kernel_release() -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = text.trim().split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Upstream's start-up checks: `nft` ≥ 1.0.1, kernel ≥ 5.13 (unless overridden), and a
+/// `--check` transaction creating the table.
+pub async fn check_host(nft: &Nft, family: IpFamily) -> Result<(), NftablesStartError> {
+    let version = nft
+        .version()
+        .await
+        .map_err(|e| NftablesStartError::Nft(e.to_string()))?;
+    match crate::kernel::nft::parse_version(&version) {
+        Some(v) if v >= MIN_NFT => {}
+        _ => return Err(NftablesStartError::NftVersion(version.trim().to_string())),
+    }
+    let skip = std::env::var_os(SKIP_KERNEL_CHECK_ENV).is_some_and(|v| !v.is_empty());
+    if !skip && let Some(k) = kernel_release().filter(|k| *k < MIN_KERNEL) {
+        return Err(NftablesStartError::Kernel(format!("{}.{}", k.0, k.1)));
+    }
+    let probe = format!(
+        "add table {} {} {{ comment \"test\" ; }}\n",
+        family.nft(),
+        super::names::TABLE
+    );
+    nft.check(&probe)
+        .await
+        .map_err(|e| NftablesStartError::Nft(e.to_string()))
+}
+
+/// Starts nftables mode: host checks, then removal of iptables- and IPVS-mode leftovers
+/// (so switching modes is clean), then the proxier.
+pub async fn start(
+    opts: &crate::config::ProxyOptions,
+    ipt: &crate::kernel::iptables::Iptables,
+) -> Result<NftablesProxier, NftablesStartError> {
+    let nft = Nft::new();
+    let family = ipt.family();
+    check_host(&nft, family).await?;
+    if let Err(e) = crate::backend::cleanup_legacy(ipt).await {
+        tracing::warn!(error = %e, "removing iptables/IPVS-mode leftovers failed");
+    }
+    Ok(NftablesProxier::new(
+        nft,
+        Conntrack::new(),
+        Addresses::new(),
+        render_config(opts, family),
+    ))
+}

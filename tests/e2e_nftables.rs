@@ -1,0 +1,190 @@
+//! End-to-end, nftables mode: the same scenarios as iptables mode (tests/scenarios), real
+//! packets through the `kube-proxy` table the built binary programs with
+//! `--proxy-mode=nftables`.
+
+mod scenarios;
+mod support;
+
+#[test]
+fn nftables_mode_end_to_end() {
+    scenarios::run_all(scenarios::Features {
+        mode: "nftables",
+        etp_local_falls_back_to_cluster: false,
+    });
+}
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use scenarios::Cluster;
+use support::fakeapi::{endpoint_slice, service};
+use support::netns::NsChild;
+use support::pods::{eventually, tcp_request};
+
+const T: Duration = Duration::from_millis(800);
+const POLL: Duration = Duration::from_millis(200);
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Restarts the proxy of `c` in `mode` (same flags as the scenarios' cluster).
+fn restart(c: &Cluster, dir: &std::path::Path, mode: &str) {
+    let mut child = c.proxy.lock().unwrap_or_else(|p| p.into_inner());
+    child.terminate(Duration::from_secs(3));
+    let kubeconfig = c.api.write_kubeconfig(dir);
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&c.log)
+        .unwrap();
+    let mut cmd = c.topo.node.command(
+        env!("CARGO_BIN_EXE_kube-proxy-rs"),
+        [
+            format!("--proxy-mode={mode}"),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            "--hostname-override=node1".into(),
+            "--cluster-cidr=10.244.0.0/16".into(),
+            "--iptables-min-sync-period=1s".into(),
+            "--conntrack-max-per-core=0".into(),
+            "-v=2".into(),
+        ],
+    );
+    cmd.stdout(log.try_clone().unwrap()).stderr(log);
+    *child = NsChild(cmd.spawn().expect("restart kube-proxy-rs"));
+}
+
+/// A line echo server on pod0 keeping its one connection open (bounded: 60 s idle).
+fn start_line_echo(c: &Cluster) {
+    let listener = c.topo.pods[0]
+        .ns
+        .in_netns(|| TcpListener::bind("0.0.0.0:9090").unwrap());
+    std::thread::spawn(move || {
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut out = conn.try_clone().unwrap();
+        for line in BufReader::new(conn).lines().take(10) {
+            let Ok(line) = line else { return };
+            if out.write_all(format!("{line}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn echo(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, msg: &str) -> String {
+    stream.write_all(format!("{msg}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    line.trim().to_string()
+}
+
+fn kube_services_in_iptables(c: &Cluster) -> bool {
+    c.topo
+        .node
+        .run_ok("iptables-save", ["-t", "nat"])
+        .contains(":KUBE-SERVICES")
+}
+
+fn nft_table_exists(c: &Cluster) -> bool {
+    c.topo
+        .node
+        .run("nft", ["list", "table", "ip", "kube-proxy"])
+        .status
+        .success()
+}
+
+/// iptables mode → nftables mode → iptables mode on a running node: each mode removes the
+/// other's rules at start, new connections to a ClusterIP work after each switch, and a
+/// connection established before the switches keeps working.
+#[test]
+fn switching_modes_is_clean_and_keeps_established_connections() {
+    let objects = [
+        service("e2e", "web", "10.96.0.10", &[("http", 80, "TCP", 8080)]),
+        endpoint_slice(
+            "e2e",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &["10.244.0.10"],
+            Some("node1"),
+        ),
+        service("e2e", "long", "10.96.0.11", &[("p", 9090, "TCP", 9090)]),
+        endpoint_slice(
+            "e2e",
+            "long-1",
+            "long",
+            &[("p", 9090, "TCP")],
+            &["10.244.0.10"],
+            Some("node1"),
+        ),
+    ];
+    let c = Cluster::start("iptables", &objects);
+    let dir = tempfile::tempdir().unwrap();
+    let works = |what: &str| {
+        let r = eventually(Duration::from_secs(30), POLL, || {
+            tcp_request(&c.topo.node, sa("10.96.0.10:80"), T)
+        });
+        assert_eq!(
+            r.as_deref().ok(),
+            Some("pod0"),
+            "{what}: {r:?}\n{}",
+            c.logs()
+        );
+    };
+    works("iptables mode");
+    assert!(kube_services_in_iptables(&c));
+
+    start_line_echo(&c);
+    let mut stream = c
+        .topo
+        .node
+        .in_netns(|| TcpStream::connect_timeout(&sa("10.96.0.11:9090"), T).unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    assert_eq!(echo(&mut stream, &mut reader, "one"), "one");
+
+    restart(&c, dir.path(), "nftables");
+    let switched = eventually(Duration::from_secs(30), POLL, || {
+        match (nft_table_exists(&c), kube_services_in_iptables(&c)) {
+            (true, false) => Ok(()),
+            other => Err(other),
+        }
+    });
+    assert!(
+        switched.is_ok(),
+        "(nft table, iptables chains) = {switched:?}\n{}",
+        c.logs()
+    );
+    works("after switching to nftables mode");
+    assert_eq!(
+        echo(&mut stream, &mut reader, "two"),
+        "two",
+        "established connection lost"
+    );
+
+    restart(&c, dir.path(), "iptables");
+    let switched = eventually(Duration::from_secs(30), POLL, || {
+        match (nft_table_exists(&c), kube_services_in_iptables(&c)) {
+            (false, true) => Ok(()),
+            other => Err(other),
+        }
+    });
+    assert!(
+        switched.is_ok(),
+        "(nft table, iptables chains) = {switched:?}\n{}",
+        c.logs()
+    );
+    works("after switching back to iptables mode");
+    assert_eq!(
+        echo(&mut stream, &mut reader, "three"),
+        "three",
+        "established connection lost"
+    );
+    c.assert_alive();
+}
