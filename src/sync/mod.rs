@@ -139,6 +139,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             sleep_until(rate.next_allowed(Instant::now())).await;
             let start = Instant::now();
             rate.ran(start);
+            self.shared.taking_changes();
             let (model, node, left) = {
                 let mut st = self.shared.lock();
                 let c = st.take_changes();
@@ -444,6 +445,77 @@ mod tests {
             ],
             "{c:#?}"
         );
+        task.abort();
+    }
+
+    fn heartbeat(at: &str) -> k8s_openapi::api::core::v1::Node {
+        let mut n = node("192.168.50.1", "10.244.0.0/24");
+        n.status.get_or_insert_default().conditions = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "type": "Ready", "status": "True", "lastHeartbeatTime": at
+            }))
+            .unwrap(),
+        ]);
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn node_heartbeats_and_no_op_updates_cause_no_sync() {
+        use kube::runtime::watcher::Event;
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let backend = FakeBackend {
+            calls: calls.clone(),
+            fail_next: Arc::default(),
+            t0: Instant::now(),
+        };
+        let settings = SyncSettings {
+            min_sync_period: Duration::ZERO,
+            sync_period: Duration::from_secs(30),
+            full_sync_period: Duration::from_secs(3600),
+            host: crate::host::HostSettings::default(),
+        };
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                backend,
+                CountingReporter::default(),
+                settings,
+            )
+            .run(None),
+        );
+        let apply = |e: Event<Service>| crate::watch::handle(e, &shared, &mut None);
+        let apply_node = |n| crate::watch::handle(Event::Apply(n), &shared, &mut None);
+        apply_node(heartbeat("2026-11-29T06:00:00Z"));
+        apply(Event::Apply(svc("a", "10.0.0.1")));
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(calls.lock().unwrap().len(), 1, "the start-up sync");
+
+        // 25 s of heartbeats and no-op Service updates (a new resourceVersion, an annotation
+        // the proxy does not read), every second: still only the start-up sync.
+        for i in 1..=25u32 {
+            apply_node(heartbeat(&format!("2026-11-29T06:00:{i:02}Z")));
+            let mut s = svc("a", "10.0.0.1");
+            s.metadata.resource_version = Some(i.to_string());
+            s.metadata.annotations = Some([("unread".to_string(), i.to_string())].into());
+            apply(Event::Apply(s));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            1,
+            "{:#?}",
+            calls.lock().unwrap()
+        );
+
+        // A real change still syncs at once.
+        apply(Event::Apply(svc("a", "10.0.0.9")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(c.len(), 2, "{c:#?}");
+        assert_eq!(c[1].changed, ["ns/a"]);
         task.abort();
     }
 
