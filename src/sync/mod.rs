@@ -116,6 +116,9 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
     pub async fn run(mut self, max_syncs: Option<usize>) -> B {
         while !self.shared.initial_lists_done() {
             self.shared.woken().await;
+            // The first sync takes every change recorded so far: this wake is answered (a
+            // permit left standing would make `woken` return at once, forever).
+            self.shared.taking_changes();
         }
         tracing::info!("initial Service and EndpointSlice lists complete, starting to sync");
         let now = Instant::now();
