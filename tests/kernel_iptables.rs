@@ -363,3 +363,122 @@ async fn iptables_legacy_nfacct_counters() {
 async fn iptables_nft_nfacct_counters() {
     check_nfacct(IptablesVariant::Nft).await;
 }
+
+/// The service chains (`KUBE-SVC-…`, `KUBE-SEP-…`) of the kernel's nat table.
+async fn service_chains(ipt: &Iptables) -> BTreeSet<String> {
+    let (nat, _) = save(ipt).await;
+    nat.chain_names("nat")
+        .into_iter()
+        .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+        .collect()
+}
+
+async fn partial_sync(
+    p: &mut IptablesProxier,
+    model: &ProxyModel,
+    changed: &BTreeSet<ServiceName>,
+) -> kube_proxy_rs::backend::SyncOutcome {
+    p.sync(SyncRequest {
+        model,
+        changed,
+        full: false,
+        node_facts: &facts(model),
+    })
+    .await
+    .expect("partial sync")
+}
+
+/// Upstream's large-cluster mode: stale chains are looked for (an `iptables-save`) at most
+/// once per syncPeriod; below the threshold, on every sync.
+async fn check_large_cluster_cleanup(variant: IptablesVariant) {
+    support::require_root();
+    let ns = Netns::new("kiptlc");
+    let mut objects = demo_objects();
+    let model = model_of(&objects);
+    let (p, ipt) = proxier(&ns, variant, &model);
+    let mut config = p.config().clone();
+    config.large_cluster_threshold = 1;
+    let mut p = IptablesProxier::new(
+        ipt.clone(),
+        Conntrack::new().with_netns(ns.name()),
+        Addresses::new().with_netns(ns.name()),
+        config,
+    )
+    .with_cleanup_period(std::time::Duration::from_secs(3600));
+    full_sync(&mut p, &model).await;
+    let before = service_chains(&ipt).await;
+
+    objects
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("web"));
+    let smaller = model_of(&objects);
+    let web = BTreeSet::from([ServiceName::new("demo", "web")]);
+    let out = partial_sync(&mut p, &smaller, &web).await;
+    assert!(out.iptables_rules.is_some());
+    assert_eq!(
+        service_chains(&ipt).await,
+        before,
+        "{variant}: within the period a large cluster keeps stale chains"
+    );
+
+    // Once the period has passed, the next sync deletes them.
+    let mut p = p.with_cleanup_period(std::time::Duration::ZERO);
+    partial_sync(&mut p, &smaller, &BTreeSet::new()).await;
+    let after = service_chains(&ipt).await;
+    assert!(
+        after.len() < before.len() && after.is_subset(&before),
+        "{variant}: {before:?} -> {after:?}"
+    );
+    // The chains a full sync of the smaller model alone creates.
+    let ns2 = Netns::new("kiptlc2");
+    let (mut q, ipt2) = proxier(&ns2, variant, &smaller);
+    full_sync(&mut q, &smaller).await;
+    let fresh = service_chains(&ipt2).await;
+    assert_eq!(after, fresh, "{variant}: exactly the stale chains went");
+}
+
+#[tokio::test]
+async fn iptables_legacy_large_cluster_cleans_stale_chains_once_per_period() {
+    check_large_cluster_cleanup(IptablesVariant::Legacy).await;
+}
+
+#[tokio::test]
+async fn iptables_nft_large_cluster_cleans_stale_chains_once_per_period() {
+    check_large_cluster_cleanup(IptablesVariant::Nft).await;
+}
+
+/// Upstream's canary is in mangle, nat and filter: a flush of any one table forces a full
+/// sync, which puts it back.
+async fn check_canary_each_table(variant: IptablesVariant) {
+    support::require_root();
+    let ns = Netns::new("kiptcan");
+    let model = model_of(&demo_objects());
+    let (mut p, ipt) = proxier(&ns, variant, &model);
+    full_sync(&mut p, &model).await;
+    assert!(!p.needs_full_sync().await, "{variant}: canaries in place");
+    for table in [Table::Mangle, Table::Nat, Table::Filter] {
+        ipt.flush_and_delete_chain(table, "KUBE-PROXY-CANARY")
+            .await
+            .expect("delete canary");
+        assert!(
+            p.needs_full_sync().await,
+            "{variant}: canary gone from {}",
+            table.as_str()
+        );
+        full_sync(&mut p, &model).await;
+        assert!(
+            !p.needs_full_sync().await,
+            "{variant}: the full sync restored it"
+        );
+    }
+}
+
+#[tokio::test]
+async fn iptables_legacy_canary_in_each_table() {
+    check_canary_each_table(IptablesVariant::Legacy).await;
+}
+
+#[tokio::test]
+async fn iptables_nft_canary_in_each_table() {
+    check_canary_each_table(IptablesVariant::Nft).await;
+}

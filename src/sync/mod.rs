@@ -122,12 +122,9 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
         }
         tracing::info!("initial Service and EndpointSlice lists complete, starting to sync");
         let now = Instant::now();
-        let mut rate = BoundedFrequency::new(
-            self.settings.min_sync_period,
-            self.settings.sync_period,
-            2,
-            now,
-        );
+        let cadence = Cadence::of(&self.settings, self.backend.partial_syncs());
+        let mut rate =
+            BoundedFrequency::new(self.settings.min_sync_period, cadence.max_interval, 2, now);
         let mut need_full = true;
         let mut last_full = now;
         // The node facts of the last successful sync: a change rewrites every chain, as the
@@ -163,10 +160,6 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                     ?facts,
                     "node facts changed (primary IP, podCIDR), forcing a full sync"
                 );
-                need_full = true;
-            }
-            if !need_full && self.backend.needs_full_sync().await {
-                tracing::info!("kernel state drifted (canary missing), forcing a full sync");
                 need_full = true;
             }
             let full = need_full;
@@ -229,13 +222,64 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 tokio::time::sleep(wait).await;
                 continue;
             }
+            need_full = self.idle(&rate, cadence).await;
+        }
+    }
+
+    /// Waits until a sync is due: a change, the periodic deadline, or (with a canary) a check
+    /// that finds the kernel state drifted. Returns whether that sync must be full.
+    async fn idle(&mut self, rate: &BoundedFrequency, cadence: Cadence) -> bool {
+        let mut next_check = cadence.canary_check.map(|every| Instant::now() + every);
+        loop {
+            let check = async {
+                match next_check {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.shared.woken() => {
                     self.reporter.queued();
                     let (services, endpoints) = self.shared.lock().pending_changes();
                     self.reporter.changes_pending(services, endpoints);
+                    return false;
                 }
-                _ = sleep_until(rate.periodic_deadline()) => {}
+                _ = sleep_until(rate.periodic_deadline()) => return false,
+                _ = check => {
+                    if self.backend.needs_full_sync().await {
+                        tracing::info!("kernel state drifted (canary missing), forcing a full sync");
+                        return true;
+                    }
+                    next_check = cadence.canary_check.map(|every| Instant::now() + every);
+                }
+            }
+        }
+    }
+}
+
+/// When syncs happen without a change: upstream's cadence per mode.
+#[derive(Debug, Clone, Copy)]
+struct Cadence {
+    /// The longest time between two syncs.
+    max_interval: Duration,
+    /// How often the kernel is checked for drift between syncs (`None`: never).
+    canary_check: Option<Duration>,
+}
+
+impl Cadence {
+    /// A backend with partial syncs (iptables mode) syncs only on a change or every
+    /// `full_sync_period` (a full sync), and checks its canary every `sync_period` (upstream's
+    /// `ipt.Monitor`); one without (IPVS) resyncs every `sync_period`, which repairs drift.
+    fn of(settings: &SyncSettings, partial_syncs: bool) -> Self {
+        if partial_syncs {
+            Cadence {
+                max_interval: settings.full_sync_period,
+                canary_check: Some(settings.sync_period),
+            }
+        } else {
+            Cadence {
+                max_interval: settings.sync_period,
+                canary_check: None,
             }
         }
     }
@@ -260,6 +304,8 @@ mod tests {
         calls: Arc<Mutex<Vec<Call>>>,
         fail_next: Arc<Mutex<bool>>,
         t0: Instant,
+        /// When the canary was checked, and whether it is gone now.
+        canary: Arc<Mutex<(Vec<Duration>, bool)>>,
     }
 
     impl Backend for FakeBackend {
@@ -284,7 +330,9 @@ mod tests {
             Ok(SyncOutcome::default())
         }
         async fn needs_full_sync(&mut self) -> bool {
-            false
+            let mut c = self.canary.lock().unwrap();
+            c.0.push(Instant::now() - self.t0);
+            std::mem::take(&mut c.1)
         }
     }
 
@@ -321,10 +369,12 @@ mod tests {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let fail_next = Arc::new(Mutex::new(false));
         let t0 = Instant::now();
+        let canary: Arc<Mutex<(Vec<Duration>, bool)>> = Arc::default();
         let backend = FakeBackend {
             calls: calls.clone(),
             fail_next: fail_next.clone(),
             t0,
+            canary: canary.clone(),
         };
         let reporter = CountingReporter::default();
         let (done, failed) = (reporter.done.clone(), reporter.failed.clone());
@@ -359,10 +409,11 @@ mod tests {
         shared.wake();
         tokio::time::sleep(Duration::from_secs(3)).await;
 
-        // Nothing changes: the periodic sync comes sync_period after the last one.
+        // Nothing changes: no sync (upstream's iptables mode), a canary check every
+        // sync_period instead.
         tokio::time::sleep(Duration::from_secs(40)).await;
         let c = calls.lock().unwrap().clone();
-        assert_eq!(c.len(), 5, "{c:#?}");
+        assert_eq!(c.len(), 4, "{c:#?}");
         assert!(c[0].full && c[0].services == 1 && c[0].at == Duration::from_secs(5));
         assert!(!c[1].full);
         assert_eq!(c[1].changed, ["ns/b"]);
@@ -372,9 +423,31 @@ mod tests {
         assert!(
             c[3].at - c[2].at >= Duration::from_millis(999) || c[3].at - c[2].at == Duration::ZERO
         );
-        assert!(!c[4].full && c[4].changed.is_empty());
-        assert!(c[4].at - c[3].at >= Duration::from_secs(30));
-        assert_eq!((*done.lock().unwrap(), *failed.lock().unwrap()), (4, 1));
+        let checks = canary.lock().unwrap().0.clone();
+        assert_eq!(
+            checks,
+            [c[3].at + Duration::from_secs(30)],
+            "one check per sync_period"
+        );
+
+        // Someone flushed the tables: the next check forces a full sync.
+        canary.lock().unwrap().1 = true;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(c.len(), 5, "{c:#?}");
+        assert!(c[4].full && c[4].changed.is_empty(), "{:?}", c[4]);
+        assert_eq!(c[4].at, c[3].at + Duration::from_secs(60));
+
+        // Then nothing but checks until the hourly full sync.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(c.len(), 6, "{c:#?}");
+        assert!(c[5].full, "{:?}", c[5]);
+        assert_eq!(c[5].at - c[4].at, Duration::from_secs(3600));
+        // 119 checks in between (the one due with the sync itself may run or not).
+        let checks = canary.lock().unwrap().0.len();
+        assert!((2 + 119..=2 + 120).contains(&checks), "{checks} checks");
+        assert_eq!((*done.lock().unwrap(), *failed.lock().unwrap()), (5, 1));
         task.abort();
     }
 
@@ -395,6 +468,7 @@ mod tests {
             calls: calls.clone(),
             fail_next: Arc::default(),
             t0: Instant::now(),
+            canary: Arc::default(),
         };
         let settings = SyncSettings {
             min_sync_period: Duration::from_secs(1),
@@ -471,6 +545,7 @@ mod tests {
             calls: calls.clone(),
             fail_next: Arc::default(),
             t0: Instant::now(),
+            canary: Arc::default(),
         };
         let settings = SyncSettings {
             min_sync_period: Duration::ZERO,
@@ -540,6 +615,7 @@ mod tests {
             calls: Arc::new(Mutex::new(Vec::new())),
             fail_next: Arc::new(Mutex::new(false)),
             t0: Instant::now(),
+            canary: Arc::default(),
         };
         let reporter = CountingReporter::default();
         let pending = reporter.pending.clone();
