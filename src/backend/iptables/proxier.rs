@@ -10,11 +10,12 @@ use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::netfilter::jumps::{cleanup_plan, jump_rules};
 use crate::backend::netfilter::names::KUBE_PROXY_CANARY;
 use crate::backend::netfilter::parse::Dump;
+use crate::backend::netfilter::restore::{NEW_CHAINS_PER_RESTORE, split_new_chains};
 use crate::backend::netfilter::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
 use crate::backend::{Backend, BackendError, IptablesRuleCounts, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
-use crate::kernel::iptables::{Iptables, RulePosition, Table};
+use crate::kernel::iptables::{Iptables, IptablesVariant, RulePosition, Table};
 use crate::kernel::nfacct::Nfacct;
 
 /// The iptables-mode proxier.
@@ -126,6 +127,29 @@ impl IptablesProxier {
         }
     }
 
+    /// Restores `text`. With iptables-nft the chains the kernel lacks (`existing`, when
+    /// known) go first, in transactions of their own: one transaction naming every chain of a
+    /// large cluster is quadratic there (see [`split_new_chains`]).
+    async fn write(
+        &self,
+        text: &str,
+        existing: Option<&BTreeSet<String>>,
+    ) -> Result<(), BackendError> {
+        let parts = match (self.ipt.variant(), existing) {
+            (IptablesVariant::Nft, Some(existing)) => {
+                split_new_chains(text, "nat", existing, NEW_CHAINS_PER_RESTORE)
+            }
+            _ => vec![text.to_string()],
+        };
+        for part in &parts {
+            self.ipt
+                .restore(part)
+                .await
+                .map_err(|e| BackendError::IptablesRestore(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// `--cleanup`: removes every chain and jump rule kube-proxy (or kube-proxy-rs) creates in
     /// iptables mode; foreign rules stay.
     pub async fn cleanup(ipt: &Iptables) -> Result<(), BackendError> {
@@ -171,7 +195,8 @@ impl Backend for IptablesProxier {
         }
         self.refresh_node_ips().await;
         self.config.apply_node_facts(req.node_facts);
-        let existing = if self.cleanup_due() {
+        // A full sync always looks: it may create thousands of chains (see `write`).
+        let existing = if req.full || self.cleanup_due() {
             self.existing_nat_chains().await
         } else {
             None
@@ -189,9 +214,7 @@ impl Backend for IptablesProxier {
             scope,
             existing_nat_chains: existing.as_ref(),
         });
-        if let Err(e) = self.ipt.restore(&rendered.text).await {
-            return Err(BackendError::IptablesRestore(e.to_string()));
-        }
+        self.write(&rendered.text, existing.as_ref()).await?;
         self.large_cluster = rendered.large_cluster;
         if existing.is_some() {
             self.last_cleanup = Some(Instant::now());
