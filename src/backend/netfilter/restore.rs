@@ -25,7 +25,7 @@ pub fn flush_and_delete<S: AsRef<str>>(table: &str, chains: &[S]) -> String {
 
 /// How many new chains one preparatory transaction of [`split_new_chains`] writes: small enough
 /// that iptables-nft's per-command cost (linear in the chains named so far) stays flat.
-pub const NEW_CHAINS_PER_RESTORE: usize = 500;
+pub const NEW_CHAINS_PER_RESTORE: usize = 1000;
 
 /// Splits restore input for iptables-nft, whose `--noflush` restore (1.8.9) keeps the chains
 /// a transaction names in a sorted list searched linearly for every command: a transaction
