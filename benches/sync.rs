@@ -116,7 +116,9 @@ struct Netns(String);
 impl Netns {
     fn new(tag: &str) -> Netns {
         let name = format!("kprs-bench-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        if std::path::Path::new("/run/netns").join(&name).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
         let ok = Command::new("ip").args(["netns", "add", &name]).status();
         assert!(ok.is_ok_and(|s| s.success()), "ip netns add {name}");
         Netns(name)
