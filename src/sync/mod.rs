@@ -1,6 +1,7 @@
 //! The sync loop: waits for the initial lists, then programs the backend no more often than
-//! `min_sync_period` and at least every `sync_period`, choosing full or partial syncs as
-//! upstream does (KEP-3453).
+//! `min_sync_period` and, with nothing changing, as upstream per mode (see `Cadence`): IPVS
+//! every `sync_period`; iptables a full sync every `full_sync_period` and a canary check every
+//! `sync_period`. Full or partial syncs are chosen as upstream does (KEP-3453).
 
 pub mod runner;
 pub mod shared;
@@ -27,7 +28,7 @@ pub const RETRY_MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct SyncSettings {
     /// Minimum interval between syncs (burst of two).
     pub min_sync_period: Duration,
-    /// Maximum interval between syncs.
+    /// Maximum interval between syncs (IPVS), or between canary checks (iptables).
     pub sync_period: Duration,
     /// Maximum interval between full syncs.
     pub full_sync_period: Duration,
