@@ -2,20 +2,27 @@
 //!
 //! Builds an upstream-shaped cluster (N ClusterIP services × 5 endpoints), then times:
 //! - our work: snapshot of the state store, full render, partial render of one service;
-//! - the kernel floor: `iptables-restore` of that full ruleset into a fresh network namespace
-//!   (legacy and nft), and a `--noflush` restore of the one-service partial.
+//! - the kernel floor, exactly as the daemon calls the kernel: one `iptables-restore -w 5
+//!   --noflush --counters` of the full ruleset into a fresh network namespace holding what
+//!   the daemon creates before its first restore (jump rules, canaries), legacy and nft;
+//! - the daemon's own syncs through the iptables backend in a fresh namespace: the first full
+//!   sync, a one-endpoint partial sync (and its raw restore), a full re-sync.
 //!
-//! Prints each figure and its ratio to the floor. Needs root for the floor (network namespace).
+//! A restore that takes longer than the cap is stopped and reported as `>cap`. Needs root.
 //!
-//! `cargo bench --bench sync [-- N]` (default N = 10000).
+//! `cargo bench --bench sync [-- N...]` (default N = 10000).
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kube_proxy_rs::backend::iptables::proxier::IptablesProxier;
 use kube_proxy_rs::backend::iptables::render::{RenderConfig, RenderInput, SyncScope, render};
-use kube_proxy_rs::model::{ClusterState, ServiceName};
+use kube_proxy_rs::backend::{Backend, SyncRequest};
+use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant};
+use kube_proxy_rs::kernel::{Addresses, Conntrack, IpFamily};
+use kube_proxy_rs::model::{ClusterState, ProxyModel, ServiceName};
 use serde_json::json;
 
 fn build_state(n: usize) -> ClusterState {
@@ -57,33 +64,133 @@ fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (best, last.expect("runs > 0"))
 }
 
-fn restore(ns: &str, tool: &str, input: &str, noflush: bool) -> Duration {
-    let mut args = vec!["netns", "exec", ns, tool, "-w", "5"];
-    if noflush {
-        args.push("--noflush");
-    }
+/// The longest a single restore may take before it is stopped.
+const CAP: Duration = Duration::from_secs(180);
+
+/// `iptables-restore` as the daemon calls it (`-w 5 --noflush --counters`); `None` past `CAP`.
+fn restore(ns: &str, tool: &str, input: &str) -> Option<Duration> {
     let t = Instant::now();
     let mut child = Command::new("ip")
-        .args(&args)
+        .args([
+            "netns",
+            "exec",
+            ns,
+            tool,
+            "-w",
+            "5",
+            "--noflush",
+            "--counters",
+        ])
         .stdin(Stdio::piped())
         .spawn()
         .expect("spawn iptables-restore");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let st = child.wait().expect("wait");
-    assert!(st.success(), "{tool} failed");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            let _ = writer.join();
+            assert!(st.success(), "{tool} failed");
+            return Some(t.elapsed());
+        }
+        if t.elapsed() > CAP {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = writer.join();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn show(d: Option<Duration>) -> String {
+    d.map_or(format!(">{}s", CAP.as_secs()), |d| {
+        format!("{:.3}s", d.as_secs_f64())
+    })
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("kprs-bench-{}-{tag}", std::process::id());
+        if std::path::Path::new("/run/netns").join(&name).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+        let ok = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "ip netns add {name}");
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn proxier(ns: &Netns, variant: IptablesVariant, config: &RenderConfig) -> IptablesProxier {
+    IptablesProxier::new(
+        Iptables::new(variant, IpFamily::V4).with_netns(&ns.0),
+        Conntrack::new().with_netns(&ns.0),
+        Addresses::new().with_netns(&ns.0),
+        config.clone(),
+    )
+}
+
+/// One sync through the backend, as the sync loop asks for it.
+fn sync(
+    rt: &tokio::runtime::Runtime,
+    p: &mut IptablesProxier,
+    model: &ProxyModel,
+    changed: &BTreeSet<ServiceName>,
+    full: bool,
+    config: &RenderConfig,
+) -> Duration {
+    let facts = kube_proxy_rs::host::NodeFacts {
+        local_detector: config.local_detector.clone(),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    rt.block_on(p.sync(SyncRequest {
+        model,
+        changed,
+        full,
+        node_facts: &facts,
+    }))
+    .expect("sync");
     t.elapsed()
 }
 
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
 fn main() {
-    let n: usize = std::env::args()
+    let sizes: Vec<usize> = std::env::args()
         .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(10_000);
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![10_000]
+    } else {
+        sizes
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for n in sizes {
+        bench(&rt, n);
+    }
+}
+
+fn bench(rt: &tokio::runtime::Runtime, n: usize) {
     let t = Instant::now();
     let mut state = build_state(n);
     println!(
@@ -132,31 +239,51 @@ fn main() {
         partial.text.lines().count()
     );
     println!("ours: snapshot {snap_t:?}, full render {full_t:?}, partial render {partial_t:?}");
-
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    if !is_root {
-        println!("kernel floor: not measured (needs root for a network namespace)");
+    if !is_root() {
+        println!("kernel: not measured (needs root for a network namespace)");
         return;
     }
-    for tool in ["iptables-legacy-restore", "iptables-nft-restore"] {
-        let ns = format!("kprs-bench-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "add", &ns]).status();
-        let first = restore(&ns, tool, &full.text, false);
-        let again = restore(&ns, tool, &full.text, false);
-        let part = restore(&ns, tool, &partial.text, true);
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        let ratio = |ours: Duration, floor: Duration| ours.as_secs_f64() / floor.as_secs_f64();
+    let none = BTreeSet::new();
+    for (variant, tool) in [
+        (IptablesVariant::Legacy, "iptables-legacy-restore"),
+        (IptablesVariant::Nft, "iptables-nft-restore"),
+    ] {
+        // The floor: the daemon's starting state (an empty sync creates the jump rules and
+        // canaries), then the whole ruleset in one restore.
+        let floor_ns = Netns::new("floor");
+        let empty = ProxyModel::default();
+        sync(
+            rt,
+            &mut proxier(&floor_ns, variant, &config),
+            &empty,
+            &none,
+            true,
+            &config,
+        );
+        let floor = restore(&floor_ns.0, tool, &full.text);
+        drop(floor_ns);
+
+        let ns = Netns::new("daemon");
+        let mut p = proxier(&ns, variant, &config);
+        let first = sync(rt, &mut p, &model, &none, true, &config);
+        let part = sync(rt, &mut p, &model2, &changed, false, &config);
+        let raw_part = restore(&ns.0, tool, &partial.text);
+        let resync = if variant == IptablesVariant::Nft && n > 2_000 {
+            None
+        } else {
+            Some(sync(rt, &mut p, &model2, &none, true, &config))
+        };
         println!(
-            "{tool}: first load {first:?}, reload {again:?}, partial --noflush {part:?} | \
-             full sync ours/floor = {:.3} (snapshot+render {:?} vs reload {again:?}), \
-             partial ours/floor = {:.3} (snapshot+render {:?} vs partial restore {part:?})",
-            ratio(snap_t + full_t, again),
-            snap_t + full_t,
-            ratio(snap_t + partial_t, part),
-            snap_t + partial_t,
+            "{tool} n={n}: floor (one restore, as the daemon calls it) {} | daemon first sync {:.3}s \
+             | partial sync {:.3}s (raw restore {}) | full re-sync {}",
+            show(floor),
+            first.as_secs_f64(),
+            part.as_secs_f64(),
+            show(raw_part),
+            resync.map_or("not run (quadratic, see docs)".to_string(), |d| format!(
+                "{:.3}s",
+                d.as_secs_f64()
+            )),
         );
     }
 }

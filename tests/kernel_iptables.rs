@@ -374,3 +374,210 @@ async fn iptables_legacy_nfacct_counters() {
 async fn iptables_nft_nfacct_counters() {
     check_nfacct(IptablesVariant::Nft).await;
 }
+
+/// The service chains (`KUBE-SVC-…`, `KUBE-SEP-…`) of the kernel's nat table.
+async fn service_chains(ipt: &Iptables) -> BTreeSet<String> {
+    let (nat, _) = save(ipt).await;
+    nat.chain_names("nat")
+        .into_iter()
+        .filter(|c| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-"))
+        .collect()
+}
+
+async fn partial_sync(
+    p: &mut IptablesProxier,
+    model: &ProxyModel,
+    changed: &BTreeSet<ServiceName>,
+) -> kube_proxy_rs::backend::SyncOutcome {
+    p.sync(SyncRequest {
+        model,
+        changed,
+        full: false,
+        node_facts: &facts(model),
+    })
+    .await
+    .expect("partial sync")
+}
+
+/// Upstream's large-cluster mode: stale chains are looked for (an `iptables-save`) at most
+/// once per syncPeriod; below the threshold, on every sync.
+async fn check_large_cluster_cleanup(variant: IptablesVariant) {
+    support::require_root();
+    let ns = Netns::new("kiptlc");
+    let mut objects = demo_objects();
+    let model = model_of(&objects);
+    let (p, ipt) = proxier(&ns, variant, &model);
+    let mut config = p.config().clone();
+    config.large_cluster_threshold = 1;
+    let mut p = IptablesProxier::new(
+        ipt.clone(),
+        Conntrack::new().with_netns(ns.name()),
+        Addresses::new().with_netns(ns.name()),
+        config,
+    )
+    .with_cleanup_period(std::time::Duration::from_secs(3600));
+    full_sync(&mut p, &model).await;
+    let before = service_chains(&ipt).await;
+
+    objects
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("web"));
+    let smaller = model_of(&objects);
+    let web = BTreeSet::from([ServiceName::new("demo", "web")]);
+    let out = partial_sync(&mut p, &smaller, &web).await;
+    assert!(out.iptables_rules.is_some());
+    assert_eq!(
+        service_chains(&ipt).await,
+        before,
+        "{variant}: within the period a large cluster keeps stale chains"
+    );
+
+    // Once the period has passed, the next sync deletes them.
+    let mut p = p.with_cleanup_period(std::time::Duration::ZERO);
+    partial_sync(&mut p, &smaller, &BTreeSet::new()).await;
+    let after = service_chains(&ipt).await;
+    assert!(
+        after.len() < before.len() && after.is_subset(&before),
+        "{variant}: {before:?} -> {after:?}"
+    );
+    // The chains a full sync of the smaller model alone creates.
+    let ns2 = Netns::new("kiptlc2");
+    let (mut q, ipt2) = proxier(&ns2, variant, &smaller);
+    full_sync(&mut q, &smaller).await;
+    let fresh = service_chains(&ipt2).await;
+    assert_eq!(after, fresh, "{variant}: exactly the stale chains went");
+}
+
+#[tokio::test]
+async fn iptables_legacy_large_cluster_cleans_stale_chains_once_per_period() {
+    check_large_cluster_cleanup(IptablesVariant::Legacy).await;
+}
+
+#[tokio::test]
+async fn iptables_nft_large_cluster_cleans_stale_chains_once_per_period() {
+    check_large_cluster_cleanup(IptablesVariant::Nft).await;
+}
+
+/// Upstream's canary is in mangle, nat and filter: a flush of any one table forces a full
+/// sync, which puts it back.
+async fn check_canary_each_table(variant: IptablesVariant) {
+    support::require_root();
+    let ns = Netns::new("kiptcan");
+    let model = model_of(&demo_objects());
+    let (mut p, ipt) = proxier(&ns, variant, &model);
+    full_sync(&mut p, &model).await;
+    assert!(!p.needs_full_sync().await, "{variant}: canaries in place");
+    for table in [Table::Mangle, Table::Nat, Table::Filter] {
+        ipt.flush_and_delete_chain(table, "KUBE-PROXY-CANARY")
+            .await
+            .expect("delete canary");
+        assert!(
+            p.needs_full_sync().await,
+            "{variant}: canary gone from {}",
+            table.as_str()
+        );
+        full_sync(&mut p, &model).await;
+        assert!(
+            !p.needs_full_sync().await,
+            "{variant}: the full sync restored it"
+        );
+    }
+}
+
+#[tokio::test]
+async fn iptables_legacy_canary_in_each_table() {
+    check_canary_each_table(IptablesVariant::Legacy).await;
+}
+
+#[tokio::test]
+async fn iptables_nft_canary_in_each_table() {
+    check_canary_each_table(IptablesVariant::Nft).await;
+}
+
+/// `n` ClusterIP services × 5 endpoints on other nodes, upstream-shaped.
+fn big_model(n: usize) -> ProxyModel {
+    let mut st = kube_proxy_rs::model::ClusterState::new("node1");
+    for i in 0..n {
+        let (hi, lo) = (i / 250, i % 250);
+        let svc = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "big", "name": format!("svc{i}")},
+            "spec": {"clusterIP": format!("10.96.{hi}.{lo}"), "ports": [{"name": "p", "port": 80}]}
+        }))
+        .unwrap();
+        st.apply_service(&svc);
+        let eps: Vec<_> = (0..5)
+            .map(|e| serde_json::json!({"addresses": [format!("10.{}.{hi}.{lo}", 100 + e)], "nodeName": "node2"}))
+            .collect();
+        let slice = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "big", "name": format!("svc{i}-1"),
+                         "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
+            "addressType": "IPv4",
+            "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": eps
+        }))
+        .unwrap();
+        st.apply_slice(&slice);
+    }
+    st.snapshot(kube_proxy_rs::model::IpFamily::V4)
+}
+
+/// A timed first full sync of `model` into a fresh namespace; the kernel's nat table after it.
+async fn timed_first_sync(
+    variant: IptablesVariant,
+    model: &ProxyModel,
+) -> (std::time::Duration, Dump, IptablesProxier) {
+    let ns = Netns::new("kiptbig");
+    let (mut p, ipt) = proxier(&ns, variant, model);
+    let t = std::time::Instant::now();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(600),
+        full_sync(&mut p, model),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{variant}: first sync took over 10 minutes"));
+    let took = t.elapsed();
+    (took, save(&ipt).await.0, p)
+}
+
+/// iptables-nft 1.8.9's `--noflush` restore is quadratic in the chains one transaction names:
+/// the first sync of a large cluster writes its new chains in small transactions first. Its
+/// first sync must stay within 3x legacy's (linear) one, render included (one transaction
+/// naming every chain: 4x at 2,000 services, growing with n), and leave the rendered chains.
+#[tokio::test]
+async fn iptables_nft_first_sync_of_a_large_cluster_is_not_quadratic() {
+    support::require_root();
+    let model = big_model(2_000);
+    let (legacy, _, _) = timed_first_sync(IptablesVariant::Legacy, &model).await;
+    let (nft, nat, p) = timed_first_sync(IptablesVariant::Nft, &model).await;
+    let rendered = kube_proxy_rs::backend::iptables::render::render(
+        &kube_proxy_rs::backend::iptables::RenderInput {
+            model: &model,
+            config: p.config(),
+            scope: kube_proxy_rs::backend::iptables::SyncScope::Full,
+            existing_nat_chains: None,
+        },
+    );
+    let want = Dump::parse(&rendered.text).unwrap();
+    let want_chains = want.chain_names("nat");
+    assert!(want_chains.len() > 12_000, "{} chains", want_chains.len());
+    for name in &want_chains {
+        let got = nat
+            .chain("nat", name)
+            .unwrap_or_else(|| panic!("nat chain {name} missing"));
+        let w = want.chain("nat", name).unwrap();
+        assert_eq!(got.rules.len(), w.rules.len(), "{name}");
+        let targets = |c: &kube_proxy_rs::backend::netfilter::parse::Chain| -> Vec<Option<String>> {
+            c.rules
+                .iter()
+                .map(|r| r.target().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(targets(got), targets(w), "{name}: jumps in order");
+    }
+    eprintln!("first sync of 2000 services x 5: legacy {legacy:?}, nft {nft:?}");
+    let ratio = nft.as_secs_f64() / legacy.as_secs_f64().max(0.001);
+    assert!(
+        ratio < 3.0,
+        "nft first sync {nft:?} vs legacy {legacy:?} ({ratio:.1}x)"
+    );
+}

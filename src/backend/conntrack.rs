@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::model::{Protocol, ProxyModel};
 
 /// A conntrack flow reduced to what the decision needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowKey {
     /// Protocol.
     pub protocol: Protocol,
@@ -165,13 +165,23 @@ impl StaleFlowFilter {
     }
 }
 
-/// Lists UDP/SCTP flows and deletes the stale ones; returns how many were deleted.
-/// Failures are per flow and logged: one flow that vanished meanwhile must not stop the rest.
+/// What one reconcile deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Deleted {
+    /// Flows deleted.
+    pub flows: u64,
+    /// `conntrack -D` runs: one per stale (destination, endpoint), whatever its flows.
+    pub runs: usize,
+}
+
+/// Lists UDP/SCTP flows and deletes the stale ones. Staleness is decided per [`FlowKey`], so
+/// one filtered delete per stale key takes all its flows (a busy DNS service has thousands).
+/// Failures are per key and logged: one that fails must not stop the rest.
 pub async fn reconcile(
     conntrack: &crate::kernel::conntrack::Conntrack,
     filter: &StaleFlowFilter,
-) -> Result<u64, crate::kernel::KernelError> {
-    let mut deleted = 0;
+) -> Result<Deleted, crate::kernel::KernelError> {
+    let mut stale = std::collections::BTreeSet::new();
     for proto in filter.protocols() {
         for flow in conntrack.list(proto).await? {
             let key = FlowKey {
@@ -180,13 +190,20 @@ pub async fn reconcile(
                 orig_dport: flow.orig_dport,
                 reply_src: flow.reply_src,
             };
-            if !filter.is_stale(&key) {
-                continue;
+            if filter.is_stale(&key) {
+                stale.insert(key);
             }
-            match conntrack.delete(&flow).await {
-                Ok(n) => deleted += n,
-                Err(e) => tracing::warn!(error = %e, "deleting a stale conntrack flow failed"),
-            }
+        }
+    }
+    let mut deleted = Deleted::default();
+    for k in stale {
+        deleted.runs += 1;
+        match conntrack
+            .clear_for_nat(k.protocol, k.orig_dst, k.orig_dport, k.reply_src)
+            .await
+        {
+            Ok(n) => deleted.flows += n,
+            Err(e) => tracing::warn!(error = %e, "deleting stale conntrack flows failed"),
         }
     }
     Ok(deleted)
@@ -199,6 +216,8 @@ pub struct ReconcileReport {
     pub duration: Duration,
     /// Flows deleted.
     pub deleted: u64,
+    /// `conntrack -D` runs it took.
+    pub delete_runs: usize,
 }
 
 /// Deletes stale flows after each sync, for every backend. It remembers what it served last
@@ -235,22 +254,27 @@ impl ConntrackCleaner {
             return None;
         }
         let deleted = match reconcile(&self.conntrack, &filter).await {
-            Ok(n) => {
+            Ok(d) => {
                 self.served = served;
-                if n > 0 {
-                    tracing::debug!(deleted = n, "stale conntrack flows deleted");
+                if d.flows > 0 {
+                    tracing::debug!(
+                        deleted = d.flows,
+                        runs = d.runs,
+                        "stale conntrack flows deleted"
+                    );
                 }
-                n
+                d
             }
             Err(e) => {
                 tracing::warn!(error = %e, "conntrack cleanup failed");
                 self.served = std::mem::take(&mut self.served).union(served);
-                0
+                Deleted::default()
             }
         };
         Some(ReconcileReport {
             duration: start.elapsed(),
-            deleted,
+            deleted: deleted.flows,
+            delete_runs: deleted.runs,
         })
     }
 }
@@ -448,8 +472,16 @@ mod tests {
         let dns = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
         without.services.remove(&dns);
         without.endpoints.remove(&dns);
+        // A busy UDP service: many flows of one (VIP:port, endpoint), one delete for all.
+        for cport in 41000..41030 {
+            insert_udp(&ns, cport, "172.30.0.10", 53, "10.0.0.5");
+        }
         let report = cleaner.after_sync(&without, &[]).await.unwrap();
-        assert_eq!(report.deleted, 1);
+        assert_eq!(report.deleted, 31);
+        assert_eq!(
+            report.delete_runs, 1,
+            "one conntrack -D per stale key, not per flow"
+        );
         assert_eq!(
             sports(ct.list(Protocol::Udp).await.unwrap()),
             [40002],

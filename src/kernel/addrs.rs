@@ -1,10 +1,7 @@
-//! This host's (or network namespace's) IP addresses, with interface names, from
-//! `ip -j addr show` (iproute2's JSON output).
-//!
-//! Parsing the tool's JSON rather than speaking rtnetlink keeps this module uniform (every
-//! query runs through the same runner and therefore honours `with_netns` without entering
-//! namespaces from Rust) and adds no dependency; the cost is one fork/exec per listing,
-//! which is negligible at the rate kube-proxy needs addresses (once per sync at most).
+//! This host's (or network namespace's) IP addresses, with interface names: over rtnetlink
+//! (one address and one link dump, see [`super::link::local_addresses`]), as every sync lists
+//! them; `ip -j addr show` (iproute2's JSON output) remains as the reference the netlink list
+//! is tested against.
 
 use std::net::IpAddr;
 
@@ -73,8 +70,14 @@ impl Addresses {
         self
     }
 
-    /// All IPv4 and IPv6 addresses on all interfaces (up or not), in interface order.
+    /// All IPv4 and IPv6 addresses on all interfaces (up or not), in interface order, over
+    /// rtnetlink: every sync lists them, and a process per sync was the cost.
     pub async fn list(&self) -> Result<Vec<LocalAddress>, KernelError> {
+        super::link::local_addresses(self.exec.netns()).await
+    }
+
+    /// The same list from `ip -j addr show` (what [`Addresses::list`] must agree with).
+    pub async fn list_with_ip(&self) -> Result<Vec<LocalAddress>, KernelError> {
         let args = ["-j", "addr", "show"].map(String::from).to_vec();
         let out = self.exec.run("ip", &args, None).await?;
         let command = out.command.clone();
@@ -134,6 +137,43 @@ pub fn parse_ip_addr_json(text: &str) -> Result<Vec<LocalAddress>, String> {
 
 #[cfg(test)]
 mod tests {
+
+    /// The netlink list is what `ip -j addr show` lists, field for field: addresses of both
+    /// families, point-to-point local ends, secondary addresses, scopes, links up or down.
+    #[tokio::test]
+    async fn netlink_list_matches_ip_addr_show() {
+        let ns = crate::kernel::testutil::NetNs::new();
+        for args in [
+            &["addr", "add", "127.0.0.9/8", "dev", "lo"][..],
+            &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+            &["addr", "add", "10.7.0.1/24", "dev", "v0"],
+            &["addr", "add", "10.7.0.2/24", "dev", "v0"],
+            &["addr", "add", "10.8.0.1", "peer", "10.8.0.2", "dev", "v1"],
+            &["addr", "add", "fd00::1/64", "dev", "v0", "nodad"],
+            &[
+                "addr",
+                "add",
+                "169.254.3.3/16",
+                "dev",
+                "v1",
+                "scope",
+                "link",
+            ],
+            &["link", "set", "v0", "up"],
+        ] {
+            ns.exec("ip", args);
+        }
+        let addrs = Addresses::new().with_netns(ns.name());
+        let netlink = addrs.list().await.unwrap();
+        let ip = addrs.list_with_ip().await.unwrap();
+        assert!(netlink.len() >= 7, "{netlink:#?}");
+        let p2p = netlink
+            .iter()
+            .find(|a| a.interface == "v1" && a.prefix_len == 32);
+        assert_eq!(p2p.map(|a| a.addr), Some("10.8.0.1".parse().unwrap()));
+        assert_eq!(netlink, ip);
+    }
+
     use super::*;
     use crate::kernel::testutil::NetNs;
 

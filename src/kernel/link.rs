@@ -13,6 +13,9 @@
 //! messages of a datagram in order and acknowledges each, then the acks are read. So a first
 //! sync binds every service IP at once, before IPVS starts accepting traffic for them.
 //!
+//! [`local_addresses`] lists every address of the namespace over the same kind of socket (what
+//! `ip -j addr show` prints), for the per-sync node-IP refresh without a process.
+//!
 //! As upstream (`EnsureDummyDevice`), the link is created and left administratively down: the
 //! kernel still installs the local routes of its addresses, which is all IPVS needs, and a
 //! down link never answers ARP for them.
@@ -230,6 +233,86 @@ async fn query(
         }
     }
     Ok(Ok(out))
+}
+
+/// Every address on every link of the namespace (`None`: this process's), as `ip -j addr show`
+/// lists them, in one address dump and one link dump: no process per listing.
+pub async fn local_addresses(
+    netns: Option<&str>,
+) -> Result<Vec<super::addrs::LocalAddress>, KernelError> {
+    let op = "listing local addresses";
+    with_connection(netns, op, |h| async move {
+        let dump = |m| request(m, NLM_F_REQUEST | NLM_F_DUMP);
+        let links = query(
+            &h,
+            dump(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+            op,
+        )
+        .await?
+        .map_err(|errno| errno_error(op.to_string(), errno))?;
+        let names: std::collections::BTreeMap<u32, String> = links
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => {
+                    let name = l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    })?;
+                    Some((l.header.index, name))
+                }
+                _ => None,
+            })
+            .collect();
+        let addrs = query(
+            &h,
+            dump(RouteNetlinkMessage::GetAddress(AddressMessage::default())),
+            op,
+        )
+        .await?
+        .map_err(|errno| errno_error(op.to_string(), errno))?;
+        let mut out: Vec<super::addrs::LocalAddress> = addrs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => local_address(&a, &names),
+                _ => None,
+            })
+            .collect();
+        // Interface order, as `ip addr show`; the dump's order within a link is kept.
+        out.sort_by_key(|a| a.ifindex);
+        Ok(out)
+    })
+    .await
+}
+
+/// One dumped address; `None` for a link that vanished meanwhile or an address without one.
+fn local_address(
+    a: &AddressMessage,
+    names: &std::collections::BTreeMap<u32, String>,
+) -> Option<super::addrs::LocalAddress> {
+    use rtnetlink::packet_route::address::AddressScope;
+    // IFA_LOCAL is the local end (IPv4, point-to-point included); IPv6 has only IFA_ADDRESS.
+    let local = a.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let address = a.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    });
+    let scope = match a.header.scope {
+        AddressScope::Universe => super::addrs::AddrScope::Global,
+        AddressScope::Site => super::addrs::AddrScope::Site,
+        AddressScope::Link => super::addrs::AddrScope::Link,
+        AddressScope::Host => super::addrs::AddrScope::Host,
+        _ => super::addrs::AddrScope::Other,
+    };
+    Some(super::addrs::LocalAddress {
+        interface: names.get(&a.header.index)?.clone(),
+        ifindex: a.header.index,
+        addr: local.or(address)?,
+        prefix_len: a.header.prefix_len,
+        scope,
+    })
 }
 
 /// The index of link `name`, or `None` if it does not exist.

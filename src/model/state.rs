@@ -52,6 +52,8 @@ pub struct ClusterState {
     /// The Node has been seen at least once (it is eligible until then, as upstream).
     node_seen: bool,
     changes: Changes,
+    /// A change the sync loop acts on was recorded since [`ClusterState::take_wake`].
+    wake: bool,
     started: Option<std::time::SystemTime>,
 }
 
@@ -103,6 +105,7 @@ impl ClusterState {
         if old.map(Vec::as_slice).unwrap_or(&[]) == ports.as_slice() {
             return;
         }
+        self.wake = true;
         self.changes.services.insert(name.clone());
         self.changes.service_changed.insert(name.clone());
         self.changes.service_events += 1;
@@ -191,6 +194,7 @@ impl ClusterState {
         if old == info.as_ref() {
             return false;
         }
+        self.wake = true;
         if let Some(old) = old {
             self.changes.services.insert(old.service.clone());
             self.changes.endpoints_changed.insert(old.service.clone());
@@ -229,15 +233,24 @@ impl ClusterState {
             },
         };
         self.node_seen |= node.is_some();
-        if info == self.node {
-            return;
-        }
-        // Labels drive the rules (topology). The IPs and podCIDR do too, through the node
-        // facts, which the sync loop compares itself; eligibility only drives /healthz.
-        if info.labels != self.node.labels {
+        // Only the zone label drives the rules (topology hints; upstream's NodeTopologyConfig
+        // watches nothing else): a change rewrites every chain.
+        if info.zone() != self.node.zone() {
             self.changes.node = true;
+            self.wake = true;
+        }
+        // The IPs and podCIDRs feed the node facts, which the sync loop compares itself.
+        // Eligibility only drives /healthz, which reads it from here: no sync for it.
+        if info.ips != self.node.ips || info.pod_cidrs != self.node.pod_cidrs {
+            self.wake = true;
         }
         self.node = info;
+    }
+
+    /// Whether a change the sync loop acts on was recorded since the last call; clears it.
+    /// No-op updates and Node heartbeats record none.
+    pub fn take_wake(&mut self) -> bool {
+        std::mem::take(&mut self.wake)
     }
 
     /// This node as last seen.
@@ -501,6 +514,75 @@ mod tests {
         assert_eq!(st.node().ips[0].to_string(), "10.0.0.2");
         st.set_node(Some(&node("b", "10.0.0.2")));
         assert!(st.take_changes().node);
+    }
+
+    #[test]
+    fn only_node_changes_the_proxy_uses_ask_for_a_sync() {
+        let mut st = ClusterState::new("node1");
+        let base = json!({
+            "metadata": {"name": "node1", "resourceVersion": "1",
+                         "labels": {"topology.kubernetes.io/zone": "a", "team": "x"}},
+            "spec": {"podCIDRs": ["10.244.0.0/24"]},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": "True",
+                                "lastHeartbeatTime": "2026-11-29T06:00:00Z"}]
+            }
+        });
+        let apply = |st: &mut ClusterState, v: &serde_json::Value| -> bool {
+            st.set_node(Some(&serde_json::from_value(v.clone()).unwrap()));
+            st.take_wake()
+        };
+        assert!(
+            apply(&mut st, &base),
+            "first sight: the IP and podCIDR are new"
+        );
+        st.take_changes();
+
+        let mut n = base.clone();
+        n["metadata"]["resourceVersion"] = json!("2");
+        n["status"]["conditions"][0]["lastHeartbeatTime"] = json!("2026-11-29T06:00:40Z");
+        assert!(!apply(&mut st, &n), "a status heartbeat");
+        n["metadata"]["labels"]["team"] = json!("y");
+        assert!(!apply(&mut st, &n), "a label topology does not read");
+        n["metadata"]["deletionTimestamp"] = json!("2026-11-29T06:01:00Z");
+        assert!(
+            !apply(&mut st, &n),
+            "eligibility: /healthz reads it, no sync"
+        );
+        assert!(!st.node_eligible());
+        assert!(st.take_changes().is_empty());
+
+        n["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("b");
+        assert!(apply(&mut st, &n), "zone");
+        assert!(st.take_changes().node, "a zone change rewrites every chain");
+        n["status"]["addresses"][0]["address"] = json!("10.0.0.2");
+        assert!(apply(&mut st, &n), "node IP");
+        n["spec"]["podCIDRs"] = json!(["10.244.9.0/24"]);
+        assert!(apply(&mut st, &n), "podCIDR");
+        assert!(
+            !st.take_changes().node,
+            "facts changes are the sync loop's to judge"
+        );
+    }
+
+    #[test]
+    fn no_op_service_and_slice_updates_ask_for_no_sync() {
+        let mut st = ClusterState::new("node1");
+        st.apply_service(&svc("a", "172.30.0.1"));
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.5"], None));
+        assert!(st.take_wake());
+        let mut s = svc("a", "172.30.0.1");
+        s.metadata.resource_version = Some("7".into());
+        s.metadata.annotations = Some([("unread".to_string(), "x".to_string())].into());
+        st.apply_service(&s);
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.5"], None));
+        st.remove_slice("ns", "never-seen");
+        assert!(!st.take_wake(), "nothing the proxy uses changed");
+        st.apply_slice(&slice("a-1", "a", &["10.0.0.6"], None));
+        assert!(st.take_wake());
+        st.remove_service(&ServiceName::new("ns", "a"));
+        assert!(st.take_wake());
     }
 
     #[test]

@@ -195,6 +195,7 @@ mod tests {
         out.conntrack = Some(ReconcileReport {
             duration: Duration::from_millis(2),
             deleted: 5,
+            ..ReconcileReport::default()
         });
         done(&mut r, SyncKind::Partial, &out).await;
         assert_eq!(

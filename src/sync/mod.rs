@@ -1,6 +1,7 @@
 //! The sync loop: waits for the initial lists, then programs the backend no more often than
-//! `min_sync_period` and at least every `sync_period`, choosing full or partial syncs as
-//! upstream does (KEP-3453).
+//! `min_sync_period` and, with nothing changing, as upstream per mode (see `Cadence`): IPVS
+//! every `sync_period`; iptables a full sync every `full_sync_period` and a canary check every
+//! `sync_period`. Full or partial syncs are chosen as upstream does (KEP-3453).
 
 pub mod runner;
 pub mod shared;
@@ -27,7 +28,7 @@ pub const RETRY_MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct SyncSettings {
     /// Minimum interval between syncs (burst of two).
     pub min_sync_period: Duration,
-    /// Maximum interval between syncs.
+    /// Maximum interval between syncs (IPVS), or between canary checks (iptables).
     pub sync_period: Duration,
     /// Maximum interval between full syncs.
     pub full_sync_period: Duration,
@@ -171,15 +172,19 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
     pub async fn run(mut self, max_syncs: Option<usize>) -> Vec<B> {
         while !self.shared.initial_lists_done() {
             self.shared.woken().await;
+            // The first sync takes every change recorded so far: this wake is answered (a
+            // permit left standing would make `woken` return at once, forever).
+            self.shared.taking_changes();
         }
         tracing::info!("initial Service and EndpointSlice lists complete, starting to sync");
         let now = Instant::now();
-        let mut rate = BoundedFrequency::new(
-            self.settings.min_sync_period,
-            self.settings.sync_period,
-            2,
-            now,
-        );
+        let partial = self
+            .proxiers
+            .first()
+            .is_some_and(|p| p.backend.partial_syncs());
+        let cadence = Cadence::of(&self.settings, partial);
+        let mut rate =
+            BoundedFrequency::new(self.settings.min_sync_period, cadence.max_interval, 2, now);
         for p in &mut self.proxiers {
             p.last_full = now;
         }
@@ -190,6 +195,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             sleep_until(rate.next_allowed(Instant::now())).await;
             let start = Instant::now();
             rate.ran(start);
+            self.shared.taking_changes();
             let families: Vec<IpFamily> = self.proxiers.iter().map(|p| p.family).collect();
             let (models, node, left) = {
                 let mut st = self.shared.lock();
@@ -232,13 +238,71 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 tokio::time::sleep(wait).await;
                 continue;
             }
+            self.idle(&rate, cadence).await;
+        }
+    }
+
+    /// Waits until a sync is due: a change, the periodic deadline, or (with a canary) a check
+    /// that finds a family's kernel state drifted (that family's next sync is full).
+    async fn idle(&mut self, rate: &BoundedFrequency, cadence: Cadence) {
+        let mut next_check = cadence.canary_check.map(|every| Instant::now() + every);
+        loop {
+            let check = async {
+                match next_check {
+                    Some(at) => sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.shared.woken() => {
                     self.queued();
                     let (services, endpoints) = self.shared.lock().pending_changes();
                     self.reporter.changes_pending(services, endpoints);
+                    return;
                 }
-                _ = sleep_until(rate.periodic_deadline()) => {}
+                _ = sleep_until(rate.periodic_deadline()) => return,
+                _ = check => {
+                    let mut drifted = false;
+                    for p in &mut self.proxiers {
+                        if p.backend.needs_full_sync().await {
+                            tracing::info!(family = %p.family, "kernel state drifted (canary missing), forcing a full sync");
+                            p.need_full = true;
+                            drifted = true;
+                        }
+                    }
+                    if drifted {
+                        return;
+                    }
+                    next_check = cadence.canary_check.map(|every| Instant::now() + every);
+                }
+            }
+        }
+    }
+}
+
+/// When syncs happen without a change: upstream's cadence per mode.
+#[derive(Debug, Clone, Copy)]
+struct Cadence {
+    /// The longest time between two syncs.
+    max_interval: Duration,
+    /// How often the kernel is checked for drift between syncs (`None`: never).
+    canary_check: Option<Duration>,
+}
+
+impl Cadence {
+    /// A backend with partial syncs (iptables mode) syncs only on a change or every
+    /// `full_sync_period` (a full sync), and checks its canary every `sync_period` (upstream's
+    /// `ipt.Monitor`); one without (IPVS) resyncs every `sync_period`, which repairs drift.
+    fn of(settings: &SyncSettings, partial_syncs: bool) -> Self {
+        if partial_syncs {
+            Cadence {
+                max_interval: settings.full_sync_period,
+                canary_check: Some(settings.sync_period),
+            }
+        } else {
+            Cadence {
+                max_interval: settings.sync_period,
+                canary_check: None,
             }
         }
     }
@@ -260,10 +324,6 @@ async fn sync_family<B: Backend, R: Reporter>(
     let facts = settings.host.facts(round.node, family);
     if p.synced_facts.as_ref().is_some_and(|f| *f != facts) {
         tracing::info!(%family, ?facts, "node facts changed (primary IP, podCIDR), forcing a full sync");
-        p.need_full = true;
-    }
-    if !p.need_full && p.backend.needs_full_sync().await {
-        tracing::info!(%family, "kernel state drifted (canary missing), forcing a full sync");
         p.need_full = true;
     }
     let full = p.need_full;
@@ -340,6 +400,8 @@ mod tests {
         calls: Arc<Mutex<Vec<Call>>>,
         fail_next: Arc<Mutex<bool>>,
         t0: Instant,
+        /// When the canary was checked, and whether it is gone now.
+        canary: Arc<Mutex<(Vec<Duration>, bool)>>,
     }
 
     impl Backend for FakeBackend {
@@ -364,7 +426,9 @@ mod tests {
             Ok(SyncOutcome::default())
         }
         async fn needs_full_sync(&mut self) -> bool {
-            false
+            let mut c = self.canary.lock().unwrap();
+            c.0.push(Instant::now() - self.t0);
+            std::mem::take(&mut c.1)
         }
     }
 
@@ -407,10 +471,12 @@ mod tests {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let fail_next = Arc::new(Mutex::new(false));
         let t0 = Instant::now();
+        let canary: Arc<Mutex<(Vec<Duration>, bool)>> = Arc::default();
         let backend = FakeBackend {
             calls: calls.clone(),
             fail_next: fail_next.clone(),
             t0,
+            canary: canary.clone(),
         };
         let reporter = CountingReporter::default();
         let (done, failed) = (reporter.done.clone(), reporter.failed.clone());
@@ -452,10 +518,11 @@ mod tests {
         shared.wake();
         tokio::time::sleep(Duration::from_secs(3)).await;
 
-        // Nothing changes: the periodic sync comes sync_period after the last one.
+        // Nothing changes: no sync (upstream's iptables mode), a canary check every
+        // sync_period instead.
         tokio::time::sleep(Duration::from_secs(40)).await;
         let c = calls.lock().unwrap().clone();
-        assert_eq!(c.len(), 5, "{c:#?}");
+        assert_eq!(c.len(), 4, "{c:#?}");
         assert!(c[0].full && c[0].services == 1 && c[0].at == Duration::from_secs(5));
         assert!(!c[1].full);
         assert_eq!(c[1].changed, ["ns/b"]);
@@ -465,9 +532,31 @@ mod tests {
         assert!(
             c[3].at - c[2].at >= Duration::from_millis(999) || c[3].at - c[2].at == Duration::ZERO
         );
-        assert!(!c[4].full && c[4].changed.is_empty());
-        assert!(c[4].at - c[3].at >= Duration::from_secs(30));
-        assert_eq!((*done.lock().unwrap(), *failed.lock().unwrap()), (4, 1));
+        let checks = canary.lock().unwrap().0.clone();
+        assert_eq!(
+            checks,
+            [c[3].at + Duration::from_secs(30)],
+            "one check per sync_period"
+        );
+
+        // Someone flushed the tables: the next check forces a full sync.
+        canary.lock().unwrap().1 = true;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(c.len(), 5, "{c:#?}");
+        assert!(c[4].full && c[4].changed.is_empty(), "{:?}", c[4]);
+        assert_eq!(c[4].at, c[3].at + Duration::from_secs(60));
+
+        // Then nothing but checks until the hourly full sync.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(c.len(), 6, "{c:#?}");
+        assert!(c[5].full, "{:?}", c[5]);
+        assert_eq!(c[5].at - c[4].at, Duration::from_secs(3600));
+        // 119 checks in between (the one due with the sync itself may run or not).
+        let checks = canary.lock().unwrap().0.len();
+        assert!((2 + 119..=2 + 120).contains(&checks), "{checks} checks");
+        assert_eq!((*done.lock().unwrap(), *failed.lock().unwrap()), (5, 1));
         task.abort();
     }
 
@@ -488,6 +577,7 @@ mod tests {
             calls: calls.clone(),
             fail_next: Arc::default(),
             t0: Instant::now(),
+            canary: Arc::default(),
         };
         let settings = SyncSettings {
             min_sync_period: Duration::from_secs(1),
@@ -551,6 +641,78 @@ mod tests {
         task.abort();
     }
 
+    fn heartbeat(at: &str) -> k8s_openapi::api::core::v1::Node {
+        let mut n = node("192.168.50.1", "10.244.0.0/24");
+        n.status.get_or_insert_default().conditions = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "type": "Ready", "status": "True", "lastHeartbeatTime": at
+            }))
+            .unwrap(),
+        ]);
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn node_heartbeats_and_no_op_updates_cause_no_sync() {
+        use kube::runtime::watcher::Event;
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let backend = FakeBackend {
+            calls: calls.clone(),
+            fail_next: Arc::default(),
+            t0: Instant::now(),
+            canary: Arc::default(),
+        };
+        let settings = SyncSettings {
+            min_sync_period: Duration::ZERO,
+            sync_period: Duration::from_secs(30),
+            full_sync_period: Duration::from_secs(3600),
+            host: crate::host::HostSettings::default(),
+        };
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![(IpFamily::V4, backend)],
+                CountingReporter::default(),
+                settings,
+            )
+            .run(None),
+        );
+        let apply = |e: Event<Service>| crate::watch::handle(e, &shared, &mut None);
+        let apply_node = |n| crate::watch::handle(Event::Apply(n), &shared, &mut None);
+        apply_node(heartbeat("2026-11-29T06:00:00Z"));
+        apply(Event::Apply(svc("a", "10.0.0.1")));
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(calls.lock().unwrap().len(), 1, "the start-up sync");
+
+        // 25 s of heartbeats and no-op Service updates (a new resourceVersion, an annotation
+        // the proxy does not read), every second: still only the start-up sync.
+        for i in 1..=25u32 {
+            apply_node(heartbeat(&format!("2026-11-29T06:00:{i:02}Z")));
+            let mut s = svc("a", "10.0.0.1");
+            s.metadata.resource_version = Some(i.to_string());
+            s.metadata.annotations = Some([("unread".to_string(), i.to_string())].into());
+            apply(Event::Apply(s));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            1,
+            "{:#?}",
+            calls.lock().unwrap()
+        );
+
+        // A real change still syncs at once.
+        apply(Event::Apply(svc("a", "10.0.0.9")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(c.len(), 2, "{c:#?}");
+        assert_eq!(c[1].changed, ["ns/a"]);
+        task.abort();
+    }
+
     fn slice_of(svc: &str, ip: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
         serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "ns", "name": format!("{svc}-1"),
@@ -569,6 +731,7 @@ mod tests {
             calls: Arc::new(Mutex::new(Vec::new())),
             fail_next: Arc::new(Mutex::new(false)),
             t0: Instant::now(),
+            canary: Arc::default(),
         };
         let reporter = CountingReporter::default();
         let pending = reporter.pending.clone();

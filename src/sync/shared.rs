@@ -12,6 +12,9 @@ use crate::model::ClusterState;
 pub struct Shared {
     state: Mutex<ClusterState>,
     wake: Notify,
+    /// A wake not yet taken by a sync: a stale permit left in `wake` by a change a sync
+    /// already took wakes nothing.
+    dirty: AtomicBool,
     services_synced: AtomicBool,
     slices_synced: AtomicBool,
 }
@@ -22,6 +25,7 @@ impl Shared {
         Shared {
             state: Mutex::new(state),
             wake: Notify::new(),
+            dirty: AtomicBool::new(false),
             services_synced: AtomicBool::new(false),
             slices_synced: AtomicBool::new(false),
         }
@@ -35,12 +39,38 @@ impl Shared {
 
     /// Tells the sync loop something changed.
     pub fn wake(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
         self.wake.notify_one();
     }
 
-    /// Waits for [`Shared::wake`].
+    /// The sync loop is about to take every recorded change: wakes until now are answered.
+    pub fn taking_changes(&self) {
+        self.dirty.store(false, Ordering::SeqCst);
+    }
+
+    /// Applies `f` to the state, then wakes the sync loop only if `f` recorded a change the
+    /// loop acts on: a no-op update or a Node heartbeat wakes nothing (the state decides).
+    pub fn update<T>(&self, f: impl FnOnce(&mut ClusterState) -> T) -> T {
+        let (out, wake) = {
+            let mut st = self.lock();
+            let out = f(&mut st);
+            (out, st.take_wake())
+        };
+        if wake {
+            self.wake();
+        }
+        out
+    }
+
+    /// Waits for a [`Shared::wake`] not yet answered by [`Shared::taking_changes`].
     pub async fn woken(&self) {
-        self.wake.notified().await
+        loop {
+            let notified = self.wake.notified();
+            if self.dirty.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Marks the initial Service list as complete.

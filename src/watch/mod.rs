@@ -24,7 +24,7 @@ use crate::model::{ClusterState, ServiceName};
 use crate::sync::shared::Shared;
 
 /// How one kind of object updates the state.
-trait Tracked: Sized {
+pub(crate) trait Tracked: Sized {
     const KIND: &'static str;
     fn apply(state: &mut ClusterState, obj: &Self) -> Vec<String>;
     fn delete(state: &mut ClusterState, obj: &Self);
@@ -146,7 +146,9 @@ where
 /// client-go's backoff cap.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
-fn handle<K: Tracked + kube::Resource>(
+/// Applies one watch event (a relist is held back until `InitDone`); the sync loop is woken
+/// only when the state recorded a change it acts on.
+pub(crate) fn handle<K: Tracked + kube::Resource>(
     event: Event<K>,
     shared: &Shared,
     relist: &mut Option<Vec<K>>,
@@ -163,18 +165,69 @@ fn handle<K: Tracked + kube::Resource>(
         Event::InitDone => {
             let all = relist.take().unwrap_or_default();
             tracing::debug!(kind = K::KIND, count = all.len(), "initial list complete");
-            let w = K::replace(&mut shared.lock(), &all);
+            let w = shared.update(|st| K::replace(st, &all));
             K::initial_list_done(shared);
             w
         }
-        Event::Apply(obj) => K::apply(&mut shared.lock(), &obj),
+        Event::Apply(obj) => shared.update(|st| K::apply(st, &obj)),
         Event::Delete(obj) => {
-            K::delete(&mut shared.lock(), &obj);
+            shared.update(|st| K::delete(st, &obj));
             Vec::new()
         }
     };
     for w in warnings {
         tracing::warn!(kind = K::KIND, "{w}");
     }
-    shared.wake();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClusterState;
+
+    /// Whether the sync loop would wake now; then it takes the changes, as a sync does.
+    async fn woken(shared: &Shared) -> bool {
+        let woken = tokio::time::timeout(Duration::from_millis(1), shared.woken())
+            .await
+            .is_ok();
+        shared.taking_changes();
+        woken
+    }
+
+    fn node(heartbeat: &str, zone: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": zone}},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": format!("2026-11-29T{heartbeat}:00Z")}]
+            }
+        }))
+        .unwrap()
+    }
+
+    fn svc(ip: &str, rv: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": "a", "resourceVersion": rv},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_events_that_change_what_the_proxy_uses_wake_the_sync_loop() {
+        let shared = Shared::new(ClusterState::new("node1"));
+        handle(Event::Apply(node("06:00", "a")), &shared, &mut None);
+        assert!(woken(&shared).await, "first sight of the Node");
+        handle(Event::Apply(node("06:01", "a")), &shared, &mut None);
+        assert!(!woken(&shared).await, "a heartbeat");
+        handle(Event::Apply(node("06:02", "b")), &shared, &mut None);
+        assert!(woken(&shared).await, "a zone change");
+
+        handle(Event::Apply(svc("10.0.0.1", "1")), &shared, &mut None);
+        assert!(woken(&shared).await, "a new Service");
+        handle(Event::Apply(svc("10.0.0.1", "2")), &shared, &mut None);
+        assert!(!woken(&shared).await, "a no-op Service update");
+        handle(Event::Delete(svc("10.0.0.1", "3")), &shared, &mut None);
+        assert!(woken(&shared).await, "a deletion");
+    }
 }

@@ -3,17 +3,19 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use super::render::{RenderConfig, RenderInput, SyncScope, render};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::netfilter::jumps::{cleanup_plan, jump_rules};
 use crate::backend::netfilter::names::KUBE_PROXY_CANARY;
 use crate::backend::netfilter::parse::Dump;
+use crate::backend::netfilter::restore::{NEW_CHAINS_PER_RESTORE, split_new_chains};
 use crate::backend::netfilter::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
 use crate::backend::{Backend, BackendError, IptablesRuleCounts, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
-use crate::kernel::iptables::{Iptables, RulePosition, Table};
+use crate::kernel::iptables::{Iptables, IptablesVariant, RulePosition, Table};
 use crate::kernel::nfacct::Nfacct;
 
 /// The iptables-mode proxier.
@@ -22,6 +24,13 @@ pub struct IptablesProxier {
     conntrack: ConntrackCleaner,
     addrs: Addresses,
     config: RenderConfig,
+    /// In large-cluster mode stale chains are looked for (an `iptables-save`, seconds at
+    /// scale) at most once per this period, as upstream (its syncPeriod).
+    cleanup_period: Duration,
+    /// When stale chains were last looked for and the restore that deleted them succeeded.
+    last_cleanup: Option<Instant>,
+    /// Whether the last render was in large-cluster mode (the render decides it).
+    large_cluster: bool,
 }
 
 impl IptablesProxier {
@@ -38,7 +47,26 @@ impl IptablesProxier {
             conntrack: ConntrackCleaner::new(conntrack),
             addrs,
             config,
+            cleanup_period: Duration::from_secs(30),
+            last_cleanup: None,
+            large_cluster: false,
         }
+    }
+
+    /// Looks for stale chains at most once per `period` in large-cluster mode (upstream's
+    /// syncPeriod; 30 s unless set).
+    pub fn with_cleanup_period(mut self, period: Duration) -> Self {
+        self.cleanup_period = period;
+        self
+    }
+
+    /// Whether this sync looks for stale chains: always below the large-cluster threshold,
+    /// else once per cleanup period (stale chains are unreferenced, so only memory).
+    fn cleanup_due(&self) -> bool {
+        !self.large_cluster
+            || self
+                .last_cleanup
+                .is_none_or(|t| t.elapsed() > self.cleanup_period)
     }
 
     /// The render settings in use.
@@ -95,6 +123,29 @@ impl IptablesProxier {
         }
     }
 
+    /// Restores `text`. With iptables-nft the chains the kernel lacks (`existing`, when
+    /// known) go first, in transactions of their own: one transaction naming every chain of a
+    /// large cluster is quadratic there (see [`split_new_chains`]).
+    async fn write(
+        &self,
+        text: &str,
+        existing: Option<&BTreeSet<String>>,
+    ) -> Result<(), BackendError> {
+        let parts = match (self.ipt.variant(), existing) {
+            (IptablesVariant::Nft, Some(existing)) => {
+                split_new_chains(text, "nat", existing, NEW_CHAINS_PER_RESTORE)
+            }
+            _ => vec![text.to_string()],
+        };
+        for part in &parts {
+            self.ipt
+                .restore(part)
+                .await
+                .map_err(|e| BackendError::IptablesRestore(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// `--cleanup`: removes every chain and jump rule kube-proxy (or kube-proxy-rs) creates in
     /// iptables mode; foreign rules stay.
     pub async fn cleanup(ipt: &Iptables) -> Result<(), BackendError> {
@@ -140,7 +191,12 @@ impl Backend for IptablesProxier {
         }
         self.refresh_node_ips().await;
         self.config.apply_node_facts(req.node_facts);
-        let existing = self.existing_nat_chains().await;
+        // A full sync always looks: it may create thousands of chains (see `write`).
+        let existing = if req.full || self.cleanup_due() {
+            self.existing_nat_chains().await
+        } else {
+            None
+        };
         let scope = if req.full {
             SyncScope::Full
         } else {
@@ -154,8 +210,10 @@ impl Backend for IptablesProxier {
             scope,
             existing_nat_chains: existing.as_ref(),
         });
-        if let Err(e) = self.ipt.restore(&rendered.text).await {
-            return Err(BackendError::IptablesRestore(e.to_string()));
+        self.write(&rendered.text, existing.as_ref()).await?;
+        self.large_cluster = rendered.large_cluster;
+        if existing.is_some() {
+            self.last_cleanup = Some(Instant::now());
         }
         let conntrack = self
             .conntrack
@@ -179,13 +237,18 @@ impl Backend for IptablesProxier {
     }
 
     async fn needs_full_sync(&mut self) -> bool {
-        // Upstream monitors the mangle canary: if someone flushed our tables it is gone too.
-        matches!(
-            self.ipt
-                .chain_exists(Table::Mangle, KUBE_PROXY_CANARY)
-                .await,
-            Ok(false)
-        )
+        // The canary is in each table we write: a flush of any of them removes it. A check
+        // that fails to run proves nothing (the next one retries).
+        for t in [Table::Mangle, Table::Nat, Table::Filter] {
+            if let Ok(false) = self.ipt.chain_exists(t, KUBE_PROXY_CANARY).await {
+                tracing::info!(
+                    table = t.as_str(),
+                    "canary chain gone: the table was flushed"
+                );
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -222,7 +285,8 @@ pub fn start(
     config.random_fully = random_fully;
     let nfacct = Nfacct::new();
     let nfacct = setup_nfacct(&nfacct, &mut config).then_some(nfacct);
-    let proxier = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config);
+    let proxier = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config)
+        .with_cleanup_period(opts.sync_period);
     (proxier, nfacct)
 }
 
