@@ -130,7 +130,14 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(3))
         .collect();
-    assert_eq!(locals, [format!("{PRIMARY}:32000")], "{listening}");
+    // The node has no IPv6 address, so `primary` leaves the IPv6 proxier no prefix of its
+    // family: it matches every IPv6 address, as upstream's NewNodePortAddresses does, and
+    // listens on an IPv6-only `[::]` that takes no IPv4 connection.
+    assert_eq!(
+        locals,
+        [format!("{PRIMARY}:32000"), "[::]:32000".to_string()],
+        "{listening}"
+    );
 
     // The rules say the same: one jump for the node IP, none for every local address.
     // Whichever back end the daemon detected holds the rules; the other is empty.
