@@ -292,7 +292,8 @@ pub async fn serve<B: Backend + 'static>(
     let local = crate::host::local_addresses().await;
     let service_health = ServiceHealthServers::for_node_facts(&facts, &local, health.clone());
     let reporter = DaemonReporter::new(metrics, health, service_health)
-        .with_primary(host.primary_family(&node));
+        .with_primary(host.primary_family(&node))
+        .with_facts(&facts);
 
     let settings = SyncSettings {
         min_sync_period: opts.min_sync_period,

@@ -47,6 +47,14 @@ impl DaemonReporter {
         self.primary = family;
         self
     }
+
+    /// The same reporter knowing every family's start-up node facts (those the health-check
+    /// servers were opened for), so the first family's sync does not move the servers away
+    /// from the other family's addresses.
+    pub fn with_facts(mut self, facts: &[NodeFacts]) -> Self {
+        self.facts = facts.iter().map(|f| (f.family, f.clone())).collect();
+        self
+    }
 }
 
 impl Reporter for DaemonReporter {
