@@ -99,32 +99,31 @@ pub fn model(
     family: IpFamily,
     warnings: &mut Vec<String>,
 ) -> Result<ProxyModel, RenderError> {
-    Ok(models(args, explicit_hostname, warnings)?
-        .into_iter()
-        .find(|(f, _)| *f == family)
-        .map(|(_, m)| m)
-        .unwrap_or_default())
+    Ok(family_model(
+        &state(args, explicit_hostname, warnings)?,
+        args,
+        family,
+    ))
 }
 
-/// The model of each family, IPv4 first.
-fn models(
+/// The cluster state the objects of `args` describe, as seen from the render's node.
+fn state(
     args: &RenderArgs,
     explicit_hostname: bool,
     warnings: &mut Vec<String>,
-) -> Result<Vec<(IpFamily, ProxyModel)>, RenderError> {
+) -> Result<ClusterState, RenderError> {
     let objects = load(args, warnings)?;
     let node = node_name(args, explicit_hostname, &objects);
-    let state = state_from(&objects, &node, warnings);
-    Ok(IpFamily::ALL
-        .into_iter()
-        .map(|family| {
-            let mut model = state.snapshot(family);
-            if !args.node_ips.is_empty() {
-                model.node.ips = args.node_ips.clone();
-            }
-            (family, model)
-        })
-        .collect())
+    Ok(state_from(&objects, &node, warnings))
+}
+
+/// `family`'s snapshot of `state`, with the `--node-ip` addresses when given.
+fn family_model(state: &ClusterState, args: &RenderArgs, family: IpFamily) -> ProxyModel {
+    let mut model = state.snapshot(family);
+    if !args.node_ips.is_empty() {
+        model.node.ips = args.node_ips.clone();
+    }
+    model
 }
 
 /// Renders `args`; `explicit_hostname` tells whether `--hostname-override` was given.
@@ -142,15 +141,14 @@ pub fn run(
         return Err(RenderError::Unsupported(args.options.mode.to_string()));
     };
     let supported = kind.candidate_families();
-    let mut models: Vec<(IpFamily, ProxyModel)> = models(args, explicit_hostname, warnings)?
+    let state = state(args, explicit_hostname, warnings)?;
+    let mut models: Vec<(IpFamily, ProxyModel)> = supported
         .into_iter()
-        .filter(|(f, m)| supported.contains(f) && !m.services.is_empty())
+        .map(|f| (f, family_model(&state, args, f)))
+        .filter(|(_, m)| !m.services.is_empty())
         .collect();
     if models.is_empty() {
-        models = vec![(
-            IpFamily::V4,
-            model(args, explicit_hostname, IpFamily::V4, &mut Vec::new())?,
-        )];
+        models = vec![(IpFamily::V4, family_model(&state, args, IpFamily::V4))];
     }
     let headed = models.len() > 1 || models[0].0 != IpFamily::V4;
     let mut out = String::new();

@@ -10,56 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::backend::netfilter::names::*;
 use crate::backend::netfilter::parse::{Dump, Rule};
-use crate::model::Protocol;
 
-/// A packet to trace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Packet {
-    /// Source address.
-    pub source: IpAddr,
-    /// Transport protocol.
-    pub protocol: Protocol,
-    /// Destination address.
-    pub destination: IpAddr,
-    /// Destination port.
-    pub dport: u16,
-    /// Input interface, for `-i` matches (interface-based local detection); `None` matches
-    /// no positive `-i`.
-    pub in_interface: Option<String>,
-}
-
-impl Packet {
-    /// A TCP packet with no known input interface.
-    pub fn tcp(source: IpAddr, destination: IpAddr, dport: u16) -> Self {
-        Packet {
-            source,
-            protocol: Protocol::Tcp,
-            destination,
-            dport,
-            in_interface: None,
-        }
-    }
-}
-
-/// What happened to a packet.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Trace {
-    /// Terminal results in order: DNAT destinations (`ip:port`) or `ACCEPT`/`DROP`/`REJECT`.
-    pub outputs: Vec<String>,
-    /// Whether KUBE-MARK-MASQ was hit.
-    pub masquerade: bool,
-    /// Raw text of every matched rule, in order.
-    pub matched_rules: Vec<String>,
-    /// `table/chain` of every chain entered, in order.
-    pub chains: Vec<String>,
-}
-
-impl Trace {
-    /// Upstream's output string: outputs joined with `", "` (empty when nothing matched).
-    pub fn output(&self) -> String {
-        self.outputs.join(", ")
-    }
-}
+pub use crate::backend::netfilter::trace::{Packet, Trace};
 
 const MAX_DEPTH: usize = 64;
 

@@ -8,6 +8,7 @@ pub mod local;
 pub mod names;
 pub mod parse;
 pub mod restore;
+pub mod trace;
 
 pub use jumps::JumpRule;
 pub use local::LocalDetector;

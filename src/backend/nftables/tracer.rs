@@ -8,55 +8,9 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::table::Table;
-use crate::model::{Cidr, Protocol};
+use crate::model::Cidr;
 
-/// A packet to trace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Packet {
-    /// Source address.
-    pub source: IpAddr,
-    /// Transport protocol.
-    pub protocol: Protocol,
-    /// Destination address.
-    pub destination: IpAddr,
-    /// Destination port.
-    pub dport: u16,
-    /// Input interface, for `iifname` matches; `None` matches no positive `iifname`.
-    pub in_interface: Option<String>,
-}
-
-impl Packet {
-    /// A TCP packet with no known input interface.
-    pub fn tcp(source: IpAddr, destination: IpAddr, dport: u16) -> Self {
-        Packet {
-            source,
-            protocol: Protocol::Tcp,
-            destination,
-            dport,
-            in_interface: None,
-        }
-    }
-}
-
-/// What happened to a packet.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Trace {
-    /// Terminal results in order: DNAT destinations (`ip:port`), `DROP` or `REJECT`.
-    pub outputs: Vec<String>,
-    /// Whether the masquerade mark was set and `nat-postrouting` masqueraded.
-    pub masquerade: bool,
-    /// `chain: rule` of every matched rule, in order.
-    pub matched_rules: Vec<String>,
-    /// Every chain entered, in order.
-    pub chains: Vec<String>,
-}
-
-impl Trace {
-    /// Upstream's output string: outputs joined with `", "`.
-    pub fn output(&self) -> String {
-        self.outputs.join(", ")
-    }
-}
+pub use crate::backend::netfilter::trace::{Packet, Trace};
 
 /// How a chain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
