@@ -20,7 +20,7 @@ use shared::Shared;
 /// Upstream's `proxyutil.FullSyncPeriod`: a full resync at least this often.
 pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 
-/// Shortest wait before retrying a failed sync.
+/// Shortest wait before retrying a failed sync: a `sync_period` of zero never spins.
 pub const RETRY_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Timing settings.
@@ -190,6 +190,10 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
         }
         let mut pending: BTreeSet<ServiceName> = BTreeSet::new();
         let mut attempts = 0usize;
+        // Upstream's BoundedFrequencyRunner retryInterval: after a failed round, the next one
+        // runs no later than `sync_period` after it ended (sooner if a change or the periodic
+        // deadline comes first); a successful round cancels the retry.
+        let retry_interval = self.settings.sync_period.max(RETRY_MIN_INTERVAL);
         self.queued();
         loop {
             sleep_until(rate.next_allowed(Instant::now())).await;
@@ -232,28 +236,22 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             if max_syncs.is_some_and(|m| attempts >= m) {
                 return self.proxiers.into_iter().map(|p| p.backend).collect();
             }
-            if any_failed {
-                // Failed: retry soon, but never spin (min_sync_period may be 0).
-                let wait = self.settings.min_sync_period.max(RETRY_MIN_INTERVAL);
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-            self.idle(&rate, cadence).await;
+            let retry_at = any_failed.then(|| Instant::now() + retry_interval);
+            self.idle(&rate, cadence, retry_at).await;
         }
     }
 
-    /// Waits until a sync is due: a change, the periodic deadline, or (with a canary) a check
-    /// that finds a family's kernel state drifted (that family's next sync is full).
-    async fn idle(&mut self, rate: &BoundedFrequency, cadence: Cadence) {
-        let mut next_check = cadence.canary_check.map(|every| Instant::now() + every);
+    /// Waits until a sync is due: a change, the periodic deadline, the retry of a failed
+    /// round (`retry_at`), or (with a canary) a check that finds a family's kernel state
+    /// drifted (that family's next sync is full).
+    async fn idle(&mut self, rate: &BoundedFrequency, cadence: Cadence, retry_at: Option<Instant>) {
+        // While a retry is pending the canary is not checked: the retry is full anyway and
+        // due no later than the check.
+        let canary = cadence.canary_check.filter(|_| retry_at.is_none());
+        let mut next_check = canary.map(|every| Instant::now() + every);
         loop {
-            let check = async {
-                match next_check {
-                    Some(at) => sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
+                _ = sleep_until_some(retry_at) => return,
                 _ = self.shared.woken() => {
                     self.queued();
                     let (services, endpoints) = self.shared.lock().pending_changes();
@@ -261,7 +259,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                     return;
                 }
                 _ = sleep_until(rate.periodic_deadline()) => return,
-                _ = check => {
+                _ = sleep_until_some(next_check) => {
                     let mut drifted = false;
                     for p in &mut self.proxiers {
                         if p.backend.needs_full_sync().await {
@@ -273,10 +271,18 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                     if drifted {
                         return;
                     }
-                    next_check = cadence.canary_check.map(|every| Instant::now() + every);
+                    next_check = canary.map(|every| Instant::now() + every);
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -398,7 +404,8 @@ mod tests {
 
     struct FakeBackend {
         calls: Arc<Mutex<Vec<Call>>>,
-        fail_next: Arc<Mutex<bool>>,
+        /// How many of the next syncs fail (a rejected restore).
+        fail_next: Arc<Mutex<u32>>,
         t0: Instant,
         /// When the canary was checked, and whether it is gone now.
         canary: Arc<Mutex<(Vec<Duration>, bool)>>,
@@ -419,9 +426,9 @@ mod tests {
                 at: Instant::now() - self.t0,
             });
             let mut f = self.fail_next.lock().unwrap();
-            if *f {
-                *f = false;
-                return Err(BackendError::Ipvs("boom".into()));
+            if *f > 0 {
+                *f -= 1;
+                return Err(BackendError::IptablesRestore("boom".into()));
             }
             Ok(SyncOutcome::default())
         }
@@ -469,7 +476,7 @@ mod tests {
     async fn waits_for_lists_then_full_then_partial_and_full_after_failure() {
         let shared = Arc::new(Shared::new(ClusterState::new("node1")));
         let calls = Arc::new(Mutex::new(Vec::new()));
-        let fail_next = Arc::new(Mutex::new(false));
+        let fail_next = Arc::new(Mutex::new(0));
         let t0 = Instant::now();
         let canary: Arc<Mutex<(Vec<Duration>, bool)>> = Arc::default();
         let backend = FakeBackend {
@@ -511,16 +518,22 @@ mod tests {
         shared.wake();
         tokio::time::sleep(Duration::from_millis(10)).await;
 
-        // A failing sync of another change, then the retry is full and still carries it.
-        *fail_next.lock().unwrap() = true;
+        // A failing sync of another change, then the retry (sync_period later, as upstream)
+        // is full and still carries it.
+        *fail_next.lock().unwrap() = 1;
         tokio::time::sleep(Duration::from_secs(2)).await;
         shared.lock().apply_service(&svc("c", "10.0.0.3"));
         shared.wake();
         tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            calls.lock().unwrap().len(),
+            3,
+            "no retry before sync_period"
+        );
 
         // Nothing changes: no sync (upstream's iptables mode), a canary check every
         // sync_period instead.
-        tokio::time::sleep(Duration::from_secs(40)).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
         let c = calls.lock().unwrap().clone();
         assert_eq!(c.len(), 4, "{c:#?}");
         assert!(c[0].full && c[0].services == 1 && c[0].at == Duration::from_secs(5));
@@ -529,9 +542,7 @@ mod tests {
         assert!(!c[2].full && c[2].changed == ["ns/c"], "{:?}", c[2]);
         assert!(c[3].full, "a failed sync is retried in full");
         assert_eq!(c[3].changed, ["ns/c"]);
-        assert!(
-            c[3].at - c[2].at >= Duration::from_millis(999) || c[3].at - c[2].at == Duration::ZERO
-        );
+        assert_eq!(c[3].at - c[2].at, Duration::from_secs(30));
         let checks = canary.lock().unwrap().0.clone();
         assert_eq!(
             checks,
@@ -729,7 +740,7 @@ mod tests {
         let shared = Arc::new(Shared::new(ClusterState::new("node1")));
         let backend = FakeBackend {
             calls: Arc::new(Mutex::new(Vec::new())),
-            fail_next: Arc::new(Mutex::new(false)),
+            fail_next: Arc::new(Mutex::new(0)),
             t0: Instant::now(),
             canary: Arc::default(),
         };
@@ -767,6 +778,146 @@ mod tests {
         assert!(seen.len() >= 3, "{seen:?}");
         assert_eq!(seen[seen.len() - 2..], [(2, 1), (0, 0)], "{seen:?}");
         assert_eq!(seen.iter().filter(|p| **p != (0, 0)).count(), 1, "{seen:?}");
+        task.abort();
+    }
+
+    /// The daemon's reporter over fresh metrics, and a way to read one counter's samples.
+    fn daemon_reporter() -> (
+        crate::server::reporter::DaemonReporter,
+        impl Fn(&str) -> Vec<String>,
+    ) {
+        use crate::server::{health::ProxyHealth, metrics::Metrics};
+        let metrics = Metrics::new();
+        let health = ProxyHealth::new(Duration::from_secs(30)).with_metrics(metrics.clone());
+        let servers =
+            crate::server::service_health::ServiceHealthServers::new(Vec::new(), health.clone());
+        let reporter =
+            crate::server::reporter::DaemonReporter::new(metrics.clone(), health, servers);
+        let read = move |name: &str| {
+            let prefix = format!("kubeproxy_sync_proxy_rules_{name}{{");
+            metrics
+                .encode()
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with(&prefix))
+                .map(str::to_string)
+                .collect()
+        };
+        (reporter, read)
+    }
+
+    fn fake(fail_next: &Arc<Mutex<u32>>, calls: &Arc<Mutex<Vec<Call>>>) -> FakeBackend {
+        FakeBackend {
+            calls: calls.clone(),
+            fail_next: fail_next.clone(),
+            t0: Instant::now(),
+            canary: Arc::default(),
+        }
+    }
+
+    fn settings_1s_30s() -> SyncSettings {
+        SyncSettings {
+            min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+            full_sync_period: Duration::from_secs(3600),
+            host: crate::host::HostSettings::default(),
+        }
+    }
+
+    /// A kernel write failing three times in a row, nothing else changing: each retry comes
+    /// `sync_period` after the failed one ended (upstream's retryInterval, not every second),
+    /// each failure counts, and the first success is full and still carries the change.
+    #[tokio::test(start_paused = true)]
+    async fn failed_syncs_are_retried_every_sync_period_until_one_succeeds_in_full() {
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let (calls, fail_next) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(0)));
+        let (reporter, read) = daemon_reporter();
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![(IpFamily::V4, fake(&fail_next, &calls))],
+                reporter,
+                settings_1s_30s(),
+            )
+            .run(None),
+        );
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        *fail_next.lock().unwrap() = 3;
+        shared.lock().apply_service(&svc("a", "10.0.0.1"));
+        shared.wake();
+        // Long enough for a retry every second to show, and for the canary checks that
+        // resume after the success (none of which may sync: nothing drifted).
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        let c = calls.lock().unwrap().clone();
+        let seen: Vec<(u64, bool, Vec<String>)> = c
+            .iter()
+            .map(|c| (c.at.as_secs(), c.full, c.changed.clone()))
+            .collect();
+        let a = || vec!["ns/a".to_string()];
+        assert_eq!(
+            seen,
+            [
+                (0, true, vec![]),
+                (2, false, a()),
+                (32, true, a()),
+                (62, true, a()),
+                (92, true, a()),
+            ]
+        );
+        assert_eq!(
+            read("iptables_restore_failures_total"),
+            ["kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 3"]
+        );
+        assert_eq!(
+            read("iptables_partial_restore_failures_total"),
+            [
+                "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family=\"IPv4\"} 1"
+            ]
+        );
+        task.abort();
+    }
+
+    /// As upstream, a change during the retry wait syncs at once (rate-limited by
+    /// `min_sync_period`), in full; its success cancels the pending retry.
+    #[tokio::test(start_paused = true)]
+    async fn a_change_during_the_retry_wait_syncs_in_full_and_its_success_cancels_the_retry() {
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let (calls, fail_next) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(0)));
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![(IpFamily::V4, fake(&fail_next, &calls))],
+                CountingReporter::default(),
+                settings_1s_30s(),
+            )
+            .run(None),
+        );
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        *fail_next.lock().unwrap() = 1;
+        shared.lock().apply_service(&svc("a", "10.0.0.1"));
+        shared.wake();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        shared.lock().apply_service(&svc("b", "10.0.0.2"));
+        shared.wake();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let c = calls.lock().unwrap().clone();
+        let seen: Vec<(u64, bool, Vec<String>)> = c
+            .iter()
+            .map(|c| (c.at.as_secs(), c.full, c.changed.clone()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (0, true, vec![]),
+                (2, false, vec!["ns/a".to_string()]),
+                (7, true, vec!["ns/a".to_string(), "ns/b".to_string()]),
+            ],
+            "no sync at the cancelled retry (32 s)"
+        );
         task.abort();
     }
 }
