@@ -1,5 +1,5 @@
-//! Kernel-write faults, drift and process faults, iptables mode (issue 11). The built daemon
-//! runs in a "node" namespace against the fake API server:
+//! Kernel-write faults, drift and process faults, iptables and nftables modes (issue 11). The
+//! built daemon runs in a "node" namespace against the fake API server. iptables mode:
 //! - the xtables lock held by someone else longer than `-w 5` (legacy back end, private lock
 //!   file through `XTABLES_LOCKFILE`) and an injected `iptables-restore` failure (a wrapper
 //!   earlier on `PATH`): the previous rules stay, the restore-failure metric counts, `/healthz`
@@ -9,6 +9,11 @@
 //! - foreign chains and rules in the same tables are the same byte for byte at the end;
 //! - SIGTERM exits 0 and leaves the rules; `kill -9` with a sync pending, then a restart:
 //!   an established connection through a ClusterIP survives, new connections work.
+//!
+//! nftables mode: an injected `nft -f` failure keeps the `kube-proxy` table byte for byte and
+//! counts in `..._nftables_sync_failures_total`, the next successful sync is full; foreign
+//! nftables tables and iptables rules are the same byte for byte at the end; SIGTERM leaves the
+//! table; the same `kill -9` and restart as in iptables mode.
 
 mod support;
 
@@ -67,12 +72,18 @@ impl Node {
         std::fs::read_to_string(self.log()).unwrap_or_default()
     }
 
-    /// Starts the daemon; its output is appended to one log across restarts.
+    /// Starts the daemon in iptables mode; see `start_in`.
     fn start(&self, env: &[(&str, String)]) -> NsChild {
+        self.start_in("iptables", env)
+    }
+
+    /// Starts the daemon in `mode`; its output is appended to one log across restarts.
+    fn start_in(&self, mode: &str, env: &[(&str, String)]) -> NsChild {
         let kubeconfig = self.api.write_kubeconfig(self.dir.path());
         let mut cmd = self.topo.node.command(
             env!("CARGO_BIN_EXE_kube-proxy-rs"),
             [
+                format!("--proxy-mode={mode}"),
                 format!("--kubeconfig={}", kubeconfig.display()),
                 format!("--hostname-override={NODE}"),
                 "--cluster-cidr=10.244.0.0/16".into(),
@@ -293,6 +304,42 @@ fn wait_for(what: &str, within: Duration, f: impl Fn() -> bool, log: impl Fn() -
     }
 }
 
+/// Puts a wrapper for `tool` in `dir/bin` that fails (reading and dropping its input) while
+/// `dir/FAIL` exists and the shell condition `when` holds, and runs the real tool otherwise.
+/// Returns the FAIL path and a `PATH` with the wrapper first.
+fn failing_wrapper(dir: &std::path::Path, tool: &str, when: &str) -> (PathBuf, String) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fail = dir.join("FAIL");
+    let real = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap()
+        .stdout;
+    let real = String::from_utf8(real).unwrap();
+    assert!(!real.trim().is_empty(), "{tool} not installed");
+    let wrapper = bin.join(tool);
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e {} ] && {when}; then cat >/dev/null; echo 'Error: injected failure' >&2; exit 1; fi\nexec {} \"$@\"\n",
+            fail.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", wrapper.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (fail, path)
+}
+
 #[test]
 fn write_faults_and_drift_keep_previous_rules_and_repair() {
     let n = Node::new();
@@ -304,37 +351,8 @@ fn write_faults_and_drift_keep_previous_rules_and_repair() {
     let (_, foreign_before) = split(&n.save("iptables-legacy-save"));
 
     // A wrapper in front of the real iptables-legacy-restore: fails while FAIL exists.
-    let bin = n.dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let fail = n.dir.path().join("FAIL");
-    let real = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v iptables-legacy-restore"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let wrapper = bin.join("iptables-legacy-restore");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nif [ -e {} ]; then cat >/dev/null; echo injected failure >&2; exit 1; fi\nexec {} \"$@\"\n",
-            fail.display(),
-            real.trim()
-        ),
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .args(["+x", wrapper.to_str().unwrap()])
-        .status()
-        .unwrap();
+    let (fail, path) = failing_wrapper(n.dir.path(), "iptables-legacy-restore", "true");
     let lockfile = n.dir.path().join("xtables.lock");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     let mut proxy = n.start(&[
         ("KUBE_PROXY_RS_IPTABLES_MODE", "legacy".into()),
         ("XTABLES_LOCKFILE", lockfile.display().to_string()),
@@ -482,9 +500,18 @@ fn exchange(r: &mut BufReader<TcpStream>, w: &mut TcpStream, msg: &str) -> Strin
 
 #[test]
 fn kill_9_mid_sync_keeps_established_connections_and_restart_recovers() {
+    kill_9_mid_sync("iptables");
+}
+
+#[test]
+fn nftables_kill_9_mid_sync_keeps_established_connections_and_restart_recovers() {
+    kill_9_mid_sync("nftables");
+}
+
+fn kill_9_mid_sync(mode: &str) {
     let n = Node::new();
     line_echo_server(&n.topo.pods[0].ns, 9090);
-    let mut proxy = n.start(&[]);
+    let mut proxy = n.start_in(mode, &[]);
     n.add("long", "10.96.10.1", 90, 9090, 0);
     n.add("a", "10.96.10.2", 80, 8080, 1);
     assert!(
@@ -535,13 +562,136 @@ fn kill_9_mid_sync_keeps_established_connections_and_restart_recovers() {
 
     // Restart: the established connection still works; everything converges.
     let started = Instant::now();
-    let _proxy = n.start(&[]);
+    let _proxy = n.start_in(mode, &[]);
     assert!(
         n.answers("10.96.11.50", SETTLE),
         "s49 after restart\n{}",
         n.logs()
     );
-    eprintln!("converged {:?} after restart", started.elapsed());
+    eprintln!("{mode}: converged {:?} after restart", started.elapsed());
     assert!(n.answers("10.96.10.2", T * 3));
     assert_eq!(exchange(&mut r, &mut w, "three"), "echo three");
+}
+
+/// `nft list table FAMILY NAME` in the node namespace.
+fn nft_table(n: &Node, family: &str, name: &str) -> String {
+    n.topo.node.run_ok("nft", ["list", "table", family, name])
+}
+
+/// Someone else's nftables tables: an `ip filter` table with a base chain jumping to a
+/// regular chain, and an `inet` table with a set and a forward hook that uses it.
+fn install_foreign_nft(n: &Node) {
+    for cmd in [
+        "add table ip filter",
+        "add chain ip filter FOREIGN",
+        "add rule ip filter FOREIGN ip saddr 198.51.100.9 counter drop",
+        "add chain ip filter input { type filter hook input priority 0; policy accept; }",
+        "add rule ip filter input ip saddr 198.51.100.9 jump FOREIGN",
+        "add table inet foreign",
+        "add set inet foreign blocked { type ipv4_addr; elements = { 198.51.100.20 } }",
+        "add chain inet foreign forwarded { type filter hook forward priority 10; policy accept; }",
+        "add rule inet foreign forwarded ip daddr @blocked drop",
+        "add chain inet foreign idle",
+    ] {
+        n.topo.node.run_ok("nft", [cmd]);
+    }
+}
+
+/// nftables mode: an `nft` transaction failing (a wrapper earlier on `PATH` rejecting every
+/// `nft -f`) leaves the `kube-proxy` table as it was, byte for byte, and counts in
+/// `..._nftables_sync_failures_total`; once `nft` works again the first sync is full and the
+/// change is applied; foreign tables (nftables and iptables) are the same byte for byte at the
+/// end; SIGTERM exits 0 and leaves the table.
+#[test]
+fn nftables_write_faults_keep_previous_rules_and_foreign_tables() {
+    const FAILURES: &str = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total";
+    let n = Node::new();
+    install_foreign_nft(&n);
+    install_foreign_rules(|args: &[&str]| {
+        n.topo.node.run_ok("iptables-legacy", args);
+    });
+    let foreign = || {
+        (
+            nft_table(&n, "ip", "filter"),
+            nft_table(&n, "inet", "foreign"),
+            split(&n.save("iptables-legacy-save")).1,
+        )
+    };
+    let foreign_before = foreign();
+    let (fail, path) = failing_wrapper(
+        n.dir.path(),
+        "nft",
+        "case \" $* \" in *\" -f \"*) true;; *) false;; esac",
+    );
+    let mut proxy = n.start_in("nftables", &[("PATH", path)]);
+    n.add("a", "10.96.9.1", 80, 8080, 0);
+    assert!(
+        n.answers("10.96.9.1", SETTLE),
+        "a never answered\n{}",
+        n.logs()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let table_a = nft_table(&n, "ip", "kube-proxy");
+    assert!(table_a.contains("10.96.9.1"), "{table_a}");
+
+    // nft rejects every transaction: b cannot be written, the table stays as it was.
+    std::fs::write(&fail, "").unwrap();
+    let failures = n.metric(FAILURES);
+    n.add("b", "10.96.9.2", 80, 8080, 1);
+    wait_for(
+        "a counted nft failure",
+        SETTLE,
+        || n.metric(FAILURES) > failures,
+        || n.logs(),
+    );
+    // One more retry (sync_period later) while it still fails: counted too, nothing written.
+    let counted = n.metric(FAILURES);
+    wait_for(
+        "the retry's failure counted",
+        SYNC_PERIOD + Duration::from_secs(4),
+        || n.metric(FAILURES) > counted,
+        || n.logs(),
+    );
+    assert_eq!(
+        nft_table(&n, "ip", "kube-proxy"),
+        table_a,
+        "a failed transaction changed the table"
+    );
+    assert!(n.answers("10.96.9.1", T * 3), "a stopped answering");
+    assert!(
+        tcp_request(&n.topo.outside, sa("10.96.9.2", 80), T).is_err(),
+        "b answers though its rules could not be written"
+    );
+
+    // nft works again: the retry (within one sync period) is full and writes b.
+    let log_len = n.logs().len();
+    std::fs::remove_file(&fail).unwrap();
+    assert!(
+        n.answers("10.96.9.2", SYNC_PERIOD + Duration::from_secs(4)),
+        "b after the failure\n{}",
+        n.logs()
+    );
+    let after: Vec<String> = n.logs()[log_len..]
+        .lines()
+        .filter(|l| l.contains("sync done"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        after.first().is_some_and(|l| l.contains("full=true")),
+        "the first sync after a failure must be full: {after:?}"
+    );
+
+    // SIGTERM: exit 0, the table left in place; foreign tables the same byte for byte.
+    std::thread::sleep(Duration::from_secs(2));
+    let steady = nft_table(&n, "ip", "kube-proxy");
+    let status = proxy.terminate(Duration::from_secs(5));
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", n.logs());
+    assert_eq!(
+        nft_table(&n, "ip", "kube-proxy"),
+        steady,
+        "SIGTERM removed or changed the table"
+    );
+    assert_eq!(foreign(), foreign_before, "foreign tables changed");
+    assert!(n.answers("10.96.9.1", T * 3), "a after SIGTERM");
+    assert!(n.answers("10.96.9.2", T * 3), "b after SIGTERM");
 }
