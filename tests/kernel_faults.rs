@@ -14,9 +14,16 @@
 //! counts in `..._nftables_sync_failures_total`, the next successful sync is full; foreign
 //! nftables tables and iptables rules are the same byte for byte at the end; SIGTERM leaves the
 //! table; the same `kill -9` and restart as in iptables mode.
+//!
+//! IPVS mode (one run in the qemu guest of tests/vm/vmrun: the host kernel has no IPVS): a
+//! deleted virtual server, kube-ipvs0 address and ipset member are repaired by the next
+//! periodic sync; foreign iptables rules, ipsets and an excluded virtual server are the same
+//! byte for byte at the end (a foreign virtual server outside `--ipvs-exclude-cidrs` is
+//! deleted, as upstream); SIGTERM leaves the state; the same `kill -9` and restart.
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -33,6 +40,24 @@ const POLL: Duration = Duration::from_millis(200);
 /// `--iptables-sync-period` of these tests: drift must be repaired within it.
 const SYNC_PERIOD: Duration = Duration::from_secs(4);
 const SETTLE: Duration = Duration::from_secs(8);
+/// Someone else's IPVS virtual server address, excluded with `--ipvs-exclude-cidrs`.
+const FOREIGN_VS: &str = "198.51.100.40";
+
+/// How long a started daemon may take to program its first rules: `SETTLE`, or a minute in
+/// the VM (software emulation; the debug binary is read over 9p).
+fn startup() -> Duration {
+    if support::vm::in_vm() {
+        Duration::from_secs(60)
+    } else {
+        SETTLE
+    }
+}
+
+/// What a sync may take on top of its period: far more in the VM, where one IPv4 plus IPv6
+/// round of IPVS mode takes 6 to 25 s (every iptables and ipset command is emulated).
+fn slack() -> Duration {
+    Duration::from_secs(if support::vm::in_vm() { 30 } else { 3 })
+}
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
@@ -87,12 +112,20 @@ impl Node {
                 format!("--kubeconfig={}", kubeconfig.display()),
                 format!("--hostname-override={NODE}"),
                 "--cluster-cidr=10.244.0.0/16".into(),
-                "--iptables-min-sync-period=1s".into(),
-                format!("--iptables-sync-period={}s", SYNC_PERIOD.as_secs()),
                 "--conntrack-max-per-core=0".into(),
                 "-v=2".into(),
             ],
         );
+        // The periods are the iptables flags in iptables and nftables modes (as upstream).
+        let flags = if mode == "ipvs" { "ipvs" } else { "iptables" };
+        cmd.args([
+            format!("--{flags}-min-sync-period=1s"),
+            format!("--{flags}-sync-period={}s", SYNC_PERIOD.as_secs()),
+        ]);
+        if mode == "ipvs" {
+            // Upstream owns every virtual server of its family except those here.
+            cmd.arg(format!("--ipvs-exclude-cidrs={FOREIGN_VS}/32"));
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -515,7 +548,7 @@ fn kill_9_mid_sync(mode: &str) {
     n.add("long", "10.96.10.1", 90, 9090, 0);
     n.add("a", "10.96.10.2", 80, 8080, 1);
     assert!(
-        n.answers("10.96.10.2", SETTLE),
+        n.answers("10.96.10.2", startup()),
         "a never answered\n{}",
         n.logs()
     );
@@ -564,7 +597,7 @@ fn kill_9_mid_sync(mode: &str) {
     let started = Instant::now();
     let _proxy = n.start_in(mode, &[]);
     assert!(
-        n.answers("10.96.11.50", SETTLE),
+        n.answers("10.96.11.50", startup()),
         "s49 after restart\n{}",
         n.logs()
     );
@@ -694,4 +727,151 @@ fn nftables_write_faults_keep_previous_rules_and_foreign_tables() {
     assert_eq!(foreign(), foreign_before, "foreign tables changed");
     assert!(n.answers("10.96.9.1", T * 3), "a after SIGTERM");
     assert!(n.answers("10.96.9.2", T * 3), "b after SIGTERM");
+}
+
+/// `ipvsadm -Sn`, one normalised line per virtual or real server.
+fn ipvsadm_sn(n: &Node) -> BTreeSet<String> {
+    n.topo
+        .node
+        .run_ok("ipvsadm", ["-Sn"])
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Addresses on kube-ipvs0.
+fn dummy_addrs(n: &Node) -> String {
+    n.topo
+        .node
+        .run_ok("ip", ["-o", "-4", "addr", "show", "dev", "kube-ipvs0"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `ipset save` of the sets kube-proxy writes (`KUBE-*`) or of everything else.
+fn ipset_save(n: &Node, ours: bool) -> String {
+    n.topo
+        .node
+        .run_ok("ipset", ["save"])
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|set| set.starts_with("KUBE-"))
+                == ours
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The IPVS faults, in one guest run (the host kernel has no IPVS): drift repaired within a
+/// sync period, foreign state untouched, SIGTERM keeping the state, then `kill -9` mid-sync
+/// and a restart as in the other modes.
+#[test]
+fn ipvs_drift_foreign_state_and_kill_9() {
+    const NAME: &str = "ipvs_drift_foreign_state_and_kill_9";
+    if !support::vm::in_vm() {
+        return support::vm::rerun_in_vm(NAME, 900);
+    }
+    ipvs_drift_and_foreign_state();
+    kill_9_mid_sync("ipvs");
+}
+
+/// IPVS mode: a deleted virtual server, a deleted kube-ipvs0 address and a deleted ipset
+/// member are back within one sync period; someone else's iptables rules, ipset and virtual
+/// server (in `--ipvs-exclude-cidrs`) are the same byte for byte at the end; SIGTERM exits 0
+/// leaving the state.
+fn ipvs_drift_and_foreign_state() {
+    let n = Node::new();
+    let node = &n.topo.node;
+    let legacy = |args: &[&str]| {
+        node.run_ok("iptables-legacy", args);
+    };
+    install_foreign_rules(legacy);
+    node.run_ok("ipset", ["create", "FOREIGN-SET", "hash:ip"]);
+    node.run_ok("ipset", ["add", "FOREIGN-SET", "198.51.100.30"]);
+    // Two foreign virtual servers: one in --ipvs-exclude-cidrs, kept; one outside, which
+    // upstream deletes (it owns every other virtual server of its family).
+    for (vs, rs) in [
+        (FOREIGN_VS, "198.51.100.41"),
+        ("198.51.100.50", "198.51.100.51"),
+    ] {
+        let vs = format!("{vs}:80");
+        node.run_ok("ipvsadm", ["-A", "-t", &vs, "-s", "rr"]);
+        node.run_ok(
+            "ipvsadm",
+            ["-a", "-t", &vs, "-r", &format!("{rs}:80"), "-m"],
+        );
+    }
+    let foreign = || {
+        let vs: BTreeSet<String> = ipvsadm_sn(&n)
+            .into_iter()
+            .filter(|l| l.contains("198.51.100."))
+            .collect();
+        (
+            split(&n.save("iptables-legacy-save")).1,
+            ipset_save(&n, false),
+            vs,
+        )
+    };
+    let mut foreign_before = foreign();
+    assert_eq!(foreign_before.2.len(), 4, "{:?}", foreign_before.2);
+    foreign_before.2.retain(|l| l.contains(FOREIGN_VS));
+
+    let mut proxy = n.start_in("ipvs", &[("KUBE_PROXY_RS_IPTABLES_MODE", "legacy".into())]);
+    n.add("a", "10.96.9.1", 80, 8080, 0);
+    n.add("b", "10.96.9.2", 80, 8080, 1);
+    assert!(
+        n.answers("10.96.9.1", startup()) && n.answers("10.96.9.2", SETTLE),
+        "a or b never answered\n{}",
+        n.logs()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let kernel = || {
+        (
+            ipvsadm_sn(&n)
+                .into_iter()
+                .filter(|l| l.contains("10.96."))
+                .collect::<BTreeSet<String>>(),
+            dummy_addrs(&n),
+            ipset_save(&n, true),
+            split(&n.save("iptables-legacy-save")).0,
+        )
+    };
+    let steady = kernel();
+    assert!(steady.1.contains("10.96.9.1/32"), "{steady:?}");
+    assert!(
+        steady.2.contains("KUBE-CLUSTER-IP 10.96.9.2,tcp:80"),
+        "{steady:?}"
+    );
+
+    // Drift: a's virtual server, b's kube-ipvs0 address and b's KUBE-CLUSTER-IP member gone.
+    node.run_ok("ipvsadm", ["-D", "-t", "10.96.9.1:80"]);
+    node.run_ok("ip", ["addr", "del", "10.96.9.2/32", "dev", "kube-ipvs0"]);
+    node.run_ok("ipset", ["del", "KUBE-CLUSTER-IP", "10.96.9.2,tcp:80"]);
+    let drifted = Instant::now();
+    assert_ne!(kernel(), steady);
+    wait_for(
+        "IPVS drift repaired",
+        SYNC_PERIOD + slack(),
+        || kernel() == steady,
+        || format!("{:?}\n{}", kernel(), n.logs()),
+    );
+    eprintln!("ipvs: drift repaired after {:?}", drifted.elapsed());
+    assert!(n.answers("10.96.9.1", T * 3), "a after the repair");
+    assert!(n.answers("10.96.9.2", T * 3), "b after the repair");
+
+    // SIGTERM: exit 0, the state left in place; foreign state the same byte for byte.
+    let status = proxy.terminate(Duration::from_secs(5));
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", n.logs());
+    assert_eq!(
+        kernel(),
+        steady,
+        "SIGTERM removed or changed the IPVS state"
+    );
+    assert_eq!(foreign(), foreign_before, "foreign state changed");
+    assert!(n.answers("10.96.9.1", T * 3), "a after SIGTERM");
 }
