@@ -357,6 +357,15 @@ impl FakeApiServer {
         st.compacted = st.rv;
     }
 
+    /// Forgets the change log up to `rv` (as etcd's compaction does): watches from an older
+    /// RV get 410 Gone. Only for open watches known to be past `rv` (a load test trimming
+    /// what its watchers have long streamed), or they skip the forgotten events.
+    pub fn trim_log(&self, rv: u64) {
+        let mut st = self.shared.lock();
+        st.log.retain(|e| e.rv > rv);
+        st.compacted = st.compacted.max(rv);
+    }
+
     /// Abruptly cuts every open watch stream (connection aborted mid-body).
     pub fn drop_watches(&self) {
         self.shared.cut_watches();
