@@ -22,6 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
@@ -266,12 +268,24 @@ fn endpoint_slice_churn_is_coalesced_memory_bounded_and_converges() {
     let seconds_before = metric(&ns, SYNC_SECONDS).unwrap_or(0.0);
 
     // The load: `rate` slice changes per second, spread over the services, in 10 ms steps;
-    // RSS sampled every 250 ms; the fake server's log trimmed to the last few seconds.
+    // RSS sampled every 250 ms by its own thread; the fake server's log trimmed to the last
+    // few seconds.
     let total = size.rate * size.seconds;
     let start = Instant::now();
-    let mut samples: Vec<(Duration, u64)> = Vec::new();
-    let mut next_sample = start;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut samples: Vec<(Duration, u64)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                samples.push((start.elapsed(), rss_kb(pid)));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            samples
+        })
+    };
     let mut trim_marks: Vec<(Instant, u64)> = Vec::new();
+    let mut next_trim = start;
     let mut k = 0u64;
     while k < total {
         let due = ((start.elapsed().as_secs_f64() * size.rate as f64) as u64 + 1).min(total);
@@ -282,9 +296,8 @@ fn endpoint_slice_churn_is_coalesced_memory_bounded_and_converges() {
             k += 1;
         }
         let now = Instant::now();
-        if now >= next_sample {
-            samples.push((start.elapsed(), rss_kb(pid)));
-            next_sample = now + Duration::from_millis(250);
+        if now >= next_trim {
+            next_trim = now + Duration::from_millis(250);
             trim_marks.push((now, api.resource_version()));
             if let Some(pos) = trim_marks
                 .iter()
@@ -301,6 +314,8 @@ fn endpoint_slice_churn_is_coalesced_memory_bounded_and_converges() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let load_time = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.join().expect("RSS sampler");
     assert!(proxy.try_wait().is_none(), "daemon exited\n{}", log());
     let syncs = metric(&ns, SYNCS).unwrap_or(0.0) as u64 - syncs_before;
     let sync_seconds = metric(&ns, SYNC_SECONDS).unwrap_or(0.0) - seconds_before;
@@ -368,10 +383,11 @@ fn endpoint_slice_churn_is_coalesced_memory_bounded_and_converges() {
         .max()
         .unwrap_or(0);
     eprintln!(
-        "load: {total} changes in {load_time:?} over {} services; {syncs} syncs ({sync_seconds:.1} s \
+        "load: {total} changes in {load_time:?} ({:.0}/s) over {} services; {syncs} syncs ({sync_seconds:.1} s \
          syncing); converged {converged:?} after ({stale} stale KUBE-SEP chains, deleted by the next \
          sync a sync period later); RSS after the initial sync {} MB, peak {} MB, \
          first third {} MB, last third {} MB",
+        total as f64 / load_time.as_secs_f64(),
         size.services,
         rss_start / 1024,
         peak / 1024,
