@@ -16,7 +16,7 @@ use kube_proxy_rs::backend::iptables::render as ipt;
 use kube_proxy_rs::backend::netfilter::LocalDetector;
 use kube_proxy_rs::backend::nftables::render::{is_large, render_ports};
 use kube_proxy_rs::backend::nftables::{
-    Committed, Prior, RenderConfig, build, build_partial, render,
+    Committed, Owned, Prior, RenderConfig, build, build_partial, render,
 };
 use kube_proxy_rs::host::NodePortDestinations;
 use kube_proxy_rs::model::{ClusterState, IpFamily, ServiceName};
@@ -116,7 +116,7 @@ fn run(n: usize) {
     let mut blocks: BTreeMap<_, _> = render_ports(&model, &cfg, large, |_| true)
         .blocks
         .into_iter()
-        .map(|b| (b.port.clone(), b))
+        .map(|b| (b.port.clone(), Owned::of(&b.ops)))
         .collect();
     let mut committed = tx.next;
     let mut ours = Vec::new();
@@ -138,7 +138,12 @@ fn run(n: usize) {
             .collect();
         let ptx = build_partial(cfg.family, &old, &fresh.blocks, committed);
         ours.push(t.elapsed());
-        blocks.extend(fresh.blocks.into_iter().map(|b| (b.port.clone(), b)));
+        blocks.extend(
+            fresh
+                .blocks
+                .iter()
+                .map(|b| (b.port.clone(), Owned::of(&b.ops))),
+        );
         ops = ptx.ops;
         kernel.push(timed(&ns, &["nft", "-f", "-"], &ptx.text).0);
         committed = ptx.next;

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::names::FamilyTokens;
-use super::render::{RenderConfig, ServiceBlock, count_lacking, is_large, render, render_ports};
-use super::tx::{Committed, Existing, Prior, build, build_partial};
+use super::render::{RenderConfig, ServiceBlock, is_large, render, render_ports};
+use super::tx::{Committed, Existing, Owned, Prior, build, build_partial};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
@@ -65,14 +65,30 @@ pub struct NftablesProxier {
     blocks: Option<Blocks>,
 }
 
-/// Every service port's block as last committed, so that a partial sync renders only the
-/// changed services (upstream re-renders every service and skips the unchanged ones).
+/// What every service port's block owned when last committed, so that a partial sync
+/// renders only the changed services (upstream re-renders every service and skips the
+/// unchanged ones). Names only: the rules' text is not kept.
 struct Blocks {
     /// The settings they were rendered with: any change (node facts) renders everything.
     config: RenderConfig,
     /// The layout they were rendered in.
     large: bool,
-    ports: BTreeMap<ServicePortName, ServiceBlock>,
+    ports: BTreeMap<ServicePortName, PortRecord>,
+}
+
+/// One service port's objects and its no-local-endpoint flags.
+struct PortRecord {
+    owned: Owned,
+    lacks_local: (bool, bool),
+}
+
+impl PortRecord {
+    fn of(block: &ServiceBlock) -> Self {
+        PortRecord {
+            owned: Owned::of(&block.ops),
+            lacks_local: block.lacks_local,
+        }
+    }
 }
 
 /// What a sync reports besides the transaction.
@@ -226,8 +242,8 @@ impl NftablesProxier {
         self.flushed |= full;
         let ports = rs
             .services
-            .into_iter()
-            .map(|b| (b.port.clone(), b))
+            .iter()
+            .map(|b| (b.port.clone(), PortRecord::of(b)))
             .collect();
         self.blocks = Some(Blocks {
             config: self.config.clone(),
@@ -263,7 +279,11 @@ impl NftablesProxier {
             .filter(|p| changed.contains(&p.service))
             .cloned()
             .collect();
-        let old: Vec<ServiceBlock> = gone.iter().filter_map(|p| blocks.ports.remove(p)).collect();
+        let old: Vec<Owned> = gone
+            .iter()
+            .filter_map(|p| blocks.ports.remove(p))
+            .map(|r| r.owned)
+            .collect();
         let tx = build_partial(self.config.family, &old, &fresh.blocks, record);
         self.run(tx).await?;
         let blocks = self.blocks.get_or_insert_with(|| Blocks {
@@ -271,11 +291,17 @@ impl NftablesProxier {
             large,
             ports: BTreeMap::new(),
         });
-        for b in fresh.blocks {
-            blocks.ports.insert(b.port.clone(), b);
+        for b in &fresh.blocks {
+            blocks.ports.insert(b.port.clone(), PortRecord::of(b));
         }
+        let lacking = blocks.ports.values().fold((0, 0), |(i, e), r| {
+            (
+                i + usize::from(r.lacks_local.0),
+                e + usize::from(r.lacks_local.1),
+            )
+        });
         Ok(Counts {
-            lacking: count_lacking(blocks.ports.values()),
+            lacking,
             health_checks: fresh.health_checks,
         })
     }

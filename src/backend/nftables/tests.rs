@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use super::render::{RenderConfig, render};
 use super::table::{Table, sort_transaction};
-use super::tx::{Committed, Existing, Prior, build, build_partial};
+use super::tx::{Committed, Existing, Owned, Prior, build, build_partial};
 use crate::backend::netfilter::LocalDetector;
 use crate::host::NodePortDestinations;
 use crate::model::{
@@ -794,7 +794,10 @@ fn partial_build_equals_the_whole_build() {
                 })
                 .collect();
             let whole = build(&render(&m, &cfg), Prior::Known(&record), false, false);
-            let old = blocks_of(&before, &cfg, &changed);
+            let old: Vec<Owned> = blocks_of(&before, &cfg, &changed)
+                .iter()
+                .map(|b| Owned::of(&b.ops))
+                .collect();
             let new = blocks_of(&m, &cfg, &changed);
             let part = build_partial(cfg.family, &old, &new, record.clone());
             assert!(!whole.text.is_empty(), "change {i} wrote nothing");

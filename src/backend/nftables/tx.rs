@@ -99,13 +99,13 @@ pub fn build(rs: &Ruleset, prior: Prior, full: bool, first_after_start: bool) ->
     }
 }
 
-/// A partial sync's transaction at the cost of the change: `old` are the changed services'
-/// blocks as last committed, `new` their blocks now; every other object stays as `record`
+/// A partial sync's transaction at the cost of the change: `old` are the objects of the
+/// changed services' blocks as last committed, `new` their blocks now; every other object stays as `record`
 /// (the last commit) holds it. Writes the same objects as [`build`] of the whole ruleset
 /// would (proven by the `partial_build_equals_the_whole_build` test).
 pub fn build_partial(
     family: IpFamily,
-    old: &[ServiceBlock],
+    old: &[Owned],
     new: &[ServiceBlock],
     record: Committed,
 ) -> Transaction {
@@ -132,30 +132,60 @@ pub fn build_partial(
     }
 }
 
-/// Moves the objects of `blocks` out of `record`: what they held when last committed.
-fn take_objects(record: &mut Committed, blocks: &[ServiceBlock]) -> Committed {
+/// The named objects a service port's block owns: all a partial sync needs of what it last
+/// committed (the rules' text is in the record as a hash only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Its chains.
+    pub chains: Vec<String>,
+    /// Its affinity sets.
+    pub sets: Vec<String>,
+    /// Its elements: container and key.
+    pub elements: Vec<(&'static str, String)>,
+}
+
+impl Owned {
+    /// The objects `ops` write.
+    pub fn of(ops: &[Op]) -> Self {
+        let mut owned = Owned::default();
+        for op in ops {
+            match op {
+                Op::Chain(chain) => owned.chains.push(chain.clone()),
+                Op::Rule { chain, .. } => {
+                    if owned.chains.last() != Some(chain) && !owned.chains.contains(chain) {
+                        owned.chains.push(chain.clone());
+                    }
+                }
+                Op::Set { name, .. } => owned.sets.push(name.clone()),
+                Op::Element(e) => owned.elements.push((e.container, e.key.clone())),
+            }
+        }
+        owned
+    }
+}
+
+/// Moves the objects `blocks` own out of `record`: what they held when last committed.
+fn take_objects(record: &mut Committed, blocks: &[Owned]) -> Committed {
     let mut taken = Committed::default();
-    for op in blocks.iter().flat_map(|b| &b.ops) {
-        match op {
-            Op::Chain(chain) | Op::Rule { chain, .. } => {
-                if let Some(h) = record.chains.remove(chain) {
-                    taken.chains.insert(chain.clone(), h);
-                }
+    for owned in blocks {
+        for chain in &owned.chains {
+            if let Some(h) = record.chains.remove(chain) {
+                taken.chains.insert(chain.clone(), h);
             }
-            Op::Set { name, .. } => {
-                if record.sets.remove(name) {
-                    taken.sets.insert(name.clone());
-                }
+        }
+        for name in &owned.sets {
+            if record.sets.remove(name) {
+                taken.sets.insert(name.clone());
             }
-            Op::Element(e) => {
-                let rest = record
-                    .elements
-                    .get_mut(e.container)
-                    .and_then(|m| m.remove(&e.key));
-                if let Some(rest) = rest {
-                    let m = taken.elements.entry(e.container).or_default();
-                    m.insert(e.key.clone(), rest);
-                }
+        }
+        for (container, key) in &owned.elements {
+            let rest = record
+                .elements
+                .get_mut(container)
+                .and_then(|m| m.remove(key));
+            if let Some(rest) = rest {
+                let m = taken.elements.entry(container).or_default();
+                m.insert(key.clone(), rest);
             }
         }
     }
