@@ -7,15 +7,19 @@
 //!
 //! `cargo bench --bench nftables [-- N...]` (default 1000 10000). Needs root.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kube_proxy_rs::backend::iptables::render as ipt;
 use kube_proxy_rs::backend::netfilter::LocalDetector;
-use kube_proxy_rs::backend::nftables::{Committed, Prior, RenderConfig, build, render};
+use kube_proxy_rs::backend::nftables::render::{is_large, render_ports};
+use kube_proxy_rs::backend::nftables::{
+    Committed, Owned, Prior, RenderConfig, build, build_partial, render,
+};
 use kube_proxy_rs::host::NodePortDestinations;
-use kube_proxy_rs::model::{ClusterState, IpFamily};
+use kube_proxy_rs::model::{ClusterState, IpFamily, ServiceName};
 use serde_json::json;
 
 fn slice(i: usize, extra: Option<&str>) -> k8s_openapi::api::discovery::v1::EndpointSlice {
@@ -106,6 +110,14 @@ fn run(n: usize) {
     let _ = Command::new("ip").args(["netns", "add", &ns]).status();
     let (nft_full, nft_rss) = timed(&ns, &["nft", "-f", "-"], &tx.text);
 
+    // The proxier's partial path: only the changed service is rendered (its blocks as
+    // last committed come from the previous render), then the transaction against the record.
+    let large = is_large(&model, &cfg);
+    let mut blocks: BTreeMap<_, _> = render_ports(&model, &cfg, large, |_| true)
+        .blocks
+        .into_iter()
+        .map(|b| (b.port.clone(), Owned::of(&b.ops)))
+        .collect();
     let mut committed = tx.next;
     let mut ours = Vec::new();
     let mut kernel = Vec::new();
@@ -113,10 +125,25 @@ fn run(n: usize) {
     for k in 0..20 {
         let i = (k * 7919) % n;
         state.apply_slice(&slice(i, Some(&format!("10.200.{}.{}", k / 250, k % 250))));
+        let changed: BTreeSet<ServiceName> = state.take_changes().services;
         let m = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
         let t = Instant::now();
-        let ptx = build(&render(&m, &cfg), Prior::Known(&committed), false, false);
+        let fresh = render_ports(&m, &cfg, is_large(&m, &cfg), |s| {
+            changed.contains(&s.name.service)
+        });
+        let old: Vec<_> = fresh
+            .blocks
+            .iter()
+            .filter_map(|b| blocks.remove(&b.port))
+            .collect();
+        let ptx = build_partial(cfg.family, &old, &fresh.blocks, committed);
         ours.push(t.elapsed());
+        blocks.extend(
+            fresh
+                .blocks
+                .iter()
+                .map(|b| (b.port.clone(), Owned::of(&b.ops))),
+        );
         ops = ptx.ops;
         kernel.push(timed(&ns, &["nft", "-f", "-"], &ptx.text).0);
         committed = ptx.next;

@@ -63,7 +63,7 @@ async fn sync_outcome(
 ) -> Result<kube_proxy_rs::backend::SyncOutcome, BackendError> {
     p.sync(SyncRequest {
         model,
-        changed: &BTreeSet::new(),
+        changed: &changed_services(),
         full,
         node_facts: &facts(model),
     })
@@ -268,6 +268,15 @@ async fn sync_leaves_the_desired_table_and_a_repeat_writes_nothing() {
         k,
         "a later full sync changes nothing"
     );
+}
+
+/// The services [`changed`] changes: what the sync loop names in every partial sync here
+/// (re-rendering an unchanged service writes nothing).
+fn changed_services() -> BTreeSet<ServiceName> {
+    ["web", "legacy"]
+        .into_iter()
+        .map(|n| ServiceName::new("demo", n))
+        .collect()
 }
 
 /// Another model: one endpoint added to `web`, `legacy` removed.

@@ -210,11 +210,23 @@ impl Plan<'_> {
 
 /// Plans `model` for `family`: pure, one pass over the service ports.
 pub fn plan<'a>(model: &'a ProxyModel, family: IpFamily, opts: &PlanOptions) -> Plan<'a> {
+    plan_where(model, family, opts, |_| true)
+}
+
+/// Plans only the service ports of `family` that `wanted` selects (a partial sync's changed
+/// services): the same decisions as [`plan`], at the cost of the ports selected (health checks
+/// still cover every service).
+pub fn plan_where<'a>(
+    model: &'a ProxyModel,
+    family: IpFamily,
+    opts: &PlanOptions,
+    wanted: impl Fn(&ServicePort) -> bool,
+) -> Plan<'a> {
     let health_checks = model.health_checks();
     let services = model
         .services
         .values()
-        .filter(|svc| family.matches(&svc.cluster_ip))
+        .filter(|svc| family.matches(&svc.cluster_ip) && wanted(svc))
         .map(|svc| plan_port(model, svc, family, opts, &health_checks))
         .collect();
     Plan {

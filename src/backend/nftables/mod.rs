@@ -19,4 +19,4 @@ mod tests;
 pub use proxier::render_text;
 pub use render::{RenderConfig, Ruleset, render};
 pub use table::Table;
-pub use tx::{Committed, Existing, Prior, Transaction, build};
+pub use tx::{Committed, Existing, Owned, Prior, Transaction, build, build_partial};

@@ -4,19 +4,19 @@
 //! separate transaction in a later sync, as upstream (a chain still referenced from a map
 //! element being deleted is only released a little later on kernels before 6.2).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::names::FamilyTokens;
-use super::render::{RenderConfig, Ruleset, render};
-use super::tx::{Committed, Existing, Prior, build};
+use super::render::{RenderConfig, ServiceBlock, is_large, render, render_ports};
+use super::tx::{Committed, Existing, Owned, Prior, build, build_partial};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
 use crate::kernel::nft::Nft;
-use crate::model::{IpFamily, ProxyModel};
+use crate::model::{IpFamily, ProxyModel, ServiceName, ServicePortName};
 
 /// How long a flushed stale chain waits before it is deleted (upstream: 1 s).
 const STALE_CHAIN_DELAY: Duration = Duration::from_secs(1);
@@ -61,6 +61,41 @@ pub struct NftablesProxier {
     needs_full: bool,
     /// Operations in the last transaction (for the sync log).
     last_ops: usize,
+    /// The blocks `committed` was built from; `None` whenever `committed` is.
+    blocks: Option<Blocks>,
+}
+
+/// What every service port's block owned when last committed, so that a partial sync
+/// renders only the changed services (upstream re-renders every service and skips the
+/// unchanged ones). Names only: the rules' text is not kept.
+struct Blocks {
+    /// The settings they were rendered with: any change (node facts) renders everything.
+    config: RenderConfig,
+    /// The layout they were rendered in.
+    large: bool,
+    ports: BTreeMap<ServicePortName, PortRecord>,
+}
+
+/// One service port's objects and its no-local-endpoint flags.
+struct PortRecord {
+    owned: Owned,
+    lacks_local: (bool, bool),
+}
+
+impl PortRecord {
+    fn of(block: &ServiceBlock) -> Self {
+        PortRecord {
+            owned: Owned::of(&block.ops),
+            lacks_local: block.lacks_local,
+        }
+    }
+}
+
+/// What a sync reports besides the transaction.
+struct Counts {
+    /// Service ports whose internal / external Local policy found no local endpoint.
+    lacking: (usize, usize),
+    health_checks: BTreeMap<ServiceName, (u16, usize)>,
 }
 
 impl NftablesProxier {
@@ -76,6 +111,7 @@ impl NftablesProxier {
             stale: BTreeMap::new(),
             needs_full: false,
             last_ops: 0,
+            blocks: None,
         }
     }
 
@@ -163,8 +199,32 @@ impl NftablesProxier {
         }))
     }
 
-    /// Renders and applies one sync.
-    async fn apply(&mut self, model: &ProxyModel, full: bool) -> Result<Ruleset, BackendError> {
+    /// Renders and applies one sync: only the `changed` services when the last commit and
+    /// its blocks are known and the settings and layout are unchanged, everything otherwise.
+    async fn apply(
+        &mut self,
+        model: &ProxyModel,
+        full: bool,
+        changed: &BTreeSet<ServiceName>,
+    ) -> Result<Counts, BackendError> {
+        let large = is_large(model, &self.config);
+        let reusable = self
+            .blocks
+            .as_ref()
+            .is_some_and(|b| b.large == large && b.config == self.config);
+        if !full && reusable && self.committed.is_some() {
+            self.apply_partial(model, changed, large).await
+        } else {
+            self.apply_full(model, full, large).await
+        }
+    }
+
+    async fn apply_full(
+        &mut self,
+        model: &ProxyModel,
+        full: bool,
+        large: bool,
+    ) -> Result<Counts, BackendError> {
         let rs = render(model, &self.config);
         let existing = match self.committed {
             Some(_) => None,
@@ -178,24 +238,95 @@ impl NftablesProxier {
         };
         let full = full || self.committed.is_none();
         let tx = build(&rs, prior, full, !self.flushed);
+        self.run(tx).await?;
+        self.flushed |= full;
+        let ports = rs
+            .services
+            .iter()
+            .map(|b| (b.port.clone(), PortRecord::of(b)))
+            .collect();
+        self.blocks = Some(Blocks {
+            config: self.config.clone(),
+            large,
+            ports,
+        });
+        Ok(Counts {
+            lacking: (
+                rs.no_local_endpoints_internal,
+                rs.no_local_endpoints_external,
+            ),
+            health_checks: rs.health_checks,
+        })
+    }
+
+    async fn apply_partial(
+        &mut self,
+        model: &ProxyModel,
+        changed: &BTreeSet<ServiceName>,
+        large: bool,
+    ) -> Result<Counts, BackendError> {
+        let fresh = render_ports(model, &self.config, large, |svc| {
+            changed.contains(&svc.name.service)
+        });
+        let (Some(blocks), Some(record)) = (self.blocks.as_mut(), self.committed.take()) else {
+            return Err(BackendError::NftablesTransaction(
+                "partial sync without a record of the last commit".into(),
+            ));
+        };
+        let gone: Vec<ServicePortName> = blocks
+            .ports
+            .keys()
+            .filter(|p| changed.contains(&p.service))
+            .cloned()
+            .collect();
+        let old: Vec<Owned> = gone
+            .iter()
+            .filter_map(|p| blocks.ports.remove(p))
+            .map(|r| r.owned)
+            .collect();
+        let tx = build_partial(self.config.family, &old, &fresh.blocks, record);
+        self.run(tx).await?;
+        let blocks = self.blocks.get_or_insert_with(|| Blocks {
+            config: self.config.clone(),
+            large,
+            ports: BTreeMap::new(),
+        });
+        for b in &fresh.blocks {
+            blocks.ports.insert(b.port.clone(), PortRecord::of(b));
+        }
+        let lacking = blocks.ports.values().fold((0, 0), |(i, e), r| {
+            (
+                i + usize::from(r.lacks_local.0),
+                e + usize::from(r.lacks_local.1),
+            )
+        });
+        Ok(Counts {
+            lacking,
+            health_checks: fresh.health_checks,
+        })
+    }
+
+    /// Runs one transaction and keeps its record; on failure forgets what the kernel holds
+    /// (the next sync re-reads the table and is full).
+    async fn run(&mut self, tx: super::tx::Transaction) -> Result<(), BackendError> {
         self.last_ops = tx.ops;
         if !tx.text.is_empty() {
             tracing::trace!(transaction = %tx.text, "Running nftables transaction");
             if let Err(e) = self.nft.run(&tx.text).await {
                 // The flushes never happened: forget them, and rebuild from the kernel.
                 self.committed = None;
+                self.blocks = None;
                 self.stale.clear();
                 return Err(BackendError::NftablesTransaction(e.to_string()));
             }
         }
-        self.flushed |= full;
         let now = Instant::now();
         for c in tx.flushed_stale {
             self.stale.entry(c).or_insert(now);
         }
         self.stale.retain(|c, _| !tx.next.chains.contains_key(c));
         self.committed = Some(tx.next);
-        Ok(rs)
+        Ok(())
     }
 
     /// `--cleanup` and other modes' start-up: deletes both families' tables.
@@ -225,14 +356,14 @@ impl Backend for NftablesProxier {
         let local = self.local_ips().await;
         self.config.apply_node_facts(req.node_facts, &local);
         let full = req.full || std::mem::take(&mut self.needs_full);
-        let rs_counts = self.apply(req.model, full).await?;
+        let counts = self.apply(req.model, full, req.changed).await?;
         let conntrack = self.conntrack.after_sync(req.model, &local).await;
         let mut outcome = SyncOutcome::new(
             0,
             0,
-            rs_counts.no_local_endpoints_internal,
-            rs_counts.no_local_endpoints_external,
-            rs_counts.health_checks,
+            counts.lacking.0,
+            counts.lacking.1,
+            counts.health_checks,
         );
         outcome.rules_per_table = BTreeMap::from([(
             format!("{} {}", self.family_word(), super::names::TABLE),

@@ -15,7 +15,7 @@ use crate::model::plan::{
     self, ClusterIpMasquerade, Disposition, ExternalMasquerade, Firewall, IpFamily, PlanOptions,
     Policy, ServicePlan,
 };
-use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName};
+use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort, ServicePortName};
 
 /// Settings that shape one family's ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,10 +145,12 @@ pub enum Op {
 /// The objects of one service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceBlock {
-    /// The owning service (partial syncs rewrite the changed ones).
-    pub service: ServiceName,
+    /// The service port (partial syncs rewrite the changed services' ports).
+    pub port: ServicePortName,
     /// Its operations.
     pub ops: Vec<Op>,
+    /// Its internal and external Local policies found no local endpoint.
+    pub lacks_local: (bool, bool),
 }
 
 /// One family's desired ruleset.
@@ -185,30 +187,82 @@ pub fn quote(s: &str) -> String {
 
 /// Renders `model` for `cfg.family`.
 pub fn render(model: &ProxyModel, cfg: &RenderConfig) -> Ruleset {
+    let blocks = render_ports(model, cfg, is_large(model, cfg), |_| true);
+    let mut rs = Ruleset {
+        family: cfg.family,
+        config: cfg.clone(),
+        services: Vec::new(),
+        no_local_endpoints_internal: 0,
+        no_local_endpoints_external: 0,
+        health_checks: blocks.health_checks,
+    };
+    rs.services = blocks.blocks;
+    (
+        rs.no_local_endpoints_internal,
+        rs.no_local_endpoints_external,
+    ) = count_lacking(rs.services.iter());
+    rs
+}
+
+/// Whether `model` gets the large-cluster layout: more service ports of the family than
+/// [`RenderConfig::large_cluster_threshold`].
+pub fn is_large(model: &ProxyModel, cfg: &RenderConfig) -> bool {
+    let ports = model
+        .services
+        .values()
+        .filter(|svc| cfg.family.matches(&svc.cluster_ip))
+        .count();
+    ports > cfg.large_cluster_threshold
+}
+
+/// Service ports whose internal and external Local policies found no local endpoint.
+pub fn count_lacking<'b>(blocks: impl Iterator<Item = &'b ServiceBlock>) -> (usize, usize) {
+    blocks.fold((0, 0), |(i, e), b| {
+        (
+            i + usize::from(b.lacks_local.0),
+            e + usize::from(b.lacks_local.1),
+        )
+    })
+}
+
+/// The blocks of some service ports, and every service's health checks.
+pub struct PortBlocks {
+    /// One block per selected service port, in service-port-name order.
+    pub blocks: Vec<ServiceBlock>,
+    /// Health-check node port and local endpoint count of each eTP=Local LoadBalancer.
+    pub health_checks: BTreeMap<ServiceName, (u16, usize)>,
+}
+
+/// Renders the service ports `wanted` selects in the given layout (a partial sync renders
+/// only its changed services; `large` is decided over the whole model by [`is_large`]).
+pub fn render_ports(
+    model: &ProxyModel,
+    cfg: &RenderConfig,
+    large: bool,
+    wanted: impl Fn(&ServicePort) -> bool,
+) -> PortBlocks {
     let opts = PlanOptions {
         masquerade_all: cfg.masquerade_all,
         detects_local_pods: cfg.local_detector.is_implemented(),
         primary_node_ip: cfg.primary_node_ip,
     };
-    let plan = plan::plan(model, cfg.family, &opts);
-    let large = plan.services.len() > cfg.large_cluster_threshold;
-    let mut rs = Ruleset {
-        family: cfg.family,
-        config: cfg.clone(),
-        services: Vec::with_capacity(plan.services.len()),
-        no_local_endpoints_internal: 0,
-        no_local_endpoints_external: 0,
-        health_checks: plan.health_checks.clone(),
-    };
-    for sp in &plan.services {
-        rs.no_local_endpoints_internal += usize::from(sp.internal.lacks_local_endpoints());
-        rs.no_local_endpoints_external += usize::from(sp.external.lacks_local_endpoints());
-        rs.services.push(ServiceBlock {
-            service: sp.service.name.service.clone(),
+    let plan = plan::plan_where(model, cfg.family, &opts, wanted);
+    let blocks = plan
+        .services
+        .iter()
+        .map(|sp| ServiceBlock {
+            port: sp.service.name.clone(),
+            lacks_local: (
+                sp.internal.lacks_local_endpoints(),
+                sp.external.lacks_local_endpoints(),
+            ),
             ops: PortOps::new(sp, cfg, large).ops(),
-        });
+        })
+        .collect();
+    PortBlocks {
+        blocks,
+        health_checks: plan.health_checks,
     }
-    rs
 }
 
 /// The base chains: name, type, hook, priority (as knftables writes it), in upstream's order.

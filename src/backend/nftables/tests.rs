@@ -7,12 +7,12 @@ use std::net::IpAddr;
 
 use super::render::{RenderConfig, render};
 use super::table::{Table, sort_transaction};
-use super::tx::{Committed, Existing, Prior, build};
+use super::tx::{Committed, Existing, Owned, Prior, build, build_partial};
 use crate::backend::netfilter::LocalDetector;
 use crate::host::NodePortDestinations;
 use crate::model::{
-    Endpoint, IpFamily, Protocol, ProxyModel, ServicePort, ServicePortName, ServiceType,
-    SourceRanges,
+    Endpoint, IpFamily, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName,
+    ServiceType, SourceRanges,
 };
 
 pub(super) fn ip(s: &str) -> IpAddr {
@@ -724,4 +724,87 @@ fn large_cluster_layout_golden_and_switch() {
         sort_transaction(&t.dump().join("\n")),
         sort_transaction(&applied(&[&first_sync(&small, &cfg).text]).dump().join("\n"))
     );
+}
+
+/// The blocks of the changed services' ports in `model`, in port order.
+fn blocks_of(
+    model: &ProxyModel,
+    cfg: &RenderConfig,
+    changed: &BTreeSet<ServiceName>,
+) -> Vec<super::render::ServiceBlock> {
+    let large = super::render::is_large(model, cfg);
+    super::render::render_ports(model, cfg, large, |s| changed.contains(&s.name.service)).blocks
+}
+
+/// A partial sync that renders only the changed services writes exactly what the whole
+/// build writes (the same text and the same record), in both layouts, for additions,
+/// removals, endpoint and policy changes, and a destination two services claim.
+#[test]
+fn partial_build_equals_the_whole_build() {
+    type Change = fn(&mut ProxyModel) -> &'static [&'static str];
+    let changes: [Change; 6] = [
+        |m| {
+            let eps = m.endpoints.get_mut(&spn("ns1", "svc1")).unwrap();
+            eps.push(ep("10.180.0.9", 80, false));
+            &["ns1/svc1"]
+        },
+        |m| {
+            m.services.remove(&spn("ns5", "svc5"));
+            m.endpoints.remove(&spn("ns5", "svc5"));
+            &["ns5/svc5"]
+        },
+        |m| {
+            m.endpoints.remove(&spn("ns4", "svc4"));
+            &["ns4/svc4"]
+        },
+        |m| {
+            let s = m.services.get_mut(&spn("ns3", "svc3")).unwrap();
+            s.node_port = 3009;
+            s.session_affinity_timeout = Some(60);
+            &["ns3/svc3"]
+        },
+        |m| {
+            let mut s = port("ns7", "svc7", "172.30.0.47");
+            s.external_ips = vec![ip("192.168.99.33")];
+            m.services.insert(s.name.clone(), s);
+            m.endpoints
+                .insert(spn("ns7", "svc7"), vec![ep("10.180.0.7", 80, true)]);
+            m.endpoints.remove(&spn("ns2", "svc2"));
+            &["ns7/svc7", "ns2/svc2"]
+        },
+        |m| {
+            m.services.remove(&spn("ns4", "svc4"));
+            &["ns4/svc4", "ns9/gone"]
+        },
+    ];
+    for threshold in [super::render::LARGE_CLUSTER_THRESHOLD, 0] {
+        let cfg = RenderConfig {
+            large_cluster_threshold: threshold,
+            ..golden_config()
+        };
+        let mut m = overall_model();
+        let mut record = first_sync(&m, &cfg).next;
+        for (i, change) in changes.iter().enumerate() {
+            let before = m.clone();
+            let changed: BTreeSet<ServiceName> = change(&mut m)
+                .iter()
+                .map(|s| {
+                    let (ns, name) = s.split_once('/').unwrap();
+                    ServiceName::new(ns, name)
+                })
+                .collect();
+            let whole = build(&render(&m, &cfg), Prior::Known(&record), false, false);
+            let old: Vec<Owned> = blocks_of(&before, &cfg, &changed)
+                .iter()
+                .map(|b| Owned::of(&b.ops))
+                .collect();
+            let new = blocks_of(&m, &cfg, &changed);
+            let part = build_partial(cfg.family, &old, &new, record.clone());
+            assert!(!whole.text.is_empty(), "change {i} wrote nothing");
+            assert_eq!(part.text, whole.text, "change {i}, threshold {threshold}");
+            assert_eq!(part.next, whole.next, "change {i}, threshold {threshold}");
+            assert_eq!(part.flushed_stale, whole.flushed_stale);
+            record = whole.next;
+        }
+    }
 }

@@ -8,7 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 
 use super::names;
-use super::render::{ELEMENT_CONTAINERS, Element, Op, Ruleset, Writer, write_setup};
+use super::render::{ELEMENT_CONTAINERS, Element, Op, Ruleset, ServiceBlock, Writer, write_setup};
+use crate::model::IpFamily;
 
 /// What the kernel holds after the last successful transaction (per-service objects only;
 /// the fixed section is rewritten by every full sync).
@@ -81,7 +82,6 @@ pub fn build(rs: &Ruleset, prior: Prior, full: bool, first_after_start: bool) ->
     for block in &rs.services {
         write_block(&mut w, &block.ops, record, full, &mut next);
     }
-    let mut flushed_stale = Vec::new();
     let (old_chains, old_sets): (Vec<&String>, Vec<&String>) = match prior {
         Prior::Known(c) => (c.chains.keys().collect(), c.sets.iter().collect()),
         Prior::Unknown { existing } => (
@@ -89,6 +89,121 @@ pub fn build(rs: &Ruleset, prior: Prior, full: bool, first_after_start: bool) ->
             existing.sets.iter().collect(),
         ),
     };
+    let flushed_stale = write_leftovers(&mut w, old_chains, old_sets, record, &next);
+    let ops = w.ops;
+    Transaction {
+        text,
+        ops,
+        next,
+        flushed_stale,
+    }
+}
+
+/// A partial sync's transaction at the cost of the change: `old` are the objects of the
+/// changed services' blocks as last committed, `new` their blocks now; every other object stays as `record`
+/// (the last commit) holds it. Writes the same objects as [`build`] of the whole ruleset
+/// would (proven by the `partial_build_equals_the_whole_build` test).
+pub fn build_partial(
+    family: IpFamily,
+    old: &[Owned],
+    new: &[ServiceBlock],
+    record: Committed,
+) -> Transaction {
+    let mut next = record;
+    let removed = take_objects(&mut next, old);
+    let mut text = String::new();
+    let mut w = Writer::new(family, &mut text);
+    for block in new {
+        write_block(&mut w, &block.ops, &removed, false, &mut next);
+    }
+    let flushed_stale = write_leftovers(
+        &mut w,
+        removed.chains.keys().collect(),
+        removed.sets.iter().collect(),
+        &removed,
+        &next,
+    );
+    let ops = w.ops;
+    Transaction {
+        text,
+        ops,
+        next,
+        flushed_stale,
+    }
+}
+
+/// The named objects a service port's block owns: all a partial sync needs of what it last
+/// committed (the rules' text is in the record as a hash only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Its chains.
+    pub chains: Vec<String>,
+    /// Its affinity sets.
+    pub sets: Vec<String>,
+    /// Its elements: container and key.
+    pub elements: Vec<(&'static str, String)>,
+}
+
+impl Owned {
+    /// The objects `ops` write.
+    pub fn of(ops: &[Op]) -> Self {
+        let mut owned = Owned::default();
+        for op in ops {
+            match op {
+                Op::Chain(chain) => owned.chains.push(chain.clone()),
+                Op::Rule { chain, .. } => {
+                    if owned.chains.last() != Some(chain) && !owned.chains.contains(chain) {
+                        owned.chains.push(chain.clone());
+                    }
+                }
+                Op::Set { name, .. } => owned.sets.push(name.clone()),
+                Op::Element(e) => owned.elements.push((e.container, e.key.clone())),
+            }
+        }
+        owned
+    }
+}
+
+/// Moves the objects `blocks` own out of `record`: what they held when last committed.
+fn take_objects(record: &mut Committed, blocks: &[Owned]) -> Committed {
+    let mut taken = Committed::default();
+    for owned in blocks {
+        for chain in &owned.chains {
+            if let Some(h) = record.chains.remove(chain) {
+                taken.chains.insert(chain.clone(), h);
+            }
+        }
+        for name in &owned.sets {
+            if record.sets.remove(name) {
+                taken.sets.insert(name.clone());
+            }
+        }
+        for (container, key) in &owned.elements {
+            let rest = record
+                .elements
+                .get_mut(container)
+                .and_then(|m| m.remove(key));
+            if let Some(rest) = rest {
+                let m = taken.elements.entry(container).or_default();
+                m.insert(key.clone(), rest);
+            }
+        }
+    }
+    // A whole build records no container it has no element for.
+    record.elements.retain(|_, m| !m.is_empty());
+    taken
+}
+
+/// Flushes the per-service chains, deletes the affinity sets and elements of `old` that
+/// `next` no longer has; returns the flushed chains (deleted by a later transaction).
+fn write_leftovers(
+    w: &mut Writer,
+    old_chains: Vec<&String>,
+    old_sets: Vec<&String>,
+    old: &Committed,
+    next: &Committed,
+) -> Vec<String> {
+    let mut flushed_stale = Vec::new();
     let mut old_chains: Vec<&String> = old_chains
         .into_iter()
         .filter(|c| names::is_service_chain(c) && !next.chains.contains_key(*c))
@@ -107,11 +222,10 @@ pub fn build(rs: &Ruleset, prior: Prior, full: bool, first_after_start: bool) ->
         w.line("delete", "set", s);
     }
     for (container, _) in ELEMENT_CONTAINERS {
-        let (Some(old), new) = (record.elements.get(container), next.elements.get(container))
-        else {
+        let (Some(gone), new) = (old.elements.get(container), next.elements.get(container)) else {
             continue;
         };
-        let mut gone: Vec<&String> = old
+        let mut gone: Vec<&String> = gone
             .keys()
             .filter(|k| new.is_none_or(|n| !n.contains_key(*k)))
             .collect();
@@ -120,13 +234,7 @@ pub fn build(rs: &Ruleset, prior: Prior, full: bool, first_after_start: bool) ->
             w.delete_element(container, key);
         }
     }
-    let ops = w.ops;
-    Transaction {
-        text,
-        ops,
-        next,
-        flushed_stale,
-    }
+    flushed_stale
 }
 
 fn hash_rules(rules: &[&str]) -> u64 {

@@ -1,0 +1,194 @@
+//! The daemon end to end, nftables and iptables mode side by side in one run: the release
+//! `kube-proxy-rs` in a node namespace against the fake API server holding N ClusterIP
+//! services × 5 endpoints (the five pod namespaces' echo servers), per N and mode:
+//! - first sync: daemon start → rules in the kernel (the daemon's
+//!   `sync_proxy_rules_last_timestamp_seconds` moves), lists included;
+//! - one-endpoint change: the EndpointSlice update at the API → the sync that carries it has
+//!   committed (median of 20, each to another service, 1.2 s apart so minSyncPeriod never
+//!   delays one);
+//! - the daemon's RSS (VmRSS, and its peak VmHWM) with the cluster loaded;
+//! - connection set-up through a ClusterIP: median `connect()` time from the node namespace
+//!   to a service's ClusterIP (DNAT to a pod) over 200 connections.
+//!
+//! `cargo bench --bench daemon [-- N...]` (default 100 1000 10000). Needs root.
+
+#[path = "../tests/scenarios/mod.rs"]
+mod scenarios;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use scenarios::{Cluster, http_get_in};
+use serde_json::{Value, json};
+use support::fakeapi::{endpoint_slice, service};
+
+const MODES: [&str; 2] = ["nftables", "iptables"];
+const CHANGES: usize = 20;
+
+fn cluster_ip(i: usize) -> String {
+    format!("10.96.{}.{}", 10 + i / 250, i % 250)
+}
+
+fn slice(i: usize, pods: &[String]) -> Value {
+    let ips: Vec<&str> = pods.iter().map(String::as_str).collect();
+    let mut s = endpoint_slice(
+        "bench",
+        &format!("svc{i}-1"),
+        &format!("svc{i}"),
+        &[("p", 8080, "TCP")],
+        &ips,
+        Some("node2"),
+    );
+    s["metadata"]["labels"]["bench"] = json!("1");
+    s
+}
+
+fn objects(n: usize, pods: &[String]) -> Vec<Value> {
+    (0..n)
+        .flat_map(|i| {
+            [
+                service(
+                    "bench",
+                    &format!("svc{i}"),
+                    &cluster_ip(i),
+                    &[("p", 80, "TCP", 8080)],
+                ),
+                slice(i, pods),
+            ]
+        })
+        .collect()
+}
+
+/// The daemon's last successful sync (seconds since the epoch), 0 before the first.
+fn last_sync(c: &Cluster) -> f64 {
+    let addr: SocketAddr = "127.0.0.1:10249".parse().unwrap();
+    let Ok((_, text)) = http_get_in(&c.topo.node, addr, "/metrics") else {
+        return 0.0;
+    };
+    text.lines()
+        .filter(|l| l.starts_with("kubeproxy_sync_proxy_rules_last_timestamp_seconds"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
+}
+
+fn epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Polls until the daemon has synced after `since` (epoch seconds): the time it took.
+fn synced_after(c: &Cluster, since: f64, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if last_sync(c) > since {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+fn kib(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// When process `pid` started (epoch seconds, to the clock tick).
+fn started(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Field 22 (starttime, in ticks since boot) counts from the end of the `(comm)` field.
+    let ticks: f64 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(19)?.parse().ok())
+        .unwrap_or(0.0);
+    let btime: f64 = std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+        .unwrap_or(0.0);
+    btime + ticks / 100.0
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn connect_time(c: &Cluster, addr: SocketAddr) -> Duration {
+    let times = c.topo.node.in_netns(|| {
+        (0..200)
+            .filter_map(|_| {
+                let t = Instant::now();
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+                let d = t.elapsed();
+                drop(s);
+                Some(d)
+            })
+            .collect::<Vec<_>>()
+    });
+    assert!(times.len() > 150, "connections to {addr} failed");
+    median(times)
+}
+
+fn run(n: usize, mode: &str) {
+    let probe = Cluster::start(mode, &[]);
+    let pods: Vec<String> = (0..5).map(|i| probe.pod_ip(i)).collect();
+    drop(probe);
+    let c = Cluster::start(mode, &objects(n, &pods));
+    let pid = c.proxy.lock().unwrap().id();
+    let limit = Duration::from_secs(600);
+    if synced_after(&c, 0.0, limit).is_none() {
+        println!("| {n} | {mode} | >{limit:?} | | | |");
+        return;
+    }
+    let first = Duration::from_secs_f64(last_sync(&c) - started(pid));
+    let setup = connect_time(&c, format!("{}:80", cluster_ip(0)).parse().unwrap());
+    let mut changes = Vec::new();
+    for k in 0..CHANGES {
+        std::thread::sleep(Duration::from_millis(1200));
+        let i = (k * 7919 + 1) % n;
+        let keep = if k % 2 == 0 { 4 } else { 3 };
+        let since = epoch();
+        c.api.apply(slice(i, &pods[..keep]));
+        match synced_after(&c, since, Duration::from_secs(120)) {
+            Some(d) => changes.push(d),
+            None => println!("change {k} not synced within 120 s"),
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    println!(
+        "| {n} | {mode} | {first:.2?} | {:.1?} | {} / {} MiB | {setup:.0?} |",
+        median(changes),
+        kib(&status, "VmRSS:") / 1024,
+        kib(&status, "VmHWM:") / 1024,
+    );
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![100, 1000, 10_000]
+    } else {
+        sizes
+    };
+    println!(
+        "| services (x5 endpoints) | mode | first sync: start → kernel | one-endpoint change: event → kernel (median of {CHANGES}) | daemon RSS / peak | ClusterIP connect() (median of 200) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for n in sizes {
+        for mode in MODES {
+            run(n, mode);
+        }
+    }
+}
