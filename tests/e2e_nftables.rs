@@ -188,3 +188,103 @@ fn switching_modes_is_clean_and_keeps_established_connections() {
     );
     c.assert_alive();
 }
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "ServiceCIDR",
+        "metadata": {"name": name},
+        "spec": {"cidrs": cidrs}
+    })
+}
+
+fn web_objects() -> [serde_json::Value; 2] {
+    [
+        service("e2e", "web", "10.96.0.10", &[("http", 80, "TCP", 8080)]),
+        endpoint_slice(
+            "e2e",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &["10.244.0.10"],
+            Some("node1"),
+        ),
+    ]
+}
+
+/// The `cluster-ips-check` drop rule of the table's listing, if any.
+fn drop_rule(c: &Cluster) -> Option<String> {
+    c.topo
+        .node
+        .run_ok(
+            "nft",
+            ["list", "chain", "ip", "kube-proxy", "cluster-ips-check"],
+        )
+        .lines()
+        .find(|l| l.contains("Drop traffic to unallocated ClusterIPs"))
+        .map(|l| l.trim().to_string())
+}
+
+fn web_works(c: &Cluster, what: &str) {
+    let r = eventually(Duration::from_secs(30), POLL, || {
+        tcp_request(&c.topo.node, sa("10.96.0.10:80"), T)
+    });
+    assert_eq!(
+        r.as_deref().ok(),
+        Some("pod0"),
+        "{what}: {r:?}\n{}",
+        c.logs()
+    );
+}
+
+/// A ServiceCIDR appearing puts its CIDR (this family's only) in the `cluster-ips-check`
+/// drop rule at once; its deletion removes the rule; ClusterIP traffic keeps working.
+#[test]
+fn service_cidr_objects_drive_the_unallocated_cluster_ip_drop_rule() {
+    let c = Cluster::start("nftables", &web_objects());
+    web_works(&c, "before any ServiceCIDR");
+    assert_eq!(drop_rule(&c), None);
+    c.api.apply(service_cidr(
+        "kubernetes",
+        &["10.96.0.0/16", "fd00:10:96::/112"],
+    ));
+    let rule = eventually(Duration::from_secs(20), POLL, || drop_rule(&c).ok_or(()));
+    let rule = rule.unwrap_or_else(|()| panic!("no drop rule\n{}", c.logs()));
+    assert!(rule.starts_with("ip daddr 10.96.0.0/16 drop"), "{rule}");
+    web_works(&c, "with the drop rule");
+    c.api.delete("ServiceCIDR", "", "kubernetes");
+    let gone = eventually(Duration::from_secs(20), POLL, || match drop_rule(&c) {
+        None => Ok(()),
+        Some(r) => Err(r),
+    });
+    assert!(gone.is_ok(), "{gone:?}\n{}", c.logs());
+    c.assert_alive();
+}
+
+/// A server without the ServiceCIDR resource (404): the proxy syncs without the drop rule,
+/// says so once however often it retries, and picks the resource up once it is served.
+#[test]
+fn a_server_without_service_cidrs_is_no_obstacle() {
+    let c = Cluster::start_with("nftables", &web_objects(), |api| {
+        api.set_hidden("servicecidrs", true);
+    });
+    web_works(&c, "without ServiceCIDRs");
+    let retried = eventually(Duration::from_secs(10), POLL, || {
+        let n = c
+            .api
+            .requests()
+            .iter()
+            .filter(|r| r.contains("/servicecidrs"))
+            .count();
+        if n >= 3 { Ok(n) } else { Err(n) }
+    });
+    assert!(retried.is_ok(), "{retried:?}");
+    let said = c.logs().matches("does not serve this kind").count();
+    assert_eq!(said, 1, "{}", c.logs());
+    assert_eq!(drop_rule(&c), None);
+    c.api.apply(service_cidr("kubernetes", &["10.96.0.0/16"]));
+    c.api.set_hidden("servicecidrs", false);
+    let rule = eventually(Duration::from_secs(40), POLL, || drop_rule(&c).ok_or(()));
+    assert!(rule.is_ok(), "no drop rule once served\n{}", c.logs());
+    c.assert_alive();
+}

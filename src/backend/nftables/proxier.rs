@@ -224,7 +224,13 @@ impl Backend for NftablesProxier {
         let cleanup_ok = self.delete_stale_chains().await;
         let local = self.local_ips().await;
         self.config.apply_node_facts(req.node_facts, &local);
-        let full = req.full || std::mem::take(&mut self.needs_full);
+        // The drop rule lives in the fixed section, which only a full sync writes (upstream
+        // waits for its next full sync, up to an hour; here the change is written at once).
+        let cidrs_changed = self.config.service_cidrs != req.model.service_cidrs;
+        self.config
+            .service_cidrs
+            .clone_from(&req.model.service_cidrs);
+        let full = req.full || std::mem::take(&mut self.needs_full) || cidrs_changed;
         let rs_counts = self.apply(req.model, full).await?;
         let conntrack = self.conntrack.after_sync(req.model, &local).await;
         let mut outcome = SyncOutcome::new(
@@ -279,6 +285,7 @@ pub fn render_text(
     let mut config = render_config(opts, family);
     let facts = crate::host::HostSettings::from_options(opts).facts(&model.node, family);
     config.apply_node_facts(&facts, &node_ips);
+    config.service_cidrs.clone_from(&model.service_cidrs);
     let rs = render(model, &config);
     build(&rs, Prior::Known(&Committed::default()), true, true).text
 }
