@@ -31,6 +31,11 @@ fn sa(s: &str) -> SocketAddr {
 
 /// Restarts the proxy of `c` in `mode` (same flags as the scenarios' cluster).
 fn restart(c: &Cluster, dir: &std::path::Path, mode: &str) {
+    restart_with(c, dir, mode, &[]);
+}
+
+/// [`restart`] with `extra` flags.
+fn restart_with(c: &Cluster, dir: &std::path::Path, mode: &str, extra: &[&str]) {
     let mut child = c.proxy.lock().unwrap_or_else(|p| p.into_inner());
     child.terminate(Duration::from_secs(3));
     let kubeconfig = c.api.write_kubeconfig(dir);
@@ -48,7 +53,9 @@ fn restart(c: &Cluster, dir: &std::path::Path, mode: &str) {
             "--iptables-min-sync-period=1s".into(),
             "--conntrack-max-per-core=0".into(),
             "-v=2".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|f| f.to_string())),
     );
     cmd.stdout(log.try_clone().unwrap()).stderr(log);
     *child = NsChild(cmd.spawn().expect("restart kube-proxy-rs"));
@@ -286,5 +293,92 @@ fn a_server_without_service_cidrs_is_no_obstacle() {
     c.api.set_hidden("servicecidrs", false);
     let rule = eventually(Duration::from_secs(40), POLL, || drop_rule(&c).ok_or(()));
     assert!(rule.is_ok(), "no drop rule once served\n{}", c.logs());
+    c.assert_alive();
+}
+
+/// Deleting the table, deleting a base chain, flushing the dispatch chain or one service's
+/// chain: each is repaired within a sync period (2 s here; upstream would wait for its
+/// hourly full sync), and the ClusterIP answers again.
+#[test]
+fn drift_is_repaired_within_a_sync_period() {
+    let c = Cluster::start("nftables", &web_objects());
+    let dir = tempfile::tempdir().unwrap();
+    restart_with(&c, dir.path(), "nftables", &["--iptables-sync-period=2s"]);
+    web_works(&c, "before any drift");
+    let node = &c.topo.node;
+    let service_chain = node
+        .run_ok("nft", ["list", "chains", "ip"])
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("chain ")
+                .and_then(|n| n.strip_suffix(" {"))
+                .filter(|n| n.starts_with("service-") && n.ends_with("e2e/web/tcp/http"))
+                .map(str::to_string)
+        })
+        .expect("the web service chain");
+    let rules = |chain: &str| -> Option<usize> {
+        let out = node.run("nft", ["list", "chain", "ip", "kube-proxy", chain]);
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("jump") || l.contains("goto") || l.contains("vmap"))
+                .count()
+        })
+    };
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "delete the table",
+            &["delete", "table", "ip", "kube-proxy"],
+            "services",
+        ),
+        (
+            "delete a base chain",
+            &["delete", "chain", "ip", "kube-proxy", "nat-output"],
+            "nat-output",
+        ),
+        (
+            "flush the dispatch chain",
+            &["flush", "chain", "ip", "kube-proxy", "services"],
+            "services",
+        ),
+        (
+            "flush a service chain",
+            &["flush", "chain", "ip", "kube-proxy", &service_chain],
+            &service_chain,
+        ),
+    ];
+    for (what, cmd, chain) in cases {
+        let before = rules(chain);
+        assert!(
+            before.is_some_and(|n| n > 0),
+            "{what}: {chain} has rules first"
+        );
+        node.run_ok("nft", cmd);
+        assert!(
+            rules(chain).is_none_or(|n| n == 0),
+            "{what}: the drift took effect"
+        );
+        let start = std::time::Instant::now();
+        let repaired = eventually(Duration::from_secs(8), POLL, || match rules(chain) {
+            n if n == before => Ok(()),
+            n => Err(n),
+        });
+        assert!(
+            repaired.is_ok(),
+            "{what}: not repaired: {repaired:?}\n{}",
+            c.logs()
+        );
+        eprintln!("{what}: repaired in {:?}", start.elapsed());
+        web_works(&c, what);
+    }
+    // One repair per drift, none for a table as synced (a false alarm every sync period
+    // would rewrite everything).
+    assert_eq!(
+        c.logs().matches("nftables table drifted").count(),
+        4,
+        "{}",
+        c.logs()
+    );
     c.assert_alive();
 }
