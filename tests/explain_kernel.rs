@@ -164,12 +164,15 @@ async fn check(variant: IptablesVariant) {
     let text = explain_ok(&ns, &["--to", "10.96.0.99:80"]);
     assert_has(&text, &["it is not a service address"]);
 
-    // nftables: a clear error, non-zero exit. IPVS on this host kernel (no IPVS): a clear error
-    // naming the cause (tests/kernel_ipvs.rs explains a real IPVS table in the VM).
+    // nftables on an iptables-mode node: a clear error, non-zero exit. IPVS on this host
+    // kernel (no IPVS): a clear error naming the cause (tests/kernel_ipvs.rs explains a real
+    // IPVS table in the VM).
     let out = explain(&ns, &["--to", "10.96.0.10:80", "--mode", "nftables"]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("does not support --mode=nftables yet"),
+        String::from_utf8_lossy(&out.stderr).contains(
+            "there is no `ip kube-proxy` nftables table: is kube-proxy running in nftables mode?"
+        ),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
