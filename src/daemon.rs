@@ -474,6 +474,6 @@ mod tests {
             .into_iter()
             .map(|(kind, _)| kind)
             .collect();
-        assert_eq!(kinds, ["Service", "EndpointSlice", "Node"]);
+        assert_eq!(kinds, ["Service", "EndpointSlice", "ServiceCIDR", "Node"]);
     }
 }

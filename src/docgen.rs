@@ -22,13 +22,10 @@ pub const MODES: &[(&str, &str)] = &[
         "iptables",
         "supported (the default; `mode: \"\"` is iptables, as upstream on Linux)",
     ),
-    (
-        "ipvs",
-        "supported (deprecated upstream since 1.35; `explain` reads iptables rules only)",
-    ),
+    ("ipvs", "supported (deprecated upstream since 1.35)"),
     (
         "nftables",
-        "supported: upstream's v1.34/1.35 ruleset, IPv4 table for now; `explain` does not read it yet",
+        "supported: upstream's v1.34/1.35 ruleset, both families; `explain --mode nftables` reads it",
     ),
 ];
 

@@ -14,6 +14,7 @@
 //! on rendered rulesets; the kernel read is two `iptables-save` calls and `ip -j addr`.
 
 pub mod ipvs;
+pub mod nftables;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -31,23 +32,26 @@ pub const USAGE: &str = "\
 Prints the path a new connection takes through kube-proxy's rules: the chains and rules it
 matches (with their comments), the candidate endpoints and their probabilities, session
 affinity, whether it is masqueraded and why, or which rule rejects or drops it. In IPVS mode:
-the virtual server, its scheduler and persistence, and each real server's share by weight.
+the virtual server, its scheduler and persistence, and each real server's share by weight. In
+nftables mode: the verdict-map elements matched, the chains taken, each endpoint's odds (either
+layout: upstream's numgen vmap or the large-cluster one rule per endpoint).
 
 Usage:
-  kube-proxy-rs explain --to IP:PORT[/PROTO] [--from IP] [--mode iptables|ipvs]
+  kube-proxy-rs explain --to IP:PORT[/PROTO] [--from IP] [--mode iptables|ipvs|nftables]
                         [--objects FILE...] [--node-ip IP] [kube-proxy flags]
 
   --to IP:PORT[/PROTO]  destination (PROTO: tcp, udp or sctp; default tcp); IPv6 as [IP]:PORT
   --from IP             source address; default: a client outside the node and the pod network
-  --mode MODE           iptables or ipvs (nftables is not supported yet); default: the mode
-                        of --proxy-mode/--config, else iptables
+  --mode MODE           iptables, ipvs or nftables; default: the mode of --proxy-mode/--config,
+                        else iptables
   --objects FILE...     explain the render of these objects (as `render` prints it) instead of
                         the rules in the kernel; --node-ip, --cluster-cidr, --config and
                         --hostname-override apply to the render as for `render`
 
 Without --objects the rules are read from the kernel, as root: in iptables mode with
 iptables-save, the back end detected as the daemon does (KUBE_PROXY_RS_IPTABLES_MODE=legacy|nft
-forces one); in IPVS mode from the kernel's IPVS table.";
+forces one); in IPVS mode from the kernel's IPVS table; in nftables mode with
+`nft list table ip|ip6 kube-proxy` (the destination's family).";
 
 /// Why `explain` could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,12 @@ pub enum ExplainError {
     /// The kernel could not be read.
     #[error("cannot read the rules from the kernel: {0}")]
     Kernel(#[from] crate::kernel::KernelError),
+    /// nftables mode: the kernel has no `kube-proxy` table of the destination's family.
+    #[error("there is no `{0} kube-proxy` nftables table: is kube-proxy running in nftables mode?")]
+    NoNftTable(String),
+    /// nftables mode: the render is not a transaction nft would accept.
+    #[error("the nftables render does not apply: {0}")]
+    NftRender(String),
 }
 
 /// A new connection to explain.
@@ -1354,8 +1364,15 @@ pub async fn run_parsed(
             };
             return Ok(ipvs::explain(&table, &args.packet));
         }
-        // explain does not read nftables rulesets yet.
-        Some(Kind::Nftables) | None => return Err(ExplainError::Unsupported(args.mode)),
+        Some(Kind::Nftables) => {
+            let rs = if args.render.objects.is_empty() {
+                nftables::table_from_kernel(&args.packet).await?
+            } else {
+                nftables::table_from_render(args, warnings)?
+            };
+            return Ok(nftables::explain(&rs, &args.packet));
+        }
+        None => return Err(ExplainError::Unsupported(args.mode)),
     }
     let ruleset = if args.render.objects.is_empty() {
         ruleset_from_kernel(args.packet.destination).await?
@@ -1469,20 +1486,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn other_modes_are_refused_clearly() {
-        for m in ["nftables"] {
-            let args: Vec<String> = ["--to", "10.96.0.10:80", "--mode", m]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            let err = run(&args, "node1", &mut Vec::new()).await.unwrap_err();
-            assert!(matches!(err, ExplainError::Unsupported(_)));
-            assert!(
-                err.to_string()
-                    .contains(&format!("does not support --mode={m} yet")),
-                "{err}"
-            );
-        }
+    async fn nftables_mode_explains_a_render() {
+        let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo-cluster.yaml");
+        let args: Vec<String> = [
+            "--to",
+            "10.96.0.10:80",
+            "--mode",
+            "nftables",
+            "--objects",
+            demo,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let text = run(&args, "node1", &mut Vec::new()).await.unwrap();
+        assert!(text.contains("Endpoints (3):"), "{text}");
+        assert!(text.contains("Rules: render of"), "{text}");
     }
 
     #[test]

@@ -15,8 +15,8 @@ the ipsets (as ipset save) and the iptables rules.
 Usage:
   kube-proxy-rs render [--objects FILE...] [--node-ip IP[,IP]] [kube-proxy flags]
 
-  --objects FILE...  YAML files of Services, EndpointSlices and Nodes; default: the bundled
-                     example cluster (examples/demo-cluster.yaml)
+  --objects FILE...  YAML files of Services, EndpointSlices, Nodes and ServiceCIDRs;
+                     default: the bundled example cluster (examples/demo-cluster.yaml)
   --node-ip IP[,IP]  the node's addresses; default: the InternalIPs of this node's Node object
   kube-proxy flags   as for the daemon (--proxy-mode iptables|ipvs, --config, --cluster-cidr,
                      --hostname-override, ...); --proxy-mode and --cluster-cidr override the
@@ -81,6 +81,7 @@ pub fn state_from(objects: &Objects, node: &str, warnings: &mut Vec<String>) -> 
     let mut state = ClusterState::new(node);
     warnings.extend(state.replace_services(objects.services.iter()));
     warnings.extend(state.replace_slices(objects.slices.iter()));
+    warnings.extend(state.replace_service_cidrs(&objects.service_cidrs));
     state.set_node(
         objects
             .nodes
@@ -260,6 +261,24 @@ spec:
     }
 
     const ALLOW_FROM_NODE: &str = "-s 203.0.113.10 -j KUBE-EXT-";
+
+    #[test]
+    fn service_cidrs_in_the_objects_become_each_familys_drop_rule() {
+        let cidrs = "\n---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [10.96.0.0/16, \"fd00:96::/112\"]}\n";
+        let text = render_with(&format!("{DUAL}{cidrs}"), &["--proxy-mode=nftables"]);
+        let drops: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("Drop traffic to unallocated ClusterIPs"))
+            .collect();
+        assert_eq!(
+            drops,
+            [
+                "add rule ip kube-proxy cluster-ips-check ip daddr { 10.96.0.0/16 } drop comment \"Drop traffic to unallocated ClusterIPs\"",
+                "add rule ip6 kube-proxy cluster-ips-check ip6 daddr { fd00:96::/112 } drop comment \"Drop traffic to unallocated ClusterIPs\"",
+            ],
+            "{text}"
+        );
+    }
 
     #[test]
     fn node_ip_flag_sets_the_primary_node_ip() {

@@ -1,4 +1,5 @@
-//! End-to-end, iptables mode, dual-stack: the built binary runs one proxier per IP family.
+//! End-to-end, dual-stack, in iptables and in nftables mode: the built binary runs one
+//! proxier per IP family.
 //!
 //! The test topology gets IPv6 ULA addresses next to its IPv4 ones (node `fd00:50::1` on the
 //! outside link, pods `fd00:244::1x`); the fake API server serves a dual-stack Service, IPv6
@@ -165,6 +166,17 @@ fn objects() -> Vec<Value> {
 
 #[test]
 fn dual_stack_services_answer_in_both_families() {
+    dual_stack("iptables");
+}
+
+/// The same in nftables mode: the `ip6 kube-proxy` table carries a client in a pod to a pod
+/// process over an IPv6 ClusterIP, node port, affinity and the eTP=Local LoadBalancer.
+#[test]
+fn dual_stack_services_answer_in_both_families_in_nftables_mode() {
+    dual_stack("nftables");
+}
+
+fn dual_stack(mode: &str) {
     support::require_root();
     let topo = Topology::new(5);
     add_ipv6(&topo);
@@ -184,7 +196,7 @@ fn dual_stack_services_answer_in_both_families() {
     let mut cmd = topo.node.command(
         env!("CARGO_BIN_EXE_kube-proxy-rs"),
         [
-            "--proxy-mode=iptables".to_string(),
+            format!("--proxy-mode={mode}"),
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--hostname-override={NODE}"),
             "--cluster-cidr=10.244.0.0/16,fd00:244::/56".into(),
@@ -210,18 +222,21 @@ fn dual_stack_services_answer_in_both_families() {
         let r = eventually(programmed(), POLL, || tcp_request(&topo.outside, np, T));
         assert_eq!(r.ok().as_deref(), Some("pod0"), "{np}\n{}", logs());
     }
-    // No endpoints: the connection fails, on the REJECT rule (not served, not dropped
-    // elsewhere: its counter moves).
-    let reject = |t: &str| -> u64 {
-        t.lines()
-            .find(|l| l.contains("e2e/empty:p has no endpoints") && l.contains("-j REJECT"))
-            .and_then(|l| l.strip_prefix('[')?.split(':').next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    let before = reject(&saved_table(&topo, "ip6tables", "filter"));
+    // No endpoints: the connection fails (rejected: see the rules below).
     assert!(tcp_request(client, sa("fd00:96::20", 80), T).is_err());
-    let after = reject(&saved_table(&topo, "ip6tables", "filter"));
-    assert!(after > before, "REJECT counter {before} -> {after}");
+    if mode == "iptables" {
+        // On the REJECT rule: its counter moves.
+        let reject = |t: &str| -> u64 {
+            t.lines()
+                .find(|l| l.contains("e2e/empty:p has no endpoints") && l.contains("-j REJECT"))
+                .and_then(|l| l.strip_prefix('[')?.split(':').next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let before = reject(&saved_table(&topo, "ip6tables", "filter"));
+        assert!(tcp_request(client, sa("fd00:96::20", 80), T).is_err());
+        let after = reject(&saved_table(&topo, "ip6tables", "filter"));
+        assert!(after > before, "REJECT counter {before} -> {after}");
+    }
     // ClientIP affinity: every connection of one client lands on the same pod.
     let seen: BTreeSet<String> = (0..12)
         .map(|_| tcp_request(client, sa("fd00:96::30", 80), T).expect("sticky"))
@@ -239,19 +254,30 @@ fn dual_stack_services_answer_in_both_families() {
     assert!(body.contains("\"localEndpoints\": 1"), "{body}");
 
     // The rules of each family are in its own tables.
-    let (v4, v6) = (saved(&topo, "iptables"), saved(&topo, "ip6tables"));
-    assert!(v6.contains("-d fd00:96::10/128"), "{v6}");
-    assert!(!v6.contains("10.96.0.10"), "{v6}");
-    assert!(v4.contains("-d 10.96.0.10/32"), "{v4}");
-    assert!(!v4.contains("fd00:96::10"), "{v4}");
-    let tail: Vec<&str> = v6
-        .lines()
-        .filter(|l| l.contains("-A KUBE-SERVICES") && l.ends_with("-j KUBE-NODEPORTS"))
-        .collect();
-    assert!(
-        tail.len() == 1 && tail[0].contains("! -d ::1/128") && tail[0].contains("--dst-type LOCAL"),
-        "IPv6 node ports never on localhost: {tail:?}"
-    );
+    if mode == "nftables" {
+        let list = |family: &str| {
+            topo.node
+                .run_ok("nft", ["list", "table", family, "kube-proxy"])
+        };
+        let (v4, v6) = (list("ip"), list("ip6"));
+        assert!(
+            v6.contains("fd00:96::10 . tcp . 80 : goto service-"),
+            "{v6}"
+        );
+        assert!(!v6.contains("10.96.0.10"), "{v6}");
+        assert!(v4.contains("10.96.0.10 . tcp . 80 : goto service-"), "{v4}");
+        assert!(!v4.contains("fd00:96::10"), "{v4}");
+        assert!(
+            v6.contains("fd00:96::20 . tcp . 80 comment \"e2e/empty:p\" : goto reject-chain"),
+            "{v6}"
+        );
+        assert!(
+            !saved(&topo, "ip6tables").contains("KUBE-SERVICES"),
+            "no iptables rules in nftables mode"
+        );
+    } else {
+        check_iptables_families(&topo);
+    }
 
     // Metrics and health name both families.
     let (_, metrics) = http_get_in(&topo.node, sa("127.0.0.1", 10249), "/metrics").unwrap();
@@ -272,6 +298,24 @@ fn dual_stack_services_answer_in_both_families() {
         logs()
     );
     proxy.terminate(Duration::from_secs(3));
+}
+
+/// iptables mode: each family's rules in its own tool's tables, IPv6 node ports never on
+/// localhost.
+fn check_iptables_families(topo: &Topology) {
+    let (v4, v6) = (saved(topo, "iptables"), saved(topo, "ip6tables"));
+    assert!(v6.contains("-d fd00:96::10/128"), "{v6}");
+    assert!(!v6.contains("10.96.0.10"), "{v6}");
+    assert!(v4.contains("-d 10.96.0.10/32"), "{v4}");
+    assert!(!v4.contains("fd00:96::10"), "{v4}");
+    let tail: Vec<&str> = v6
+        .lines()
+        .filter(|l| l.contains("-A KUBE-SERVICES") && l.ends_with("-j KUBE-NODEPORTS"))
+        .collect();
+    assert!(
+        tail.len() == 1 && tail[0].contains("! -d ::1/128") && tail[0].contains("--dst-type LOCAL"),
+        "IPv6 node ports never on localhost: {tail:?}"
+    );
 }
 
 /// `nat` of `tool`'s family, from whichever back end holds the rules.

@@ -164,12 +164,15 @@ async fn check(variant: IptablesVariant) {
     let text = explain_ok(&ns, &["--to", "10.96.0.99:80"]);
     assert_has(&text, &["it is not a service address"]);
 
-    // nftables: a clear error, non-zero exit. IPVS on this host kernel (no IPVS): a clear error
-    // naming the cause (tests/kernel_ipvs.rs explains a real IPVS table in the VM).
+    // nftables on an iptables-mode node: a clear error, non-zero exit. IPVS on this host
+    // kernel (no IPVS): a clear error naming the cause (tests/kernel_ipvs.rs explains a real
+    // IPVS table in the VM).
     let out = explain(&ns, &["--to", "10.96.0.10:80", "--mode", "nftables"]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("does not support --mode=nftables yet"),
+        String::from_utf8_lossy(&out.stderr).contains(
+            "there is no `ip kube-proxy` nftables table: is kube-proxy running in nftables mode?"
+        ),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -190,4 +193,112 @@ async fn explain_reads_legacy_rules_from_the_kernel() {
 #[tokio::test]
 async fn explain_reads_nft_rules_from_the_kernel() {
     check(IptablesVariant::Nft).await;
+}
+
+/// A namespace holding the node address 192.168.50.1 and the demo cluster's `ip kube-proxy`
+/// table, synced by the nftables proxier with the layout `threshold` picks.
+async fn nft_synced_node(threshold: usize) -> Netns {
+    use kube_proxy_rs::backend::nftables::proxier::{NftablesProxier, render_config};
+    use kube_proxy_rs::kernel::nft::Nft;
+    support::require_root();
+    let ns = Netns::new("kexpn");
+    ns.ip(&["addr", "add", "192.168.50.1/32", "dev", "lo"]);
+    let mut objects = Objects::default();
+    parse_objects("demo", DEMO_CLUSTER, &mut objects, &mut Vec::new()).unwrap();
+    let model =
+        state_from(&objects, "node1", &mut Vec::new()).snapshot(kube_proxy_rs::model::IpFamily::V4);
+    let args = parse_render_args(
+        &[
+            "--proxy-mode=nftables".to_string(),
+            "--cluster-cidr=10.244.0.0/16".to_string(),
+        ],
+        "node1",
+    )
+    .unwrap();
+    let mut config = render_config(&args.options, kube_proxy_rs::model::IpFamily::V4);
+    config.large_cluster_threshold = threshold;
+    let mut p = NftablesProxier::new(
+        Nft::new().with_netns(ns.name()),
+        Conntrack::new().with_netns(ns.name()),
+        Addresses::new().with_netns(ns.name()),
+        config,
+    );
+    let facts = kube_proxy_rs::host::HostSettings::from_options(&args.options)
+        .facts(&model.node, kube_proxy_rs::model::IpFamily::V4);
+    p.sync(SyncRequest {
+        model: &model,
+        changed: &BTreeSet::new(),
+        full: true,
+        node_facts: &facts,
+    })
+    .await
+    .expect("full sync into the namespace");
+    ns
+}
+
+/// `explain --mode nftables` reads the live table (`nft list table ip kube-proxy`) in both
+/// layouts: the endpoints and their odds, the maps matched, masquerading, rejects and drops.
+#[tokio::test]
+async fn explain_reads_the_nftables_table_from_the_kernel() {
+    for (threshold, layout) in [(1000, "Layout: upstream"), (0, "Layout: large-cluster")] {
+        let ns = nft_synced_node(threshold).await;
+        let nft = |args: &[&str]| {
+            let mut full = vec!["--mode", "nftables"];
+            full.extend_from_slice(args);
+            explain_ok(&ns, &full)
+        };
+        let text = nft(&["--to", "10.96.0.10:80", "--from", "172.16.0.9"]);
+        assert_has(
+            &text,
+            &[
+                "Rules: kernel (nft list table ip kube-proxy)",
+                layout,
+                "@service-ips { 10.96.0.10 . tcp . 80 : goto service-AXK6CI2C-demo/web/tcp/http }",
+                "Endpoints (3):",
+                " 33.3%  10.244.1.11:8080  via endpoint-S4ZL6AMI-demo/web/tcp/http__10.244.1.11/8080",
+                " 33.3%  10.244.2.12:8080",
+                " 33.3%  10.244.3.13:8080",
+                "masqueraded: marked by service-AXK6CI2C-demo/web/tcp/http: ip daddr 10.96.0.10 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
+            ],
+        );
+        let text = nft(&["--to", "10.96.0.10:80", "--from", "10.244.7.7"]);
+        assert_eq!(
+            text.matches("not masqueraded (source address kept)")
+                .count(),
+            3,
+            "{text}"
+        );
+        let text = nft(&["--to", "10.96.0.80:80"]);
+        assert_has(
+            &text,
+            &[
+                "Endpoints (2):",
+                " 50.0%  10.244.1.21:8080",
+                "@affinity-V7TIFHB5-demo/shop/tcp/http__10.244.1.21/8080 (timeout 10m)",
+            ],
+        );
+        let text = nft(&["--to", "10.96.0.130:80"]);
+        assert_has(
+            &text,
+            &[
+                "Result: REJECT by reject-chain: reject",
+                "@no-endpoint-services { 10.96.0.130 . tcp . 80 comment \"demo/empty:http\" : goto reject-chain }",
+            ],
+        );
+        let text = nft(&["--to", "203.0.113.10:443"]);
+        assert_has(
+            &text,
+            &[
+                "Result: DROP by firewall-LLLKJ2GE-demo/edge/tcp/https: ip saddr != 198.51.100.0/24 drop",
+            ],
+        );
+        let text = nft(&["--to", "10.96.0.10:80", "--from", "192.168.50.1"]);
+        assert_has(
+            &text,
+            &[
+                "Hooks: filter-output-pre-dnat -> nat-output",
+                "Endpoints (3):",
+            ],
+        );
+    }
 }

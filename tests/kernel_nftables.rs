@@ -439,3 +439,83 @@ async fn undeletable_stale_chain_is_retried() {
     assert!(!kernel_state(&ns, "ip").chains.contains_key(&stale));
     assert_matches_desired(&kernel_state(&ns, "ip"), &desired(&m2, p.config()));
 }
+
+/// A proxier of `family` whose layout switches above `threshold` service ports.
+fn proxier_with(ns: &Netns, family: IpFamily, threshold: usize) -> NftablesProxier {
+    let mut cfg = render_config(&options(), family);
+    cfg.large_cluster_threshold = threshold;
+    NftablesProxier::new(
+        Nft::new().with_netns(ns.name()),
+        Conntrack::new().with_netns(ns.name()),
+        Addresses::new().with_netns(ns.name()),
+        cfg,
+    )
+}
+
+async fn sync_family(p: &mut NftablesProxier, model: &ProxyModel, family: IpFamily, full: bool) {
+    let facts =
+        kube_proxy_rs::host::HostSettings::from_options(&options()).facts(&model.node, family);
+    p.sync(SyncRequest {
+        model,
+        changed: &BTreeSet::new(),
+        full,
+        node_facts: &facts,
+    })
+    .await
+    .unwrap();
+}
+
+/// The drift check finds nothing in a table as synced (both layouts, both families: a false
+/// alarm would rewrite everything every sync period), finds a deleted hook and a flushed
+/// dispatch chain in either layout and a flushed service chain in upstream's, and the full
+/// sync it asks for restores the table.
+#[tokio::test]
+async fn drift_check_finds_deleted_and_flushed_chains_and_nothing_else() {
+    support::require_root();
+    for (family, model) in [(IpFamily::V4, demo_model()), (IpFamily::V6, v6_model())] {
+        let fam = if family == IpFamily::V4 { "ip" } else { "ip6" };
+        for threshold in [1000, 0] {
+            let ns = Netns::new("nftdrift");
+            let mut p = proxier_with(&ns, family, threshold);
+            sync_family(&mut p, &model, family, true).await;
+            sync_family(&mut p, &model, family, false).await;
+            assert!(
+                !p.needs_full_sync().await,
+                "{fam} {threshold}: a false alarm"
+            );
+            let synced = kernel_state(&ns, fam);
+            let service_chain = synced
+                .chains
+                .keys()
+                .find(|c| c.starts_with("service-"))
+                .unwrap()
+                .clone();
+            let mut drifts = vec![
+                vec!["delete", "chain", fam, "kube-proxy", "nat-output"],
+                vec!["flush", "chain", fam, "kube-proxy", "services"],
+                vec!["delete", "table", fam, "kube-proxy"],
+            ];
+            if threshold > 0 {
+                drifts.push(vec!["flush", "chain", fam, "kube-proxy", &service_chain]);
+            }
+            for drift in drifts {
+                ns.run_ok("nft", &drift);
+                assert!(
+                    p.needs_full_sync().await,
+                    "{fam} {threshold}: {drift:?} missed"
+                );
+                // Full, as the sync loop asks after a drift: that must clear the request.
+                sync_family(&mut p, &model, family, true).await;
+                assert_eq!(
+                    kernel_state(&ns, fam),
+                    synced,
+                    "{fam} {threshold}: {drift:?}"
+                );
+                assert!(
+                    !p.needs_full_sync().await,
+                    "{fam} {threshold}: after {drift:?}"
+                );
+            }
+        }
+    }
+}

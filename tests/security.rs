@@ -197,7 +197,8 @@ fn http_changes_nothing_and_source_ranges_drop_outsiders() {
     );
 
     // RBAC: every request the daemon made is one kubeadm's system:node-proxier allows
-    // (services, endpointslices: list/watch; nodes: get/list/watch; events: create/patch).
+    // (services, endpointslices, servicecidrs: list/watch; nodes: get/list/watch; events:
+    // create/patch).
     let requests = c.api.requests();
     assert!(
         requests.iter().any(|r| r.contains("endpointslices")),
@@ -211,6 +212,7 @@ fn http_changes_nothing_and_source_ranges_drop_outsiders() {
                 "/api/v1/services",
                 "/apis/discovery.k8s.io/v1/endpointslices",
                 "/api/v1/nodes",
+                "/apis/networking.k8s.io/v1/servicecidrs",
             ]
             .iter()
             .any(|p| path.starts_with(p)),

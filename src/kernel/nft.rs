@@ -82,6 +82,22 @@ impl Nft {
         Ok(text.map(|t| parse_names(&t)))
     }
 
+    /// `nft -t list table FAMILY kube-proxy`: rules, no set elements; `None` when the table
+    /// does not exist.
+    pub async fn list_table_terse(&self, family: &str) -> Result<Option<String>, KernelError> {
+        self.list(&["-t", "list", "table", family, TABLE]).await
+    }
+
+    /// `nft list chain FAMILY kube-proxy CHAIN`; `None` when the table or chain does not
+    /// exist.
+    pub async fn list_chain(
+        &self,
+        family: &str,
+        chain: &str,
+    ) -> Result<Option<String>, KernelError> {
+        self.list(&["list", "chain", family, TABLE, chain]).await
+    }
+
     async fn list(&self, list: &[&str]) -> Result<Option<String>, KernelError> {
         match self.exec.run("nft", &args(list), None).await?.into_stdout() {
             Ok(s) => Ok(Some(s)),

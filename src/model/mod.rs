@@ -60,6 +60,9 @@ pub struct ProxyModel {
     pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
     /// This node.
     pub node: NodeInfo,
+    /// The CIDRs of every ServiceCIDR object that are of this family, sorted (addresses in
+    /// them that are no ClusterIP are dropped in nftables mode).
+    pub service_cidrs: Vec<Cidr>,
 }
 
 impl ProxyModel {

@@ -8,9 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use super::convert::{self, SliceInfo};
-use super::{Endpoint, IpFamily, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePortName};
+use super::{
+    Cidr, Endpoint, IpFamily, NodeInfo, ProxyModel, ServiceName, ServicePort, ServicePortName,
+};
 
 /// What changed since the last [`ClusterState::take_changes`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,6 +52,8 @@ pub struct ClusterState {
     slices: BTreeMap<(String, String), SliceInfo>,
     slices_by_service: BTreeMap<ServiceName, BTreeSet<(String, String)>>,
     node: NodeInfo,
+    /// `spec.cidrs` of each ServiceCIDR object, by object name.
+    service_cidrs: BTreeMap<String, Vec<Cidr>>,
     /// The Node has been seen at least once (it is eligible until then, as upstream).
     node_seen: bool,
     changes: Changes,
@@ -247,6 +252,70 @@ impl ClusterState {
         self.node = info;
     }
 
+    /// Inserts or updates a ServiceCIDR; returns warnings about CIDRs that do not parse.
+    pub fn apply_service_cidr(&mut self, obj: &ServiceCIDR) -> Vec<String> {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let mut warnings = Vec::new();
+        let cidrs = obj
+            .spec
+            .as_ref()
+            .and_then(|s| s.cidrs.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| match c.parse::<Cidr>() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warnings.push(format!("ServiceCIDR {name}: {e}, skipped"));
+                    None
+                }
+            })
+            .collect();
+        self.set_service_cidrs(name, cidrs);
+        warnings
+    }
+
+    /// Removes a ServiceCIDR.
+    pub fn remove_service_cidr(&mut self, name: &str) {
+        self.set_service_cidrs(name.to_string(), Vec::new());
+    }
+
+    /// Replaces every ServiceCIDR at once (after a relist).
+    pub fn replace_service_cidrs(&mut self, all: &[ServiceCIDR]) -> Vec<String> {
+        let seen: BTreeSet<&str> = all
+            .iter()
+            .filter_map(|o| o.metadata.name.as_deref())
+            .collect();
+        let gone: Vec<String> = self
+            .service_cidrs
+            .keys()
+            .filter(|k| !seen.contains(k.as_str()))
+            .cloned()
+            .collect();
+        gone.iter().for_each(|name| self.remove_service_cidr(name));
+        all.iter()
+            .flat_map(|o| self.apply_service_cidr(o))
+            .collect()
+    }
+
+    /// Stores one object's CIDRs; only a change to the union wakes the sync loop (upstream
+    /// hands the proxier the union of every object's CIDRs).
+    fn set_service_cidrs(&mut self, name: String, cidrs: Vec<Cidr>) {
+        let before = self.all_service_cidrs();
+        if cidrs.is_empty() {
+            self.service_cidrs.remove(&name);
+        } else {
+            self.service_cidrs.insert(name, cidrs);
+        }
+        if self.all_service_cidrs() != before {
+            self.wake = true;
+        }
+    }
+
+    /// The union of every ServiceCIDR's CIDRs, sorted and de-duplicated.
+    fn all_service_cidrs(&self) -> BTreeSet<Cidr> {
+        self.service_cidrs.values().flatten().copied().collect()
+    }
+
     /// Whether a change the sync loop acts on was recorded since the last call; clears it.
     /// No-op updates and Node heartbeats record none.
     pub fn take_wake(&mut self) -> bool {
@@ -276,6 +345,11 @@ impl ClusterState {
     pub fn snapshot(&self, family: IpFamily) -> ProxyModel {
         let mut model = ProxyModel {
             node: self.node.clone(),
+            service_cidrs: self
+                .all_service_cidrs()
+                .into_iter()
+                .filter(|c| family.matches(&c.addr()))
+                .collect(),
             ..Default::default()
         };
         for (name, ports) in &self.services {
@@ -495,6 +569,51 @@ mod tests {
                 .keys()
                 .any(|k| k.service.name == "b")
         );
+    }
+
+    fn service_cidr(name: &str, cidrs: &[&str]) -> ServiceCIDR {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"cidrs": cidrs}}))
+            .unwrap()
+    }
+
+    #[test]
+    fn service_cidrs_are_the_union_of_every_object_split_by_family() {
+        let mut st = ClusterState::new("node1");
+        st.take_wake();
+        st.apply_service_cidr(&service_cidr(
+            "kubernetes",
+            &["10.96.0.0/16", "fd00:10:96::/112"],
+        ));
+        assert!(st.take_wake(), "new CIDRs wake the sync loop");
+        let w = st.apply_service_cidr(&service_cidr(
+            "extra",
+            &["10.97.0.0/16", "10.96.0.0/16", "bogus"],
+        ));
+        assert_eq!(w.len(), 1, "{w:?}");
+        let v4 = |st: &ClusterState| -> Vec<String> {
+            st.snapshot(IpFamily::V4)
+                .service_cidrs
+                .iter()
+                .map(Cidr::to_string)
+                .collect()
+        };
+        assert_eq!(v4(&st), ["10.96.0.0/16", "10.97.0.0/16"]);
+        let v6 = st.snapshot(IpFamily::V6).service_cidrs;
+        assert_eq!(v6, ["fd00:10:96::/112".parse::<Cidr>().unwrap()]);
+        st.take_wake();
+        // Same union under another name: nothing to do.
+        st.apply_service_cidr(&service_cidr("extra", &["10.97.0.0/16"]));
+        assert!(!st.take_wake());
+        st.remove_service_cidr("extra");
+        assert!(st.take_wake());
+        assert_eq!(v4(&st), ["10.96.0.0/16"]);
+        st.replace_service_cidrs(&[service_cidr("other", &["10.98.0.0/16"])]);
+        assert_eq!(
+            v4(&st),
+            ["10.98.0.0/16"],
+            "a relist drops objects no longer listed"
+        );
+        assert!(st.snapshot(IpFamily::V6).service_cidrs.is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::Deserialize;
 
 use crate::yamlguard::YamlGuardError;
@@ -16,6 +17,8 @@ pub struct Objects {
     pub slices: Vec<EndpointSlice>,
     /// v1 Nodes.
     pub nodes: Vec<Node>,
+    /// networking.k8s.io/v1 ServiceCIDRs.
+    pub service_cidrs: Vec<ServiceCIDR>,
 }
 
 /// A document that could not be read at all (bad YAML syntax).
@@ -132,6 +135,12 @@ fn add_value(
             Ok(n) => out.nodes.push(n),
             Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
         },
+        ("networking.k8s.io/v1", "ServiceCIDR") => {
+            match serde_json::from_value::<ServiceCIDR>(value.clone()) {
+                Ok(c) => out.service_cidrs.push(c),
+                Err(e) => warnings.push(format!("{}: invalid object skipped: {e}", who())),
+            }
+        }
         _ => warnings.push(format!(
             "{}: kind {api_version}/{kind} is not used, skipped",
             who()
@@ -162,6 +171,10 @@ items:
 - apiVersion: v1
   kind: Node
   metadata: {name: node1}
+- apiVersion: networking.k8s.io/v1
+  kind: ServiceCIDR
+  metadata: {name: kubernetes}
+  spec: {cidrs: [10.96.0.0/16, "fd00:10:96::/112"]}
 ---
 apiVersion: v1
 kind: ConfigMap
@@ -179,6 +192,11 @@ spec: {ports: "not a list"}
             (out.services.len(), out.slices.len(), out.nodes.len()),
             (1, 1, 1)
         );
+        let cidrs = out.service_cidrs[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.cidrs.clone());
+        assert_eq!(cidrs.unwrap(), ["10.96.0.0/16", "fd00:10:96::/112"]);
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("ConfigMap ns/c"), "{w:?}");
         assert!(w[1].contains("Service ns/broken"), "{w:?}");

@@ -1,4 +1,4 @@
-//! Watchers streaming Services, EndpointSlices and this Node into the model.
+//! Watchers streaming Services, EndpointSlices, ServiceCIDRs and this Node into the model.
 //!
 //! kube-rs's watcher does the list/watch protocol (resourceVersion, bookmarks, relist on 410).
 //! While a relist is in progress the previous state stays in force; the relisted objects are
@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::{Api, Client};
 
@@ -30,6 +31,10 @@ pub(crate) trait Tracked: Sized {
     fn delete(state: &mut ClusterState, obj: &Self);
     fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<String>;
     fn initial_list_done(shared: &Shared);
+    /// The API server may not serve this kind (it is newer than the cluster: 404) or not
+    /// let us read it (a `system:node-proxier` older than the kind: 403): that is logged
+    /// once and the proxy goes on without it, retrying quietly.
+    const OPTIONAL: bool = false;
 }
 
 impl Tracked for Service {
@@ -84,7 +89,23 @@ impl Tracked for Node {
     fn initial_list_done(_shared: &Shared) {}
 }
 
-/// The three watchers, each to be run as its own task: `(kind, future)`. None of them returns
+impl Tracked for ServiceCIDR {
+    const KIND: &'static str = "ServiceCIDR";
+    const OPTIONAL: bool = true;
+    fn apply(state: &mut ClusterState, obj: &Self) -> Vec<String> {
+        state.apply_service_cidr(obj)
+    }
+    fn delete(state: &mut ClusterState, obj: &Self) {
+        state.remove_service_cidr(obj.metadata.name.as_deref().unwrap_or_default());
+    }
+    fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<String> {
+        state.replace_service_cidrs(all)
+    }
+    // Upstream does not wait for ServiceCIDRs before the first sync.
+    fn initial_list_done(_shared: &Shared) {}
+}
+
+/// The four watchers, each to be run as its own task: `(kind, future)`. None of them returns
 /// while the process is healthy, so one that does is a failure for the daemon to act on.
 pub fn watchers(
     client: Client,
@@ -99,6 +120,10 @@ pub fn watchers(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels("!service.kubernetes.io/headless"),
     );
+    let cidrs = watcher::watcher(
+        Api::<ServiceCIDR>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let nodes = watcher::watcher(
         Api::<Node>::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
@@ -106,6 +131,7 @@ pub fn watchers(
     vec![
         (Service::KIND, consume(services, shared.clone()).boxed()),
         (EndpointSlice::KIND, consume(slices, shared.clone()).boxed()),
+        (ServiceCIDR::KIND, consume(cidrs, shared.clone()).boxed()),
         (Node::KIND, consume(nodes, shared).boxed()),
     ]
 }
@@ -125,12 +151,25 @@ where
     futures::pin_mut!(stream);
     let mut backoff = DefaultBackoff::default();
     let mut relist: Option<Vec<K>> = None;
+    let mut absent_logged = false;
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => handle(event, &shared, &mut relist),
             Err(e) => {
                 // The default backoff never runs out; the cap is only a fallback.
                 let delay = backoff.next().unwrap_or(MAX_RETRY_DELAY);
+                if let Some(code) = unavailable_kind(&e).filter(|_| K::OPTIONAL) {
+                    // Still retried: the server may be upgraded under us.
+                    if !std::mem::replace(&mut absent_logged, true) {
+                        tracing::info!(
+                            kind = K::KIND,
+                            code,
+                            "the API server does not serve this kind; going on without it"
+                        );
+                    }
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
                 tracing::warn!(
                     kind = K::KIND,
                     error = %e,
@@ -141,6 +180,19 @@ where
             }
         }
     }
+}
+
+/// The status (404 or 403) when the list or watch failed because the server has no such
+/// resource or does not let us read it.
+fn unavailable_kind(e: &watcher::Error) -> Option<u16> {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => return None,
+    };
+    [403, 404].contains(&code).then_some(code)
 }
 
 /// client-go's backoff cap.

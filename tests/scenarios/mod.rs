@@ -50,6 +50,15 @@ impl Cluster {
     /// Starts the topology (5 pods), the fake API with this node, echo servers on every pod,
     /// and kube-proxy-rs in `mode`.
     pub fn start(mode: &str, initial: &[Value]) -> Cluster {
+        Self::start_with(mode, initial, |_| {})
+    }
+
+    /// [`Cluster::start`], with `prepare` run on the fake API before the proxy starts.
+    pub fn start_with(
+        mode: &str,
+        initial: &[Value],
+        prepare: impl FnOnce(&FakeApiServer),
+    ) -> Cluster {
         crate::support::require_root();
         let topo = Topology::new(5);
         let mut pods = Vec::new();
@@ -61,6 +70,7 @@ impl Cluster {
         for o in initial {
             api.apply(o.clone());
         }
+        prepare(&api);
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = api.write_kubeconfig(dir.path());
         let log = dir.path().join("proxy.log");

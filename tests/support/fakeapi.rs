@@ -143,6 +143,8 @@ struct State {
     bookmark_interval: Duration,
     open_watches: HashMap<usize, usize>,
     uid_counter: u64,
+    /// Plurals answered with 404, as by a server too old to have them.
+    hidden: Vec<String>,
 }
 
 struct Shared {
@@ -211,6 +213,7 @@ impl FakeApiServer {
                 bookmark_interval: Duration::from_secs(2),
                 open_watches: HashMap::new(),
                 uid_counter: 0,
+                hidden: Vec::new(),
             }),
             changed: tokio::sync::watch::channel(0).0,
             cut: tokio::sync::watch::channel(0).0,
@@ -396,6 +399,20 @@ impl FakeApiServer {
     pub fn set_down(&self, down: bool) {
         self.shared.lock().down = down;
         if down {
+            self.shared.cut_watches();
+        }
+    }
+
+    /// While `hidden`, requests for `plural` get 404 as from a server without that resource
+    /// (its objects are kept and served again once shown).
+    pub fn set_hidden(&self, plural: &str, hidden: bool) {
+        let mut st = self.shared.lock();
+        st.hidden.retain(|p| p != plural);
+        if hidden {
+            st.hidden.push(plural.to_string());
+        }
+        drop(st);
+        if hidden {
             self.shared.cut_watches();
         }
     }
@@ -902,9 +919,10 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         [plural, name] => (None, plural, Some(name)),
         _ => return err(404, "NotFound", &format!("unsupported path {path}")),
     };
+    let hidden = sh.lock().hidden.iter().any(|p| p == plural);
     let Some(r) = RESOURCES
         .iter()
-        .find(|r| r.api_version == gv && r.plural == plural)
+        .find(|r| r.api_version == gv && r.plural == plural && !hidden)
     else {
         return err(
             404,

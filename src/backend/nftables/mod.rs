@@ -6,6 +6,7 @@
 //! committed, [`table`] applies transactions in memory as the kernel would (for tests and
 //! the [`tracer`]), and [`proxier`] drives the kernel through [`crate::kernel::nft`].
 
+pub mod listing;
 pub mod names;
 pub mod proxier;
 pub mod render;

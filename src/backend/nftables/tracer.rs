@@ -25,13 +25,7 @@ const MAX_DEPTH: usize = 64;
 
 /// Traces `pkt`; `node_ips` are the host's addresses (`fib … type local`).
 pub fn trace_packet(table: &Table, node_ips: &[IpAddr], pkt: &Packet) -> Trace {
-    let mut t = Tracer {
-        table,
-        local: node_ips.iter().copied().collect(),
-        pkt: pkt.clone(),
-        mark: false,
-        trace: Trace::default(),
-    };
+    let mut t = Tracer::new(table, node_ips, pkt, None);
     t.run_chain("filter-prerouting-pre-dnat", 0);
     if t.blocked() {
         return t.trace;
@@ -52,6 +46,77 @@ pub fn trace_packet(table: &Table, node_ips: &[IpAddr], pkt: &Packet) -> Trace {
     t.trace
 }
 
+/// One random pick on a [`Path`]: the `numgen` rule, which of its ways was taken
+/// (`vmap`: the entry; one rule per endpoint: 0 taken, 1 passed), and that way's odds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// `chain: rule`.
+    pub rule: String,
+    /// The way taken.
+    pub taken: usize,
+    /// How many ways there were.
+    pub ways: usize,
+    /// The odds of the way taken.
+    pub odds: f64,
+}
+
+/// One way a new connection can go (for `explain`): a single walk through the hooks it
+/// meets, with every `numgen` pick made one way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Path {
+    /// The base chains entered, in order.
+    pub hooks: Vec<&'static str>,
+    /// The walk (outputs: the DNAT destination, or `DROP`/`REJECT`).
+    pub trace: Trace,
+    /// Its odds: the product of its choices'.
+    pub odds: f64,
+    /// The random picks made on the way.
+    pub choices: Vec<Choice>,
+    /// Verdict-map lookups that matched: map, the element (key, comment, value), value.
+    pub maps: Vec<(String, String, String)>,
+    /// Affinity sets the connection's source would be added to.
+    pub affinity_updates: Vec<String>,
+    /// The packet was delivered to the node itself (`filter-input`, no `nat-postrouting`).
+    pub local_delivery: bool,
+}
+
+/// Most paths [`paths`] follows (endpoints of one service, times affinity and firewall picks).
+pub const MAX_PATHS: usize = 10_000;
+
+/// Every way `pkt` can go, most-significant pick first: a connection from one of `node_ips`
+/// enters `filter-output-pre-dnat` and `nat-output`, others the prerouting chains; after the
+/// DNAT, `filter-output`, `filter-input` (to the node) or `filter-forward`, then
+/// `nat-postrouting` unless delivered locally. Unlike [`trace_packet`], each `numgen` pick is
+/// one path of its own, so each endpoint comes out with its odds.
+pub fn paths(table: &Table, node_ips: &[IpAddr], pkt: &Packet) -> Vec<Path> {
+    let mut out = Vec::new();
+    let mut script: Vec<usize> = Vec::new();
+    while out.len() < MAX_PATHS {
+        let mut t = Tracer::new(table, node_ips, pkt, Some(script));
+        let (hooks, local_delivery) = t.walk();
+        let choices = t.made;
+        // The next script: the last pick with a way left, one way further.
+        script = Vec::new();
+        if let Some(j) = choices.iter().rposition(|c| c.taken + 1 < c.ways) {
+            script = choices[..j].iter().map(|c| c.taken).collect();
+            script.push(choices[j].taken + 1);
+        }
+        out.push(Path {
+            hooks,
+            odds: choices.iter().map(|c| c.odds).product(),
+            trace: t.trace,
+            choices,
+            maps: t.maps,
+            affinity_updates: t.affinity_updates,
+            local_delivery,
+        });
+        if script.is_empty() {
+            break;
+        }
+    }
+    out
+}
+
 fn dnat_ip(target: &str) -> Option<IpAddr> {
     let host = target.rsplit_once(':')?.0;
     host.trim_start_matches('[')
@@ -66,6 +131,12 @@ struct Tracer<'a> {
     pkt: Packet,
     mark: bool,
     trace: Trace,
+    /// `Some`: follow one way per `numgen` (these picks first, then way 0), recording each
+    /// in `made`; `None`: follow every way at once, as upstream's tracer.
+    script: Option<Vec<usize>>,
+    made: Vec<Choice>,
+    maps: Vec<(String, String, String)>,
+    affinity_updates: Vec<String>,
 }
 
 /// Splits a rule into words, keeping a quoted string as one word.
@@ -106,7 +177,78 @@ fn in_cidr(value: &str, ip: IpAddr) -> bool {
     value.parse::<IpAddr>().is_ok_and(|v| v == ip)
 }
 
-impl Tracer<'_> {
+impl<'a> Tracer<'a> {
+    fn new(
+        table: &'a Table,
+        node_ips: &[IpAddr],
+        pkt: &Packet,
+        script: Option<Vec<usize>>,
+    ) -> Self {
+        Tracer {
+            table,
+            local: node_ips.iter().copied().collect(),
+            pkt: pkt.clone(),
+            mark: false,
+            trace: Trace::default(),
+            script,
+            made: Vec::new(),
+            maps: Vec::new(),
+            affinity_updates: Vec::new(),
+        }
+    }
+
+    /// One path through the hooks (see [`paths`]); returns the base chains entered and
+    /// whether the packet was delivered locally.
+    fn walk(&mut self) -> (Vec<&'static str>, bool) {
+        let from_node = self.local.contains(&self.pkt.source) || self.pkt.source.is_loopback();
+        let (pre, nat) = if from_node {
+            ("filter-output-pre-dnat", "nat-output")
+        } else {
+            ("filter-prerouting-pre-dnat", "nat-prerouting")
+        };
+        let mut hooks = vec![pre];
+        self.run_chain(pre, 0);
+        if self.blocked() {
+            return (hooks, false);
+        }
+        hooks.push(nat);
+        self.run_chain(nat, 0);
+        if let Some(ip) = self.trace.outputs.first().and_then(|o| dnat_ip(o)) {
+            self.pkt.destination = ip;
+        }
+        let to_node = self.local.contains(&self.pkt.destination);
+        let filter = match (from_node, to_node) {
+            (true, _) => "filter-output",
+            (false, true) => "filter-input",
+            (false, false) => "filter-forward",
+        };
+        hooks.push(filter);
+        self.run_chain(filter, 0);
+        if self.blocked() || filter == "filter-input" {
+            return (hooks, filter == "filter-input" && !self.blocked());
+        }
+        hooks.push("nat-postrouting");
+        self.run_chain("nat-postrouting", 0);
+        (hooks, false)
+    }
+
+    /// The next scripted pick among `ways` (way 0 past the script).
+    fn pick(&mut self, rule: String, ways: usize, odds: impl Fn(usize) -> f64) -> usize {
+        let taken = self
+            .script
+            .as_ref()
+            .and_then(|s| s.get(self.made.len()).copied())
+            .unwrap_or(0)
+            .min(ways.saturating_sub(1));
+        self.made.push(Choice {
+            rule,
+            taken,
+            ways,
+            odds: odds(taken),
+        });
+        taken
+    }
+
     fn blocked(&self) -> bool {
         self.trace
             .outputs
@@ -232,21 +374,48 @@ impl Tracer<'_> {
                 self.trace.masquerade = true;
                 Step::Verdict("accept".into())
             }
-            "update" => Step::Next(group(w, i + 2).1),
+            "update" => {
+                self.affinity_updates
+                    .push(at(1).trim_start_matches('@').to_string());
+                Step::Next(group(w, i + 2).1)
+            }
             // Large-cluster layout: `numgen random mod K 0 goto X` takes X with odds 1/K and
-            // otherwise goes on; both ways are followed.
+            // otherwise goes on; both ways are followed (or, scripted, one).
             "numgen" if at(4) != "vmap" => {
-                self.run_chain(at(6), depth + 1);
-                Step::NoMatch
+                if self.script.is_none() {
+                    self.run_chain(at(6), depth + 1);
+                    return Step::NoMatch;
+                }
+                let k = at(3).parse::<usize>().unwrap_or(1).max(1);
+                let ways = if k == 1 { 1 } else { 2 };
+                let p = 1.0 / k as f64;
+                let rule = w.join(" ");
+                match self.pick(rule, ways, |t| if t == 0 { p } else { 1.0 - p }) {
+                    0 => Step::Verdict(format!("goto {}", at(6))),
+                    _ => Step::NoMatch,
+                }
             }
             "numgen" => {
                 let (entries, _) = group(w, i + 5);
-                for e in entries.chunks(4) {
-                    if let [_, ":", "goto", target] = e {
+                let targets: Vec<&str> = entries
+                    .chunks(4)
+                    .filter_map(|e| match e {
+                        [_, ":", "goto", target] => Some(*target),
+                        _ => None,
+                    })
+                    .collect();
+                if self.script.is_none() {
+                    for target in targets {
                         self.run_chain(target, depth + 1);
                     }
+                    return Step::Verdict("accept".into());
                 }
-                Step::Verdict("accept".into())
+                let k = at(3).parse::<usize>().unwrap_or(targets.len()).max(1);
+                let taken = self.pick(w.join(" "), targets.len(), |_| 1.0 / k as f64);
+                match targets.get(taken) {
+                    Some(t) => Step::Verdict(format!("goto {t}")),
+                    None => Step::NoMatch,
+                }
             }
             "dnat" => {
                 self.trace.outputs.push(at(2).to_string());
@@ -287,10 +456,20 @@ impl Tracer<'_> {
     }
 
     /// `vmap @MAP`: the map's verdict for `key`, or no match.
-    fn lookup(&self, map: &str, key: &str) -> Step {
+    fn lookup(&mut self, map: &str, key: &str) -> Step {
         let map = map.trim_start_matches('@');
         match self.map_value(map, key) {
-            Some(v) => Step::Verdict(v),
+            Some(v) => {
+                let element = self.table.sets.get(map).and_then(|s| {
+                    s.elements
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, e)| e.clone())
+                });
+                self.maps
+                    .push((map.to_string(), element.unwrap_or_default(), v.clone()));
+                Step::Verdict(v)
+            }
             None => Step::NoMatch,
         }
     }

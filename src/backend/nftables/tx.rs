@@ -136,8 +136,8 @@ pub fn build_partial(
 /// committed (the rules' text is in the record as a hash only).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Owned {
-    /// Its chains.
-    pub chains: Vec<String>,
+    /// Its chains and the number of rules in each.
+    pub chains: Vec<(String, usize)>,
     /// Its affinity sets.
     pub sets: Vec<String>,
     /// Its elements: container and key.
@@ -150,12 +150,11 @@ impl Owned {
         let mut owned = Owned::default();
         for op in ops {
             match op {
-                Op::Chain(chain) => owned.chains.push(chain.clone()),
-                Op::Rule { chain, .. } => {
-                    if owned.chains.last() != Some(chain) && !owned.chains.contains(chain) {
-                        owned.chains.push(chain.clone());
-                    }
-                }
+                Op::Chain(chain) => owned.chains.push((chain.clone(), 0)),
+                Op::Rule { chain, .. } => match owned.chains.iter_mut().find(|(c, _)| c == chain) {
+                    Some((_, n)) => *n += 1,
+                    None => owned.chains.push((chain.clone(), 1)),
+                },
                 Op::Set { name, .. } => owned.sets.push(name.clone()),
                 Op::Element(e) => owned.elements.push((e.container, e.key.clone())),
             }
@@ -168,7 +167,7 @@ impl Owned {
 fn take_objects(record: &mut Committed, blocks: &[Owned]) -> Committed {
     let mut taken = Committed::default();
     for owned in blocks {
-        for chain in &owned.chains {
+        for (chain, _) in &owned.chains {
             if let Some(h) = record.chains.remove(chain) {
                 taken.chains.insert(chain.clone(), h);
             }
