@@ -1,8 +1,9 @@
 //! Property tests on hostile input (issue 11, "Bad input"), bounded in cases so they run in
 //! `cargo test`: the config decoder, object → model conversion, the plan and the iptables and
 //! IPVS renderers never panic; every iptables ruleset rendered from random objects loads with
-//! `iptables-restore` in a throwaway namespace (stricter than `--test`); and no object's rules land in another
-//! object's chains or in a chain that is not kube-proxy's.
+//! `iptables-restore` and every nftables transaction with `nft -f` in a throwaway namespace
+//! (stricter than `--test` / `--check`); and no object's rules land in another object's
+//! chains or in a chain that is not kube-proxy's.
 //! `PROPTEST_CASES` raises the number of cases for a longer run.
 
 mod support;
@@ -572,4 +573,96 @@ fn restore_test_refuses_a_broken_rule() {
     ] {
         assert!(restore_test(&ns, &bad).is_err(), "{bad}");
     }
+}
+
+/// The service (`ns/name`) a per-service nftables chain belongs to: `KIND-HASH-ns/name/…`.
+fn nft_chain_owner(chain: &str) -> Option<String> {
+    if !chain.contains('/') {
+        return None;
+    }
+    let (_, rest) = chain.split_once('-')?;
+    let (_, rest) = rest.split_once('-')?;
+    let mut parts = rest.split('/');
+    Some(format!("{}/{}", parts.next()?, parts.next()?))
+}
+
+/// `(chain, rule)` of every `add rule ip kube-proxy CHAIN RULE` line.
+fn nft_rules(text: &str) -> Vec<(&str, &str)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("add rule ip kube-proxy "))
+        .filter_map(|l| l.split_once(' '))
+        .collect()
+}
+
+/// Rules on kube-proxy's fixed chains are the fixed section's (what a cluster without
+/// services gets); a per-service chain's rules jump only to that service's chains or fixed
+/// ones.
+fn assert_nft_rules_stay_in_their_chains(text: &str, fixed: &BTreeSet<(&str, &str)>) {
+    for (chain, rule) in nft_rules(text) {
+        let Some(owner) = nft_chain_owner(chain) else {
+            assert!(
+                fixed.contains(&(chain, rule)),
+                "a service's rule on the fixed chain {chain}: {rule}"
+            );
+            continue;
+        };
+        for word in rule.split([' ', ',', '{', '}']) {
+            if let Some(other) = nft_chain_owner(word) {
+                assert_eq!(other, owner, "{chain} jumps to another service's {word}");
+            }
+        }
+    }
+}
+
+/// nftables mode: every transaction rendered from random objects loads into a throwaway
+/// namespace's kernel (stricter than `nft --check`), and no object's rules land in another
+/// object's chains or on the fixed chains.
+#[test]
+fn nftables_rulesets_load_and_stay_in_their_chains() {
+    support::require_root();
+    let ns = Netns::new("fuzznft");
+    let flag_sets: [&[&str]; 2] = [
+        &["--proxy-mode=nftables", "--cluster-cidr=10.244.0.0/16"],
+        &[
+            "--proxy-mode=nftables",
+            "--masquerade-all",
+            "--nodeport-addresses=primary",
+        ],
+    ];
+    let mut runner = TestRunner::new(cases(32));
+    runner
+        .run(&cluster(), |values| {
+            // The fixed section depends on the node only.
+            let nodes: Vec<Value> = values
+                .iter()
+                .filter(|v| v["kind"] == "Node")
+                .cloned()
+                .collect();
+            for flags in flag_sets {
+                let baseline = render(&nodes, Kind::Nftables, flags);
+                let fixed: BTreeSet<(&str, &str)> = nft_rules(&baseline).into_iter().collect();
+                let text = render(&values, Kind::Nftables, flags);
+                let loaded = feed(&ns, "nft", &["-f", "-"], &text);
+                let _ = feed(&ns, "nft", &["delete", "table", "ip", "kube-proxy"], "");
+                if let Err(e) = loaded {
+                    prop_assert!(false, "nft refused ({flags:?}): {e}\n{text}");
+                }
+                assert_nft_rules_stay_in_their_chains(&text, &fixed);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn nft_chain_check_catches_a_jump_to_another_service() {
+    let text = "add rule ip kube-proxy service-AAAAAAAA-ns1/a/tcp/p goto endpoint-BBBBBBBB-ns2/b/tcp/p__10.0.0.1/80\n";
+    let r =
+        std::panic::catch_unwind(|| assert_nft_rules_stay_in_their_chains(text, &BTreeSet::new()));
+    assert!(r.is_err());
+    let fixed_rule = "add rule ip kube-proxy services ip daddr 1.2.3.4 drop\n";
+    let r = std::panic::catch_unwind(|| {
+        assert_nft_rules_stay_in_their_chains(fixed_rule, &BTreeSet::new())
+    });
+    assert!(r.is_err());
 }
