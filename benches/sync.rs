@@ -10,7 +10,7 @@
 //!
 //! A restore that takes longer than the cap is stopped and reported as `>cap`. Needs root.
 //!
-//! `cargo bench --bench sync [-- N...]` (default N = 10000).
+//! `cargo bench --bench sync [-- [--render-only] N...]` (default N = 10000).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -18,7 +18,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kube_proxy_rs::backend::iptables::proxier::IptablesProxier;
-use kube_proxy_rs::backend::iptables::render::{RenderConfig, RenderInput, SyncScope, render};
+use kube_proxy_rs::backend::iptables::render::{
+    RenderCache, RenderConfig, RenderInput, SharedChains, SyncScope, render,
+};
 use kube_proxy_rs::backend::{Backend, SyncRequest};
 use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant};
 use kube_proxy_rs::kernel::{Addresses, Conntrack, IpFamily};
@@ -185,12 +187,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let render_only = std::env::args().any(|a| a == "--render-only");
     for n in sizes {
-        bench(&rt, n);
+        bench(&rt, n, render_only);
     }
 }
 
-fn bench(rt: &tokio::runtime::Runtime, n: usize) {
+fn bench(rt: &tokio::runtime::Runtime, n: usize, render_only: bool) {
     let t = Instant::now();
     let mut state = build_state(n);
     println!(
@@ -224,13 +227,24 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
     state.apply_slice(&slice);
     let changed: BTreeSet<ServiceName> = state.take_changes().services;
     let model2 = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
+    // As the daemon renders it: the cache holds the previous sync's services.
+    let mut cache = RenderCache::default();
+    let input = |model, scope| RenderInput {
+        model,
+        config: &config,
+        scope,
+        existing_nat_chains: None,
+    };
+    // Without the cache (every unchanged service formatted to count its rules, as before).
+    let (uncached_t, _) = best_of(3, || {
+        render(&input(&model2, SyncScope::Partial { changed: &changed }))
+    });
+    cache.render(&input(&model, SyncScope::Full), SharedChains::Rewrite);
     let (partial_t, partial) = best_of(5, || {
-        render(&RenderInput {
-            model: &model2,
-            config: &config,
-            scope: SyncScope::Partial { changed: &changed },
-            existing_nat_chains: None,
-        })
+        cache.render(
+            &input(&model2, SyncScope::Partial { changed: &changed }),
+            SharedChains::Rewrite,
+        )
     });
     let lines = full.text.lines().count();
     println!(
@@ -238,7 +252,13 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
         full.text.len() as f64 / 1e6,
         partial.text.lines().count()
     );
-    println!("ours: snapshot {snap_t:?}, full render {full_t:?}, partial render {partial_t:?}");
+    println!(
+        "ours: snapshot {snap_t:?}, full render {full_t:?}, partial render {partial_t:?} \
+         (without the cache: {uncached_t:?})"
+    );
+    if render_only {
+        return;
+    }
     if !is_root() {
         println!("kernel: not measured (needs root for a network namespace)");
         return;

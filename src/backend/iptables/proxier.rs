@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::render::{RenderConfig, RenderInput, SyncScope, render};
+use super::render::{RenderCache, RenderConfig, RenderInput, SharedChains, SyncScope, render};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::netfilter::jumps::{cleanup_plan, jump_rules};
 use crate::backend::netfilter::names::KUBE_PROXY_CANARY;
@@ -31,6 +31,8 @@ pub struct IptablesProxier {
     last_cleanup: Option<Instant>,
     /// Whether the last render was in large-cluster mode (the render decides it).
     large_cluster: bool,
+    /// The last render's per-service blocks: a partial sync formats only the changed services.
+    cache: RenderCache,
 }
 
 impl IptablesProxier {
@@ -50,6 +52,7 @@ impl IptablesProxier {
             cleanup_period: Duration::from_secs(30),
             last_cleanup: None,
             large_cluster: false,
+            cache: RenderCache::default(),
         }
     }
 
@@ -204,12 +207,16 @@ impl Backend for IptablesProxier {
                 changed: req.changed,
             }
         };
-        let rendered = render(&RenderInput {
-            model: req.model,
-            config: &self.config,
-            scope,
-            existing_nat_chains: existing.as_ref(),
-        });
+        let shared = SharedChains::Rewrite;
+        let rendered = self.cache.render(
+            &RenderInput {
+                model: req.model,
+                config: &self.config,
+                scope,
+                existing_nat_chains: existing.as_ref(),
+            },
+            shared,
+        );
         self.write(&rendered.text, existing.as_ref()).await?;
         self.large_cluster = rendered.large_cluster;
         if existing.is_some() {

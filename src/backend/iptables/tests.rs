@@ -3810,3 +3810,163 @@ fn ipv6_services_match_the_golden() {
     let want = std::fs::read_to_string(path).unwrap();
     assert_eq!(text, want, "rendered:\n{text}");
 }
+
+// === the render cache: partial renders format only the changed services ===
+
+fn changed_set(names: &[(&str, &str)]) -> BTreeSet<ServiceName> {
+    names
+        .iter()
+        .map(|(ns, n)| ServiceName::new(*ns, *n))
+        .collect()
+}
+
+fn render_cached(
+    cache: &mut RenderCache,
+    m: &ProxyModel,
+    cfg: &RenderConfig,
+    changed: Option<&BTreeSet<ServiceName>>,
+    shared: SharedChains,
+) -> Rendered {
+    let scope = match changed {
+        Some(changed) => SyncScope::Partial { changed },
+        None => SyncScope::Full,
+    };
+    cache.render(
+        &RenderInput {
+            model: m,
+            config: cfg,
+            scope,
+            existing_nat_chains: None,
+        },
+        shared,
+    )
+}
+
+/// Names of the chains a restore input declares in `table`.
+fn declared_chains(text: &str, table: &str) -> Vec<String> {
+    let mut in_table = false;
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            in_table = t == table;
+        } else if let Some(decl) = l.strip_prefix(':').filter(|_| in_table) {
+            out.push(decl.split(' ').next().unwrap_or_default().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn cached_partial_render_equals_a_full_render_for_the_changed_chains() {
+    let cfg = upstream_config();
+    let mut m = overall_model();
+    let mut cache = RenderCache::default();
+    let first = render_cached(&mut cache, &m, &cfg, None, SharedChains::Rewrite);
+    assert_eq!(
+        first.text,
+        render_full(&m).text,
+        "a cached full render is render()'s"
+    );
+
+    // One endpoint more for svc4 (a NodePort service with an external IP).
+    m.endpoints
+        .get_mut(&spn("ns4", "svc4", "p80"))
+        .unwrap()
+        .push(ep("10.180.0.6", 80));
+    let changed = changed_set(&[("ns4", "svc4")]);
+    let partial = render_cached(&mut cache, &m, &cfg, Some(&changed), SharedChains::Rewrite);
+    let full = render_full(&m);
+    // Byte for byte what a render without a cache writes for the same partial sync.
+    assert_eq!(
+        partial.text,
+        render_partial(&m, &cfg, &[("ns4", "svc4")], None).text
+    );
+    // The changed service's chains are a full render's, and only they are written.
+    let chains = declared_chains(&partial.text, "nat");
+    let own: Vec<&String> = chains
+        .iter()
+        .filter(|c| {
+            c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-") || c.starts_with("KUBE-EXT-")
+        })
+        .collect();
+    assert_eq!(
+        own.len(),
+        1 + 1 + 3,
+        "SVC, EXT and three SEP chains: {own:?}"
+    );
+    for c in chains {
+        assert_eq!(
+            chain_text(&partial.text, "nat", &c),
+            chain_text(&full.text, "nat", &c),
+            "chain {c}"
+        );
+    }
+    for c in ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-EXTERNAL-SERVICES"] {
+        assert_eq!(
+            chain_text(&partial.text, "filter", c),
+            chain_text(&full.text, "filter", c)
+        );
+    }
+    // Metrics count the whole ruleset, as a full render does.
+    assert_eq!(partial.nat_rules, full.nat_rules);
+    assert_eq!(partial.filter_rules, full.filter_rules);
+    assert_eq!(
+        partial.no_local_endpoints_external,
+        full.no_local_endpoints_external
+    );
+    assert_eq!(
+        partial.no_local_endpoints_internal,
+        full.no_local_endpoints_internal
+    );
+    assert_eq!(
+        partial.health_check_node_ports,
+        full.health_check_node_ports
+    );
+    assert_eq!(partial.large_cluster, full.large_cluster);
+    assert_eq!(
+        partial.nat_rules_written,
+        Dump::parse(&partial.text).unwrap().rule_count("nat")
+    );
+
+    // Deleting a service: its counts leave the totals.
+    m.services.remove(&spn("ns1", "svc1", "p80"));
+    m.endpoints.remove(&spn("ns1", "svc1", "p80"));
+    let changed = changed_set(&[("ns1", "svc1")]);
+    let partial = render_cached(&mut cache, &m, &cfg, Some(&changed), SharedChains::Rewrite);
+    assert_eq!(
+        partial.text,
+        render_partial(&m, &cfg, &[("ns1", "svc1")], None).text
+    );
+    assert_eq!(partial.nat_rules, render_full(&m).nat_rules);
+}
+
+#[test]
+fn cached_partial_render_does_not_format_unchanged_services() {
+    let cfg = upstream_config();
+    let mut m = overall_model();
+    let mut cache = RenderCache::default();
+    render_cached(&mut cache, &m, &cfg, None, SharedChains::Rewrite);
+    // svc1's port changes but the sync is told only svc6 changed: a render that formats
+    // every service would write svc1's new port; the cached one keeps what it wrote.
+    m.services.get_mut(&spn("ns1", "svc1", "p80")).unwrap().port = 81;
+    let changed = changed_set(&[("ns6", "svc6")]);
+    let r = render_cached(&mut cache, &m, &cfg, Some(&changed), SharedChains::Rewrite);
+    let services = chain_text(&r.text, "nat", "KUBE-SERVICES");
+    assert!(
+        services.contains("-d 172.30.0.41 --dport 80 "),
+        "{services}"
+    );
+    assert!(!services.contains("--dport 81"), "{services}");
+    // Other settings: nothing cached is reused.
+    let mut cfg2 = cfg.clone();
+    cfg2.masquerade_all = true;
+    let r = render_cached(&mut cache, &m, &cfg2, Some(&changed), SharedChains::Rewrite);
+    assert!(chain_text(&r.text, "nat", "KUBE-SERVICES").contains("-d 172.30.0.41 --dport 81 "));
+    // Nor when a port appeared that the cache has not seen (the caller missed a change).
+    m.services.insert(
+        spn("ns7", "svc7", "p80"),
+        svc("ns7", "svc7", "p80", "172.30.0.47", 80),
+    );
+    let r = render_cached(&mut cache, &m, &cfg2, Some(&changed), SharedChains::Rewrite);
+    assert!(chain_text(&r.text, "filter", "KUBE-SERVICES").contains("172.30.0.47"));
+}
