@@ -33,6 +33,9 @@ pub struct IptablesProxier {
     large_cluster: bool,
     /// The last render's per-service blocks: a partial sync formats only the changed services.
     cache: RenderCache,
+    /// Whether the kernel's shared chains are what the last render wrote (its restore
+    /// succeeded and no full sync is due), so a partial sync may edit them rule by rule.
+    shared_chains_known: bool,
 }
 
 impl IptablesProxier {
@@ -53,6 +56,7 @@ impl IptablesProxier {
             last_cleanup: None,
             large_cluster: false,
             cache: RenderCache::default(),
+            shared_chains_known: false,
         }
     }
 
@@ -140,7 +144,7 @@ impl IptablesProxier {
             }
             _ => vec![text.to_string()],
         };
-        for part in &parts {
+        for part in parts.iter().filter(|p| !p.is_empty()) {
             self.ipt
                 .restore(part)
                 .await
@@ -207,7 +211,13 @@ impl Backend for IptablesProxier {
                 changed: req.changed,
             }
         };
-        let shared = SharedChains::Rewrite;
+        // A full sync rewrites whatever the kernel holds (a canary gone, a failed restore: the
+        // sync loop asks for a full sync after either).
+        let shared = if self.shared_chains_known && !req.full {
+            SharedChains::Edit
+        } else {
+            SharedChains::Rewrite
+        };
         let rendered = self.cache.render(
             &RenderInput {
                 model: req.model,
@@ -217,7 +227,10 @@ impl Backend for IptablesProxier {
             },
             shared,
         );
+        // Until this restore succeeds the kernel holds neither the old state nor the new.
+        self.shared_chains_known = false;
         self.write(&rendered.text, existing.as_ref()).await?;
+        self.shared_chains_known = true;
         self.large_cluster = rendered.large_cluster;
         if existing.is_some() {
             self.last_cleanup = Some(Instant::now());
@@ -252,6 +265,7 @@ impl Backend for IptablesProxier {
                     table = t.as_str(),
                     "canary chain gone: the table was flushed"
                 );
+                self.shared_chains_known = false;
                 return true;
             }
         }

@@ -304,13 +304,6 @@ struct Block {
     no_local_external: bool,
 }
 
-impl Block {
-    /// Whether `other` writes the same shared-chain rules.
-    fn same_entries(&self, other: &Block) -> bool {
-        self.nat_entry == other.nat_entry && self.filter_entry == other.filter_entry
-    }
-}
-
 /// What the last render made of each service port, so that the next partial render plans and
 /// formats only the changed services (a partial sync used to format every service to count
 /// its rules) and can edit the shared chains.
@@ -369,27 +362,26 @@ impl RenderCache {
             SyncScope::Partial { changed } => Some(changed),
         };
         let key = (cfg.clone(), model.node.clone());
-        // The count guards against a caller whose `changed` missed a service.
-        let reuse = changed.is_some()
-            && self.key.as_ref() == Some(&key)
-            && self.blocks.len() == model.services.len();
+        let mut reuse = changed.is_some() && self.key.as_ref() == Some(&key);
         let mut old = BTreeMap::new();
-        let ports: Vec<&ServicePort> = match changed.filter(|_| reuse) {
-            Some(changed) => {
-                for s in changed {
-                    old.extend(self.take_service(s));
-                }
-                changed
-                    .iter()
-                    .flat_map(|s| ports_of(&model.services, s).map(|(_, v)| v))
-                    .collect()
+        let mut ports: Vec<&ServicePort> = Vec::new();
+        if let Some(changed) = changed.filter(|_| reuse) {
+            for s in changed {
+                old.extend(self.take_service(s));
             }
-            None => {
-                self.blocks.clear();
-                self.key = Some(key);
-                model.services.values().collect()
-            }
-        };
+            ports = changed
+                .iter()
+                .flat_map(|s| ports_of(&model.services, s).map(|(_, v)| v))
+                .collect();
+            // Guards against a caller whose `changed` missed a service.
+            reuse = self.blocks.len() + ports.len() == model.services.len();
+        }
+        if !reuse {
+            old.clear();
+            self.blocks.clear();
+            self.key = Some(key);
+            ports = model.services.values().collect();
+        }
         // Every re-rendered port is in `old`, `None` if it is new.
         for svc in &ports {
             old.entry(svc.name.clone()).or_insert(None);
@@ -515,14 +507,15 @@ impl RenderCache {
         out
     }
 
-    /// The `-D`/`-I` lines that turn the shared chains as the blocks `old` (`None`: none) and the unchanged
-    /// ones) wrote them into what the current blocks would write: every rule of a service
-    /// whose rules changed is deleted, then its new rules are inserted, in list order, each
-    /// at its index in the new list. Unchanged services' rules keep their relative order, so
-    /// each insert lands where a rewrite would put it and the node-ports jump stays last.
+    /// The `-D`/`-I` lines that turn the shared chains as the replaced blocks `old` (`None`:
+    /// none) and the unchanged ones wrote them into what the current blocks would write.
+    /// Where a service's rules in a chain changed, all of them are deleted by spec, then the
+    /// new ones inserted in list order, each at its index in the new list. The other rules
+    /// keep their relative order, so each insert lands where a rewrite would put it and the
+    /// node-ports jump, after every service's rules, stays last.
     fn edits(&self, old: &BTreeMap<ServicePortName, Option<Block>>) -> Edits {
         let mut e = Edits::default();
-        let mut redo: BTreeSet<&ServicePortName> = BTreeSet::new();
+        let mut redo: BTreeSet<(&ServicePortName, bool, &str)> = BTreeSet::new();
         let empty = Block::default();
         for (name, was) in old {
             let was = was.as_ref().unwrap_or(&empty);
@@ -531,18 +524,28 @@ impl RenderCache {
                 .get(name)
                 .and_then(Option::as_ref)
                 .unwrap_or(&empty);
-            if !was.same_entries(now) {
-                redo.insert(name);
-                e.nat_delete
-                    .extend(was.nat_entry.iter().map(|l| as_delete(l)));
-                e.filter_delete
-                    .extend(was.filter_entry.iter().map(|l| as_delete(l)));
+            for (nat, was, now) in [
+                (true, &was.nat_entry, &now.nat_entry),
+                (false, &was.filter_entry, &now.filter_entry),
+            ] {
+                for chain in changed_chains(was, now) {
+                    redo.insert((name, nat, chain));
+                    let deletes = if nat {
+                        &mut e.nat_delete
+                    } else {
+                        &mut e.filter_delete
+                    };
+                    deletes.extend(
+                        was.iter()
+                            .filter(|l| split_append(l).0 == chain)
+                            .map(|l| as_delete(l)),
+                    );
+                }
             }
         }
         let mut counts: Vec<(bool, &str, usize)> = Vec::new();
         for (name, b) in &self.blocks {
             let Some(b) = b else { continue };
-            let insert = redo.contains(name);
             for (nat, lines) in [(true, &b.nat_entry), (false, &b.filter_entry)] {
                 for line in lines {
                     let (chain, rest) = split_append(line);
@@ -556,7 +559,7 @@ impl RenderCache {
                             1
                         }
                     };
-                    if insert {
+                    if redo.contains(&(name, nat, chain)) {
                         let to = if nat {
                             &mut e.nat_insert
                         } else {
@@ -569,6 +572,18 @@ impl RenderCache {
         }
         e
     }
+}
+
+/// The chains whose lines differ between `was` and `now` (one service port's, either table).
+fn changed_chains<'l>(was: &'l [String], now: &'l [String]) -> BTreeSet<&'l str> {
+    let chains: BTreeSet<&str> = was.iter().chain(now).map(|l| split_append(l).0).collect();
+    chains
+        .into_iter()
+        .filter(|c| {
+            let of = |lines: &'l [String]| lines.iter().filter(move |l| split_append(l).0 == *c);
+            !of(was).eq(of(now))
+        })
+        .collect()
 }
 
 /// The shared-chain edits of one partial sync.
