@@ -313,6 +313,42 @@ pub struct RenderCache {
     key: Option<(RenderConfig, NodeInfo)>,
     /// Every service port of the last model; `None` for another family's.
     blocks: BTreeMap<ServicePortName, Option<Block>>,
+    /// Sums over `blocks`, kept as blocks come and go: a partial sync need not visit them.
+    totals: Totals,
+}
+
+/// Sums over the cached blocks.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    nat_rules: usize,
+    filter_rules: usize,
+    endpoints: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+impl Totals {
+    /// Adds (`sign` true) or removes `b`'s share.
+    fn count(&mut self, b: &Block, add: bool) {
+        let apply = |total: &mut usize, n: usize| {
+            *total = if add {
+                *total + n
+            } else {
+                total.saturating_sub(n)
+            };
+        };
+        apply(&mut self.nat_rules, b.nat_entry.len() + b.chain_rules);
+        apply(&mut self.filter_rules, b.filter_entry.len());
+        apply(&mut self.endpoints, b.endpoints);
+        apply(
+            &mut self.no_local_internal,
+            usize::from(b.no_local_internal),
+        );
+        apply(
+            &mut self.no_local_external,
+            usize::from(b.no_local_external),
+        );
+    }
 }
 
 /// A service port's block and the text of its own chains.
@@ -379,6 +415,7 @@ impl RenderCache {
         if !reuse {
             old.clear();
             self.blocks.clear();
+            self.totals = Totals::default();
             self.key = Some(key);
             ports = model.services.values().collect();
         }
@@ -399,16 +436,11 @@ impl RenderCache {
                     &health_checks,
                 ));
             } else {
-                self.blocks.insert(svc.name.clone(), None);
+                self.put(svc.name.clone(), None);
             }
         }
-        let endpoints = self
-            .blocks
-            .values()
-            .flatten()
-            .map(|b| b.endpoints)
-            .sum::<usize>()
-            + plans.iter().map(|p| p.endpoints.len()).sum::<usize>();
+        let endpoints =
+            self.totals.endpoints + plans.iter().map(|p| p.endpoints.len()).sum::<usize>();
         let large = endpoints > cfg.large_cluster_threshold;
         let mut written = BTreeMap::new();
         for sp in &plans {
@@ -416,7 +448,7 @@ impl RenderCache {
             if changed.is_none_or(|c| c.contains(&sp.service.name.service)) {
                 written.insert(sp.service.name.clone(), own);
             }
-            self.blocks.insert(sp.service.name.clone(), Some(block));
+            self.put(sp.service.name.clone(), Some(block));
         }
         let edit = (shared == SharedChains::Edit && reuse).then_some(&old);
         let mut out = self.assemble(input, large, written, edit);
@@ -429,9 +461,24 @@ impl RenderCache {
         let keys: Vec<ServicePortName> = ports_of(&self.blocks, service)
             .map(|(k, _)| k.clone())
             .collect();
-        keys.into_iter()
+        let taken: Vec<(ServicePortName, Option<Block>)> = keys
+            .into_iter()
             .filter_map(|k| self.blocks.remove(&k).map(|b| (k, b)))
-            .collect()
+            .collect();
+        for b in taken.iter().filter_map(|(_, b)| b.as_ref()) {
+            self.totals.count(b, false);
+        }
+        taken
+    }
+
+    /// Caches `block` for `name`.
+    fn put(&mut self, name: ServicePortName, block: Option<Block>) {
+        if let Some(b) = &block {
+            self.totals.count(b, true);
+        }
+        if let Some(Some(was)) = self.blocks.insert(name, block) {
+            self.totals.count(&was, false);
+        }
     }
 
     /// The restore input and counts from the cached blocks and the chains of the services
@@ -456,14 +503,18 @@ impl RenderCache {
         write_base_rules(&mut t, cfg);
         let (base_nat, base_filter) = (t.nat_rules.0.len(), t.filter_rules.0.len());
         let mut own = Tables::default();
-        let mut per_service_nat = 0usize;
-        let mut per_service_filter = 0usize;
-        for (name, b) in &self.blocks {
+        // An edit without a stale-chain scan writes only the changed services' chains: the
+        // unchanged ones are not visited (the totals count them).
+        let visit_all = edit.is_none() || want_active;
+        if !visit_all {
+            for chains in std::mem::take(&mut written).into_values() {
+                own.nat_chains.0.extend(chains.nat_chains.0);
+                own.nat_rules.0.extend(chains.nat_rules.0);
+            }
+        }
+        let blocks = visit_all.then_some(&self.blocks);
+        for (name, b) in blocks.into_iter().flatten() {
             let Some(b) = b else { continue };
-            out.no_local_endpoints_internal += usize::from(b.no_local_internal);
-            out.no_local_endpoints_external += usize::from(b.no_local_external);
-            per_service_nat += b.nat_entry.len() + b.chain_rules;
-            per_service_filter += b.filter_entry.len();
             if want_active {
                 out.active_nat_chains.extend(b.chains.iter().cloned());
             }
@@ -486,8 +537,11 @@ impl RenderCache {
         let mut tail = Tables::default();
         write_node_ports_tail(&mut tail, cfg);
         write_forward_rules(&mut tail, cfg);
-        out.filter_rules = base_filter + per_service_filter + tail.filter_rules.0.len();
-        out.nat_rules = base_nat + per_service_nat + tail.nat_rules.0.len();
+        let totals = self.totals;
+        out.no_local_endpoints_internal = totals.no_local_internal;
+        out.no_local_endpoints_external = totals.no_local_external;
+        out.filter_rules = base_filter + totals.filter_rules + tail.filter_rules.0.len();
+        out.nat_rules = base_nat + totals.nat_rules + tail.nat_rules.0.len();
         match edit {
             None => {
                 t.nat_chains.0.extend(stale.nat_chains.0);
@@ -542,6 +596,11 @@ impl RenderCache {
                     );
                 }
             }
+        }
+        // Nothing to insert (an endpoint change keeps the service's rules): no need to
+        // count the positions of every other service's rules.
+        if redo.is_empty() {
+            return e;
         }
         let mut counts: Vec<(bool, &str, usize)> = Vec::new();
         for (name, b) in &self.blocks {
