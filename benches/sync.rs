@@ -412,15 +412,6 @@ fn bench(rt: &tokio::runtime::Runtime, size: Size, opts: &Opts) -> Row {
     };
     let (rewrite_t, _) = timed(SharedChains::Rewrite);
     let (edit_t, edit) = timed(SharedChains::Edit);
-    if std::env::var_os("KPRS_LOOP").is_some() {
-        let mut cache = RenderCache::default();
-        cache.render(&input(&model, SyncScope::Full), SharedChains::Edit);
-        let t = Instant::now();
-        for _ in 0..200 {
-            cache.render(&input(&model2, partial_scope), SharedChains::Edit);
-        }
-        println!("loop: {:?} per partial render", t.elapsed() / 200);
-    }
     let rss = rss_of(size).map_or("?".into(), |(h, r)| format!("{h:.0} / {r:.0} MiB"));
     println!(
         "ruleset: {} restore lines, {:.1} MB; partial: {} lines (rewrite), {} lines (edit)",
