@@ -10,7 +10,12 @@
 //!
 //! A restore that takes longer than the cap is stopped and reported as `>cap`. Needs root.
 //!
-//! `cargo bench --bench sync [-- N...]` (default N = 10000).
+//! Also: the partial render without the render cache (as before) and with it (shared chains
+//! rewritten or edited), the RSS of a fresh process holding each cluster (state store, model
+//! snapshot, render cache), and the state store's EndpointSlice update throughput.
+//!
+//! `cargo bench --bench sync [-- [--render-only] [--no-floor] SIZE...]`, SIZE = `N` (N
+//! services × 5 endpoints) or `NxE` (default 10000).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -18,14 +23,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kube_proxy_rs::backend::iptables::proxier::IptablesProxier;
-use kube_proxy_rs::backend::iptables::render::{RenderConfig, RenderInput, SyncScope, render};
+use kube_proxy_rs::backend::iptables::render::{
+    RenderCache, RenderConfig, RenderInput, SharedChains, SyncScope, render,
+};
 use kube_proxy_rs::backend::{Backend, SyncRequest};
 use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant};
 use kube_proxy_rs::kernel::{Addresses, Conntrack, IpFamily};
 use kube_proxy_rs::model::{ClusterState, ProxyModel, ServiceName};
 use serde_json::json;
 
-fn build_state(n: usize) -> ClusterState {
+fn build_state(n: usize, per_service: usize) -> ClusterState {
     let mut st = ClusterState::new("node1");
     for i in 0..n {
         let (hi, lo) = (i / 250, i % 250);
@@ -35,21 +42,37 @@ fn build_state(n: usize) -> ClusterState {
         }))
         .unwrap();
         st.apply_service(&svc);
-        let eps: Vec<_> = (0..5)
-            .map(|e| json!({"addresses": [format!("10.{}.{}.{}", 100 + e, hi, lo)], "nodeName": "node2"}))
-            .collect();
-        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
-            "metadata": {"namespace": "bench", "name": format!("svc{i}-1"),
-                         "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
-            "addressType": "IPv4",
-            "ports": [{"name": "p80", "port": 8080, "protocol": "TCP"}],
-            "endpoints": eps
-        }))
-        .unwrap();
-        st.apply_slice(&slice);
+        st.apply_slice(&slice_of(i, per_service, 0));
     }
     st.take_changes();
     st
+}
+
+/// Service `i`'s EndpointSlice: `per_service` endpoints, numbered from `first`.
+fn slice_of(
+    i: usize,
+    per_service: usize,
+    first: usize,
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let (hi, lo) = (i / 250, i % 250);
+    let eps: Vec<_> = (first..first + per_service)
+        .map(|e| {
+            let ip = if per_service <= 5 {
+                format!("10.{}.{hi}.{lo}", 100 + e)
+            } else {
+                format!("10.{}.{}.{}", 100 + e / 250, i % 250, e % 250)
+            };
+            json!({"addresses": [ip], "nodeName": "node2"})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"namespace": "bench", "name": format!("svc{i}-1"),
+                     "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p80", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps
+    }))
+    .unwrap()
 }
 
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
@@ -171,77 +194,251 @@ fn is_root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
 }
 
-fn main() {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let sizes = if sizes.is_empty() {
-        vec![10_000]
-    } else {
-        sizes
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    for n in sizes {
-        bench(&rt, n);
+/// One cluster size: `services` × `endpoints` each.
+#[derive(Clone, Copy)]
+struct Size {
+    services: usize,
+    endpoints: usize,
+}
+
+impl Size {
+    /// `N` (× 5 endpoints) or `NxE`.
+    fn parse(s: &str) -> Option<Size> {
+        let (n, e) = s.split_once('x').unwrap_or((s, "5"));
+        Some(Size {
+            services: n.parse().ok()?,
+            endpoints: e.parse().ok()?,
+        })
     }
 }
 
-fn bench(rt: &tokio::runtime::Runtime, n: usize) {
-    let t = Instant::now();
-    let mut state = build_state(n);
-    println!(
-        "cluster: {n} services x 5 endpoints (state built in {:?})",
-        t.elapsed()
-    );
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} × {}", self.services, self.endpoints)
+    }
+}
 
-    let (snap_t, model) = best_of(3, || state.snapshot(kube_proxy_rs::model::IpFamily::V4));
-    let config = RenderConfig {
+/// VmHWM and VmRSS of this process, in MiB.
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn bench_config() -> RenderConfig {
+    RenderConfig {
         local_detector: kube_proxy_rs::backend::iptables::render::LocalDetector::Cidr(
             "10.0.0.0/8".parse().unwrap(),
         ),
         random_fully: true,
         ..RenderConfig::default()
-    };
-    let (full_t, full) = best_of(3, || {
-        render(&RenderInput {
+    }
+}
+
+/// In a fresh process (`--rss-child SIZE`): the state the daemon keeps with the cluster
+/// loaded (state store, model snapshot, render cache after a full render whose text is then
+/// dropped), then VmHWM and VmRSS.
+fn rss_child(size: Size) {
+    let state = build_state(size.services, size.endpoints);
+    let model = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
+    let config = bench_config();
+    let mut cache = RenderCache::default();
+    let r = cache.render(
+        &RenderInput {
             model: &model,
             config: &config,
             scope: SyncScope::Full,
             existing_nat_chains: None,
-        })
-    });
+        },
+        SharedChains::Edit,
+    );
+    drop(r);
+    let (hwm, rss) = rss_mib();
+    println!("{hwm:.0} {rss:.0}");
+}
+
+/// VmHWM and VmRSS (MiB) of a fresh process holding `size`'s cluster.
+fn rss_of(size: Size) -> Option<(f64, f64)> {
+    let exe = std::env::current_exe().ok()?;
+    let arg = format!("{}x{}", size.services, size.endpoints);
+    let out = Command::new(exe)
+        .args(["--rss-child", &arg])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut w = text.split_whitespace().map(|x| x.parse::<f64>().ok());
+    Some((w.next()??, w.next()??))
+}
+
+/// EndpointSlice updates applied to the state store per second at `size` (one endpoint
+/// changed per update, objects decoded beforehand, as the watch hands them over), and the
+/// per-sync change collection.
+fn model_throughput(size: Size) -> f64 {
+    let mut state = build_state(size.services, size.endpoints);
+    let updates: Vec<_> = (0..50_000)
+        .map(|k| slice_of((k * 7919) % size.services, size.endpoints, 1 + k % 2))
+        .collect();
+    let t = Instant::now();
+    for (k, slice) in updates.iter().enumerate() {
+        state.apply_slice(slice);
+        if k % 100 == 99 {
+            state.take_changes();
+        }
+    }
+    updates.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// One row of the summary table.
+#[derive(Default)]
+struct Row {
+    size: String,
+    full_render: String,
+    partial_uncached: String,
+    partial_rewrite: String,
+    partial_edit: String,
+    rss: String,
+    kernel: Vec<String>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--rss-child") {
+        if let Some(size) = args.get(i + 1).and_then(|a| Size::parse(a)) {
+            rss_child(size);
+        }
+        return;
+    }
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let sizes: Vec<Size> = args.iter().filter_map(|a| Size::parse(a)).collect();
+    let sizes = if sizes.is_empty() {
+        vec![Size {
+            services: 10_000,
+            endpoints: 5,
+        }]
+    } else {
+        sizes
+    };
+    let opts = Opts {
+        render_only: flag("--render-only"),
+        no_floor: flag("--no-floor"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut rows = Vec::new();
+    for size in &sizes {
+        rows.push(bench(&rt, *size, &opts));
+    }
+    let through = Size {
+        services: 10_000,
+        endpoints: 5,
+    };
+    let per_sec = model_throughput(through);
+    println!();
+    println!(
+        "| Services × endpoints | full render | partial render, 1 endpoint: no cache (before) / cache, KUBE-SERVICES rewritten / cache, edited | bench process VmHWM / VmRSS, cluster loaded |"
+    );
+    println!("| --- | --- | --- | --- |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} / {} / {} | {} |",
+            r.size, r.full_render, r.partial_uncached, r.partial_rewrite, r.partial_edit, r.rss
+        );
+    }
+    if rows.iter().any(|r| !r.kernel.is_empty()) {
+        println!();
+        println!(
+            "| Services × endpoints | back end | floor: one full restore | daemon first sync | daemon one-endpoint partial sync (edit) | raw restore: edit input / rewrite input (before) | full re-sync |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        for r in &rows {
+            for k in &r.kernel {
+                println!("| {} | {k} |", r.size);
+            }
+        }
+    }
+    println!();
+    println!("model throughput at {through}: {per_sec:.0} EndpointSlice updates/s");
+}
+
+struct Opts {
+    render_only: bool,
+    no_floor: bool,
+}
+
+fn ms(d: Duration) -> String {
+    if d < Duration::from_millis(10) {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{:.0} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+fn bench(rt: &tokio::runtime::Runtime, size: Size, opts: &Opts) -> Row {
+    let n = size.services;
+    let t = Instant::now();
+    let mut state = build_state(n, size.endpoints);
+    println!("cluster: {size} (state built in {:?})", t.elapsed());
+    let (snap_t, model) = best_of(3, || state.snapshot(kube_proxy_rs::model::IpFamily::V4));
+    let config = bench_config();
+    let input = |model, scope| RenderInput {
+        model,
+        config: &config,
+        scope,
+        existing_nat_chains: None,
+    };
+    let (full_t, full) = best_of(3, || render(&input(&model, SyncScope::Full)));
     // One endpoint change in one service: what a partial sync writes.
-    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"namespace": "bench", "name": "svc7-1", "labels": {"kubernetes.io/service-name": "svc7"}},
-        "addressType": "IPv4", "ports": [{"name": "p80", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["10.200.0.7"]}]
-    }))
-    .unwrap();
-    state.apply_slice(&slice);
+    state.apply_slice(&slice_of(7, size.endpoints, 1));
     let changed: BTreeSet<ServiceName> = state.take_changes().services;
     let model2 = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
-    let (partial_t, partial) = best_of(5, || {
-        render(&RenderInput {
-            model: &model2,
-            config: &config,
-            scope: SyncScope::Partial { changed: &changed },
-            existing_nat_chains: None,
-        })
-    });
-    let lines = full.text.lines().count();
+    let partial_scope = SyncScope::Partial { changed: &changed };
+    // Without the cache: every unchanged service formatted to count its rules (before).
+    let (uncached_t, rewrite_text) = best_of(3, || render(&input(&model2, partial_scope)).text);
+    // As the daemon renders: the cache holds the previous sync's services.
+    let timed = |shared| {
+        let mut cache = RenderCache::default();
+        cache.render(&input(&model, SyncScope::Full), shared);
+        // The same change rendered again writes the same text: the daemon's steady state.
+        best_of(5, || cache.render(&input(&model2, partial_scope), shared))
+    };
+    let (rewrite_t, _) = timed(SharedChains::Rewrite);
+    let (edit_t, edit) = timed(SharedChains::Edit);
+    let rss = rss_of(size).map_or("?".into(), |(h, r)| format!("{h:.0} / {r:.0} MiB"));
     println!(
-        "ruleset: {lines} restore lines, {:.1} MB; partial: {} lines",
+        "ruleset: {} restore lines, {:.1} MB; partial: {} lines (rewrite), {} lines (edit)",
+        full.text.lines().count(),
         full.text.len() as f64 / 1e6,
-        partial.text.lines().count()
+        rewrite_text.lines().count(),
+        edit.text.lines().count()
     );
-    println!("ours: snapshot {snap_t:?}, full render {full_t:?}, partial render {partial_t:?}");
+    println!(
+        "ours: snapshot {snap_t:?}, full render {full_t:?}, partial render {uncached_t:?} without \
+         the cache, {rewrite_t:?} cached (rewrite), {edit_t:?} cached (edit); RSS {rss}"
+    );
+    let mut row = Row {
+        size: size.to_string(),
+        full_render: ms(full_t),
+        partial_uncached: ms(uncached_t),
+        partial_rewrite: ms(rewrite_t),
+        partial_edit: ms(edit_t),
+        rss,
+        kernel: Vec::new(),
+    };
+    if opts.render_only {
+        return row;
+    }
     if !is_root() {
         println!("kernel: not measured (needs root for a network namespace)");
-        return;
+        return row;
     }
     let none = BTreeSet::new();
     for (variant, tool) in [
@@ -250,40 +447,47 @@ fn bench(rt: &tokio::runtime::Runtime, n: usize) {
     ] {
         // The floor: the daemon's starting state (an empty sync creates the jump rules and
         // canaries), then the whole ruleset in one restore.
-        let floor_ns = Netns::new("floor");
-        let empty = ProxyModel::default();
-        sync(
-            rt,
-            &mut proxier(&floor_ns, variant, &config),
-            &empty,
-            &none,
-            true,
-            &config,
-        );
-        let floor = restore(&floor_ns.0, tool, &full.text);
-        drop(floor_ns);
-
+        let floor = if opts.no_floor {
+            "not run".to_string()
+        } else {
+            let floor_ns = Netns::new("floor");
+            let empty = ProxyModel::default();
+            sync(
+                rt,
+                &mut proxier(&floor_ns, variant, &config),
+                &empty,
+                &none,
+                true,
+                &config,
+            );
+            show(restore(&floor_ns.0, tool, &full.text))
+        };
         let ns = Netns::new("daemon");
         let mut p = proxier(&ns, variant, &config);
         let first = sync(rt, &mut p, &model, &none, true, &config);
         let part = sync(rt, &mut p, &model2, &changed, false, &config);
-        let raw_part = restore(&ns.0, tool, &partial.text);
-        let resync = if variant == IptablesVariant::Nft && n > 2_000 {
-            None
+        // Both partial inputs are idempotent here: chains flushed and refilled, no -D/-I
+        // (the change keeps svc7's KUBE-SERVICES rule).
+        let raw_edit = restore(&ns.0, tool, &edit.text);
+        let raw_rewrite = restore(&ns.0, tool, &rewrite_text);
+        let resync = if (variant == IptablesVariant::Nft && n > 2_000) || n > 10_000 {
+            "not run".to_string()
         } else {
-            Some(sync(rt, &mut p, &model2, &none, true, &config))
+            format!(
+                "{:.2} s",
+                sync(rt, &mut p, &model2, &none, true, &config).as_secs_f64()
+            )
         };
-        println!(
-            "{tool} n={n}: floor (one restore, as the daemon calls it) {} | daemon first sync {:.3}s \
-             | partial sync {:.3}s (raw restore {}) | full re-sync {}",
-            show(floor),
+        let line = format!(
+            "{} | {floor} | {:.2} s | {} | {} / {} | {resync}",
+            tool.trim_end_matches("-restore"),
             first.as_secs_f64(),
-            part.as_secs_f64(),
-            show(raw_part),
-            resync.map_or("not run (quadratic, see docs)".to_string(), |d| format!(
-                "{:.3}s",
-                d.as_secs_f64()
-            )),
+            ms(part),
+            show(raw_edit),
+            show(raw_rewrite),
         );
+        println!("{line}");
+        row.kernel.push(line);
     }
+    row
 }

@@ -581,3 +581,209 @@ async fn iptables_nft_first_sync_of_a_large_cluster_is_not_quadratic() {
         "nft first sync {nft:?} vs legacy {legacy:?} ({ratio:.1}x)"
     );
 }
+
+// === partial syncs edit KUBE-SERVICES instead of rewriting it ===
+
+fn edit_service(
+    st: &mut kube_proxy_rs::model::ClusterState,
+    name: &str,
+    ip: &str,
+    port: u16,
+    node_port: Option<u16>,
+) {
+    let mut spec = serde_json::json!({"clusterIP": ip, "ports": [{"name": "p", "port": port}]});
+    if let Some(np) = node_port {
+        spec["type"] = "NodePort".into();
+        spec["ports"][0]["nodePort"] = np.into();
+        spec["externalIPs"] = serde_json::json!(["192.0.2.10"]);
+    }
+    let svc = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "ed", "name": name}, "spec": spec
+    }))
+    .unwrap();
+    st.apply_service(&svc);
+}
+
+fn edit_slice(st: &mut kube_proxy_rs::model::ClusterState, name: &str, ips: &[&str]) {
+    let eps: Vec<_> = ips
+        .iter()
+        .map(|ip| serde_json::json!({"addresses": [ip], "nodeName": "node2"}))
+        .collect();
+    let slice = serde_json::from_value(serde_json::json!({
+        "metadata": {"namespace": "ed", "name": format!("{name}-1"),
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps
+    }))
+    .unwrap();
+    st.apply_slice(&slice);
+}
+
+/// Our chains of both tables as `iptables-save` prints them, rule order included.
+async fn our_chains(ipt: &Iptables) -> BTreeMap<String, Vec<String>> {
+    let (nat, filter) = save(ipt).await;
+    let mut out = BTreeMap::new();
+    for (table, d) in [("nat", &nat), ("filter", &filter)] {
+        for (chain, rules) in rules_by_chain(d, table) {
+            out.insert(format!("{table} {chain}"), rules);
+        }
+    }
+    out
+}
+
+/// A series of partial syncs that edit the shared chains (`-D`/`-I`) leaves the kernel equal
+/// to full rewrites of the same models, rule order included; a drifted chain makes the edit
+/// fail, and the next sync rewrites.
+async fn check_edits(variant: IptablesVariant) {
+    support::require_root();
+    let mut st = kube_proxy_rs::model::ClusterState::new("node1");
+    for i in 0..12u8 {
+        let name = format!("svc{i}");
+        edit_service(
+            &mut st,
+            &name,
+            &format!("10.96.0.{}", 10 + i),
+            80,
+            (i == 4).then_some(30080),
+        );
+        edit_slice(
+            &mut st,
+            &name,
+            &[&format!("10.100.0.{i}"), &format!("10.101.0.{i}")],
+        );
+    }
+    st.take_changes();
+    let snapshot =
+        |st: &kube_proxy_rs::model::ClusterState| st.snapshot(kube_proxy_rs::model::IpFamily::V4);
+    let model = snapshot(&st);
+    let (edit_ns, rewrite_ns) = (Netns::new("kipted"), Netns::new("kiptrw"));
+    let (mut edit, edit_ipt) = proxier(&edit_ns, variant, &model);
+    let (mut rewrite, rewrite_ipt) = proxier(&rewrite_ns, variant, &model);
+    full_sync(&mut edit, &model).await;
+    full_sync(&mut rewrite, &model).await;
+
+    type Step = Box<dyn Fn(&mut kube_proxy_rs::model::ClusterState)>;
+    let steps: Vec<(&str, Step)> = vec![
+        (
+            "add a service",
+            Box::new(|st| {
+                edit_service(st, "svc5a", "10.96.0.99", 80, None);
+                edit_slice(st, "svc5a", &["10.102.0.1"]);
+            }),
+        ),
+        (
+            "change an endpoint",
+            Box::new(|st| edit_slice(st, "svc3", &["10.100.0.3", "10.103.0.3"])),
+        ),
+        (
+            "endpoints gone",
+            Box::new(|st| st.remove_slice("ed", "svc6-1")),
+        ),
+        (
+            "delete a service",
+            Box::new(|st| {
+                st.remove_service(&ServiceName::new("ed", "svc7"));
+                st.remove_slice("ed", "svc7-1");
+            }),
+        ),
+        (
+            "change ports",
+            Box::new(|st| edit_service(st, "svc4", "10.96.0.14", 81, Some(30081))),
+        ),
+        (
+            "endpoints back",
+            Box::new(|st| edit_slice(st, "svc6", &["10.100.0.6"])),
+        ),
+    ];
+    for (what, step) in steps {
+        step(&mut st);
+        let changed = st.take_changes().services;
+        let model = snapshot(&st);
+        let out = partial_sync(&mut edit, &model, &changed).await;
+        full_sync(&mut rewrite, &model).await;
+        let rules = out.iptables_rules.expect("iptables counts");
+        assert!(
+            rules.nat_last <= 12 && rules.nat_total > 80,
+            "{variant} {what}: the partial sync wrote {} of {} nat rules (KUBE-SERVICES rewritten?)",
+            rules.nat_last,
+            rules.nat_total
+        );
+        assert_eq!(
+            our_chains(&edit_ipt).await,
+            our_chains(&rewrite_ipt).await,
+            "{variant} {what}: edited chains differ from a rewrite"
+        );
+    }
+    let (nat, _) = save(&edit_ipt).await;
+    let services = nat.chain("nat", "KUBE-SERVICES").unwrap();
+    assert!(
+        services
+            .rules
+            .last()
+            .unwrap()
+            .raw
+            .contains("-j KUBE-NODEPORTS")
+    );
+
+    // Someone removes a rule: the next edit of that service fails (its `-D` finds nothing)...
+    let first = services.rules[0].clone();
+    let svc = first
+        .comment
+        .as_deref()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    edit_ipt
+        .delete_rule(Table::Nat, "KUBE-SERVICES", &first.args)
+        .await
+        .unwrap();
+    edit_service(
+        &mut st,
+        &svc,
+        &first.destination.as_ref().unwrap().value.replace("/32", ""),
+        82,
+        None,
+    );
+    let changed = st.take_changes().services;
+    let model = snapshot(&st);
+    let failed = edit
+        .sync(SyncRequest {
+            model: &model,
+            changed: &changed,
+            full: false,
+            node_facts: &facts(&model),
+        })
+        .await;
+    assert!(
+        failed.is_err(),
+        "{variant}: an edit of a drifted chain must fail"
+    );
+    // ...and the retry rewrites the shared chains (even as a partial sync).
+    let out = partial_sync(&mut edit, &model, &changed).await;
+    full_sync(&mut rewrite, &model).await;
+    assert!(
+        out.iptables_rules.unwrap().nat_last > 12,
+        "{variant}: the retry rewrites"
+    );
+    assert_eq!(
+        our_chains(&edit_ipt).await,
+        our_chains(&rewrite_ipt).await,
+        "{variant}: after the retry"
+    );
+}
+
+#[tokio::test]
+async fn iptables_legacy_partial_syncs_edit_shared_chains_like_a_rewrite() {
+    check_edits(IptablesVariant::Legacy).await;
+}
+
+#[tokio::test]
+async fn iptables_nft_partial_syncs_edit_shared_chains_like_a_rewrite() {
+    check_edits(IptablesVariant::Nft).await;
+}

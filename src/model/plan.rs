@@ -236,7 +236,9 @@ pub fn plan_where<'a>(
     }
 }
 
-fn plan_port<'a>(
+/// Plans one service port of `family` (the caller filters by family): what [`plan`] does
+/// for each, for renderers that re-plan only the changed services.
+pub fn plan_port<'a>(
     model: &'a ProxyModel,
     svc: &'a ServicePort,
     family: IpFamily,

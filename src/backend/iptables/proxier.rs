@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::render::{RenderConfig, RenderInput, SyncScope, render};
+use super::render::{RenderCache, RenderConfig, RenderInput, SharedChains, SyncScope, render};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::netfilter::jumps::{cleanup_plan, jump_rules};
 use crate::backend::netfilter::names::KUBE_PROXY_CANARY;
@@ -31,6 +31,11 @@ pub struct IptablesProxier {
     last_cleanup: Option<Instant>,
     /// Whether the last render was in large-cluster mode (the render decides it).
     large_cluster: bool,
+    /// The last render's per-service blocks: a partial sync formats only the changed services.
+    cache: RenderCache,
+    /// Whether the kernel's shared chains are what the last render wrote (its restore
+    /// succeeded and no full sync is due), so a partial sync may edit them rule by rule.
+    shared_chains_known: bool,
 }
 
 impl IptablesProxier {
@@ -50,6 +55,8 @@ impl IptablesProxier {
             cleanup_period: Duration::from_secs(30),
             last_cleanup: None,
             large_cluster: false,
+            cache: RenderCache::default(),
+            shared_chains_known: false,
         }
     }
 
@@ -137,7 +144,7 @@ impl IptablesProxier {
             }
             _ => vec![text.to_string()],
         };
-        for part in &parts {
+        for part in parts.iter().filter(|p| !p.is_empty()) {
             self.ipt
                 .restore(part)
                 .await
@@ -204,13 +211,26 @@ impl Backend for IptablesProxier {
                 changed: req.changed,
             }
         };
-        let rendered = render(&RenderInput {
-            model: req.model,
-            config: &self.config,
-            scope,
-            existing_nat_chains: existing.as_ref(),
-        });
+        // A full sync rewrites whatever the kernel holds (a canary gone, a failed restore: the
+        // sync loop asks for a full sync after either).
+        let shared = if self.shared_chains_known && !req.full {
+            SharedChains::Edit
+        } else {
+            SharedChains::Rewrite
+        };
+        let rendered = self.cache.render(
+            &RenderInput {
+                model: req.model,
+                config: &self.config,
+                scope,
+                existing_nat_chains: existing.as_ref(),
+            },
+            shared,
+        );
+        // Until this restore succeeds the kernel holds neither the old state nor the new.
+        self.shared_chains_known = false;
         self.write(&rendered.text, existing.as_ref()).await?;
+        self.shared_chains_known = true;
         self.large_cluster = rendered.large_cluster;
         if existing.is_some() {
             self.last_cleanup = Some(Instant::now());
@@ -245,6 +265,7 @@ impl Backend for IptablesProxier {
                     table = t.as_str(),
                     "canary chain gone: the table was flushed"
                 );
+                self.shared_chains_known = false;
                 return true;
             }
         }

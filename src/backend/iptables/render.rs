@@ -12,7 +12,9 @@ use crate::model::plan::{
     self, ClusterIpMasquerade, Disposition, ExternalMasquerade, Firewall, IpFamily, PlanOptions,
     Policy, ServicePlan,
 };
-use crate::model::{Cidr, Endpoint, ProxyModel, ServiceName, ServicePort};
+use crate::model::{
+    Cidr, Endpoint, NodeInfo, Protocol, ProxyModel, ServiceName, ServicePort, ServicePortName,
+};
 
 /// Settings that shape the rules (flags and probed host facts).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +171,8 @@ pub struct Rendered {
     pub nat_rules: usize,
     /// `sync_proxy_rules_iptables_last{table="nat"}`: nat rules actually written.
     pub nat_rules_written: usize,
-    /// Per-service nat chains that exist after this sync (written or not).
+    /// Per-service nat chains that exist after this sync (written or not); filled only when
+    /// they are needed, by a full sync or one that deletes stale chains.
     pub active_nat_chains: BTreeSet<String>,
     /// Stale chains deleted by this restore.
     pub deleted_chains: Vec<String>,
@@ -182,6 +185,8 @@ pub struct Rendered {
     pub health_check_node_ports: BTreeMap<ServiceName, (u16, usize)>,
     /// Whether large-cluster mode was in effect.
     pub large_cluster: bool,
+    /// Whether the shared chains were edited (`-D`/`-I`) rather than rewritten.
+    pub edited_shared_chains: bool,
 }
 
 fn chain_line(name: &str) -> String {
@@ -259,55 +264,440 @@ struct Tables {
     nat_rules: Lines,
 }
 
-/// Renders one sync: serialises the IPv4 [`Plan`] of the model; every traffic-policy
-/// decision (which endpoints, served/rejected/dropped, masquerading, firewall) is the plan's.
+/// Renders one sync from scratch: serialises the [`plan::Plan`] of the model; every
+/// traffic-policy decision (which endpoints, served/rejected/dropped, masquerading, firewall)
+/// is the plan's. What a fresh [`RenderCache`] renders with the shared chains rewritten.
 pub fn render(input: &RenderInput) -> Rendered {
-    let cfg = input.config;
-    let plan = plan::plan(input.model, cfg.family, &plan_options(cfg));
-    let large = plan.endpoint_count() > cfg.large_cluster_threshold;
-    let mut out = Rendered {
-        large_cluster: large,
-        ..Rendered::default()
-    };
-    let mut t = Tables::default();
-    write_base_rules(&mut t, cfg);
-    let mut skipped_nat_rules = 0usize;
-    for sp in &plan.services {
-        let port = PortRules::new(sp, cfg, large);
-        port.write_entry_rules(&mut t);
-        if sp.internal.lacks_local_endpoints() {
-            out.no_local_endpoints_internal += 1;
-        }
-        if sp.external.lacks_local_endpoints() {
-            out.no_local_endpoints_external += 1;
-        }
-        // Per-service chains: written, or (partial sync, unchanged service) only counted.
-        let mut svc_t = Tables::default();
-        port.write_chains(&mut svc_t, &mut out.active_nat_chains);
-        let skip = match input.scope {
-            SyncScope::Full => false,
-            SyncScope::Partial { changed } => !changed.contains(&sp.service.name.service),
-        };
-        if skip {
-            skipped_nat_rules += svc_t.nat_rules.0.len();
-        } else {
-            t.nat_chains.0.extend(svc_t.nat_chains.0);
-            t.nat_rules.0.extend(svc_t.nat_rules.0);
-        }
-    }
-    if let Some(existing) = input.existing_nat_chains {
-        delete_stale_chains(&mut t, &mut out, existing);
-    }
-    write_node_ports_tail(&mut t, cfg);
-    write_forward_rules(&mut t, cfg);
+    RenderCache::default().render(input, SharedChains::Rewrite)
+}
 
-    let deleted = out.deleted_chains.len();
-    out.filter_rules = t.filter_rules.0.len();
-    out.nat_rules_written = t.nat_rules.0.len() - deleted;
-    out.nat_rules = t.nat_rules.0.len() + skipped_nat_rules - deleted;
-    out.health_check_node_ports = plan.health_checks;
-    out.text = t.text();
-    out
+/// How a partial sync writes the shared chains (nat `KUBE-SERVICES` and `KUBE-NODEPORTS`,
+/// filter `KUBE-SERVICES`, `KUBE-EXTERNAL-SERVICES`, `KUBE-NODEPORTS`, `KUBE-PROXY-FIREWALL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedChains {
+    /// Declared (flushed) and written whole, as upstream.
+    Rewrite,
+    /// Only the changed services' rules: deleted by rule spec (`-D`) and inserted at their
+    /// place in the full list (`-I CHAIN N`), so the chains end up equal to a rewrite's. Only
+    /// valid when the kernel holds what this cache's last render wrote; a full sync, or a
+    /// render that cannot reuse the cache, rewrites anyway.
+    Edit,
+}
+
+/// One service port's rules in the shared chains and the size of its own chains: all a
+/// partial sync needs of a service it does not rewrite.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Block {
+    /// Its lines in the shared nat chains, in write order.
+    nat_entry: Vec<String>,
+    /// Its lines in the shared filter chains, in write order.
+    filter_entry: Vec<String>,
+    /// Rules in its own nat chains (SVC, SVL, EXT, FW, SEP): the rules metric counts them.
+    chain_rules: usize,
+    /// Its own nat chains.
+    chains: Vec<String>,
+    /// Its endpoints of the family (the large-cluster threshold counts them).
+    endpoints: usize,
+    /// internalTrafficPolicy Local without local endpoints.
+    no_local_internal: bool,
+    /// externalTrafficPolicy Local without local endpoints.
+    no_local_external: bool,
+}
+
+/// What the last render made of each service port, so that the next partial render plans and
+/// formats only the changed services (a partial sync used to format every service to count
+/// its rules) and can edit the shared chains.
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    /// The settings and node the blocks were rendered with: any change re-renders them all.
+    key: Option<(RenderConfig, NodeInfo)>,
+    /// Every service port of the last model; `None` for another family's.
+    blocks: BTreeMap<ServicePortName, Option<Block>>,
+    /// Sums over `blocks`, kept as blocks come and go: a partial sync need not visit them.
+    totals: Totals,
+}
+
+/// Sums over the cached blocks.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    nat_rules: usize,
+    filter_rules: usize,
+    endpoints: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+impl Totals {
+    /// Adds (`sign` true) or removes `b`'s share.
+    fn count(&mut self, b: &Block, add: bool) {
+        let apply = |total: &mut usize, n: usize| {
+            *total = if add {
+                *total + n
+            } else {
+                total.saturating_sub(n)
+            };
+        };
+        apply(&mut self.nat_rules, b.nat_entry.len() + b.chain_rules);
+        apply(&mut self.filter_rules, b.filter_entry.len());
+        apply(&mut self.endpoints, b.endpoints);
+        apply(
+            &mut self.no_local_internal,
+            usize::from(b.no_local_internal),
+        );
+        apply(
+            &mut self.no_local_external,
+            usize::from(b.no_local_external),
+        );
+    }
+}
+
+/// A service port's block and the text of its own chains.
+fn render_port(sp: &ServicePlan, cfg: &RenderConfig, large: bool) -> (Block, Tables) {
+    let port = PortRules::new(sp, cfg, large);
+    let mut entry = Tables::default();
+    port.write_entry_rules(&mut entry);
+    let mut own = Tables::default();
+    let mut chains = Vec::new();
+    port.write_chains(&mut own, &mut chains);
+    let block = Block {
+        nat_entry: entry.nat_rules.0,
+        filter_entry: entry.filter_rules.0,
+        chain_rules: own.nat_rules.0.len(),
+        chains,
+        endpoints: sp.endpoints.len(),
+        no_local_internal: sp.internal.lacks_local_endpoints(),
+        no_local_external: sp.external.lacks_local_endpoints(),
+    };
+    (block, own)
+}
+
+/// The entries of `map` that are ports of `service` (ports sort after their service).
+fn ports_of<'m, V>(
+    map: &'m BTreeMap<ServicePortName, V>,
+    service: &ServiceName,
+) -> impl Iterator<Item = (&'m ServicePortName, &'m V)> + 'm {
+    let first = ServicePortName {
+        service: service.clone(),
+        port: String::new(),
+        protocol: Protocol::Tcp,
+    };
+    let service = service.clone();
+    map.range(first..)
+        .take_while(move |(k, _)| k.service == service)
+}
+
+impl RenderCache {
+    /// Renders one sync. A partial sync with the settings and node of the last render plans
+    /// and formats only the changed services and takes the others from the cache; the text
+    /// is [`render`]'s, except that with [`SharedChains::Edit`] such a sync edits the shared
+    /// chains instead of rewriting them.
+    pub fn render(&mut self, input: &RenderInput, shared: SharedChains) -> Rendered {
+        let (cfg, model) = (input.config, input.model);
+        let changed = match input.scope {
+            SyncScope::Full => None,
+            SyncScope::Partial { changed } => Some(changed),
+        };
+        let key = (cfg.clone(), model.node.clone());
+        let mut reuse = changed.is_some() && self.key.as_ref() == Some(&key);
+        let mut old = BTreeMap::new();
+        let mut ports: Vec<&ServicePort> = Vec::new();
+        if let Some(changed) = changed.filter(|_| reuse) {
+            for s in changed {
+                old.extend(self.take_service(s));
+            }
+            ports = changed
+                .iter()
+                .flat_map(|s| ports_of(&model.services, s).map(|(_, v)| v))
+                .collect();
+            // Guards against a caller whose `changed` missed a service.
+            reuse = self.blocks.len() + ports.len() == model.services.len();
+        }
+        if !reuse {
+            old.clear();
+            self.blocks.clear();
+            self.totals = Totals::default();
+            self.key = Some(key);
+            ports = model.services.values().collect();
+        }
+        // Every re-rendered port is in `old`, `None` if it is new.
+        for svc in &ports {
+            old.entry(svc.name.clone()).or_insert(None);
+        }
+        let health_checks = model.health_checks();
+        let opts = plan_options(cfg);
+        let mut plans = Vec::new();
+        for svc in ports {
+            if cfg.family.matches(&svc.cluster_ip) {
+                plans.push(plan::plan_port(
+                    model,
+                    svc,
+                    cfg.family,
+                    &opts,
+                    &health_checks,
+                ));
+            } else {
+                self.put(svc.name.clone(), None);
+            }
+        }
+        let endpoints =
+            self.totals.endpoints + plans.iter().map(|p| p.endpoints.len()).sum::<usize>();
+        let large = endpoints > cfg.large_cluster_threshold;
+        let mut written = BTreeMap::new();
+        for sp in &plans {
+            let (block, own) = render_port(sp, cfg, large);
+            if changed.is_none_or(|c| c.contains(&sp.service.name.service)) {
+                written.insert(sp.service.name.clone(), own);
+            }
+            self.put(sp.service.name.clone(), Some(block));
+        }
+        let edit = (shared == SharedChains::Edit && reuse).then_some(&old);
+        let mut out = self.assemble(input, large, written, edit);
+        out.health_check_node_ports = health_checks;
+        out
+    }
+
+    /// Removes and returns the blocks of `service`'s ports.
+    fn take_service(&mut self, service: &ServiceName) -> Vec<(ServicePortName, Option<Block>)> {
+        let keys: Vec<ServicePortName> = ports_of(&self.blocks, service)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let taken: Vec<(ServicePortName, Option<Block>)> = keys
+            .into_iter()
+            .filter_map(|k| self.blocks.remove(&k).map(|b| (k, b)))
+            .collect();
+        for b in taken.iter().filter_map(|(_, b)| b.as_ref()) {
+            self.totals.count(b, false);
+        }
+        taken
+    }
+
+    /// Caches `block` for `name`.
+    fn put(&mut self, name: ServicePortName, block: Option<Block>) {
+        if let Some(b) = &block {
+            self.totals.count(b, true);
+        }
+        if let Some(Some(was)) = self.blocks.insert(name, block) {
+            self.totals.count(&was, false);
+        }
+    }
+
+    /// The restore input and counts from the cached blocks and the chains of the services
+    /// `written`; `edit` holds the replaced blocks when the shared chains are edited.
+    fn assemble(
+        &self,
+        input: &RenderInput,
+        large: bool,
+        mut written: BTreeMap<ServicePortName, Tables>,
+        edit: Option<&BTreeMap<ServicePortName, Option<Block>>>,
+    ) -> Rendered {
+        let cfg = input.config;
+        let mut out = Rendered {
+            large_cluster: large,
+            ..Rendered::default()
+        };
+        // Stale-chain deletion needs every live chain; otherwise the set is not built (60k
+        // names at 10k services).
+        let want_active =
+            matches!(input.scope, SyncScope::Full) || input.existing_nat_chains.is_some();
+        let mut t = Tables::default();
+        write_base_rules(&mut t, cfg);
+        let (base_nat, base_filter) = (t.nat_rules.0.len(), t.filter_rules.0.len());
+        let mut own = Tables::default();
+        // An edit without a stale-chain scan writes only the changed services' chains: the
+        // unchanged ones are not visited (the totals count them).
+        let visit_all = edit.is_none() || want_active;
+        if !visit_all {
+            for chains in std::mem::take(&mut written).into_values() {
+                own.nat_chains.0.extend(chains.nat_chains.0);
+                own.nat_rules.0.extend(chains.nat_rules.0);
+            }
+        }
+        let blocks = visit_all.then_some(&self.blocks);
+        for (name, b) in blocks.into_iter().flatten() {
+            let Some(b) = b else { continue };
+            if want_active {
+                out.active_nat_chains.extend(b.chains.iter().cloned());
+            }
+            // Rewrite: each service's shared-chain rules, then its own chains (upstream's
+            // write order); edit: its own chains only.
+            let into = if edit.is_some() { &mut own } else { &mut t };
+            if edit.is_none() {
+                into.nat_rules.0.extend(b.nat_entry.iter().cloned());
+                into.filter_rules.0.extend(b.filter_entry.iter().cloned());
+            }
+            if let Some(chains) = written.remove(name) {
+                into.nat_chains.0.extend(chains.nat_chains.0);
+                into.nat_rules.0.extend(chains.nat_rules.0);
+            }
+        }
+        let mut stale = Tables::default();
+        if let Some(existing) = input.existing_nat_chains {
+            delete_stale_chains(&mut stale, &mut out, existing);
+        }
+        let mut tail = Tables::default();
+        write_node_ports_tail(&mut tail, cfg);
+        write_forward_rules(&mut tail, cfg);
+        let totals = self.totals;
+        out.no_local_endpoints_internal = totals.no_local_internal;
+        out.no_local_endpoints_external = totals.no_local_external;
+        out.filter_rules = base_filter + totals.filter_rules + tail.filter_rules.0.len();
+        out.nat_rules = base_nat + totals.nat_rules + tail.nat_rules.0.len();
+        match edit {
+            None => {
+                t.nat_chains.0.extend(stale.nat_chains.0);
+                t.nat_rules.0.extend(stale.nat_rules.0);
+                t.nat_rules.0.extend(tail.nat_rules.0);
+                t.filter_rules.0.extend(tail.filter_rules.0);
+                out.nat_rules_written = t.nat_rules.0.len() - out.deleted_chains.len();
+                out.text = t.text();
+            }
+            Some(old) => {
+                let edits = self.edits(old);
+                out.nat_rules_written = own.nat_rules.0.len() + edits.nat_insert.len();
+                out.text = edits.text(own, stale);
+                out.edited_shared_chains = true;
+            }
+        }
+        out
+    }
+
+    /// The `-D`/`-I` lines that turn the shared chains as the replaced blocks `old` (`None`:
+    /// none) and the unchanged ones wrote them into what the current blocks would write.
+    /// Where a service's rules in a chain changed, all of them are deleted by spec, then the
+    /// new ones inserted in list order, each at its index in the new list. The other rules
+    /// keep their relative order, so each insert lands where a rewrite would put it and the
+    /// node-ports jump, after every service's rules, stays last.
+    fn edits(&self, old: &BTreeMap<ServicePortName, Option<Block>>) -> Edits {
+        let mut e = Edits::default();
+        let mut redo: BTreeSet<(&ServicePortName, bool, &str)> = BTreeSet::new();
+        let empty = Block::default();
+        for (name, was) in old {
+            let was = was.as_ref().unwrap_or(&empty);
+            let now = self
+                .blocks
+                .get(name)
+                .and_then(Option::as_ref)
+                .unwrap_or(&empty);
+            for (nat, was, now) in [
+                (true, &was.nat_entry, &now.nat_entry),
+                (false, &was.filter_entry, &now.filter_entry),
+            ] {
+                for chain in changed_chains(was, now) {
+                    redo.insert((name, nat, chain));
+                    let deletes = if nat {
+                        &mut e.nat_delete
+                    } else {
+                        &mut e.filter_delete
+                    };
+                    deletes.extend(
+                        was.iter()
+                            .filter(|l| split_append(l).0 == chain)
+                            .map(|l| as_delete(l)),
+                    );
+                }
+            }
+        }
+        // Nothing to insert (an endpoint change keeps the service's rules): no need to
+        // count the positions of every other service's rules.
+        if redo.is_empty() {
+            return e;
+        }
+        let mut counts: Vec<(bool, &str, usize)> = Vec::new();
+        for (name, b) in &self.blocks {
+            let Some(b) = b else { continue };
+            for (nat, lines) in [(true, &b.nat_entry), (false, &b.filter_entry)] {
+                for line in lines {
+                    let (chain, rest) = split_append(line);
+                    let n = match counts.iter_mut().find(|c| c.0 == nat && c.1 == chain) {
+                        Some(c) => {
+                            c.2 += 1;
+                            c.2
+                        }
+                        None => {
+                            counts.push((nat, chain, 1));
+                            1
+                        }
+                    };
+                    if redo.contains(&(name, nat, chain)) {
+                        let to = if nat {
+                            &mut e.nat_insert
+                        } else {
+                            &mut e.filter_insert
+                        };
+                        to.push(format!("-I {chain} {n} {rest}"));
+                    }
+                }
+            }
+        }
+        e
+    }
+}
+
+/// The chains whose lines differ between `was` and `now` (one service port's, either table).
+fn changed_chains<'l>(was: &'l [String], now: &'l [String]) -> BTreeSet<&'l str> {
+    let chains: BTreeSet<&str> = was.iter().chain(now).map(|l| split_append(l).0).collect();
+    chains
+        .into_iter()
+        .filter(|c| {
+            let of = |lines: &'l [String]| lines.iter().filter(move |l| split_append(l).0 == *c);
+            !of(was).eq(of(now))
+        })
+        .collect()
+}
+
+/// The shared-chain edits of one partial sync.
+#[derive(Debug, Default)]
+struct Edits {
+    nat_delete: Vec<String>,
+    nat_insert: Vec<String>,
+    filter_delete: Vec<String>,
+    filter_insert: Vec<String>,
+}
+
+impl Edits {
+    /// The restore input: in each table the deletions, then (nat) the rewritten service
+    /// chains `own`, then the insertions that jump to them, then the stale chains' `-X`. The
+    /// fixed chains are not written: the cache is only reused with the settings that wrote
+    /// them. A table with nothing to do is left out.
+    fn text(self, own: Tables, stale: Tables) -> String {
+        let mut text = String::new();
+        let mut table = |name: &str, parts: &[&[String]]| {
+            if parts.iter().all(|p| p.is_empty()) {
+                return;
+            }
+            text.push_str(&format!("*{name}\n"));
+            for l in parts.iter().flat_map(|p| p.iter()) {
+                text.push_str(l);
+                text.push('\n');
+            }
+            text.push_str("COMMIT\n");
+        };
+        table("filter", &[&self.filter_delete, &self.filter_insert]);
+        table(
+            "nat",
+            &[
+                &own.nat_chains.0,
+                &stale.nat_chains.0,
+                &self.nat_delete,
+                &own.nat_rules.0,
+                &self.nat_insert,
+                &stale.nat_rules.0,
+            ],
+        );
+        text
+    }
+}
+
+/// `-A CHAIN rest` as (`CHAIN`, `rest`).
+fn split_append(line: &str) -> (&str, &str) {
+    let spec = line.strip_prefix("-A ").unwrap_or(line);
+    spec.split_once(' ').unwrap_or((spec, ""))
+}
+
+/// The `-D` line deleting the rule `-A CHAIN rest` by its spec.
+fn as_delete(line: &str) -> String {
+    let (chain, rest) = split_append(line);
+    format!("-D {chain} {rest}")
 }
 
 /// What the plan needs of the iptables settings.
@@ -822,7 +1212,7 @@ impl<'p, 'a> PortRules<'p, 'a> {
 
     /// The per-service nat chains (SVC, SVL, EXT, FW, SEP) into `t`; every chain written is
     /// recorded in `active`.
-    fn write_chains(&self, t: &mut Tables, active: &mut BTreeSet<String>) {
+    fn write_chains(&self, t: &mut Tables, active: &mut Vec<String>) {
         self.write_cluster_ip_masquerade(t);
         if self.sp.has_endpoints && self.sp.externally_accessible() {
             self.write_ext_chain(t, active);
@@ -836,7 +1226,7 @@ impl<'p, 'a> PortRules<'p, 'a> {
         ] {
             if !endpoints.is_empty() {
                 t.nat_chains.0.push(chain_line(chain));
-                active.insert(chain.clone());
+                active.push(chain.clone());
                 write_endpoint_rules(
                     &mut t.nat_rules,
                     &self.name_str,
@@ -883,11 +1273,11 @@ impl<'p, 'a> PortRules<'p, 'a> {
         }
     }
 
-    fn write_ext_chain(&self, t: &mut Tables, active: &mut BTreeSet<String>) {
+    fn write_ext_chain(&self, t: &mut Tables, active: &mut Vec<String>) {
         let ext = &self.ext_chain;
         let name_str = &self.name_str;
         t.nat_chains.0.push(chain_line(ext));
-        active.insert(ext.clone());
+        active.push(ext.clone());
         let comment = |what: &str| {
             words![
                 "-A",
@@ -933,10 +1323,10 @@ impl<'p, 'a> PortRules<'p, 'a> {
         }
     }
 
-    fn write_fw_chain(&self, t: &mut Tables, active: &mut BTreeSet<String>, fw: &Firewall) {
+    fn write_fw_chain(&self, t: &mut Tables, active: &mut Vec<String>, fw: &Firewall) {
         let fw_chain = &self.fw_chain;
         t.nat_chains.0.push(chain_line(fw_chain));
-        active.insert(fw_chain.clone());
+        active.push(fw_chain.clone());
         let args = words![
             "-A",
             fw_chain,
@@ -974,12 +1364,12 @@ impl<'p, 'a> PortRules<'p, 'a> {
     }
 
     /// One KUBE-SEP chain per reachable endpoint: hairpin masquerade, then DNAT.
-    fn write_endpoint_chains(&self, t: &mut Tables, active: &mut BTreeSet<String>) {
+    fn write_endpoint_chains(&self, t: &mut Tables, active: &mut Vec<String>) {
         let svc = self.sp.service;
         for ep in &self.sp.reachable {
             let sep = names::endpoint_chain(&svc.name, ep);
             t.nat_chains.0.push(chain_line(&sep));
-            active.insert(sep.clone());
+            active.push(sep.clone());
             let mut args = words!["-A", &sep];
             if !self.large {
                 args.extend(words!["-m", "comment", "--comment", &self.name_str]);

@@ -3810,3 +3810,362 @@ fn ipv6_services_match_the_golden() {
     let want = std::fs::read_to_string(path).unwrap();
     assert_eq!(text, want, "rendered:\n{text}");
 }
+
+// === the render cache: partial renders format only the changed services ===
+
+fn changed_set(names: &[(&str, &str)]) -> BTreeSet<ServiceName> {
+    names
+        .iter()
+        .map(|(ns, n)| ServiceName::new(*ns, *n))
+        .collect()
+}
+
+fn render_cached(
+    cache: &mut RenderCache,
+    m: &ProxyModel,
+    cfg: &RenderConfig,
+    changed: Option<&BTreeSet<ServiceName>>,
+    shared: SharedChains,
+) -> Rendered {
+    let scope = match changed {
+        Some(changed) => SyncScope::Partial { changed },
+        None => SyncScope::Full,
+    };
+    cache.render(
+        &RenderInput {
+            model: m,
+            config: cfg,
+            scope,
+            existing_nat_chains: None,
+        },
+        shared,
+    )
+}
+
+/// Names of the chains a restore input declares in `table`.
+fn declared_chains(text: &str, table: &str) -> Vec<String> {
+    let mut in_table = false;
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            in_table = t == table;
+        } else if let Some(decl) = l.strip_prefix(':').filter(|_| in_table) {
+            out.push(decl.split(' ').next().unwrap_or_default().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn cached_partial_render_equals_a_full_render_for_the_changed_chains() {
+    let cfg = upstream_config();
+    let mut m = overall_model();
+    let mut cache = RenderCache::default();
+    let first = render_cached(&mut cache, &m, &cfg, None, SharedChains::Rewrite);
+    assert_eq!(
+        first.text,
+        render_full(&m).text,
+        "a cached full render is render()'s"
+    );
+
+    // One endpoint more for svc4 (a NodePort service with an external IP).
+    m.endpoints
+        .get_mut(&spn("ns4", "svc4", "p80"))
+        .unwrap()
+        .push(ep("10.180.0.6", 80));
+    let changed = changed_set(&[("ns4", "svc4")]);
+    let partial = render_cached(&mut cache, &m, &cfg, Some(&changed), SharedChains::Rewrite);
+    let full = render_full(&m);
+    // Byte for byte what a render without a cache writes for the same partial sync.
+    assert_eq!(
+        partial.text,
+        render_partial(&m, &cfg, &[("ns4", "svc4")], None).text
+    );
+    // The changed service's chains are a full render's, and only they are written.
+    let chains = declared_chains(&partial.text, "nat");
+    let own: Vec<&String> = chains
+        .iter()
+        .filter(|c| {
+            c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-") || c.starts_with("KUBE-EXT-")
+        })
+        .collect();
+    assert_eq!(
+        own.len(),
+        1 + 1 + 3,
+        "SVC, EXT and three SEP chains: {own:?}"
+    );
+    for c in chains {
+        assert_eq!(
+            chain_text(&partial.text, "nat", &c),
+            chain_text(&full.text, "nat", &c),
+            "chain {c}"
+        );
+    }
+    for c in ["KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-EXTERNAL-SERVICES"] {
+        assert_eq!(
+            chain_text(&partial.text, "filter", c),
+            chain_text(&full.text, "filter", c)
+        );
+    }
+    // Metrics count the whole ruleset, as a full render does.
+    assert_eq!(partial.nat_rules, full.nat_rules);
+    assert_eq!(partial.filter_rules, full.filter_rules);
+    assert_eq!(
+        partial.no_local_endpoints_external,
+        full.no_local_endpoints_external
+    );
+    assert_eq!(
+        partial.no_local_endpoints_internal,
+        full.no_local_endpoints_internal
+    );
+    assert_eq!(
+        partial.health_check_node_ports,
+        full.health_check_node_ports
+    );
+    assert_eq!(partial.large_cluster, full.large_cluster);
+    assert_eq!(
+        partial.nat_rules_written,
+        Dump::parse(&partial.text).unwrap().rule_count("nat")
+    );
+
+    // Deleting a service: its counts leave the totals.
+    m.services.remove(&spn("ns1", "svc1", "p80"));
+    m.endpoints.remove(&spn("ns1", "svc1", "p80"));
+    let changed = changed_set(&[("ns1", "svc1")]);
+    let partial = render_cached(&mut cache, &m, &cfg, Some(&changed), SharedChains::Rewrite);
+    assert_eq!(
+        partial.text,
+        render_partial(&m, &cfg, &[("ns1", "svc1")], None).text
+    );
+    assert_eq!(partial.nat_rules, render_full(&m).nat_rules);
+}
+
+#[test]
+fn cached_partial_render_does_not_format_unchanged_services() {
+    let cfg = upstream_config();
+    let mut m = overall_model();
+    let mut cache = RenderCache::default();
+    render_cached(&mut cache, &m, &cfg, None, SharedChains::Rewrite);
+    // svc1's port changes but the sync is told only svc6 changed: a render that formats
+    // every service would write svc1's new port; the cached one keeps what it wrote.
+    m.services.get_mut(&spn("ns1", "svc1", "p80")).unwrap().port = 81;
+    let changed = changed_set(&[("ns6", "svc6")]);
+    let r = render_cached(&mut cache, &m, &cfg, Some(&changed), SharedChains::Rewrite);
+    let services = chain_text(&r.text, "nat", "KUBE-SERVICES");
+    assert!(
+        services.contains("-d 172.30.0.41 --dport 80 "),
+        "{services}"
+    );
+    assert!(!services.contains("--dport 81"), "{services}");
+    // Other settings: nothing cached is reused.
+    let mut cfg2 = cfg.clone();
+    cfg2.masquerade_all = true;
+    let r = render_cached(&mut cache, &m, &cfg2, Some(&changed), SharedChains::Rewrite);
+    assert!(chain_text(&r.text, "nat", "KUBE-SERVICES").contains("-d 172.30.0.41 --dport 81 "));
+    // Nor when a port appeared that the cache has not seen (the caller missed a change).
+    m.services.insert(
+        spn("ns7", "svc7", "p80"),
+        svc("ns7", "svc7", "p80", "172.30.0.47", 80),
+    );
+    let r = render_cached(&mut cache, &m, &cfg2, Some(&changed), SharedChains::Rewrite);
+    assert!(chain_text(&r.text, "filter", "KUBE-SERVICES").contains("172.30.0.47"));
+}
+
+// === editing the shared chains instead of rewriting them ===
+
+/// A series of partial syncs applied to two fake kernels, one through edits of the shared
+/// chains, the other through upstream's rewrite: both end up equal, rule order included.
+#[test]
+fn edited_shared_chains_equal_a_rewrite_after_each_partial_sync() {
+    let cfg = upstream_config();
+    let mut m = overall_model();
+    let (mut edit_cache, mut rewrite_cache) = (RenderCache::default(), RenderCache::default());
+    let first = render_cached(&mut edit_cache, &m, &cfg, None, SharedChains::Edit);
+    assert!(!first.edited_shared_chains, "a full sync rewrites");
+    render_cached(&mut rewrite_cache, &m, &cfg, None, SharedChains::Rewrite);
+    let mut edited = Dump::default();
+    edited.apply_restore(&first.text).unwrap();
+    let mut rewritten = edited.clone();
+
+    type Step = Box<dyn Fn(&mut ProxyModel)>;
+    let steps: Vec<(&str, (&str, &str), Step)> = vec![
+        (
+            "add a service",
+            ("ns7", "svc7"),
+            Box::new(|m| {
+                let mut s = svc("ns7", "svc7", "p80", "172.30.0.40", 80);
+                s.service_type = ServiceType::NodePort;
+                s.node_port = 3007;
+                s.external_ips = vec![ip("192.168.99.77")];
+                m.services.insert(spn("ns7", "svc7", "p80"), s);
+                m.endpoints
+                    .insert(spn("ns7", "svc7", "p80"), vec![ep("10.180.0.7", 80)]);
+            }),
+        ),
+        (
+            "change an endpoint",
+            ("ns3", "svc3"),
+            Box::new(|m| {
+                m.endpoints
+                    .insert(spn("ns3", "svc3", "p80"), vec![ep("10.180.0.33", 80)]);
+            }),
+        ),
+        (
+            "endpoints appear (filter REJECT becomes a nat jump)",
+            ("ns6", "svc6"),
+            Box::new(|m| {
+                m.endpoints
+                    .insert(spn("ns6", "svc6", "p80"), vec![ep("10.180.0.6", 80)]);
+            }),
+        ),
+        (
+            "endpoints go (nat jumps become filter REJECTs)",
+            ("ns2", "svc2"),
+            Box::new(|m| {
+                m.endpoints.remove(&spn("ns2", "svc2", "p80"));
+            }),
+        ),
+        (
+            "change ports",
+            ("ns4", "svc4"),
+            Box::new(|m| {
+                let s = m.services.get_mut(&spn("ns4", "svc4", "p80")).unwrap();
+                s.port = 8080;
+                s.node_port = 3044;
+            }),
+        ),
+        (
+            "delete a service",
+            ("ns1", "svc1"),
+            Box::new(|m| {
+                m.services.remove(&spn("ns1", "svc1", "p80"));
+                m.endpoints.remove(&spn("ns1", "svc1", "p80"));
+            }),
+        ),
+    ];
+    for (what, changed, step) in steps {
+        step(&mut m);
+        let changed = changed_set(&[changed]);
+        let e = render_cached(
+            &mut edit_cache,
+            &m,
+            &cfg,
+            Some(&changed),
+            SharedChains::Edit,
+        );
+        let r = render_cached(
+            &mut rewrite_cache,
+            &m,
+            &cfg,
+            Some(&changed),
+            SharedChains::Rewrite,
+        );
+        assert!(e.edited_shared_chains, "{what}");
+        assert!(
+            !e.text.contains(":KUBE-SERVICES ") && !e.text.contains(":KUBE-NODEPORTS "),
+            "{what}: the shared chains are not flushed:\n{}",
+            e.text
+        );
+        assert!(!e.text.contains(":KUBE-POSTROUTING "), "{what}");
+        edited
+            .apply_restore(&e.text)
+            .unwrap_or_else(|err| panic!("{what}: {err}\n{}", e.text));
+        rewritten.apply_restore(&r.text).unwrap();
+        assert_eq!(
+            canonical(&edited),
+            canonical(&rewritten),
+            "{what}:\n{}",
+            e.text
+        );
+        assert_eq!(
+            (e.nat_rules, e.filter_rules),
+            (r.nat_rules, r.filter_rules),
+            "{what}"
+        );
+        assert_eq!(
+            e.nat_rules_written,
+            e.text
+                .lines()
+                .filter(|l| l.starts_with("-A ") || l.starts_with("-I "))
+                .count()
+                - e.text
+                    .lines()
+                    .filter(|l| l.starts_with("-I ") && filter_line(&e.text, l))
+                    .count(),
+            "{what}: nat rules written"
+        );
+    }
+    // The node-ports jump is still last, and the result is a full sync's.
+    let mut fresh = Dump::default();
+    fresh.apply_restore(&render_full(&m).text).unwrap();
+    let services = |d: &Dump| rules_of(d, "nat", "KUBE-SERVICES");
+    assert_eq!(services(&edited), services(&fresh));
+    assert!(
+        services(&edited)
+            .last()
+            .unwrap()
+            .contains("-j KUBE-NODEPORTS")
+    );
+}
+
+/// Whether the insert `line` is in the filter part of `text`.
+fn filter_line(text: &str, line: &str) -> bool {
+    let nat_at = text.find("*nat").unwrap_or(text.len());
+    text.find(line).is_some_and(|i| i < nat_at)
+}
+
+fn rules_of(d: &Dump, table: &str, chain: &str) -> Vec<String> {
+    d.chain(table, chain)
+        .map(|c| c.rules.iter().map(|r| r.raw.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn edits_only_touch_the_changed_service() {
+    let cfg = upstream_config();
+    let mut m = overall_model();
+    let mut cache = RenderCache::default();
+    render_cached(&mut cache, &m, &cfg, None, SharedChains::Edit);
+    // An endpoint change that keeps the service's shared-chain rules: no edit at all.
+    m.endpoints
+        .get_mut(&spn("ns3", "svc3", "p80"))
+        .unwrap()
+        .push(ep("10.180.0.30", 80));
+    let r = render_cached(
+        &mut cache,
+        &m,
+        &cfg,
+        Some(&changed_set(&[("ns3", "svc3")])),
+        SharedChains::Edit,
+    );
+    assert!(r.edited_shared_chains);
+    assert!(!r.text.contains("*filter"), "{}", r.text);
+    assert!(
+        !r.text.contains("-D ") && !r.text.contains("-I "),
+        "{}",
+        r.text
+    );
+    // A port change: the service's rules deleted by spec and inserted at their place.
+    m.services.get_mut(&spn("ns3", "svc3", "p80")).unwrap().port = 81;
+    let r = render_cached(
+        &mut cache,
+        &m,
+        &cfg,
+        Some(&changed_set(&[("ns3", "svc3")])),
+        SharedChains::Edit,
+    );
+    let edits: Vec<&str> = r
+        .text
+        .lines()
+        .filter(|l| l.starts_with("-D ") || l.starts_with("-I "))
+        .collect();
+    assert_eq!(
+        edits,
+        [
+            "-D KUBE-SERVICES -m comment --comment \"ns3/svc3:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j KUBE-SVC-X27LE4BHSL4DOUIK",
+            "-I KUBE-SERVICES 5 -m comment --comment \"ns3/svc3:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.43 --dport 81 -j KUBE-SVC-X27LE4BHSL4DOUIK",
+        ],
+        "{}",
+        r.text
+    );
+}

@@ -411,6 +411,8 @@ enum Op {
     },
     Append(Rule),
     Insert(Rule, usize),
+    /// `-D CHAIN spec`: deletes the first rule of CHAIN with exactly these words.
+    DeleteRule(String, Vec<String>),
     Delete(String),
     Flush(String),
     New(String),
@@ -468,13 +470,19 @@ fn parse_ops(data: &str) -> Result<Vec<(usize, Op)>, ParseError> {
                         _ => (1, rest),
                     };
                     let mut rule = Rule {
-                        raw: line.to_string(),
+                        raw: as_append(line, chain, rest.len() < w.len() - 2),
                         chain: chain.clone(),
                         args: rest.to_vec(),
                         ..Rule::default()
                     };
                     rule.fill(rest).map_err(err)?;
                     Op::Insert(rule, pos.max(1))
+                }
+                [flag, chain, spec @ ..]
+                    if (flag == "-D" || flag == "--delete")
+                        && !(spec.len() == 1 && spec[0].parse::<usize>().is_ok()) =>
+                {
+                    Op::DeleteRule(chain.clone(), spec.to_vec())
                 }
                 [flag, chain] if flag == "-X" || flag == "--delete-chain" => {
                     Op::Delete(chain.clone())
@@ -487,6 +495,16 @@ fn parse_ops(data: &str) -> Result<Vec<(usize, Op)>, ParseError> {
         ops.push((n, op));
     }
     Ok(ops)
+}
+
+/// The `-A CHAIN …` form of the insert `line` (`numbered`: it names a position), so an
+/// inserted rule prints as `iptables-save` would print it.
+fn as_append(line: &str, chain: &str, numbered: bool) -> String {
+    let skip = if numbered { 3 } else { 2 };
+    match line.splitn(skip + 1, ' ').nth(skip) {
+        Some(spec) if line.starts_with("-I ") => format!("-A {chain} {spec}"),
+        _ => line.to_string(),
+    }
 }
 
 impl Dump {
@@ -588,8 +606,21 @@ impl Dump {
                 Op::Insert(rule, pos) => {
                     let name = rule.chain.clone();
                     let chain = index.live_chain(table, &name).map_err(err)?;
+                    // The kernel refuses a position past the end; a parsed save allows it.
+                    if kernel && pos > chain.rules.len() + 1 {
+                        return Err(err(format!("index of insertion too big in {name}")));
+                    }
                     let at = (pos - 1).min(chain.rules.len());
                     chain.rules.insert(at, rule);
+                }
+                Op::DeleteRule(name, spec) => {
+                    let chain = index.live_chain(table, &name).map_err(err)?;
+                    let at = chain
+                        .rules
+                        .iter()
+                        .position(|r| r.args == spec)
+                        .ok_or_else(|| err(format!("no such rule in {name}")))?;
+                    chain.rules.remove(at);
                 }
                 Op::Delete(name) => {
                     let idx = index
