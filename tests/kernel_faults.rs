@@ -821,7 +821,14 @@ fn ipvs_drift_and_foreign_state() {
     assert_eq!(foreign_before.2.len(), 4, "{:?}", foreign_before.2);
     foreign_before.2.retain(|l| l.contains(FOREIGN_VS));
 
-    let mut proxy = n.start_in("ipvs", &[("KUBE_PROXY_RS_IPTABLES_MODE", "legacy".into())]);
+    let (fail, path) = failing_wrapper(n.dir.path(), "iptables-legacy-restore", "true");
+    let mut proxy = n.start_in(
+        "ipvs",
+        &[
+            ("KUBE_PROXY_RS_IPTABLES_MODE", "legacy".into()),
+            ("PATH", path),
+        ],
+    );
     n.add("a", "10.96.9.1", 80, 8080, 0);
     n.add("b", "10.96.9.2", 80, 8080, 1);
     assert!(
@@ -863,6 +870,46 @@ fn ipvs_drift_and_foreign_state() {
     eprintln!("ipvs: drift repaired after {:?}", drifted.elapsed());
     assert!(n.answers("10.96.9.1", T * 3), "a after the repair");
     assert!(n.answers("10.96.9.2", T * 3), "b after the repair");
+
+    // Injected iptables-restore failure: c's rules cannot be written; the failure counts
+    // (as upstream's IPVS proxier), the iptables rules stay as they were, a and b keep
+    // answering, and the IPv4 proxier's first sync once the fault is gone is full (the IPv6
+    // one writes through ip6tables-restore, not wrapped, and goes on as before).
+    std::fs::write(&fail, "").unwrap();
+    let failures = n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total");
+    let rules_before = split(&n.save("iptables-legacy-save")).0;
+    n.add("c", "10.96.9.3", 80, 8080, 0);
+    wait_for(
+        "an IPVS-mode restore failure counted",
+        SYNC_PERIOD + slack(),
+        || n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") > failures,
+        || n.logs(),
+    );
+    assert_eq!(
+        split(&n.save("iptables-legacy-save")).0,
+        rules_before,
+        "a failed restore changed the rules"
+    );
+    assert!(n.answers("10.96.9.1", T * 3), "a during the failure");
+    assert!(n.answers("10.96.9.2", T * 3), "b during the failure");
+    let log_len = n.logs().len();
+    std::fs::remove_file(&fail).unwrap();
+    assert!(
+        n.answers("10.96.9.3", SYNC_PERIOD + slack()),
+        "c after the failure\n{}",
+        n.logs()
+    );
+    let after: Vec<String> = n.logs()[log_len..]
+        .lines()
+        .filter(|l| l.contains("sync done") && l.contains("family=IPv4"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        after.first().is_some_and(|l| l.contains("full=true")),
+        "the first sync after a failure must be full: {after:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let steady = kernel();
 
     // SIGTERM: exit 0, the state left in place; foreign state the same byte for byte.
     let status = proxy.terminate(Duration::from_secs(5));
