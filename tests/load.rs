@@ -227,7 +227,10 @@ fn start_daemon(ns: &Netns, api: &FakeApiServer, dir: &std::path::Path) -> NsChi
 /// looked for at most this often, as upstream.
 const SYNC_PERIOD: Duration = Duration::from_secs(10);
 
-const SYNCS: &str = "kubeproxy_sync_proxy_rules_duration_seconds_count";
+/// The IPv4 proxier's rounds: on a node with IPv6 too, each round also syncs the IPv6 proxier,
+/// whose observations carry `ip_family="IPv6"` (one round, two observations).
+const SYNCS: &str = "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}";
+/// Time spent syncing, both families (a round lasts as long as both proxiers' syncs).
 const SYNC_SECONDS: &str = "kubeproxy_sync_proxy_rules_duration_seconds_sum";
 
 #[test]
