@@ -260,20 +260,28 @@ pub fn add_jump_rules(dump: &mut Dump) {
     }
 }
 
-/// The ruleset `render` would write for `args` (with the jump rules added), and the node IPs
-/// the render used.
-pub fn ruleset_from_render(
+/// What `render` prints for `args` in one mode, for the destination's family (its proxier's
+/// rules are the ones the packet meets), with the node IPs the render used and the object
+/// files it read (for the origin line).
+pub(crate) struct Rendered {
+    /// The render's text.
+    pub text: String,
+    /// The node's addresses as the render saw them.
+    pub node_ips: Vec<IpAddr>,
+    /// The object files, comma-separated.
+    pub files: String,
+}
+
+/// Renders `args` in `mode` (whatever mode the flags or config file name: --mode decided).
+pub(crate) fn render_for(
     args: &ExplainArgs,
+    mode: ProxyMode,
     warnings: &mut Vec<String>,
-) -> Result<Ruleset, ExplainError> {
-    // The iptables rules whatever mode the flags or config file name (--mode decided).
+) -> Result<Rendered, ExplainError> {
     let mut render = args.render.clone();
-    render.options.mode = ProxyMode::Iptables;
-    // The destination's family: its proxier's rules are the ones the packet meets.
+    render.options.mode = mode;
     let family = crate::model::IpFamily::of(&args.packet.destination);
     let text = crate::render::run_family(&render, args.explicit_hostname, family, warnings)?;
-    let mut dump = Dump::parse(&text)?;
-    add_jump_rules(&mut dump);
     // The same node addresses as render's (objects parsed again, warnings dropped).
     let node_ips = crate::render::model(&render, args.explicit_hostname, family, &mut Vec::new())?
         .node
@@ -284,12 +292,28 @@ pub fn ruleset_from_render(
         .iter()
         .map(|p| p.display().to_string())
         .collect();
+    Ok(Rendered {
+        text,
+        node_ips,
+        files: files.join(", "),
+    })
+}
+
+/// The ruleset `render` would write for `args` (with the jump rules added), and the node IPs
+/// the render used.
+pub fn ruleset_from_render(
+    args: &ExplainArgs,
+    warnings: &mut Vec<String>,
+) -> Result<Ruleset, ExplainError> {
+    let r = render_for(args, ProxyMode::Iptables, warnings)?;
+    let mut dump = Dump::parse(&r.text)?;
+    add_jump_rules(&mut dump);
     Ok(Ruleset {
         dump,
-        node_ips,
+        node_ips: r.node_ips,
         origin: format!(
             "render of {} (plus the jump rules a full sync installs)",
-            files.join(", ")
+            r.files
         ),
         from_kernel: false,
     })

@@ -58,27 +58,15 @@ pub fn table_from_render(
     args: &ExplainArgs,
     warnings: &mut Vec<String>,
 ) -> Result<NftRuleset, ExplainError> {
-    let mut render = args.render.clone();
-    render.options.mode = ProxyMode::Nftables;
-    let family = IpFamily::of(&args.packet.destination);
-    let text = crate::render::run_family(&render, args.explicit_hostname, family, warnings)?;
+    let r = crate::explain::render_for(args, ProxyMode::Nftables, warnings)?;
     let mut table = Table::default();
     table
-        .apply(&text)
+        .apply(&r.text)
         .map_err(|e| ExplainError::NftRender(e.to_string()))?;
-    let node_ips = crate::render::model(&render, args.explicit_hostname, family, &mut Vec::new())?
-        .node
-        .ips;
-    let files: Vec<String> = args
-        .render
-        .objects
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
     Ok(NftRuleset {
         table,
-        node_ips,
-        origin: format!("render of {}", files.join(", ")),
+        node_ips: r.node_ips,
+        origin: format!("render of {}", r.files),
     })
 }
 

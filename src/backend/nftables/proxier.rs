@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::listing::parse_listing;
 use super::names::FamilyTokens;
 use super::render::{
-    RenderConfig, ServiceBlock, Writer, is_large, render, render_ports, write_setup,
+    RenderConfig, ServiceBlock, Writer, count_lacking, is_large, render, render_ports, write_setup,
 };
 use super::tx::{Committed, Existing, Owned, Prior, build, build_partial};
 use crate::backend::conntrack::ConntrackCleaner;
@@ -401,12 +401,7 @@ impl NftablesProxier {
         for b in &fresh.blocks {
             blocks.ports.insert(b.port.clone(), PortRecord::of(b));
         }
-        let lacking = blocks.ports.values().fold((0, 0), |(i, e), r| {
-            (
-                i + usize::from(r.lacks_local.0),
-                e + usize::from(r.lacks_local.1),
-            )
-        });
+        let lacking = count_lacking(blocks.ports.values().map(|r| r.lacks_local));
         Ok(Counts {
             lacking,
             health_checks: fresh.health_checks,

@@ -200,7 +200,7 @@ pub fn render(model: &ProxyModel, cfg: &RenderConfig) -> Ruleset {
     (
         rs.no_local_endpoints_internal,
         rs.no_local_endpoints_external,
-    ) = count_lacking(rs.services.iter());
+    ) = count_lacking(rs.services.iter().map(|b| b.lacks_local));
     rs
 }
 
@@ -215,13 +215,11 @@ pub fn is_large(model: &ProxyModel, cfg: &RenderConfig) -> bool {
     ports > cfg.large_cluster_threshold
 }
 
-/// Service ports whose internal and external Local policies found no local endpoint.
-pub fn count_lacking<'b>(blocks: impl Iterator<Item = &'b ServiceBlock>) -> (usize, usize) {
-    blocks.fold((0, 0), |(i, e), b| {
-        (
-            i + usize::from(b.lacks_local.0),
-            e + usize::from(b.lacks_local.1),
-        )
+/// Service ports whose internal and external Local policies found no local endpoint, from
+/// each port's [`ServiceBlock::lacks_local`].
+pub fn count_lacking(ports: impl Iterator<Item = (bool, bool)>) -> (usize, usize) {
+    ports.fold((0, 0), |(i, e), (li, le)| {
+        (i + usize::from(li), e + usize::from(le))
     })
 }
 
