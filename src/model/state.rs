@@ -343,36 +343,66 @@ impl ClusterState {
     /// cluster IP of that family, and the endpoints of that family's slices (upstream's
     /// per-family change trackers).
     pub fn snapshot(&self, family: IpFamily) -> ProxyModel {
-        let mut model = ProxyModel {
-            node: self.node.clone(),
-            service_cidrs: self
-                .all_service_cidrs()
-                .into_iter()
-                .filter(|c| family.matches(&c.addr()))
-                .collect(),
-            ..Default::default()
-        };
-        for (name, ports) in &self.services {
-            let ports = ports.iter().filter(|p| family.matches(&p.cluster_ip));
-            for p in ports.clone() {
-                model.services.insert(p.name.clone(), p.clone());
-            }
-            let Some(keys) = self.slices_by_service.get(name) else {
-                continue;
-            };
-            let slices = || {
-                keys.iter()
-                    .filter_map(|k| self.slices.get(k))
-                    .filter(|s| s.family == family)
-            };
-            for p in ports {
-                let eps = endpoints_for(p, slices());
-                if !eps.is_empty() {
-                    model.endpoints.insert(p.name.clone(), eps);
-                }
-            }
+        let mut model = ProxyModel::default();
+        self.refresh_globals(&mut model, family);
+        for name in self.services.keys() {
+            self.insert_service(&mut model, family, name);
         }
         model
+    }
+
+    /// Brings `model`, a snapshot of `family` taken before the changes named in `changed`
+    /// (the `services` of every [`Changes`] taken since), up to date: afterwards it equals
+    /// [`ClusterState::snapshot`]. The cost is that of the changed services, not the cluster's,
+    /// so a sync keeps its family's model instead of rebuilding it.
+    pub fn refresh(
+        &self,
+        model: &mut ProxyModel,
+        family: IpFamily,
+        changed: &BTreeSet<ServiceName>,
+    ) {
+        self.refresh_globals(model, family);
+        for name in changed {
+            remove_service_ports(model, name);
+            self.insert_service(model, family, name);
+        }
+    }
+
+    /// The node and the service CIDRs: a few objects, copied whole.
+    fn refresh_globals(&self, model: &mut ProxyModel, family: IpFamily) {
+        if model.node != self.node {
+            model.node.clone_from(&self.node);
+        }
+        model.service_cidrs = self
+            .all_service_cidrs()
+            .into_iter()
+            .filter(|c| family.matches(&c.addr()))
+            .collect();
+    }
+
+    /// Adds one Service's ports of `family` and their endpoints to `model`.
+    fn insert_service(&self, model: &mut ProxyModel, family: IpFamily, name: &ServiceName) {
+        let Some(ports) = self.services.get(name) else {
+            return;
+        };
+        let ports = ports.iter().filter(|p| family.matches(&p.cluster_ip));
+        for p in ports.clone() {
+            model.services.insert(p.name.clone(), p.clone());
+        }
+        let Some(keys) = self.slices_by_service.get(name) else {
+            return;
+        };
+        let slices = || {
+            keys.iter()
+                .filter_map(|k| self.slices.get(k))
+                .filter(|s| s.family == family)
+        };
+        for p in ports {
+            let eps = endpoints_for(p, slices());
+            if !eps.is_empty() {
+                model.endpoints.insert(p.name.clone(), eps);
+            }
+        }
     }
 
     /// Number of service ports known (over both families).
@@ -391,6 +421,42 @@ fn trigger_time(slice: &EndpointSlice) -> Option<std::time::SystemTime> {
         .get(ANNOTATION_TRIGGER_TIME)?;
     let ts: jiff::Timestamp = raw.parse().ok()?;
     Some(ts.into())
+}
+
+/// Removes every port of Service `name`, and its endpoints, from `model`.
+fn remove_service_ports(model: &mut ProxyModel, name: &ServiceName) {
+    let ports: Vec<ServicePortName> = model
+        .services
+        .range(first_port_of(name)..)
+        .map(|(k, _)| k)
+        .take_while(|k| k.service == *name)
+        .cloned()
+        .collect();
+    for port in &ports {
+        model.services.remove(port);
+    }
+    // Endpoints are only ever kept for a port of the model, but a stray entry must not
+    // outlive its service either: removed by the same range.
+    let eps: Vec<ServicePortName> = model
+        .endpoints
+        .range(first_port_of(name)..)
+        .map(|(k, _)| k)
+        .take_while(|k| k.service == *name)
+        .cloned()
+        .collect();
+    for port in &eps {
+        model.endpoints.remove(port);
+    }
+}
+
+/// The smallest port name of Service `name` in `ServicePortName` order (service, port name,
+/// protocol): the start of its range in the model's maps.
+fn first_port_of(name: &ServiceName) -> ServicePortName {
+    ServicePortName {
+        service: name.clone(),
+        port: String::new(),
+        protocol: super::Protocol::Tcp,
+    }
 }
 
 fn slice_key(slice: &EndpointSlice) -> (String, String) {
@@ -781,5 +847,163 @@ mod tests {
         assert_eq!(st.pending_changes(), (0, 0));
         st.remove_slice("ns", "a-2");
         assert_eq!(st.pending_changes(), (0, 1));
+    }
+
+    /// One random change to the cluster, for the refresh property below.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Service `svc{0}`: `Some((dual-stack, two ports, IP variant))` sets it, `None` deletes it.
+        Service(u8, Option<(bool, bool, u8)>),
+        /// Slice `s{0}`: `Some((service, IPv6, endpoint mask, local, terminating, port))` sets
+        /// it (possibly moving it to another service), `None` deletes it.
+        Slice(u8, Option<(u8, bool, u8, bool, bool, u16)>),
+        /// The node's zone and IP.
+        Node(u8),
+        /// ServiceCIDR `c{0}` set to one of a few CIDR sets (none: deleted).
+        Cidr(u8, u8),
+        /// A relist of Services keeping those in the mask.
+        RelistServices(u8),
+        /// A relist of slices keeping those in the mask.
+        RelistSlices(u8),
+        /// A sync: the changes are taken and the kept models refreshed.
+        Sync,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0..4u8, proptest::option::of((any::<bool>(), any::<bool>(), 0..3u8)))
+                .prop_map(|(i, v)| Op::Service(i, v)),
+            5 => (
+                0..6u8,
+                proptest::option::of((0..4u8, any::<bool>(), any::<u8>(), any::<bool>(), any::<bool>(), 8080..8082u16))
+            )
+                .prop_map(|(i, v)| Op::Slice(i, v)),
+            1 => (0..3u8).prop_map(Op::Node),
+            1 => (0..2u8, 0..3u8).prop_map(|(i, v)| Op::Cidr(i, v)),
+            1 => any::<u8>().prop_map(Op::RelistServices),
+            1 => any::<u8>().prop_map(Op::RelistSlices),
+            3 => Just(Op::Sync),
+        ]
+    }
+
+    fn random_service(i: u8, (dual, two, ipv): (bool, bool, u8)) -> Service {
+        let v4 = format!("172.30.{ipv}.{i}");
+        let ips = if dual { vec![v4, format!("fd00::{ipv}:{i}")] } else { vec![v4] };
+        let mut ports = vec![json!({"name": "p80", "port": 80})];
+        if two {
+            ports.push(json!({"name": "p81", "port": 81, "protocol": "UDP"}));
+        }
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": format!("svc{i}")},
+            "spec": {"clusterIPs": ips, "ports": ports,
+                     "type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "healthCheckNodePort": 30000 + u16::from(i)}
+        }))
+        .unwrap()
+    }
+
+    fn random_slice(i: u8, (svc, v6, mask, local, term, port): (u8, bool, u8, bool, bool, u16)) -> EndpointSlice {
+        let eps: Vec<_> = (0..4u8)
+            .filter(|b| mask & (1 << b) != 0)
+            .map(|b| {
+                let ip = if v6 { format!("fd00:1::{b}") } else { format!("10.0.0.{b}") };
+                json!({"addresses": [ip], "nodeName": if local { "node1" } else { "node2" },
+                       "conditions": {"ready": !term, "serving": true, "terminating": term}})
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": format!("s{i}"),
+                         "labels": {"kubernetes.io/service-name": format!("svc{svc}")}},
+            "addressType": if v6 { "IPv6" } else { "IPv4" },
+            "ports": [{"name": "p80", "port": port, "protocol": "TCP"},
+                      {"name": "p81", "port": port + 1, "protocol": "UDP"}],
+            "endpoints": eps
+        }))
+        .unwrap()
+    }
+
+    /// Applies `op`; a sync refreshes `models` (V4, V6) with the changes taken and checks each
+    /// equals a fresh snapshot.
+    fn apply_op(
+        st: &mut ClusterState,
+        op: &Op,
+        services: &mut BTreeMap<u8, Service>,
+        slices: &mut BTreeMap<u8, EndpointSlice>,
+        models: &mut [ProxyModel; 2],
+    ) {
+        match op {
+            Op::Service(i, Some(v)) => {
+                let s = random_service(*i, *v);
+                st.apply_service(&s);
+                services.insert(*i, s);
+            }
+            Op::Service(i, None) => {
+                st.remove_service(&ServiceName::new("ns", format!("svc{i}")));
+                services.remove(i);
+            }
+            Op::Slice(i, Some(v)) => {
+                let s = random_slice(*i, *v);
+                st.apply_slice(&s);
+                slices.insert(*i, s);
+            }
+            Op::Slice(i, None) => {
+                st.remove_slice("ns", &format!("s{i}"));
+                slices.remove(i);
+            }
+            Op::Node(z) => {
+                let n: Node = serde_json::from_value(json!({
+                    "metadata": {"name": "node1", "labels": {ZONE_LABEL_FOR_TESTS: format!("z{z}")}},
+                    "status": {"addresses": [{"type": "InternalIP", "address": format!("10.9.0.{z}")}]}
+                }))
+                .unwrap();
+                st.set_node(Some(&n));
+            }
+            Op::Cidr(i, v) => {
+                let name = format!("c{i}");
+                match v {
+                    0 => st.remove_service_cidr(&name),
+                    1 => {
+                        st.apply_service_cidr(&service_cidr(&name, &["172.30.0.0/16"]));
+                    }
+                    _ => {
+                        st.apply_service_cidr(&service_cidr(&name, &["172.31.0.0/16", "fd00::/64"]));
+                    }
+                }
+            }
+            Op::RelistServices(mask) => {
+                services.retain(|i, _| mask & (1 << i) != 0);
+                st.replace_services(services.values());
+            }
+            Op::RelistSlices(mask) => {
+                slices.retain(|i, _| mask & (1 << i) != 0);
+                st.replace_slices(slices.values());
+            }
+            Op::Sync => {
+                let c = st.take_changes();
+                for (model, family) in models.iter_mut().zip([IpFamily::V4, IpFamily::V6]) {
+                    st.refresh(model, family, &c.services);
+                    assert_eq!(*model, st.snapshot(family), "{family:?} after {:?}", c.services);
+                }
+            }
+        }
+    }
+
+    const ZONE_LABEL_FOR_TESTS: &str = crate::model::ZONE_LABEL;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(300))]
+
+        /// A model kept by refreshing only the changed services equals a fresh snapshot after
+        /// every sync, whatever the changes between syncs (moves, relists, dual stack, CIDRs).
+        #[test]
+        fn a_refreshed_model_equals_a_fresh_snapshot(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut st = ClusterState::new("node1");
+            let mut models = [ProxyModel::default(), ProxyModel::default()];
+            let (mut services, mut slices) = (BTreeMap::new(), BTreeMap::new());
+            for op in ops.iter().chain([&Op::Sync]) {
+                apply_op(&mut st, op, &mut services, &mut slices, &mut models);
+            }
+        }
     }
 }

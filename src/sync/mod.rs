@@ -189,6 +189,9 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             p.last_full = now;
         }
         let mut pending: BTreeSet<ServiceName> = BTreeSet::new();
+        // Each family's model, kept from round to round and refreshed with the changed
+        // services only: a small change costs a small update, not a copy of the cluster.
+        let mut models: Option<Vec<ProxyModel>> = None;
         let mut attempts = 0usize;
         // Upstream's BoundedFrequencyRunner retryInterval: after a failed round, the next one
         // runs no later than `sync_period` after it ended (sooner if a change or the periodic
@@ -201,9 +204,10 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
             rate.ran(start);
             self.shared.taking_changes();
             let families: Vec<IpFamily> = self.proxiers.iter().map(|p| p.family).collect();
-            let (models, node, left) = {
+            let (node, left) = {
                 let mut st = self.shared.lock();
                 let c = st.take_changes();
+                refresh_models(&st, &mut models, &families, &c.services);
                 pending.extend(c.services);
                 for (i, p) in self.proxiers.iter_mut().enumerate() {
                     p.need_full |= c.node;
@@ -213,8 +217,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                         p.events.1 += c.endpoint_events;
                     }
                 }
-                let models: Vec<ProxyModel> = families.iter().map(|f| st.snapshot(*f)).collect();
-                (models, st.node().clone(), st.pending_changes())
+                (st.node().clone(), st.pending_changes())
             };
             self.reporter.changes_pending(left.0, left.1);
             let round = Round {
@@ -223,7 +226,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 changed: &pending,
             };
             let mut any_failed = false;
-            for (p, model) in self.proxiers.iter_mut().zip(&models) {
+            for (p, model) in self.proxiers.iter_mut().zip(models.iter().flatten()) {
                 any_failed |=
                     !sync_family(p, model, &round, &self.settings, &mut self.reporter).await;
             }
@@ -275,6 +278,24 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 }
             }
         }
+    }
+}
+
+/// Brings each family's kept model up to date with the services changed since the last
+/// round (the first round snapshots the whole state).
+fn refresh_models(
+    st: &crate::model::ClusterState,
+    models: &mut Option<Vec<ProxyModel>>,
+    families: &[IpFamily],
+    changed: &BTreeSet<ServiceName>,
+) {
+    match models {
+        Some(models) => {
+            for (model, family) in models.iter_mut().zip(families) {
+                st.refresh(model, *family, changed);
+            }
+        }
+        None => *models = Some(families.iter().map(|f| st.snapshot(*f)).collect()),
     }
 }
 
