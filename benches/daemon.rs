@@ -7,10 +7,16 @@
 //!   committed (median of 20, each to another service, 1.2 s apart so minSyncPeriod never
 //!   delays one);
 //! - the daemon's RSS (VmRSS, and its peak VmHWM) with the cluster loaded;
+//! - idle CPU: the daemon's user + system time (its own, and its reaped children's: the
+//!   iptables/nft processes it runs) over `--idle-secs` (default 60) with no change, in
+//!   CPU-seconds per minute;
+//! - RSS after churn: `--churn-secs` (default 600; 0 skips it) of EndpointSlice updates at
+//!   50 per second through the fake API, then VmRSS / VmHWM once the last one is synced;
 //! - connection set-up through a ClusterIP: median `connect()` time from the node namespace
 //!   to a service's ClusterIP (DNAT to a pod) over 200 connections.
 //!
-//! `cargo bench --bench daemon [-- N...]` (default 100 1000 10000). Needs root.
+//! `cargo bench --bench daemon [-- [--modes nftables,iptables] [--idle-secs S]
+//! [--churn-secs S] N...]` (default sizes 100 1000 10000). Needs root.
 
 #[path = "../tests/scenarios/mod.rs"]
 mod scenarios;
@@ -26,6 +32,45 @@ use support::fakeapi::{endpoint_slice, service};
 
 const MODES: [&str; 2] = ["nftables", "iptables"];
 const CHANGES: usize = 20;
+/// EndpointSlice updates per second during churn.
+const CHURN_RATE: u32 = 50;
+
+/// The command line: sizes, modes and the idle and churn durations.
+struct Args {
+    sizes: Vec<usize>,
+    modes: Vec<String>,
+    idle: Duration,
+    churn: Duration,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut args = Args {
+            sizes: Vec::new(),
+            modes: MODES.iter().map(|m| m.to_string()).collect(),
+            idle: Duration::from_secs(60),
+            churn: Duration::from_secs(600),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            let (key, inline) = match a.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (a.clone(), None),
+            };
+            let mut value = || inline.clone().or_else(|| it.next()).unwrap_or_default();
+            match key.as_str() {
+                "--modes" => args.modes = value().split(',').map(str::to_string).collect(),
+                "--idle-secs" => args.idle = Duration::from_secs(value().parse().unwrap_or(60)),
+                "--churn-secs" => args.churn = Duration::from_secs(value().parse().unwrap_or(600)),
+                _ => args.sizes.extend(a.parse::<usize>().ok()),
+            }
+        }
+        if args.sizes.is_empty() {
+            args.sizes = vec![100, 1000, 10_000];
+        }
+        args
+    }
+}
 
 fn cluster_ip(i: usize) -> String {
     format!("10.96.{}.{}", 10 + i / 250, i % 250)
@@ -138,7 +183,67 @@ fn connect_time(c: &Cluster, addr: SocketAddr) -> Duration {
     median(times)
 }
 
-fn run(n: usize, mode: &str) {
+/// The process's CPU time so far, its own and its reaped children's (seconds).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // utime, stime, cutime, cstime: fields 14 to 17, counted from the end of `(comm)`.
+    let ticks: f64 = stat
+        .rsplit(')')
+        .next()
+        .map(|rest| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|t| t.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// VmRSS / VmHWM of `pid`, in MiB.
+fn rss(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    format!(
+        "{} / {} MiB",
+        kib(&status, "VmRSS:") / 1024,
+        kib(&status, "VmHWM:") / 1024
+    )
+}
+
+/// The daemon's CPU-seconds per minute over `idle` with nothing changing.
+fn idle_cpu(pid: u32, idle: Duration) -> f64 {
+    let before = cpu_seconds(pid);
+    std::thread::sleep(idle);
+    (cpu_seconds(pid) - before) * 60.0 / idle.as_secs_f64().max(1.0)
+}
+
+/// Updates EndpointSlices at [`CHURN_RATE`] per second for `churn`, then waits for the last
+/// update's sync: the daemon's RSS / peak then.
+fn churn(c: &Cluster, pid: u32, n: usize, pods: &[String], churn: Duration) -> String {
+    if churn.is_zero() {
+        return "-".into();
+    }
+    let t0 = Instant::now();
+    let every = Duration::from_secs(1) / CHURN_RATE;
+    let mut k = 0u32;
+    let mut last = epoch();
+    while t0.elapsed() < churn {
+        let i = (k as usize * 7919 + 3) % n;
+        last = epoch();
+        c.api.apply(slice(i, &pods[..3 + (k as usize % 3)]));
+        k += 1;
+        if let Some(wait) = (every * k).checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    if synced_after(c, last, Duration::from_secs(300)).is_none() {
+        println!("the last churn update was not synced within 300 s");
+    }
+    format!("{} ({k} updates)", rss(pid))
+}
+
+fn run(n: usize, mode: &str, args: &Args) {
     let probe = Cluster::start(mode, &[]);
     let pods: Vec<String> = (0..5).map(|i| probe.pod_ip(i)).collect();
     drop(probe);
@@ -146,7 +251,7 @@ fn run(n: usize, mode: &str) {
     let pid = c.proxy.lock().unwrap().id();
     let limit = Duration::from_secs(600);
     if synced_after(&c, 0.0, limit).is_none() {
-        println!("| {n} | {mode} | >{limit:?} | | | |");
+        println!("| {n} | {mode} | >{limit:?} | | | | | |");
         return;
     }
     let first = Duration::from_secs_f64(last_sync(&c) - started(pid));
@@ -163,32 +268,27 @@ fn run(n: usize, mode: &str) {
             None => println!("change {k} not synced within 120 s"),
         }
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let loaded = rss(pid);
+    // The last change's sync has committed; let its tail (metrics, stale-chain cleanup) end.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = idle_cpu(pid, args.idle);
+    let churned = churn(&c, pid, n, &pods, args.churn);
     println!(
-        "| {n} | {mode} | {first:.2?} | {:.1?} | {} / {} MiB | {setup:.0?} |",
+        "| {n} | {mode} | {first:.2?} | {:.1?} | {loaded} | {idle:.2} | {churned} | {setup:.0?} |",
         median(changes),
-        kib(&status, "VmRSS:") / 1024,
-        kib(&status, "VmHWM:") / 1024,
     );
 }
 
 fn main() {
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let sizes = if sizes.is_empty() {
-        vec![100, 1000, 10_000]
-    } else {
-        sizes
-    };
+    let args = Args::parse();
     println!(
-        "| services (x5 endpoints) | mode | first sync: start → kernel | one-endpoint change: event → kernel (median of {CHANGES}) | daemon RSS / peak | ClusterIP connect() (median of 200) |"
+        "| services (x5 endpoints) | mode | first sync: start → kernel | one-endpoint change: event → kernel (median of {CHANGES}) | daemon RSS / peak | idle CPU (s/min, over {:?}) | RSS / peak after {:?} of churn at {CHURN_RATE}/s | ClusterIP connect() (median of 200) |",
+        args.idle, args.churn
     );
-    println!("|---|---|---|---|---|---|");
-    for n in sizes {
-        for mode in MODES {
-            run(n, mode);
+    println!("|---|---|---|---|---|---|---|---|");
+    for &n in &args.sizes {
+        for mode in &args.modes {
+            run(n, mode, &args);
         }
     }
 }

@@ -37,6 +37,17 @@ pub struct Changes {
     pub trigger_times: Vec<std::time::SystemTime>,
 }
 
+/// An EndpointSlice converted for the store (see [`ClusterState::convert_slice`]).
+#[derive(Debug, Clone)]
+pub struct ConvertedSlice {
+    /// Namespace and name.
+    key: (String, String),
+    /// What the store keeps of it; `None` if it carries nothing for us.
+    info: Option<SliceInfo>,
+    /// Its `last-change-trigger-time` annotation.
+    trigger_time: Option<std::time::SystemTime>,
+}
+
 impl Changes {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
@@ -50,7 +61,9 @@ pub struct ClusterState {
     node_name: String,
     services: BTreeMap<ServiceName, Vec<ServicePort>>,
     slices: BTreeMap<(String, String), SliceInfo>,
-    slices_by_service: BTreeMap<ServiceName, BTreeSet<(String, String)>>,
+    /// Each Service's slice keys, sorted: a Vec, as most Services have one slice (a set
+    /// would allocate a node of eleven keys for it).
+    slices_by_service: BTreeMap<ServiceName, Vec<(String, String)>>,
     node: NodeInfo,
     /// `spec.cidrs` of each ServiceCIDR object, by object name.
     service_cidrs: BTreeMap<String, Vec<Cidr>>,
@@ -94,15 +107,28 @@ impl ClusterState {
     /// Inserts or updates a Service; returns warnings about skipped parts.
     pub fn apply_service(&mut self, svc: &Service) -> Vec<String> {
         let mut warnings = Vec::new();
-        let Some(converted) = convert::convert_service(svc, &mut warnings) else {
-            // Unusable: treat as absent so stale rules go away.
-            if let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) {
-                self.remove_service(&ServiceName::new(ns.clone(), name.clone()));
-            }
-            return warnings;
-        };
-        self.set_service(converted.name, converted.ports);
+        if let Some(converted) = Self::convert_service(svc, &mut warnings) {
+            self.set_service(converted.name, converted.ports);
+        }
         warnings
+    }
+
+    /// A Service in the form the store keeps: `None` without a name; no ports when it is
+    /// unusable (then it is treated as absent, so stale rules go away).
+    pub fn convert_service(
+        svc: &Service,
+        warnings: &mut Vec<String>,
+    ) -> Option<convert::ConvertedService> {
+        match convert::convert_service(svc, warnings) {
+            Some(mut converted) => {
+                converted.ports.shrink_to_fit();
+                Some(converted)
+            }
+            None => Some(convert::ConvertedService {
+                name: ServiceName::new(svc.metadata.namespace.clone()?, svc.metadata.name.clone()?),
+                ports: Vec::new(),
+            }),
+        }
     }
 
     fn set_service(&mut self, name: ServiceName, ports: Vec<ServicePort>) {
@@ -132,12 +158,20 @@ impl ClusterState {
         svcs: impl IntoIterator<Item = &'a Service>,
     ) -> Vec<String> {
         let mut warnings = Vec::new();
-        let mut seen = BTreeSet::new();
-        for svc in svcs {
-            if let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) {
-                seen.insert(ServiceName::new(ns.clone(), name.clone()));
-            }
-            warnings.extend(self.apply_service(svc));
+        let all = svcs
+            .into_iter()
+            .filter_map(|s| Self::convert_service(s, &mut warnings))
+            .collect();
+        self.replace_converted_services(all);
+        warnings
+    }
+
+    /// [`ClusterState::replace_services`] with Services already converted (a relist converts
+    /// each object as it arrives rather than holding the API objects until it completes).
+    pub fn replace_converted_services(&mut self, all: Vec<convert::ConvertedService>) {
+        let seen: BTreeSet<ServiceName> = all.iter().map(|c| c.name.clone()).collect();
+        for c in all {
+            self.set_service(c.name, c.ports);
         }
         let gone: Vec<ServiceName> = self
             .services
@@ -148,21 +182,44 @@ impl ClusterState {
         for name in gone {
             self.remove_service(&name);
         }
-        warnings
     }
 
     /// Inserts or updates an EndpointSlice; returns warnings about skipped parts.
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Vec<String> {
         let mut warnings = Vec::new();
-        let key = slice_key(slice);
-        let info = convert::convert_endpoint_slice(slice, &self.node_name, &mut warnings);
-        if self.set_slice(key, info)
-            && let Some(t) = trigger_time(slice)
+        let converted = self.convert_slice(slice, &mut warnings);
+        self.apply_converted_slice(converted);
+        warnings
+    }
+
+    /// An EndpointSlice in the form the store keeps.
+    pub fn convert_slice(
+        &self,
+        slice: &EndpointSlice,
+        warnings: &mut Vec<String>,
+    ) -> ConvertedSlice {
+        let info = convert::convert_endpoint_slice(slice, &self.node_name, warnings).map(
+            |mut info| {
+                info.ports.shrink_to_fit();
+                info.endpoints.shrink_to_fit();
+                info
+            },
+        );
+        ConvertedSlice {
+            key: slice_key(slice),
+            info,
+            trigger_time: trigger_time(slice),
+        }
+    }
+
+    /// Stores a converted slice (see [`ClusterState::convert_slice`]).
+    pub fn apply_converted_slice(&mut self, slice: ConvertedSlice) {
+        if self.set_slice(slice.key, slice.info)
+            && let Some(t) = slice.trigger_time
             && self.started.is_none_or(|start| t >= start)
         {
             self.changes.trigger_times.push(t);
         }
-        warnings
     }
 
     /// Removes an EndpointSlice.
@@ -176,10 +233,19 @@ impl ClusterState {
         slices: impl IntoIterator<Item = &'a EndpointSlice>,
     ) -> Vec<String> {
         let mut warnings = Vec::new();
-        let mut seen = BTreeSet::new();
-        for s in slices {
-            seen.insert(slice_key(s));
-            warnings.extend(self.apply_slice(s));
+        let all = slices
+            .into_iter()
+            .map(|s| self.convert_slice(s, &mut warnings))
+            .collect();
+        self.replace_converted_slices(all);
+        warnings
+    }
+
+    /// [`ClusterState::replace_slices`] with slices already converted.
+    pub fn replace_converted_slices(&mut self, all: Vec<ConvertedSlice>) {
+        let seen: BTreeSet<(String, String)> = all.iter().map(|s| s.key.clone()).collect();
+        for s in all {
+            self.apply_converted_slice(s);
         }
         let gone: Vec<(String, String)> = self
             .slices
@@ -190,7 +256,6 @@ impl ClusterState {
         for (ns, name) in gone {
             self.remove_slice(&ns, &name);
         }
-        warnings
     }
 
     /// Stores a slice; returns whether anything changed.
@@ -203,9 +268,9 @@ impl ClusterState {
         if let Some(old) = old {
             self.changes.services.insert(old.service.clone());
             self.changes.endpoints_changed.insert(old.service.clone());
-            if let Some(set) = self.slices_by_service.get_mut(&old.service) {
-                set.remove(&key);
-                if set.is_empty() {
+            if let Some(keys) = self.slices_by_service.get_mut(&old.service) {
+                keys.retain(|k| *k != key);
+                if keys.is_empty() {
                     self.slices_by_service.remove(&old.service);
                 }
             }
@@ -215,10 +280,10 @@ impl ClusterState {
             Some(info) => {
                 self.changes.services.insert(info.service.clone());
                 self.changes.endpoints_changed.insert(info.service.clone());
-                self.slices_by_service
-                    .entry(info.service.clone())
-                    .or_default()
-                    .insert(key.clone());
+                let keys = self.slices_by_service.entry(info.service.clone()).or_default();
+                if let Err(at) = keys.binary_search(&key) {
+                    keys.insert(at, key.clone());
+                }
                 self.slices.insert(key, info);
             }
             None => {

@@ -21,15 +21,23 @@ use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::{Api, Client};
 
 use crate::model::convert::SERVICE_LABEL_SELECTOR;
+use crate::model::convert::ConvertedService;
+use crate::model::state::ConvertedSlice;
 use crate::model::{ClusterState, ServiceName};
 use crate::sync::shared::Shared;
 
 /// How one kind of object updates the state.
 pub(crate) trait Tracked: Sized {
     const KIND: &'static str;
+    /// What a relist holds of each object until it completes: the store's compact form
+    /// where the objects are many (Services, EndpointSlices), so a relist of a large cluster
+    /// never holds every API object at once.
+    type Listed;
     fn apply(state: &mut ClusterState, obj: &Self) -> Vec<String>;
     fn delete(state: &mut ClusterState, obj: &Self);
-    fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<String>;
+    /// Converts a relisted object; warnings are returned at once.
+    fn listed(state: &ClusterState, obj: Self, warnings: &mut Vec<String>) -> Self::Listed;
+    fn replace(state: &mut ClusterState, all: Vec<Self::Listed>) -> Vec<String>;
     fn initial_list_done(shared: &Shared);
     /// The API server may not serve this kind (it is newer than the cluster: 404) or not
     /// let us read it (a `system:node-proxier` older than the kind: 403): that is logged
@@ -39,6 +47,7 @@ pub(crate) trait Tracked: Sized {
 
 impl Tracked for Service {
     const KIND: &'static str = "Service";
+    type Listed = Option<ConvertedService>;
     fn apply(state: &mut ClusterState, obj: &Self) -> Vec<String> {
         state.apply_service(obj)
     }
@@ -47,8 +56,12 @@ impl Tracked for Service {
         let name = obj.metadata.name.clone().unwrap_or_default();
         state.remove_service(&ServiceName::new(ns, name));
     }
-    fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<String> {
-        state.replace_services(all.iter())
+    fn listed(_state: &ClusterState, obj: Self, warnings: &mut Vec<String>) -> Self::Listed {
+        ClusterState::convert_service(&obj, warnings)
+    }
+    fn replace(state: &mut ClusterState, all: Vec<Self::Listed>) -> Vec<String> {
+        state.replace_converted_services(all.into_iter().flatten().collect());
+        Vec::new()
     }
     fn initial_list_done(shared: &Shared) {
         shared.set_services_synced();
@@ -57,6 +70,7 @@ impl Tracked for Service {
 
 impl Tracked for EndpointSlice {
     const KIND: &'static str = "EndpointSlice";
+    type Listed = ConvertedSlice;
     fn apply(state: &mut ClusterState, obj: &Self) -> Vec<String> {
         state.apply_slice(obj)
     }
@@ -65,8 +79,12 @@ impl Tracked for EndpointSlice {
         let name = obj.metadata.name.as_deref().unwrap_or_default();
         state.remove_slice(ns, name);
     }
-    fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<String> {
-        state.replace_slices(all.iter())
+    fn listed(state: &ClusterState, obj: Self, warnings: &mut Vec<String>) -> Self::Listed {
+        state.convert_slice(&obj, warnings)
+    }
+    fn replace(state: &mut ClusterState, all: Vec<Self::Listed>) -> Vec<String> {
+        state.replace_converted_slices(all);
+        Vec::new()
     }
     fn initial_list_done(shared: &Shared) {
         shared.set_slices_synced();
@@ -75,6 +93,7 @@ impl Tracked for EndpointSlice {
 
 impl Tracked for Node {
     const KIND: &'static str = "Node";
+    type Listed = Node;
     fn apply(state: &mut ClusterState, obj: &Self) -> Vec<String> {
         state.set_node(Some(obj));
         Vec::new()
@@ -82,7 +101,10 @@ impl Tracked for Node {
     fn delete(state: &mut ClusterState, _obj: &Self) {
         state.set_node(None);
     }
-    fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<String> {
+    fn listed(_state: &ClusterState, obj: Self, _warnings: &mut Vec<String>) -> Self::Listed {
+        obj
+    }
+    fn replace(state: &mut ClusterState, all: Vec<Self::Listed>) -> Vec<String> {
         state.set_node(all.first());
         Vec::new()
     }
@@ -92,14 +114,18 @@ impl Tracked for Node {
 impl Tracked for ServiceCIDR {
     const KIND: &'static str = "ServiceCIDR";
     const OPTIONAL: bool = true;
+    type Listed = ServiceCIDR;
     fn apply(state: &mut ClusterState, obj: &Self) -> Vec<String> {
         state.apply_service_cidr(obj)
     }
     fn delete(state: &mut ClusterState, obj: &Self) {
         state.remove_service_cidr(obj.metadata.name.as_deref().unwrap_or_default());
     }
-    fn replace(state: &mut ClusterState, all: &[Self]) -> Vec<String> {
-        state.replace_service_cidrs(all)
+    fn listed(_state: &ClusterState, obj: Self, _warnings: &mut Vec<String>) -> Self::Listed {
+        obj
+    }
+    fn replace(state: &mut ClusterState, all: Vec<Self::Listed>) -> Vec<String> {
+        state.replace_service_cidrs(&all)
     }
     // Upstream does not wait for ServiceCIDRs before the first sync.
     fn initial_list_done(_shared: &Shared) {}
@@ -150,7 +176,7 @@ where
 {
     futures::pin_mut!(stream);
     let mut backoff = DefaultBackoff::default();
-    let mut relist: Option<Vec<K>> = None;
+    let mut relist: Option<Vec<K::Listed>> = None;
     let mut absent_logged = false;
     while let Some(item) = stream.next().await {
         match item {
@@ -203,7 +229,7 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 pub(crate) fn handle<K: Tracked + kube::Resource>(
     event: Event<K>,
     shared: &Shared,
-    relist: &mut Option<Vec<K>>,
+    relist: &mut Option<Vec<K::Listed>>,
 ) {
     let warnings = match event {
         Event::Init => {
@@ -211,13 +237,15 @@ pub(crate) fn handle<K: Tracked + kube::Resource>(
             return;
         }
         Event::InitApply(obj) => {
-            relist.get_or_insert_with(Vec::new).push(obj);
-            return;
+            let mut warnings = Vec::new();
+            let listed = K::listed(&shared.lock(), obj, &mut warnings);
+            relist.get_or_insert_with(Vec::new).push(listed);
+            warnings
         }
         Event::InitDone => {
             let all = relist.take().unwrap_or_default();
             tracing::debug!(kind = K::KIND, count = all.len(), "initial list complete");
-            let w = shared.update(|st| K::replace(st, &all));
+            let w = shared.update(|st| K::replace(st, all));
             K::initial_list_done(shared);
             w
         }
