@@ -112,11 +112,11 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
     let (mut all_zone_hints, mut for_zone) = (true, false);
     for ep in endpoints.iter().filter(|ep| ep.ready) {
         has_ready = true;
-        match ep.node_hints.as_ref().filter(|h| !h.is_empty()) {
+        match ep.node_hints().filter(|h| !h.is_empty()) {
             None => all_node_hints = false,
             Some(h) => for_node |= h.contains(&node.name),
         }
-        match ep.zone_hints.as_ref().filter(|h| !h.is_empty()) {
+        match ep.zone_hints().filter(|h| !h.is_empty()) {
             None => all_zone_hints = false,
             Some(h) => for_zone |= h.contains(zone),
         }
@@ -133,13 +133,13 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
 }
 
 fn available_for_topology(ep: &Endpoint, mode: TopologyMode, node: &NodeInfo) -> bool {
-    let has = |hints: &Option<std::collections::BTreeSet<String>>, v: &str| {
-        hints.as_ref().is_some_and(|h| h.contains(v))
+    let has = |hints: Option<&std::collections::BTreeSet<String>>, v: &str| {
+        hints.is_some_and(|h| h.contains(v))
     };
     match mode {
         TopologyMode::None => true,
-        TopologyMode::Zone => has(&ep.zone_hints, node.zone().unwrap_or_default()),
-        TopologyMode::Node => has(&ep.node_hints, &node.name),
+        TopologyMode::Zone => has(ep.zone_hints(), node.zone().unwrap_or_default()),
+        TopologyMode::Node => has(ep.node_hints(), &node.name),
     }
 }
 
@@ -245,8 +245,11 @@ mod tests {
     fn hinted(last: u8, zones: &[&str], nodes: &[&str]) -> Endpoint {
         let mut e = ep(last, true, true, false, false);
         let set = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>());
-        e.zone_hints = if zones.is_empty() { None } else { set(zones) };
-        e.node_hints = if nodes.is_empty() { None } else { set(nodes) };
+        e.topology = Some(Box::new(crate::model::service::Topology {
+            zone: None,
+            zone_hints: if zones.is_empty() { None } else { set(zones) },
+            node_hints: if nodes.is_empty() { None } else { set(nodes) },
+        }));
         e
     }
 
@@ -259,7 +262,9 @@ mod tests {
         assert_eq!(addrs(&c.cluster), ["10.0.0.1:80"]);
 
         // One endpoint without hints: hints are ignored.
-        b.zone_hints = None;
+        if let Some(t) = b.topology.as_mut() {
+            t.zone_hints = None;
+        }
         let c = categorize_endpoints(&s, &[a.clone(), b.clone()], &node());
         assert_eq!(c.cluster.len(), 2);
 
@@ -309,7 +314,9 @@ mod tests {
         assert_eq!(addrs(&c.cluster), ["10.0.0.1:80", "10.0.0.2:80"]);
         // Not-ready endpoints do not need hints.
         let mut unready = ep(4, false, true, false, false);
-        unready.zone_hints = None;
+        if let Some(t) = unready.topology.as_mut() {
+            t.zone_hints = None;
+        }
         let eps = [
             hinted(1, &["zone-a"], &[]),
             hinted(2, &["zone-b"], &[]),

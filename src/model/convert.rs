@@ -18,7 +18,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::net::{Cidr, Protocol};
 use super::service::{
-    Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges,
+    Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges, Topology,
 };
 use super::validate::{NameError, Shown, dns1123_label, dns1123_subdomain};
 use super::{IpFamily, NodeInfo};
@@ -598,9 +598,15 @@ fn slice_endpoints(
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
             is_local: ep.node_name.as_deref() == Some(node_name),
-            zone: ep.zone.clone(),
-            zone_hints,
-            node_hints,
+            topology: (ep.zone.is_some() || zone_hints.is_some() || node_hints.is_some()).then(
+                || {
+                    Box::new(Topology {
+                        zone: ep.zone.clone(),
+                        zone_hints,
+                        node_hints,
+                    })
+                },
+            ),
         });
     }
     endpoints

@@ -17,7 +17,9 @@ use std::net::IpAddr;
 pub use categorize::{Categorized, categorize_endpoints};
 pub use net::{Cidr, IpFamily, Protocol};
 pub use plan::{Plan, PlanOptions, ServicePlan, plan};
-pub use service::{Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges};
+pub use service::{
+    Endpoint, ServiceName, ServicePort, ServicePortName, ServiceType, SourceRanges, Topology,
+};
 pub use state::ClusterState;
 
 /// The label carrying a node's zone.

@@ -197,6 +197,14 @@ pub struct Endpoint {
     pub terminating: bool,
     /// Whether `nodeName` is this node.
     pub is_local: bool,
+    /// Zone and hints, when the slice sets any: boxed, as most endpoints have none and an
+    /// endpoint is stored twice per service port (state store and model).
+    pub topology: Option<Box<Topology>>,
+}
+
+/// An endpoint's topology data from its EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Topology {
     /// `zone`, if set.
     pub zone: Option<String>,
     /// `hints.forZones`, if set.
@@ -215,10 +223,18 @@ impl Endpoint {
             serving: true,
             terminating: false,
             is_local: false,
-            zone: None,
-            zone_hints: None,
-            node_hints: None,
+            topology: None,
         }
+    }
+
+    /// `hints.forZones`, if set.
+    pub fn zone_hints(&self) -> Option<&BTreeSet<String>> {
+        self.topology.as_ref()?.zone_hints.as_ref()
+    }
+
+    /// `hints.forNodes`, if set.
+    pub fn node_hints(&self) -> Option<&BTreeSet<String>> {
+        self.topology.as_ref()?.node_hints.as_ref()
     }
 
     /// Upstream `Endpoint.String()`: `ip:port`, IPv6 in brackets.
