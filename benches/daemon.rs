@@ -10,7 +10,9 @@
 //! - connection set-up through a ClusterIP: median `connect()` time from the node namespace
 //!   to a service's ClusterIP (DNAT to a pod) over 200 connections.
 //!
-//! `cargo bench --bench daemon [-- N...]` (default 100 1000 10000). Needs root.
+//! `cargo bench --bench daemon [-- N... [nftables] [iptables]]` (default 100 1000 10000, both
+//! modes). Needs root. iptables mode uses the host's detected back end;
+//! `KUBE_PROXY_RS_IPTABLES_MODE=legacy` (or `nft`) in the environment forces one.
 
 #[path = "../tests/scenarios/mod.rs"]
 mod scenarios;
@@ -177,6 +179,16 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    // Mode names among the arguments select the modes (default: both).
+    let modes: Vec<&str> = MODES
+        .into_iter()
+        .filter(|m| std::env::args().any(|a| a == *m))
+        .collect();
+    let modes = if modes.is_empty() {
+        MODES.to_vec()
+    } else {
+        modes
+    };
     let sizes = if sizes.is_empty() {
         vec![100, 1000, 10_000]
     } else {
@@ -187,7 +199,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|");
     for n in sizes {
-        for mode in MODES {
+        for mode in &modes {
             run(n, mode);
         }
     }

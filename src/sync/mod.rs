@@ -1,8 +1,8 @@
 //! The sync loop: waits for the initial lists, then programs the backend no more often than
 //! `min_sync_period` and, with nothing changing, as upstream per mode (see `Cadence`): IPVS
-//! every `sync_period`; iptables a full sync every `full_sync_period` (partial in large-cluster mode,
-//! upstream #138571) and a canary check every
-//! `sync_period`. Full or partial syncs are chosen as upstream does (KEP-3453).
+//! every `sync_period`; iptables a full sync every `full_sync_period` (a partial one in
+//! large-cluster mode, upstream #138571) and a canary check every `sync_period`. Full or
+//! partial syncs are chosen as upstream does (KEP-3453).
 
 pub mod runner;
 pub mod shared;
