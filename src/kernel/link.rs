@@ -93,8 +93,16 @@ fn io_error(op: String, source: io::Error) -> KernelError {
 
 /// Opens a `NETLINK_ROUTE` socket, inside `/run/netns/NS` if `netns` is given.
 async fn open_socket(netns: Option<&str>) -> io::Result<TokioSocket> {
+    open_netlink_socket(netns, NETLINK_ROUTE).await
+}
+
+/// Opens a netlink socket of `protocol`, inside `/run/netns/NS` if `netns` is given.
+pub(crate) async fn open_netlink_socket(
+    netns: Option<&str>,
+    protocol: isize,
+) -> io::Result<TokioSocket> {
     let Some(ns) = netns else {
-        return TokioSocket::new(NETLINK_ROUTE);
+        return TokioSocket::new(protocol);
     };
     let path = std::path::Path::new("/run/netns").join(ns);
     // The socket registers with the reactor of the caller's runtime from the helper thread.
@@ -114,7 +122,7 @@ async fn open_socket(netns: Option<&str>) -> io::Result<TokioSocket> {
                     )
                 })?;
                 let _guard = rt.enter();
-                TokioSocket::new(NETLINK_ROUTE)
+                TokioSocket::new(protocol)
             })();
             // This thread, now in the other namespace, ends here.
             let _ = tx.send(result);
