@@ -17,6 +17,8 @@
 //!
 //! `cargo bench --bench daemon [-- [--modes nftables,iptables] [--idle-secs S]
 //! [--churn-secs S] N...]` (default sizes 100 1000 10000). Needs root.
+//! iptables mode uses the host's detected back end; `KUBE_PROXY_RS_IPTABLES_MODE=legacy` (or
+//! `nft`) in the environment forces one.
 
 #[path = "../tests/scenarios/mod.rs"]
 mod scenarios;

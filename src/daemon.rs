@@ -3,12 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use kube::Client;
 
 use crate::backend::{Backend, Kind};
 use crate::config::{Invocation, ProxyOptions};
 use crate::host::{HostSettings, NODE_WAIT_POLL, NODE_WAIT_TIMEOUT, NodeFacts};
 use crate::kernel::IpFamily;
+use crate::kernel::addrs::{AddressCache, Addresses};
 use crate::kernel::iptables::{Iptables, detect_variant};
 use crate::kernel::sysctl::{ConntrackSettings, SettingOutcome, Sysctl};
 use crate::kubeconfig;
@@ -188,11 +191,12 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
     let families = kind.families(variant).await;
     let mut backends = Vec::new();
     let mut tasks = Vec::new();
+    let (addrs, address_changes) = address_watch(kind, &mut tasks).await;
     let mut nfacct = None;
     let mut first_error = None;
     for family in families {
         let ipt = Iptables::new(variant, family);
-        match kind.start(&opts, ipt, random_fully).await {
+        match kind.start(&opts, ipt, random_fully, addrs.clone()).await {
             Ok(started) => {
                 tracing::info!(%family, "proxier started");
                 backends.push((family, started.backend));
@@ -213,18 +217,41 @@ pub async fn run(inv: Invocation) -> Result<(), DaemonError> {
         Some(nfacct) => Metrics::with_nfacct(IpFamily::V4, nfacct),
         None => Metrics::new(),
     };
-    serve(inv, client, backends, tasks, metrics).await
+    serve(inv, client, backends, tasks, metrics, address_changes).await
+}
+
+/// The host's addresses from a cache rtnetlink events keep current, when `kind` follows them
+/// (see [`Kind::follows_address_events`]), and what the cache's changes notify (for the
+/// sync loop); without a subscription, plain per-sync listings and no notifications.
+async fn address_watch(kind: Kind, tasks: &mut Vec<Task>) -> (Addresses, Option<Arc<Notify>>) {
+    if !kind.follows_address_events() {
+        return (Addresses::new(), None);
+    }
+    let changes = Arc::new(Notify::new());
+    let notify = changes.clone();
+    match AddressCache::watch(None, move || notify.notify_one()).await {
+        Ok((cache, task)) => {
+            tasks.push(("address watch", task));
+            (Addresses::new().with_cache(cache), Some(changes))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow address changes; listing addresses every sync");
+            (Addresses::new(), None)
+        }
+    }
 }
 
 /// Servers, watchers and the sync loop around `backends` (one per IP family), until a signal
 /// or a fatal error (a changed config file, or any of the watchers, the sync loop or the
-/// backends' own `tasks` ending).
+/// backends' own `tasks` ending). Each notification on `address_changes` (the host's
+/// addresses changed) wakes a sync.
 pub async fn serve<B: Backend + 'static>(
     inv: Invocation,
     client: Client,
     backends: Vec<(IpFamily, B)>,
     mut tasks: Vec<Task>,
     metrics: Metrics,
+    address_changes: Option<Arc<Notify>>,
 ) -> Result<(), DaemonError> {
     let opts = inv.options.clone();
     let events = NodeEvents::new(client.clone(), &opts.hostname, &opts.hostname);
@@ -271,6 +298,20 @@ pub async fn serve<B: Backend + 'static>(
             .into_iter()
             .map(|(kind, watch)| (kind, tokio::spawn(watch))),
     );
+    if let Some(changes) = address_changes {
+        // A changed address may change rules (nodePortAddresses): sync without waiting for
+        // a Service change.
+        let shared = shared.clone();
+        tasks.push((
+            "address change wake-ups",
+            tokio::spawn(async move {
+                loop {
+                    changes.notified().await;
+                    shared.wake();
+                }
+            }),
+        ));
+    }
     let abort_all = |tasks: &[Task]| tasks.iter().for_each(|(_, t)| t.abort());
     let host = HostSettings::from_options(&opts);
     let node = tokio::select! {

@@ -88,6 +88,7 @@ async fn serve_until_task_ends<B: Backend + 'static>(
             vec![(kube_proxy_rs::model::IpFamily::V4, backend)],
             tasks,
             Metrics::new(),
+            None,
         ),
     )
     .await

@@ -170,18 +170,19 @@ impl StaleFlowFilter {
 pub struct Deleted {
     /// Flows deleted.
     pub flows: u64,
-    /// `conntrack -D` runs: one per stale (destination, endpoint), whatever its flows.
+    /// Delete requests: one batch over ctnetlink for all stale flows (the `conntrack` tool,
+    /// where ctnetlink is unavailable, runs once per flow within it).
     pub runs: usize,
 }
 
-/// Lists UDP/SCTP flows and deletes the stale ones. Staleness is decided per [`FlowKey`], so
-/// one filtered delete per stale key takes all its flows (a busy DNS service has thousands).
-/// Failures are per key and logged: one that fails must not stop the rest.
+/// Lists UDP/SCTP flows and deletes the stale ones, all in one batch: the flows just listed
+/// whose [`FlowKey`] is stale (upstream lists, then deletes the matching entries; a flow
+/// created after the listing is the next sync's).
 pub async fn reconcile(
     conntrack: &crate::kernel::conntrack::Conntrack,
     filter: &StaleFlowFilter,
 ) -> Result<Deleted, crate::kernel::KernelError> {
-    let mut stale = std::collections::BTreeSet::new();
+    let mut stale = Vec::new();
     for proto in filter.protocols() {
         for flow in conntrack.list(proto).await? {
             let key = FlowKey {
@@ -191,22 +192,17 @@ pub async fn reconcile(
                 reply_src: flow.reply_src,
             };
             if filter.is_stale(&key) {
-                stale.insert(key);
+                stale.push(flow);
             }
         }
     }
-    let mut deleted = Deleted::default();
-    for k in stale {
-        deleted.runs += 1;
-        match conntrack
-            .clear_for_nat(k.protocol, k.orig_dst, k.orig_dport, k.reply_src)
-            .await
-        {
-            Ok(n) => deleted.flows += n,
-            Err(e) => tracing::warn!(error = %e, "deleting stale conntrack flows failed"),
-        }
+    if stale.is_empty() {
+        return Ok(Deleted::default());
     }
-    Ok(deleted)
+    Ok(Deleted {
+        flows: conntrack.delete_flows(&stale).await?,
+        runs: 1,
+    })
 }
 
 /// One conntrack reconcile round, for `kubeproxy_conntrack_reconciler_*`.
@@ -216,7 +212,7 @@ pub struct ReconcileReport {
     pub duration: Duration,
     /// Flows deleted.
     pub deleted: u64,
-    /// `conntrack -D` runs it took.
+    /// Delete requests it took (see [`Deleted::runs`]).
     pub delete_runs: usize,
 }
 
@@ -472,7 +468,7 @@ mod tests {
         let dns = ServicePortName::new("kube-system", "dns", "dns", Protocol::Udp);
         without.services.remove(&dns);
         without.endpoints.remove(&dns);
-        // A busy UDP service: many flows of one (VIP:port, endpoint), one delete for all.
+        // A busy UDP service: many flows of one (VIP:port, endpoint), one request for all.
         for cport in 41000..41030 {
             insert_udp(&ns, cport, "172.30.0.10", 53, "10.0.0.5");
         }
@@ -480,7 +476,7 @@ mod tests {
         assert_eq!(report.deleted, 31);
         assert_eq!(
             report.delete_runs, 1,
-            "one conntrack -D per stale key, not per flow"
+            "one batched request, not one per flow"
         );
         assert_eq!(
             sports(ct.list(Protocol::Udp).await.unwrap()),

@@ -219,12 +219,21 @@ impl Kind {
         }
     }
 
-    /// Probes and sets up the backend writing through `ipt`.
+    /// Whether the daemon keeps the host's addresses from rtnetlink events for this mode
+    /// (and passes them to [`Kind::start`]). Not IPVS: its own syncs change the addresses
+    /// (every service IP bound to `kube-ipvs0`), so events would only add dumps.
+    pub fn follows_address_events(self) -> bool {
+        self != Kind::Ipvs
+    }
+
+    /// Probes and sets up the backend writing through `ipt`; `addrs` lists the host's
+    /// addresses for iptables and nftables mode (IPVS lists its own).
     pub async fn start(
         self,
         opts: &ProxyOptions,
         ipt: Iptables,
         random_fully: bool,
+        addrs: crate::kernel::addrs::Addresses,
     ) -> Result<Started, StartError> {
         if self != Kind::Nftables {
             // Switching away from nftables mode leaves nothing of it behind.
@@ -236,12 +245,12 @@ impl Kind {
         }
         match self {
             Kind::Nftables => Ok(Started {
-                backend: AnyBackend::Nftables(nftables::proxier::start(opts, &ipt).await?),
+                backend: AnyBackend::Nftables(nftables::proxier::start(opts, &ipt, addrs).await?),
                 tasks: Vec::new(),
                 nfacct: None,
             }),
             Kind::Iptables => {
-                let (backend, nfacct) = iptables::proxier::start(opts, ipt, random_fully);
+                let (backend, nfacct) = iptables::proxier::start(opts, ipt, random_fully, addrs);
                 Ok(Started {
                     backend: AnyBackend::Iptables(backend),
                     tasks: Vec::new(),
@@ -329,6 +338,14 @@ impl Backend for AnyBackend {
         }
     }
 
+    fn periodic_full_syncs(&self) -> bool {
+        match self {
+            AnyBackend::Iptables(b) => b.periodic_full_syncs(),
+            AnyBackend::Ipvs(b) => b.periodic_full_syncs(),
+            AnyBackend::Nftables(b) => b.periodic_full_syncs(),
+        }
+    }
+
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
         match self {
             AnyBackend::Iptables(b) => b.sync(req).await,
@@ -355,6 +372,13 @@ pub trait Backend: Send {
     /// mode). Backends without partial syncs (IPVS) feed neither the full nor the partial
     /// sync-duration histogram, as upstream.
     fn partial_syncs(&self) -> bool;
+
+    /// Whether the hourly periodic sync is a full one now. Upstream's iptables proxier skips
+    /// it in large-cluster mode (#138571: the full rewrite disrupts traffic there; drift is
+    /// still caught by the canary); a backend that never does (IPVS, nftables) keeps it.
+    fn periodic_full_syncs(&self) -> bool {
+        true
+    }
 
     /// Programs the kernel for `req`.
     fn sync(

@@ -1,11 +1,17 @@
 //! This host's (or network namespace's) IP addresses, with interface names: over rtnetlink
-//! (one address and one link dump, see [`super::link::local_addresses`]), as every sync lists
-//! them; `ip -j addr show` (iproute2's JSON output) remains as the reference the netlink list
-//! is tested against.
+//! (one address and one link dump, see [`super::link::local_addresses`]); `ip -j addr show`
+//! (iproute2's JSON output) remains as the reference the netlink list is tested against.
+//!
+//! Every sync reads the list, as upstream. The daemon keeps it in an [`AddressCache`] that an
+//! rtnetlink subscription refreshes ([`AddressCache::watch`]), so a sync costs no dump; a
+//! change wakes a sync, so rules that follow the addresses (nodePortAddresses) follow them
+//! without waiting for a Service change.
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
+use tokio::time::Duration;
 
 use super::KernelError;
 use super::exec::Exec;
@@ -56,7 +62,86 @@ pub struct LocalAddress {
 #[derive(Debug, Clone, Default)]
 pub struct Addresses {
     exec: Exec,
+    cache: Option<AddressCache>,
 }
+
+/// The namespace's addresses as last listed, kept current by [`AddressCache::watch`]; empty
+/// (so readers list for themselves) until the first listing and after the subscription
+/// failed.
+#[derive(Debug, Clone, Default)]
+pub struct AddressCache {
+    list: Arc<Mutex<Option<Vec<LocalAddress>>>>,
+}
+
+impl AddressCache {
+    fn get(&self) -> Option<Vec<LocalAddress>> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stores `list`; returns whether it differs from what was held.
+    fn set(&self, list: Option<Vec<LocalAddress>>) -> bool {
+        let mut held = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *held != list;
+        *held = list;
+        changed
+    }
+
+    /// Subscribes to the address changes of `netns` (`None`: this process's namespace), fills
+    /// the cache, and returns the task that keeps it current: on every change message it lists
+    /// again and calls `on_change` when the list differs. If the subscription fails the cache
+    /// is emptied (readers dump for themselves, as before), `on_change` called, and the task
+    /// subscribes again [`RESUBSCRIBE_AFTER`] later. The task runs until aborted.
+    pub async fn watch(
+        netns: Option<String>,
+        on_change: impl Fn() + Send + 'static,
+    ) -> Result<(AddressCache, tokio::task::JoinHandle<()>), KernelError> {
+        let cache = AddressCache::default();
+        let events = super::link::AddressEvents::subscribe(netns.as_deref()).await?;
+        // Listed after subscribing: a change in between is announced, not lost.
+        cache.set(Some(super::link::local_addresses(netns.as_deref()).await?));
+        let task = tokio::spawn(cache.clone().follow(netns, events, on_change));
+        Ok((cache, task))
+    }
+
+    async fn follow(
+        self,
+        netns: Option<String>,
+        mut events: super::link::AddressEvents,
+        on_change: impl Fn() + Send + 'static,
+    ) {
+        loop {
+            if let Err(e) = events.next().await {
+                tracing::warn!(error = %e, "address change subscription lost; listing addresses every sync until it is back");
+                if self.set(None) {
+                    on_change();
+                }
+                events = self.resubscribe(netns.as_deref()).await;
+            }
+            let list = super::link::local_addresses(netns.as_deref()).await;
+            let list = list
+                .inspect_err(|e| tracing::warn!(error = %e, "listing local addresses failed"))
+                .ok();
+            if self.set(list) {
+                tracing::debug!("local addresses changed");
+                on_change();
+            }
+        }
+    }
+
+    /// Subscribes again, retrying every [`RESUBSCRIBE_AFTER`].
+    async fn resubscribe(&self, netns: Option<&str>) -> super::link::AddressEvents {
+        loop {
+            tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+            match super::link::AddressEvents::subscribe(netns).await {
+                Ok(events) => return events,
+                Err(e) => tracing::warn!(error = %e, "subscribing to address changes"),
+            }
+        }
+    }
+}
+
+/// How long a failed address subscription waits before subscribing again.
+pub const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(10);
 
 impl Addresses {
     /// Addresses of this process's network namespace.
@@ -70,9 +155,19 @@ impl Addresses {
         self
     }
 
-    /// All IPv4 and IPv6 addresses on all interfaces (up or not), in interface order, over
-    /// rtnetlink: every sync lists them, and a process per sync was the cost.
+    /// The same handle, answering from `cache` while it holds a list (it must follow this
+    /// handle's namespace).
+    pub fn with_cache(mut self, cache: AddressCache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// All IPv4 and IPv6 addresses on all interfaces (up or not), in interface order: from
+    /// the cache when there is one, else over rtnetlink.
     pub async fn list(&self) -> Result<Vec<LocalAddress>, KernelError> {
+        if let Some(list) = self.cache.as_ref().and_then(AddressCache::get) {
+            return Ok(list);
+        }
         super::link::local_addresses(self.exec.netns()).await
     }
 
@@ -176,6 +271,63 @@ mod tests {
 
     use super::*;
     use crate::kernel::testutil::NetNs;
+
+    /// Waits (at most 5 s) for `wakes` to count past `seen`; the count then.
+    async fn next_wake(wakes: &tokio::sync::watch::Receiver<usize>, seen: usize) -> usize {
+        let mut rx = wakes.clone();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|n| *n > seen)).await;
+        *got.expect("no wake-up within 5 s")
+            .expect("watch task gone")
+    }
+
+    /// The cache follows address changes in the namespace: each added or removed address is
+    /// in the list the next reader gets (no dump of its own) and wakes the caller once.
+    #[tokio::test]
+    async fn kernel_cache_follows_address_events_and_wakes() {
+        let ns = NetNs::new();
+        ns.exec(
+            "ip",
+            &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+        );
+        let (tx, wakes) = tokio::sync::watch::channel(0usize);
+        let (cache, task) = AddressCache::watch(Some(ns.name().to_string()), move || {
+            tx.send_modify(|n| *n += 1)
+        })
+        .await
+        .unwrap();
+        let addrs = Addresses::new()
+            .with_netns(ns.name())
+            .with_cache(cache.clone());
+        let has = |list: &[LocalAddress], ip: &str| list.iter().any(|a| a.addr.to_string() == ip);
+        assert!(!has(&addrs.list().await.unwrap(), "10.9.0.1"));
+
+        ns.exec("ip", &["addr", "add", "10.9.0.1/24", "dev", "v0"]);
+        let n = next_wake(&wakes, 0).await;
+        let cached = cache.get().expect("a list");
+        assert!(has(&cached, "10.9.0.1"), "{cached:#?}");
+        assert_eq!(addrs.list().await.unwrap(), cached);
+        assert_eq!(
+            cached,
+            addrs.list_with_ip().await.unwrap(),
+            "as `ip addr` lists"
+        );
+
+        ns.exec(
+            "ip",
+            &["-6", "addr", "add", "fd00:9::1/64", "dev", "v0", "nodad"],
+        );
+        let n = next_wake(&wakes, n).await;
+        assert!(has(&cache.get().unwrap(), "fd00:9::1"));
+
+        ns.exec("ip", &["addr", "del", "10.9.0.1/24", "dev", "v0"]);
+        next_wake(&wakes, n).await;
+        let cached = cache.get().unwrap();
+        assert!(
+            !has(&cached, "10.9.0.1") && has(&cached, "fd00:9::1"),
+            "{cached:#?}"
+        );
+        task.abort();
+    }
 
     const SAMPLE: &str = r#"[
       {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP"],"addr_info":[

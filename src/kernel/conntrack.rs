@@ -1,4 +1,5 @@
-//! Listing and deleting connection-tracking entries with the `conntrack` tool.
+//! Listing and deleting connection-tracking entries: over ctnetlink ([`super::ctnetlink`]),
+//! or with the `conntrack` tool where ctnetlink is not available (no `nf_conntrack_netlink`).
 //!
 //! `conntrack -D` exits with status 1 and "0 flow entries have been deleted" when nothing
 //! matched; that is success here (deleting is idempotent).
@@ -50,8 +51,21 @@ impl Conntrack {
         self
     }
 
+    fn netlink(&self) -> super::ctnetlink::CtNetlink {
+        super::ctnetlink::CtNetlink::new(self.exec.netns())
+    }
+
     /// All entries of `proto`, both families (`conntrack -L -p PROTO`).
     pub async fn list(&self, proto: Protocol) -> Result<Vec<Flow>, KernelError> {
+        match self.netlink().list(proto).await {
+            Ok(flows) => return Ok(flows),
+            Err(e) => tool_fallback(&e),
+        }
+        self.list_with_tool(proto).await
+    }
+
+    /// [`Conntrack::list`] with the `conntrack` tool.
+    pub async fn list_with_tool(&self, proto: Protocol) -> Result<Vec<Flow>, KernelError> {
         let args = vec![
             "-L".to_string(),
             "-p".to_string(),
@@ -65,9 +79,40 @@ impl Conntrack {
             .collect())
     }
 
-    /// Deletes exactly `flow` (all eight tuple fields must match). Returns the number of
-    /// entries deleted (0 if it was already gone).
+    /// Deletes each of `flows` as listed (the entry with its original tuple: the kernel
+    /// finds an entry by either tuple, and two entries never share one), over ctnetlink in as
+    /// few sends as the batch size allows. Returns the number of entries deleted (one already
+    /// gone counts 0).
+    pub async fn delete_flows(&self, flows: &[Flow]) -> Result<u64, KernelError> {
+        match self.netlink().delete(flows).await {
+            Ok(n) => return Ok(n),
+            Err(e) => tool_fallback(&e),
+        }
+        let mut deleted = 0;
+        for flow in flows {
+            deleted += self.delete_with_tool(flow).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes exactly `flow` (all eight tuple fields must match: an entry with its original
+    /// tuple but another reply stays). Returns the number of entries deleted (0 if it was
+    /// already gone).
     pub async fn delete(&self, flow: &Flow) -> Result<u64, KernelError> {
+        match self.netlink().list(flow.proto).await {
+            Ok(listed) if listed.contains(flow) => {
+                self.delete_flows(std::slice::from_ref(flow)).await
+            }
+            Ok(_) => Ok(0),
+            Err(e) => {
+                tool_fallback(&e);
+                self.delete_with_tool(flow).await
+            }
+        }
+    }
+
+    /// Deletes exactly `flow` with the `conntrack` tool (all eight tuple fields must match).
+    pub async fn delete_with_tool(&self, flow: &Flow) -> Result<u64, KernelError> {
         let mut args = base_args(flow.proto, flow.orig_dst);
         for (opt, val) in [
             ("--orig-src", flow.orig_src.to_string()),
@@ -129,6 +174,15 @@ impl Conntrack {
         let out = self.exec.run("conntrack", &args, None).await?;
         deleted_count(out)
     }
+}
+
+/// Logs (once per process, at warning level) that ctnetlink failed and the tool is used.
+fn tool_fallback(e: &KernelError) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(error = %e, "ctnetlink unavailable, using the conntrack tool");
+    });
+    tracing::debug!(error = %e, "ctnetlink failed, using the conntrack tool");
 }
 
 fn base_args(proto: Protocol, any_addr: IpAddr) -> Vec<String> {

@@ -93,8 +93,16 @@ fn io_error(op: String, source: io::Error) -> KernelError {
 
 /// Opens a `NETLINK_ROUTE` socket, inside `/run/netns/NS` if `netns` is given.
 async fn open_socket(netns: Option<&str>) -> io::Result<TokioSocket> {
+    open_netlink_socket(netns, NETLINK_ROUTE).await
+}
+
+/// Opens a netlink socket of `protocol`, inside `/run/netns/NS` if `netns` is given.
+pub(crate) async fn open_netlink_socket(
+    netns: Option<&str>,
+    protocol: isize,
+) -> io::Result<TokioSocket> {
     let Some(ns) = netns else {
-        return TokioSocket::new(NETLINK_ROUTE);
+        return TokioSocket::new(protocol);
     };
     let path = std::path::Path::new("/run/netns").join(ns);
     // The socket registers with the reactor of the caller's runtime from the helper thread.
@@ -114,7 +122,7 @@ async fn open_socket(netns: Option<&str>) -> io::Result<TokioSocket> {
                     )
                 })?;
                 let _guard = rt.enter();
-                TokioSocket::new(NETLINK_ROUTE)
+                TokioSocket::new(protocol)
             })();
             // This thread, now in the other namespace, ends here.
             let _ = tx.send(result);
@@ -282,6 +290,43 @@ pub async fn local_addresses(
         Ok(out)
     })
     .await
+}
+
+/// The multicast groups whose messages may change [`local_addresses`]: links (a rename or a
+/// removal) and IPv4 and IPv6 addresses (`RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR`).
+const ADDRESS_GROUPS: u32 = 0x1 | 0x10 | 0x100;
+
+/// A socket subscribed to the namespace's link and address changes (`None`: this process's).
+pub struct AddressEvents {
+    socket: TokioSocket,
+}
+
+impl AddressEvents {
+    /// Subscribes; every change made after this returns is announced by [`Self::next`].
+    pub async fn subscribe(netns: Option<&str>) -> Result<Self, KernelError> {
+        let op = "subscribing to address changes";
+        let mut socket = open_socket(netns)
+            .await
+            .map_err(|e| io_error(op.to_string(), e))?;
+        socket
+            .socket_mut()
+            .bind(&SocketAddr::new(0, ADDRESS_GROUPS))
+            .map_err(|e| io_error(op.to_string(), e))?;
+        Ok(AddressEvents { socket })
+    }
+
+    /// Waits for the next datagram of change messages. Their content is not needed: the
+    /// caller lists the addresses again. A lost message (`ENOBUFS`: the socket's buffer
+    /// overflowed) is a change too; any other error ends the subscription.
+    pub async fn next(&mut self) -> Result<(), KernelError> {
+        use netlink_sys::AsyncSocketExt;
+        const ENOBUFS: i32 = 105;
+        match self.socket.recv_from_full().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(ENOBUFS) => Ok(()),
+            Err(e) => Err(io_error("reading address changes".to_string(), e)),
+        }
+    }
 }
 
 /// One dumped address; `None` for a link that vanished meanwhile or an address without one.

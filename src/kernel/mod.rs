@@ -13,6 +13,7 @@
 
 pub mod addrs;
 pub mod conntrack;
+pub mod ctnetlink;
 pub mod ipset;
 pub mod iptables;
 pub mod ipvs;

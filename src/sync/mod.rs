@@ -1,7 +1,8 @@
 //! The sync loop: waits for the initial lists, then programs the backend no more often than
 //! `min_sync_period` and, with nothing changing, as upstream per mode (see `Cadence`): IPVS
-//! every `sync_period`; iptables a full sync every `full_sync_period` and a canary check every
-//! `sync_period`. Full or partial syncs are chosen as upstream does (KEP-3453).
+//! every `sync_period`; iptables a full sync every `full_sync_period` (a partial one in
+//! large-cluster mode, upstream #138571) and a canary check every `sync_period`. Full or
+//! partial syncs are chosen as upstream does (KEP-3453).
 
 pub mod runner;
 pub mod shared;
@@ -345,7 +346,9 @@ async fn sync_family<B: Backend, R: Reporter>(
     reporter: &mut R,
 ) -> bool {
     let family = p.family;
-    if round.start.duration_since(p.last_full) >= settings.full_sync_period {
+    if round.start.duration_since(p.last_full) >= settings.full_sync_period
+        && p.backend.periodic_full_syncs()
+    {
         p.need_full = true;
     }
     let facts = settings.host.facts(round.node, family);
@@ -430,6 +433,8 @@ mod tests {
         t0: Instant,
         /// When the canary was checked, and whether it is gone now.
         canary: Arc<Mutex<(Vec<Duration>, bool)>>,
+        /// Whether it is in large-cluster mode (no periodic full syncs).
+        large_cluster: Arc<Mutex<bool>>,
     }
 
     impl Backend for FakeBackend {
@@ -438,6 +443,9 @@ mod tests {
         }
         fn partial_syncs(&self) -> bool {
             true
+        }
+        fn periodic_full_syncs(&self) -> bool {
+            !*self.large_cluster.lock().unwrap()
         }
         async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
             self.calls.lock().unwrap().push(Call {
@@ -505,6 +513,7 @@ mod tests {
             fail_next: fail_next.clone(),
             t0,
             canary: canary.clone(),
+            large_cluster: Arc::default(),
         };
         let reporter = CountingReporter::default();
         let (done, failed) = (reporter.done.clone(), reporter.failed.clone());
@@ -592,6 +601,50 @@ mod tests {
         task.abort();
     }
 
+    /// Upstream #138571: in large-cluster mode the hourly sync is partial; back below the
+    /// threshold, the overdue full sync comes at the next sync.
+    #[tokio::test(start_paused = true)]
+    async fn no_periodic_full_sync_in_large_cluster_mode() {
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let large = Arc::new(Mutex::new(true));
+        let backend = FakeBackend {
+            calls: calls.clone(),
+            fail_next: Arc::default(),
+            t0: Instant::now(),
+            canary: Arc::default(),
+            large_cluster: large.clone(),
+        };
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![(IpFamily::V4, backend)],
+                CountingReporter::default(),
+                settings_1s_30s(),
+            )
+            .run(Some(4)),
+        );
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_secs(3601)).await;
+        let fulls = |c: &[Call]| c.iter().map(|c| c.full).collect::<Vec<_>>();
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(
+            fulls(&c),
+            [true, false],
+            "the hourly sync is partial: {c:#?}"
+        );
+        assert_eq!(c[1].at - c[0].at, Duration::from_secs(3600));
+        // Below the threshold again: the next sync (a change here) is full.
+        *large.lock().unwrap() = false;
+        shared.lock().apply_service(&svc("a", "10.0.0.1"));
+        shared.wake();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c = calls.lock().unwrap().clone();
+        assert_eq!(fulls(&c), [true, false, true], "{c:#?}");
+        task.abort();
+    }
+
     fn node(ip: &str, pod_cidr: &str) -> k8s_openapi::api::core::v1::Node {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "node1"},
@@ -610,6 +663,7 @@ mod tests {
             fail_next: Arc::default(),
             t0: Instant::now(),
             canary: Arc::default(),
+            large_cluster: Arc::default(),
         };
         let settings = SyncSettings {
             min_sync_period: Duration::from_secs(1),
@@ -694,6 +748,7 @@ mod tests {
             fail_next: Arc::default(),
             t0: Instant::now(),
             canary: Arc::default(),
+            large_cluster: Arc::default(),
         };
         let settings = SyncSettings {
             min_sync_period: Duration::ZERO,
@@ -764,6 +819,7 @@ mod tests {
             fail_next: Arc::new(Mutex::new(0)),
             t0: Instant::now(),
             canary: Arc::default(),
+            large_cluster: Arc::default(),
         };
         let reporter = CountingReporter::default();
         let pending = reporter.pending.clone();
@@ -833,6 +889,7 @@ mod tests {
             fail_next: fail_next.clone(),
             t0: Instant::now(),
             canary: Arc::default(),
+            large_cluster: Arc::default(),
         }
     }
 

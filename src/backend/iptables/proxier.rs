@@ -192,6 +192,12 @@ impl Backend for IptablesProxier {
         true
     }
 
+    /// Upstream: `doFullSync := needFullSync || (time.Since(lastFullSync) > FullSyncPeriod
+    /// && !largeClusterMode)`, large-cluster mode being the last sync's.
+    fn periodic_full_syncs(&self) -> bool {
+        !self.large_cluster
+    }
+
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
         if req.full {
             self.ensure_jumps().await?;
@@ -295,18 +301,20 @@ pub fn setup_nfacct(nfacct: &Nfacct, config: &mut RenderConfig) -> bool {
 }
 
 /// Starts iptables mode writing through `ipt`: render settings from the options, and the
-/// nfacct counters (the handle is returned when nfacct works, for `/metrics`).
+/// nfacct counters (the handle is returned when nfacct works, for `/metrics`); the host's
+/// addresses are listed with `addrs`.
 pub fn start(
     opts: &crate::config::ProxyOptions,
     ipt: Iptables,
     random_fully: bool,
+    addrs: Addresses,
 ) -> (IptablesProxier, Option<Nfacct>) {
     let node = crate::model::NodeInfo::default();
     let mut config = render_config(opts, &node, ipt.family(), Vec::new());
     config.random_fully = random_fully;
     let nfacct = Nfacct::new();
     let nfacct = setup_nfacct(&nfacct, &mut config).then_some(nfacct);
-    let proxier = IptablesProxier::new(ipt, Conntrack::new(), Addresses::new(), config)
+    let proxier = IptablesProxier::new(ipt, Conntrack::new(), addrs, config)
         .with_cleanup_period(opts.sync_period);
     (proxier, nfacct)
 }

@@ -575,10 +575,11 @@ pub async fn check_host(nft: &Nft, family: IpFamily) -> Result<(), NftablesStart
 }
 
 /// Starts nftables mode: host checks, then removal of iptables- and IPVS-mode leftovers
-/// (so switching modes is clean), then the proxier.
+/// (so switching modes is clean), then the proxier, listing the host's addresses with `addrs`.
 pub async fn start(
     opts: &crate::config::ProxyOptions,
     ipt: &crate::kernel::iptables::Iptables,
+    addrs: Addresses,
 ) -> Result<NftablesProxier, NftablesStartError> {
     let nft = Nft::new();
     let family = ipt.family();
@@ -589,7 +590,7 @@ pub async fn start(
     Ok(NftablesProxier::new(
         nft,
         Conntrack::new(),
-        Addresses::new(),
+        addrs,
         render_config(opts, family),
     ))
 }
