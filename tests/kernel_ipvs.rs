@@ -28,7 +28,7 @@ use kube_proxy_rs::config::parse_render_args;
 use kube_proxy_rs::kernel::iptables::{Iptables, detect_variant};
 use kube_proxy_rs::kernel::ipvs::IpvsClient;
 use kube_proxy_rs::kernel::{Addresses, Conntrack, DummyLink, IpFamily, Ipset, Sysctl};
-use kube_proxy_rs::model::ProxyModel;
+use kube_proxy_rs::model::{ClusterState, ProxyModel};
 use kube_proxy_rs::render::state_from;
 use kube_proxy_rs::watch::file::{Objects, parse_objects};
 use serde_json::{Value, json};
@@ -766,4 +766,207 @@ async fn scenario(topo: &Topology) {
     }
     let sets = ipset.list_names().await.unwrap();
     assert!(!sets.iter().any(|s| s.starts_with("KUBE-")), "{sets:?}");
+}
+
+// ------------------------------------------------------------------ partial syncs
+
+const PARTIAL_TEST: &str = "ipvs_syncs_between_reconciles_touch_only_the_change";
+
+/// Service `svc{i}` at 10.96.1.{i}:80 → port 8080 of `eps` (pod addresses; `local` ones
+/// are on this node).
+fn churn_service(st: &mut ClusterState, i: usize, eps: &[(&str, bool)]) {
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"namespace": "churn", "name": format!("svc{i}")},
+        "spec": {"clusterIP": format!("10.96.1.{i}"), "ports": [{"name": "p", "port": 80}]}
+    }))
+    .unwrap();
+    st.apply_service(&svc);
+    let eps: Vec<Value> = eps
+        .iter()
+        .map(|(ip, local)| {
+            json!({"addresses": [ip], "nodeName": if *local { "node1" } else { "node2" }})
+        })
+        .collect();
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": "churn", "name": format!("svc{i}-1"),
+                     "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps
+    }))
+    .unwrap();
+    st.apply_slice(&slice);
+}
+
+/// What a sync should leave, read back as the tools print it: `ipvsadm -Sn` lines,
+/// `KUBE-CLUSTER-IP` and `KUBE-LOOP-BACK` members, kube-ipvs0 addresses.
+type Seen = (
+    BTreeSet<String>,
+    BTreeSet<String>,
+    BTreeSet<String>,
+    BTreeSet<String>,
+);
+
+fn seen(ns: &Netns) -> Seen {
+    (
+        ipvsadm_sn(ns),
+        ipset_members(ns, "KUBE-CLUSTER-IP"),
+        ipset_members(ns, "KUBE-LOOP-BACK"),
+        dummy_addrs(ns),
+    )
+}
+
+fn wanted(m: &ProxyModel, p: &IpvsProxier) -> Seen {
+    let d = render(m, p.config());
+    let members = |name: &str| -> BTreeSet<String> {
+        d.ipset(name)
+            .unwrap()
+            .entries
+            .iter()
+            .map(|e| kube_proxy_rs::kernel::ipset::canonical_entry(e))
+            .collect()
+    };
+    (
+        ipvsadm_save(&d)
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect(),
+        members("KUBE-CLUSTER-IP"),
+        members("KUBE-LOOP-BACK"),
+        d.bound_addrs.iter().map(|ip| format!("{ip}/32")).collect(),
+    )
+}
+
+/// Between two reconciles a sync with changed services touches only what changed: one
+/// listing (the changed virtual server's real servers, for their connection counts), the
+/// requests of the change and nothing else, so drift elsewhere is not even seen. A sync
+/// with nothing changed (the periodic resync), and any sync once `reconcile_period` has
+/// passed, compares everything with the kernel and repairs it, as upstream's every sync.
+#[test]
+fn ipvs_syncs_between_reconciles_touch_only_the_change() {
+    if !support::vm::in_vm() {
+        return support::vm::rerun_in_vm(PARTIAL_TEST, 600);
+    }
+    support::require_root();
+    let node = Netns::new("partial");
+    node.in_netns(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(partial_scenario(&node))
+    });
+}
+
+async fn start_in(ns: &Netns, reconcile_period: Duration) -> IpvsProxier {
+    let name = ns.name();
+    let variant = detect_variant(Some(name)).await.unwrap();
+    let kernel = IpvsKernel {
+        iptables: Iptables::new(variant, IpFamily::V4).with_netns(name),
+        ipset: Ipset::new().with_netns(name),
+        link: DummyLink::default().with_netns(name),
+        conntrack: Conntrack::new().with_netns(name),
+        addrs: Addresses::new().with_netns(name),
+        sysctl: Sysctl::new(),
+    };
+    let mut config = kube_proxy_rs::backend::ipvs::IpvsConfig::default();
+    config.random_fully = true;
+    let settings = kube_proxy_rs::backend::ipvs::proxier::IpvsSettings {
+        reconcile_period,
+        ..Default::default()
+    };
+    let client = IpvsClient::connect().await.expect("IPVS in the guest");
+    IpvsProxier::start(client, kernel, config, settings)
+        .await
+        .expect("IPVS mode starts")
+}
+
+async fn sync_changes(p: &mut IpvsProxier, st: &mut ClusterState) -> ProxyModel {
+    let changed = st.take_changes().services;
+    let m = st.snapshot(kube_proxy_rs::model::IpFamily::V4);
+    p.sync(SyncRequest {
+        model: &m,
+        changed: &changed,
+        full: false,
+        node_facts: &Default::default(),
+    })
+    .await
+    .expect("sync");
+    m
+}
+
+async fn partial_scenario(ns: &Netns) {
+    let mut p = start_in(ns, Duration::from_secs(3600)).await;
+    let mut st = ClusterState::new("node1");
+    for i in 0..20 {
+        let (a, b) = (format!("10.244.1.{i}"), format!("10.244.2.{i}"));
+        churn_service(&mut st, i, &[(&a, i == 0), (&b, false)]);
+    }
+    st.take_changes();
+    let m = st.snapshot(kube_proxy_rs::model::IpFamily::V4);
+    sync(&mut p, &m, true).await;
+    assert_eq!(seen(ns), wanted(&m, &p), "first sync");
+    let full_listings = p.listings();
+    assert!(full_listings > 20, "a reconcile lists every virtual server");
+
+    // Drift on services the next syncs do not change.
+    ns.run_ok("ipvsadm", ["-D", "-t", "10.96.1.19:80"]);
+    ns.run_ok("ipset", ["del", "KUBE-CLUSTER-IP", "10.96.1.18,tcp:80"]);
+    ns.run_ok("ip", ["addr", "del", "10.96.1.17/32", "dev", "kube-ipvs0"]);
+    let drifted = seen(ns);
+
+    // One endpoint replaced: a delete and an add, after one listing.
+    let (c, l) = (p.changes(), p.listings());
+    churn_service(&mut st, 3, &[("10.244.1.3", false), ("10.244.3.3", false)]);
+    sync_changes(&mut p, &mut st).await;
+    let (c2, l2) = (p.changes(), p.listings());
+    assert_eq!((c2.ipvs - c.ipvs, c2.ipsets - c.ipsets), (2, 0));
+    assert_eq!(c2.addresses, c.addresses);
+    assert_eq!(l2 - l, 1, "one listing: the changed virtual server's real servers");
+    let now = seen(ns);
+    assert!(now.0.contains("-a -t 10.96.1.3:80 -r 10.244.3.3:8080 -m -w 1"));
+    assert!(!now.0.contains("-a -t 10.96.1.3:80 -r 10.244.2.3:8080 -m -w 1"));
+    assert_eq!((&now.1, &now.3), (&drifted.1, &drifted.3), "untouched");
+    assert!(!now.0.iter().any(|l| l.contains("10.96.1.19:80")), "not listed");
+
+    // A new service with a local endpoint: its virtual server and real servers, its
+    // address, and its three set members (cluster IP, loop-back, kube-ipvs0 addresses).
+    churn_service(&mut st, 20, &[("10.244.1.20", true), ("10.244.2.20", false)]);
+    sync_changes(&mut p, &mut st).await;
+    let (c3, l3) = (p.changes(), p.listings());
+    assert_eq!(
+        (c3.ipvs - c2.ipvs, c3.ipsets - c2.ipsets, c3.addresses - c2.addresses),
+        (3, 3, 1)
+    );
+    assert_eq!(l3, l2, "nothing listed");
+
+    // A service removed: its virtual server, address and set members.
+    st.remove_service(&kube_proxy_rs::model::ServiceName::new("churn", "svc4"));
+    let m = sync_changes(&mut p, &mut st).await;
+    let (c4, l4) = (p.changes(), p.listings());
+    assert_eq!(
+        (c4.ipvs - c3.ipvs, c4.ipsets - c3.ipsets, c4.addresses - c3.addresses),
+        (1, 2, 1)
+    );
+    assert_eq!(l4, l3, "nothing listed");
+    let mut expected = wanted(&m, &p);
+    // Everything but the drift matches what a reconcile would leave.
+    expected.0.retain(|l| !l.contains("10.96.1.19:80"));
+    expected.1.remove("10.96.1.18,tcp:80");
+    expected.3.remove("10.96.1.17/32");
+    assert_eq!(seen(ns), expected);
+
+    // The periodic resync (nothing changed) reconciles: the drift is repaired.
+    sync(&mut p, &m, false).await;
+    assert_eq!(seen(ns), wanted(&m, &p), "drift repaired by the periodic resync");
+    assert!(p.listings() - l4 > 20);
+    drop(p);
+
+    // With the reconcile period past, a sync with changes reconciles too.
+    let mut p = start_in(ns, Duration::ZERO).await;
+    sync(&mut p, &m, true).await;
+    ns.run_ok("ipvsadm", ["-D", "-t", "10.96.1.19:80"]);
+    churn_service(&mut st, 5, &[("10.244.1.5", false)]);
+    let m = sync_changes(&mut p, &mut st).await;
+    assert_eq!(seen(ns), wanted(&m, &p), "drift repaired once the period passed");
 }

@@ -300,6 +300,30 @@ async fn scenario() {
     assert!(err.is_exists(), "{err}");
     println!("duplicate add reports: {err}");
     assert!(res[2].is_ok(), "{:?}", res[2]);
+    // Only a batch's last request is acked: a failing last one, and a batch whose every
+    // request fails (all answers must fit the receive buffer), still report per op.
+    let ops = vec![
+        IpvsOp::AddService(extra.clone()),
+        IpvsOp::DeleteService(extra.clone()),
+        IpvsOp::AddService(web.clone()),
+    ];
+    let res = c.apply(&ops).await;
+    assert!(res[0].is_ok() && res[1].is_ok(), "{res:?}");
+    assert!(res[2].as_ref().is_err_and(IpvsError::is_exists), "{res:?}");
+    let nowhere = VirtualService::new(ip("10.0.0.5"), Protocol::Tcp, 80, "rr");
+    let doomed: Vec<IpvsOp> = (0..300u32)
+        .map(|i| {
+            let a = IpAddr::from([10, 3, (i / 250) as u8, (i % 250 + 1) as u8]);
+            IpvsOp::AddDestination(nowhere.clone(), RealServer::new(a, 80, 1))
+        })
+        .collect();
+    let res = c.apply(&doomed).await;
+    assert!(
+        res.iter()
+            .all(|r| r.as_ref().is_err_and(IpvsError::is_not_found)),
+        "{:?}",
+        res.iter().find(|r| !r.as_ref().is_err_and(IpvsError::is_not_found))
+    );
     let err = c.delete_service(&extra).await.expect_err("gone");
     assert!(err.is_not_found(), "{err}");
     assert_eq!(err.errno(), Some(Errno::ESRCH));

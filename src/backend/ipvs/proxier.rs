@@ -29,9 +29,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use super::render::{ipvs_config_for, is_node_address, node_addresses};
-use super::{DesiredService, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
+use super::{DesiredService, IpSetSpec, IpvsConfig, IpvsDesired, ipvs_jump_rules, render};
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::netfilter::parse::Dump;
 use crate::backend::netfilter::restore::flush_and_delete;
@@ -39,7 +40,9 @@ use crate::backend::{Backend, BackendError, SyncOutcome, SyncRequest};
 use crate::host::NodeFacts;
 use crate::kernel::addrs::Addresses;
 use crate::kernel::conntrack::Conntrack;
-use crate::kernel::ipset::{DesiredSet, Ipset, IpsetVersion, plan_restore};
+use crate::kernel::ipset::{
+    DesiredSet, Ipset, IpsetVersion, SavedSet, canonical_entry, plan_restore,
+};
 use crate::kernel::iptables::{Iptables, RulePosition, Table};
 use crate::kernel::ipvs::{
     AddressFamily, IpvsClient, IpvsError, IpvsOp, Protocol, RealServer, VirtualService,
@@ -51,6 +54,10 @@ use crate::model::IpFamily;
 /// How often terminating real servers are re-checked besides every sync (upstream
 /// `rsCheckDeleteInterval`).
 pub const GRACEFUL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Upstream's default `--ipvs-sync-period`: how often a sync compares the kernel with the
+/// desired state when the settings do not say.
+pub const DEFAULT_RECONCILE_PERIOD: Duration = Duration::from_secs(30);
 
 /// The start-up probe's virtual server (TEST-NET-2, upstream `CanUseIPVSProxier`).
 pub const PROBE_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
@@ -105,9 +112,15 @@ struct Counters {
     addresses: AtomicU64,
     links: AtomicU64,
     ipsets: AtomicU64,
+    /// Kernel listings: IPVS dumps, `ipset save`, address dumps.
+    listings: AtomicU64,
 }
 
 impl Counters {
+    fn listed(&self, n: usize) {
+        self.listings.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> ChangeCount {
         ChangeCount {
             ipvs: self.ipvs.load(Ordering::Relaxed),
@@ -175,6 +188,9 @@ pub struct IpvsSettings {
     pub udp_timeout: Duration,
     /// How often terminating real servers are re-checked between syncs.
     pub graceful_check_interval: Duration,
+    /// How often a sync compares the whole kernel state with the desired one (`--ipvs-sync-period`):
+    /// syncs in between change only what differs from the last sync's result.
+    pub reconcile_period: Duration,
 }
 
 impl Default for IpvsSettings {
@@ -184,6 +200,7 @@ impl Default for IpvsSettings {
             tcp_fin_timeout: Duration::ZERO,
             udp_timeout: Duration::ZERO,
             graceful_check_interval: GRACEFUL_CHECK_INTERVAL,
+            reconcile_period: DEFAULT_RECONCILE_PERIOD,
         }
     }
 }
@@ -193,12 +210,48 @@ impl Default for IpvsSettings {
 #[error("IPVS proxy mode cannot be used: {0}")]
 pub struct IpvsStartError(pub String);
 
+/// What the last successful sync left in the kernel, as rendered. A sync between two
+/// reconciles changes only what differs from it, without listing the kernel; a reconcile
+/// lists everything and repairs drift.
+struct Applied {
+    /// Virtual servers by key ([`VirtualService::key`]).
+    services: HashMap<VirtualService, DesiredService>,
+    /// Every set, as rendered.
+    ipsets: Vec<IpSetSpec>,
+    /// Addresses bound to the dummy link.
+    bound_addrs: BTreeSet<IpAddr>,
+    /// The last restore's input (the jump rules were ensured with it).
+    iptables_restore: String,
+    /// When the kernel was last compared with the desired state.
+    reconciled: Instant,
+}
+
+impl Applied {
+    fn new(desired: IpvsDesired, reconciled: Instant) -> Self {
+        Applied {
+            services: desired
+                .services
+                .into_iter()
+                .map(|d| (d.vs.key(), d))
+                .collect(),
+            ipsets: desired.ipsets,
+            bound_addrs: desired.bound_addrs,
+            iptables_restore: desired.iptables_restore,
+            reconciled,
+        }
+    }
+}
+
 /// The IPVS-mode proxier.
 pub struct IpvsProxier {
     state: Arc<Mutex<IpvsState>>,
     kernel: IpvsKernel,
     config: IpvsConfig,
     counters: Arc<Counters>,
+    /// How often a sync reconciles (compares the whole kernel state).
+    reconcile_period: Duration,
+    /// The last successful sync's result; `None` until one succeeds, and after a failure.
+    applied: Option<Applied>,
     /// Until the daemon takes it to supervise it.
     graceful_task: Option<tokio::task::JoinHandle<()>>,
     graceful_abort: tokio::task::AbortHandle,
@@ -376,6 +429,8 @@ impl IpvsProxier {
         ));
         Ok(IpvsProxier {
             state,
+            reconcile_period: settings.reconcile_period,
+            applied: None,
             conntrack: ConntrackCleaner::new(kernel.conntrack.clone()),
             kernel,
             config,
@@ -402,6 +457,13 @@ impl IpvsProxier {
         self.counters.snapshot()
     }
 
+    /// Kernel listings made by syncs and the graceful-termination checker since start: IPVS
+    /// service and real-server dumps, `ipset save`, address dumps (what a sync costs beyond
+    /// its changes).
+    pub fn listings(&self) -> u64 {
+        self.counters.listings.load(Ordering::Relaxed)
+    }
+
     /// Real servers at weight 0 waiting for their connections to end.
     pub async fn terminating(&self) -> Vec<(VirtualService, RealServer)> {
         let st = self.state.lock().await;
@@ -415,14 +477,19 @@ impl IpvsProxier {
         self.config.family
     }
 
-    /// Takes this sync's node facts and refreshes the node addresses in the render config:
+    /// Takes this sync's node facts and, when `list_addresses` (a reconcile: the list holds
+    /// every kube-ipvs0 address too), refreshes the node addresses in the render config:
     /// `host_addrs` (every local address of the family except the dummy link's), `node_ips`
     /// (those NodePort virtual servers go on: no loopback, inside the node-port addresses,
     /// upstream `NodeIPs` and `GetNodeAddresses`). Keeps the previous lists if listing fails.
-    async fn refresh_node_facts(&mut self, facts: &NodeFacts) {
+    async fn refresh_node_facts(&mut self, facts: &NodeFacts, list_addresses: bool) {
         let family = self.config.family;
         self.config.primary_node_ip = facts.primary_ip.filter(|ip| family.matches(ip));
         self.config.local_detector = facts.local_detector.clone();
+        if !list_addresses {
+            return;
+        }
+        self.counters.listed(1);
         let list = match self.kernel.addrs.list().await {
             Ok(l) => l,
             Err(e) => {
@@ -436,6 +503,52 @@ impl IpvsProxier {
             .map(|a| a.addr)
             .collect();
         (self.config.host_addrs, self.config.node_ips) = node_addresses(facts, &local, family);
+    }
+
+    /// Whether this sync compares the whole kernel state with the desired one (upstream's
+    /// every sync) rather than changing only what differs from the last sync's result: when
+    /// asked for (start-up, after a failure, hourly, node facts changed), when nothing
+    /// changed (the periodic resync: it exists to repair drift), once `reconcile_period` has
+    /// passed since the last one (so steady churn does not postpone repairs), and whenever
+    /// the last sync did not succeed.
+    fn must_reconcile(&self, req: &SyncRequest<'_>) -> bool {
+        req.full
+            || req.changed.is_empty()
+            || self
+                .applied
+                .as_ref()
+                .is_none_or(|a| a.reconciled.elapsed() >= self.reconcile_period)
+    }
+
+    /// Applies `desired`: against the kernel's listed state on a reconcile (`applied`
+    /// `None`), else against `applied`. Returns the IPVS and address changes that failed.
+    async fn apply(
+        &self,
+        desired: &IpvsDesired,
+        applied: Option<&Applied>,
+    ) -> Result<Vec<String>, BackendError> {
+        self.sync_link().await?;
+        self.sync_ipsets(desired, applied.map(|a| a.ipsets.as_slice()))
+            .await?;
+        // The ruleset depends only on which sets are empty and on the settings: unchanged,
+        // the restore (and the jump checks, each a process) would rewrite the same rules.
+        if applied.is_none_or(|a| a.iptables_restore != desired.iptables_restore) {
+            sync_iptables(&self.kernel.iptables, &desired.iptables_restore).await?;
+        }
+        // The diff is also the per-sync graceful-termination check: an unwanted real server
+        // that has become idle is deleted by it.
+        let mut errors = match applied {
+            None => self.sync_ipvs(&desired.services).await?,
+            Some(a) => {
+                self.sync_ipvs_changes(&desired.services, &a.services)
+                    .await?
+            }
+        };
+        errors.extend(
+            self.sync_addresses(desired, applied.map(|a| &a.bound_addrs))
+                .await?,
+        );
+        Ok(errors)
     }
 
     fn excluded(&self, ip: &IpAddr) -> bool {
@@ -453,12 +566,27 @@ impl IpvsProxier {
         Ok(())
     }
 
-    async fn sync_ipsets(&self, desired: &IpvsDesired) -> Result<(), BackendError> {
+    /// Brings the sets to `desired`: on a reconcile against `ipset save` of every set, else
+    /// (`applied`: the last sync's sets) only the sets whose entries changed, against what
+    /// that sync wrote.
+    async fn sync_ipsets(
+        &self,
+        desired: &IpvsDesired,
+        applied: Option<&[IpSetSpec]>,
+    ) -> Result<(), BackendError> {
         let ipset = &self.kernel.ipset;
-        let current = ipset.save_all().await.map_err(read_err)?;
-        let options: Vec<String> = desired.ipsets.iter().map(|s| s.create_options()).collect();
-        let sets: Vec<DesiredSet<'_>> = desired
-            .ipsets
+        let (changed, current) = match applied {
+            None => {
+                self.counters.listed(1);
+                (
+                    desired.ipsets.iter().collect::<Vec<_>>(),
+                    ipset.save_all().await.map_err(read_err)?,
+                )
+            }
+            Some(applied) => changed_sets(&desired.ipsets, applied),
+        };
+        let options: Vec<String> = changed.iter().map(|s| s.create_options()).collect();
+        let sets: Vec<DesiredSet<'_>> = changed
             .iter()
             .zip(&options)
             .map(|(s, o)| DesiredSet {
@@ -498,14 +626,24 @@ impl IpvsProxier {
     /// Binds missing addresses and unbinds stale ones (of this family, neither loopback nor
     /// IPv6 link-local, as upstream's `GetLocalAddresses`; not in `--ipvs-exclude-cidrs`) in
     /// one rtnetlink batch. Returns what could not be changed.
-    async fn sync_addresses(&self, desired: &IpvsDesired) -> Result<Vec<String>, BackendError> {
+    /// `applied`: the addresses the last sync left (no listing); `None` on a reconcile.
+    async fn sync_addresses(
+        &self,
+        desired: &IpvsDesired,
+        applied: Option<&BTreeSet<IpAddr>>,
+    ) -> Result<Vec<String>, BackendError> {
         let link = &self.kernel.link;
-        let current: BTreeSet<IpAddr> = link
-            .addresses()
-            .await
-            .map_err(read_err)?
-            .into_iter()
-            .collect();
+        let current: BTreeSet<IpAddr> = match applied {
+            Some(a) => a.clone(),
+            None => {
+                self.counters.listed(1);
+                link.addresses()
+                    .await
+                    .map_err(read_err)?
+                    .into_iter()
+                    .collect()
+            }
+        };
         let add: Vec<IpAddr> = desired.bound_addrs.difference(&current).copied().collect();
         let del: Vec<IpAddr> = current
             .difference(&desired.bound_addrs)
@@ -544,6 +682,7 @@ impl IpvsProxier {
     /// Brings IPVS to `desired` with one batched `apply`. Returns the failed operations.
     async fn sync_ipvs(&self, desired: &[DesiredService]) -> Result<Vec<String>, BackendError> {
         let mut st = self.state.lock().await;
+        self.counters.listed(1);
         let current = st.client.services().await.map_err(read_err)?;
         let mut current: HashMap<VirtualService, VirtualService> =
             current.into_iter().map(|s| (s.key(), s)).collect();
@@ -567,6 +706,7 @@ impl IpvsProxier {
                     if !same_service(&cur, &d.vs) {
                         plan.services.push(IpvsOp::UpdateService(d.vs.clone()));
                     }
+                    self.counters.listed(1);
                     let cur_dests = st.client.destinations(&cur).await.map_err(read_err)?;
                     diff_dests(&d.vs, &d.dests, &cur_dests, &mut plan);
                 }
@@ -581,6 +721,53 @@ impl IpvsProxier {
                 continue;
             }
             plan.deletes.push(IpvsOp::DeleteService(cur));
+        }
+        Ok(self.run_plan(&mut st, plan).await)
+    }
+
+    /// Brings IPVS from `applied` (the last sync's virtual servers) to `desired` without
+    /// listing the kernel: only virtual servers that differ are touched, and the real
+    /// servers of one that changed are listed (their connection counts decide deletion or
+    /// quiescing) and diffed as a reconcile does. Returns the failed operations.
+    async fn sync_ipvs_changes(
+        &self,
+        desired: &[DesiredService],
+        applied: &HashMap<VirtualService, DesiredService>,
+    ) -> Result<Vec<String>, BackendError> {
+        let mut st = self.state.lock().await;
+        let mut plan = Plan::default();
+        let mut wanted: HashMap<VirtualService, &DesiredService> = HashMap::new();
+        for d in desired {
+            let key = d.vs.key();
+            if wanted.contains_key(&key) {
+                continue; // rendered twice: the reconcile warns about it
+            }
+            wanted.insert(key.clone(), d);
+            match applied.get(&key) {
+                Some(a) if a == d => {}
+                None => {
+                    plan.services.push(IpvsOp::AddService(d.vs.clone()));
+                    for rs in &d.dests {
+                        plan.dests
+                            .push(IpvsOp::AddDestination(d.vs.clone(), rs.clone()));
+                    }
+                }
+                Some(a) => {
+                    if !same_service(&a.vs, &d.vs) {
+                        plan.services.push(IpvsOp::UpdateService(d.vs.clone()));
+                    }
+                    if a.dests != d.dests {
+                        self.counters.listed(1);
+                        let cur_dests = st.client.destinations(&d.vs).await.map_err(read_err)?;
+                        diff_dests(&d.vs, &d.dests, &cur_dests, &mut plan);
+                    }
+                }
+            }
+        }
+        for (key, a) in applied {
+            if !wanted.contains_key(key) && !self.excluded(&a.vs.address) {
+                plan.deletes.push(IpvsOp::DeleteService(a.vs.clone()));
+            }
         }
         Ok(self.run_plan(&mut st, plan).await)
     }
@@ -719,6 +906,35 @@ struct Plan {
     still_terminating: Vec<(VirtualService, RealServer)>,
 }
 
+/// The sets of `desired` whose create options or entries differ from `applied`'s, and what
+/// `ipset save` would print for them after the sync that wrote `applied`.
+fn changed_sets<'a>(
+    desired: &'a [IpSetSpec],
+    applied: &[IpSetSpec],
+) -> (Vec<&'a IpSetSpec>, BTreeMap<String, SavedSet>) {
+    let mut changed = Vec::new();
+    let mut current = BTreeMap::new();
+    for d in desired {
+        let before = applied.iter().find(|a| a.name == d.name);
+        if before.is_some_and(|a| a == d) {
+            continue;
+        }
+        changed.push(d);
+        if let Some(a) = before.filter(|a| a.create_options() == d.create_options()) {
+            current.insert(
+                a.name.clone(),
+                SavedSet {
+                    name: a.name.clone(),
+                    set_type: a.set_type.clone(),
+                    options: Vec::new(),
+                    entries: a.entries.iter().map(|e| canonical_entry(e)).collect(),
+                },
+            );
+        }
+    }
+    (changed, current)
+}
+
 /// Upstream `VirtualServer.Equal` on the fields a sync sets (the key already matches).
 fn same_service(cur: &VirtualService, want: &VirtualService) -> bool {
     cur.scheduler == want.scheduler
@@ -834,6 +1050,7 @@ async fn check_terminating(st: &mut IpvsState, counters: &Counters) {
         let Some(vs) = st.terminating.get(&keys[0]).map(|(vs, _)| vs.clone()) else {
             continue;
         };
+        counters.listed(1);
         let dests = match st.client.destinations(&vs).await {
             Ok(d) => d,
             Err(e) if e.is_not_found() => Vec::new(),
@@ -887,23 +1104,19 @@ impl Backend for IpvsProxier {
     }
 
     async fn sync(&mut self, req: SyncRequest<'_>) -> Result<SyncOutcome, BackendError> {
-        self.refresh_node_facts(req.node_facts).await;
+        let reconcile = self.must_reconcile(&req);
+        self.refresh_node_facts(req.node_facts, reconcile).await;
         let desired = render(req.model, &self.config);
-
-        self.sync_link().await?;
-        self.sync_ipsets(&desired).await?;
-        sync_iptables(&self.kernel.iptables, &desired.iptables_restore).await?;
-        // The diff is also the per-sync graceful-termination check: an unwanted real server
-        // that has become idle is deleted by it.
-        let mut errors = self.sync_ipvs(&desired.services).await?;
-        errors.extend(self.sync_addresses(&desired).await?);
-
+        // Taken: a sync that fails leaves none, so the next one reconciles.
+        let applied = self.applied.take().filter(|_| !reconcile);
+        let errors = self.apply(&desired, applied.as_ref()).await?;
         let conntrack = self
             .conntrack
             .after_sync(req.model, &self.config.node_ips)
             .await;
         if !errors.is_empty() {
             let n = errors.len();
+            let mut errors = errors;
             errors.truncate(5);
             return Err(BackendError::Ipvs(format!(
                 "{n} IPVS change(s) failed: {}",
@@ -915,10 +1128,12 @@ impl Backend for IpvsProxier {
             desired.nat_rules,
             desired.no_local_endpoints_internal,
             desired.no_local_endpoints_external,
-            desired.health_checks,
+            desired.health_checks.clone(),
         );
         outcome.conntrack = conntrack;
-        tracing::debug!(changes = ?self.counters.snapshot(), "IPVS sync applied");
+        tracing::debug!(changes = ?self.counters.snapshot(), reconcile, "IPVS sync applied");
+        let reconciled = applied.map_or_else(Instant::now, |a| a.reconciled);
+        self.applied = Some(Applied::new(desired, reconciled));
         Ok(outcome)
     }
 
@@ -1005,6 +1220,7 @@ pub fn ipvs_settings(opts: &crate::config::ProxyOptions) -> IpvsSettings {
         tcp_fin_timeout: opts.ipvs.tcp_fin_timeout,
         udp_timeout: opts.ipvs.udp_timeout,
         graceful_check_interval: GRACEFUL_CHECK_INTERVAL,
+        reconcile_period: opts.sync_period,
     }
 }
 
@@ -1160,6 +1376,47 @@ mod tests {
             "jump {} -> {} not restored by the next sync",
             gone.chain,
             gone.target
+        );
+    }
+
+    /// A sync between reconciles restores only the sets whose entries changed, against the
+    /// entries the last sync wrote (in the kernel's spelling): so its `ipset restore` holds
+    /// the change alone.
+    #[test]
+    fn only_changed_sets_are_restored_against_the_last_sync() {
+        use crate::backend::ipvs::ipset::{CLUSTER_IP, LOOP_BACK};
+        let spec = |name: &str, entries: &[&str]| {
+            let mut s = IpSetSpec::empty(name, IpFamily::V4).unwrap();
+            s.entries = entries.iter().map(|e| e.to_string()).collect();
+            s
+        };
+        let before = [
+            spec(CLUSTER_IP, &["10.96.0.1,tcp:80", "10.96.0.2,tcp:80"]),
+            spec(LOOP_BACK, &["10.244.0.5,tcp:8080,10.244.0.5"]),
+        ];
+        let (changed, _) = changed_sets(&before, &before);
+        assert!(changed.is_empty());
+
+        let after = [
+            spec(CLUSTER_IP, &["10.96.0.1,tcp:80", "10.96.0.3,tcp:80"]),
+            before[1].clone(),
+        ];
+        let (changed, current) = changed_sets(&after, &before);
+        let names: Vec<&str> = changed.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, [CLUSTER_IP]);
+        let sets: Vec<DesiredSet<'_>> = changed
+            .iter()
+            .map(|s| DesiredSet {
+                name: &s.name,
+                set_type: &s.set_type,
+                create_options: "",
+                entries: &s.entries,
+            })
+            .collect();
+        let plan = plan_restore(&sets, &current);
+        assert_eq!(
+            plan.input,
+            "add KUBE-CLUSTER-IP 10.96.0.3,tcp:80\ndel KUBE-CLUSTER-IP 10.96.0.2,tcp:80\n"
         );
     }
 

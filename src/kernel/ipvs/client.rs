@@ -8,11 +8,14 @@
 //! it in a `tokio::sync::Mutex` to share it.
 //!
 //! Batching: [`IpvsClient::apply`] packs up to [`MAX_BATCH`] requests, each with its own
-//! sequence number and `NLM_F_ACK`, into one datagram. The kernel's `netlink_rcv_skb` runs
-//! every message of a datagram in order and acknowledges each (an error in one does not stop
-//! the rest), so a sync costs one round trip per batch instead of one per operation. Batches
-//! stay small enough that the acks fit the default receive buffer (a lost ack would make
-//! results unattributable). Dumps cannot be batched: a socket runs one dump at a time.
+//! sequence number, into one datagram, and asks for an acknowledgement (`NLM_F_ACK`) of the
+//! last one only. The kernel's `netlink_rcv_skb` runs every message of a datagram in order
+//! and answers a request without `NLM_F_ACK` only when it fails (an error does not stop the
+//! rest), so once the last request's answer arrives, every earlier request without an error
+//! answer before it succeeded. A sync costs one round trip and one answer per batch instead
+//! of one per operation (`ipvsadm -R`'s cost). Batches stay small enough that the answers of
+//! a batch whose requests all fail still fit the default receive buffer (a lost answer would
+//! make results unattributable). Dumps cannot be batched: a socket runs one dump at a time.
 
 use std::fmt;
 use std::io;
@@ -24,7 +27,7 @@ use netlink_sys::{
 };
 
 use super::codec::{
-    self, AddressFamily, CtrlMessage, DecodeError, IPVS_GENL_NAME, IpvsInfo, IpvsMessage,
+    self, AddressFamily, add_flags, CtrlMessage, DecodeError, IPVS_GENL_NAME, IpvsInfo, IpvsMessage,
     NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
     RealServer, Timeouts, VirtualService,
 };
@@ -33,6 +36,9 @@ use super::codec::{
 pub const MAX_BATCH: usize = 128;
 /// Most bytes of requests sent in one datagram by [`IpvsClient::apply`].
 const MAX_BATCH_BYTES: usize = 32 * 1024;
+/// Bytes received per datagram: above the 32 KiB the kernel caps a netlink datagram at
+/// (dump batches; answers carry no echoed request, `NETLINK_CAP_ACK`), so none is cut.
+const RECV_BUFFER: usize = 64 * 1024;
 /// Default time to wait for each reply datagram.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -239,6 +245,8 @@ pub struct IpvsClient {
     family: u16,
     seq: u32,
     timeout: Duration,
+    /// Receive buffer ([`RECV_BUFFER`] bytes of capacity).
+    rbuf: Vec<u8>,
 }
 
 impl fmt::Debug for IpvsClient {
@@ -270,6 +278,7 @@ impl IpvsClient {
             family: 0,
             seq: 0,
             timeout: DEFAULT_TIMEOUT,
+            rbuf: Vec::with_capacity(RECV_BUFFER),
         };
         client.family = client.resolve_family().await?;
         tracing::debug!(
@@ -397,36 +406,45 @@ impl IpvsClient {
     /// op, in order. Ops run in order; a failed op does not stop the others.
     pub async fn apply(&mut self, ops: &[IpvsOp]) -> Vec<Result<(), IpvsError>> {
         let mut results: Vec<Option<Result<(), IpvsError>>> = vec![None; ops.len()];
+        let mut buf = Vec::with_capacity(MAX_BATCH_BYTES + 1024);
+        let mut pending: Vec<(u32, usize)> = Vec::with_capacity(MAX_BATCH);
         let mut start = 0;
         while start < ops.len() {
-            // Build one datagram.
-            let mut buf = Vec::with_capacity(MAX_BATCH_BYTES);
-            let mut pending: Vec<(u32, usize)> = Vec::new();
+            // Build one datagram; only its last request asks for an ack.
+            buf.clear();
+            pending.clear();
+            let mut last_start = 0;
             let mut end = start;
             while end < ops.len() && pending.len() < MAX_BATCH && buf.len() < MAX_BATCH_BYTES {
                 let seq = self.next_seq();
-                let msg = NetlinkMessage::ipvs(
-                    self.family,
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    seq,
-                    ops[end].to_message(),
-                );
+                let msg = NetlinkMessage::ipvs(self.family, NLM_F_REQUEST, seq, ops[end].to_message());
+                let at = buf.len();
                 match msg.emit_into(&mut buf) {
-                    Ok(()) => pending.push((seq, end)),
-                    Err(e) => results[end] = Some(Err(e.into())),
+                    Ok(()) => {
+                        pending.push((seq, end));
+                        last_start = at;
+                    }
+                    Err(e) => {
+                        buf.truncate(at);
+                        results[end] = Some(Err(e.into()));
+                    }
                 }
                 end += 1;
             }
-            if !pending.is_empty()
-                && let Err(e) = self
-                    .send_and_collect_acks(&buf, &mut pending, ops, &mut results)
-                    .await
-            {
-                // Socket-level failure: unacked ops share the error; start afresh.
-                for (_, idx) in pending.drain(..) {
-                    results[idx] = Some(Err(e.clone()));
+            if !pending.is_empty() {
+                add_flags(&mut buf[last_start..], NLM_F_ACK);
+                let sent = std::mem::take(&mut buf);
+                let outcome = self
+                    .send_and_collect_acks(&sent, &mut pending, ops, &mut results)
+                    .await;
+                buf = sent;
+                if let Err(e) = outcome {
+                    // Socket-level failure: unanswered ops share the error; start afresh.
+                    for (_, idx) in pending.drain(..) {
+                        results[idx] = Some(Err(e.clone()));
+                    }
+                    self.reset();
                 }
-                self.reset();
             }
             start = end;
         }
@@ -445,8 +463,10 @@ impl IpvsClient {
             .unwrap_or_else(|| Err(IpvsError::Unexpected(op.to_string())))
     }
 
-    /// Sends one datagram of acked requests and records each ack's result. Returns `Err` on
-    /// socket failure or timeout, leaving the unacked entries in `pending`.
+    /// Sends one datagram of requests (`pending`: sequence number and op index, the last
+    /// one acked) and records each result: an error answer fails its op; the last op's
+    /// answer ends the batch, and every op not answered before it succeeded. Returns `Err`
+    /// on socket failure or timeout, leaving the unanswered entries in `pending`.
     async fn send_and_collect_acks(
         &mut self,
         buf: &[u8],
@@ -454,17 +474,21 @@ impl IpvsClient {
         ops: &[IpvsOp],
         results: &mut [Option<Result<(), IpvsError>>],
     ) -> Result<(), IpvsError> {
+        let Some(&(last_seq, last_idx)) = pending.last() else {
+            return Ok(());
+        };
         self.send(buf).await?;
-        while !pending.is_empty() {
-            let what = ops[pending[0].1].to_string();
+        loop {
+            let what = ops[last_idx].to_string();
             for m in self.recv(None, &what).await? {
                 let NetlinkPayload::Error(e) = &m.payload else {
                     continue;
                 };
-                let Some(pos) = pending.iter().position(|(s, _)| *s == m.header.sequence) else {
+                let seq = m.header.sequence;
+                let Some(pos) = pending.iter().position(|(s, _)| *s == seq) else {
                     continue; // stale
                 };
-                let (_, idx) = pending.swap_remove(pos);
+                let (_, idx) = pending.remove(pos);
                 results[idx] = Some(match e.errno() {
                     None => Ok(()),
                     Some(errno) => Err(IpvsError::Kernel {
@@ -473,9 +497,15 @@ impl IpvsClient {
                         ext: e.ext_msg.clone(),
                     }),
                 });
+                if seq == last_seq {
+                    // Everything before it ran without an error answer.
+                    for (_, idx) in pending.drain(..) {
+                        results[idx] = Some(Ok(()));
+                    }
+                    return Ok(());
+                }
             }
         }
-        Ok(())
     }
 
     /// A `doit` request with a single reply message (`GET_INFO`, `GET_CONFIG`).
@@ -611,20 +641,23 @@ impl IpvsClient {
         Ok(())
     }
 
-    /// Receives one datagram from the kernel and decodes it.
+    /// Receives one datagram from the kernel and decodes it, into a buffer kept between
+    /// calls: one `recvfrom` per datagram (no peek for its size), and a buffer this large
+    /// also lets the kernel fill dump datagrams up to its 32 KiB cap instead of one page.
     async fn recv(
-        &self,
+        &mut self,
         hint: Option<AddressFamily>,
         what: &str,
     ) -> Result<Vec<NetlinkMessage>, IpvsError> {
         loop {
-            let (buf, from) = tokio::time::timeout(self.timeout, self.socket.recv_from_full())
+            self.rbuf.clear();
+            let from = tokio::time::timeout(self.timeout, self.socket.recv_from(&mut self.rbuf))
                 .await
                 .map_err(|_| IpvsError::Timeout(what.into()))??;
             if from.port_number() != 0 {
                 continue; // not from the kernel
             }
-            return Ok(codec::parse_with_hint(&buf, self.family, hint)?);
+            return Ok(codec::parse_with_hint(&self.rbuf, self.family, hint)?);
         }
     }
 }

@@ -962,6 +962,16 @@ impl NetlinkMessage {
     }
 }
 
+/// ORs `flags` into the header of the encoded message at the start of `msg` (e.g. `NLM_F_ACK`
+/// on the last request of a batch, once the batch is known to end there). `msg` shorter than
+/// a header is left alone.
+pub fn add_flags(msg: &mut [u8], flags: u16) {
+    if let Some(field) = msg.get_mut(6..8) {
+        let old = u16::from_ne_bytes([field[0], field[1]]);
+        field.copy_from_slice(&(old | flags).to_ne_bytes());
+    }
+}
+
 /// Decodes every netlink message in one received datagram. Messages whose type is
 /// `ipvs_family` decode as [`NetlinkPayload::Ipvs`].
 pub fn parse(buf: &[u8], ipvs_family: u16) -> Result<Vec<NetlinkMessage>, DecodeError> {

@@ -742,3 +742,19 @@ fn ipv6_dest_of_a_persistent_service_golden() {
         "fd00:96::10".parse::<std::net::IpAddr>().unwrap()
     );
 }
+
+#[test]
+fn add_flags_sets_header_flags_of_an_encoded_message() {
+    let svc = VirtualService::new("10.0.0.1".parse().unwrap(), Protocol::Tcp, 80, "rr");
+    let msg = NetlinkMessage::ipvs(30, NLM_F_REQUEST, 7, IpvsMessage::new_service(&svc));
+    let mut buf = msg.emit().unwrap();
+    add_flags(&mut buf, NLM_F_ACK);
+    let back = parse(&buf, 30).unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].header.flags, NLM_F_REQUEST | NLM_F_ACK);
+    assert_eq!(back[0].header.sequence, 7);
+    assert_eq!(back[0].payload, msg.payload);
+    let mut short = [0u8; 4];
+    add_flags(&mut short, NLM_F_ACK);
+    assert_eq!(short, [0; 4]);
+}
