@@ -3,6 +3,7 @@
 //! `iptables-restore` or `ip6tables-restore`), in upstream's chain and rule order.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 pub use crate::backend::netfilter::LocalDetector;
@@ -189,70 +190,207 @@ pub struct Rendered {
     pub edited_shared_chains: bool,
 }
 
-fn chain_line(name: &str) -> String {
-    format!(":{name} - [0:0]")
-}
-
-fn quoted(s: &str) -> String {
-    format!("\"{s}\"")
-}
-
 /// Upstream `computeProbability`: `fmt.Sprintf("%0.10f", 1.0/float64(n))`.
 pub fn probability(n: usize) -> String {
     format!("{:.10}", 1.0 / n as f64)
 }
 
-#[derive(Default)]
-struct Lines(Vec<String>);
+/// Restore-input lines, each ending in a newline, in one buffer: a render writes hundreds of
+/// thousands of them, so they are neither allocated nor copied one by one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Lines {
+    text: String,
+    /// The number of lines in `text`.
+    n: usize,
+}
 
 impl Lines {
-    fn push<S: AsRef<str>>(&mut self, words: &[S]) {
-        let mut line = String::new();
-        for (i, w) in words.iter().enumerate() {
-            if i > 0 {
-                line.push(' ');
-            }
-            line.push_str(w.as_ref());
-        }
-        self.0.push(line);
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The lines, without their newlines.
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        self.text.split_terminator('\n')
+    }
+
+    fn extend(&mut self, other: &Lines) {
+        self.text.push_str(&other.text);
+        self.n += other.n;
+    }
+
+    fn push_line(&mut self, line: &str) {
+        self.text.push_str(line);
+        self.text.push('\n');
+        self.n += 1;
+    }
+
+    /// Declares (and so flushes) `chain`.
+    fn push_chain(&mut self, chain: &str) {
+        self.text.push(':');
+        self.text.push_str(chain);
+        self.text.push_str(" - [0:0]\n");
+        self.n += 1;
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.n = 0;
     }
 }
 
-macro_rules! words {
-    ($($e:expr),* $(,)?) => {{
-        let mut v: Vec<String> = Vec::new();
-        $( v.extend(IntoWords::into_words($e)); )*
-        v
+/// Appends one rule to a [`Lines`]: its [`Word`]s separated by single spaces, written in place.
+macro_rules! rule {
+    ($lines:expr; $($w:expr),+ $(,)?) => {{
+        let lines: &mut Lines = &mut $lines;
+        let start = lines.text.len();
+        $( Word::put(&$w, &mut lines.text, start); )+
+        lines.text.push('\n');
+        lines.n += 1;
     }};
 }
 
-trait IntoWords {
-    fn into_words(self) -> Vec<String>;
+/// Words of a rule, written straight into the restore input. Something that writes nothing
+/// (an empty string, `None`: an absent option) adds no space either.
+trait Word {
+    /// Appends the word(s) to `out`, after a space unless the line begun at `start` is empty.
+    fn put(&self, out: &mut String, start: usize);
 }
-impl IntoWords for &str {
-    fn into_words(self) -> Vec<String> {
-        vec![self.to_string()]
+
+fn space(out: &mut String, start: usize) {
+    if out.len() > start {
+        out.push(' ');
     }
 }
-impl IntoWords for String {
-    fn into_words(self) -> Vec<String> {
-        vec![self]
+
+impl Word for str {
+    fn put(&self, out: &mut String, start: usize) {
+        if !self.is_empty() {
+            space(out, start);
+            out.push_str(self);
+        }
     }
 }
-impl IntoWords for &String {
-    fn into_words(self) -> Vec<String> {
-        vec![self.clone()]
+
+impl Word for String {
+    fn put(&self, out: &mut String, start: usize) {
+        self.as_str().put(out, start);
     }
 }
-impl IntoWords for Vec<String> {
-    fn into_words(self) -> Vec<String> {
-        self
+
+impl Word for ChainName {
+    fn put(&self, out: &mut String, start: usize) {
+        self.as_str().put(out, start);
     }
 }
-impl IntoWords for &Vec<String> {
-    fn into_words(self) -> Vec<String> {
-        self.clone()
+
+impl<T: Word + ?Sized> Word for &T {
+    fn put(&self, out: &mut String, start: usize) {
+        (**self).put(out, start);
     }
+}
+
+impl<T: Word> Word for Option<T> {
+    fn put(&self, out: &mut String, start: usize) {
+        if let Some(w) = self {
+            w.put(out, start);
+        }
+    }
+}
+
+impl<A: Word, B: Word> Word for (A, B) {
+    fn put(&self, out: &mut String, start: usize) {
+        self.0.put(out, start);
+        self.1.put(out, start);
+    }
+}
+
+impl<A: Word, B: Word, C: Word> Word for (A, B, C) {
+    fn put(&self, out: &mut String, start: usize) {
+        self.0.put(out, start);
+        self.1.put(out, start);
+        self.2.put(out, start);
+    }
+}
+
+/// `format_args!(…)`: a word formatted in place (comments, numbers, addresses).
+impl Word for std::fmt::Arguments<'_> {
+    fn put(&self, out: &mut String, start: usize) {
+        space(out, start);
+        // Formatting into a String cannot fail.
+        let _ = out.write_fmt(*self);
+    }
+}
+
+/// An endpoint as upstream's `Endpoint.String()` writes it (`ip:port`, IPv6 in brackets).
+struct EndpointAddr<'e>(&'e Endpoint);
+
+impl Word for EndpointAddr<'_> {
+    fn put(&self, out: &mut String, start: usize) {
+        space(out, start);
+        write_endpoint_addr(out, self.0);
+    }
+}
+
+/// An address, as its `Display` writes it.
+struct Ip(IpAddr);
+
+impl Word for Ip {
+    fn put(&self, out: &mut String, start: usize) {
+        space(out, start);
+        write_ip(out, self.0);
+    }
+}
+
+fn write_endpoint_addr(out: &mut String, ep: &Endpoint) {
+    if ep.ip.is_ipv6() {
+        out.push('[');
+        write_ip(out, ep.ip);
+        out.push(']');
+    } else {
+        write_ip(out, ep.ip);
+    }
+    out.push(':');
+    write_number(out, ep.port);
+}
+
+/// `ip` as its `Display` writes it; IPv4 (four numbers per endpoint rule pair, hundreds of
+/// thousands per render) without the formatting machinery.
+fn write_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                write_number(out, octet.into());
+            }
+        }
+        // Formatting into a String cannot fail.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// `n` in decimal.
+fn write_number(out: &mut String, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[i..].iter().map(|&d| char::from(d)));
 }
 
 /// The four parts of the restore input, in the order they are written.
@@ -262,6 +400,43 @@ struct Tables {
     filter_rules: Lines,
     nat_chains: Lines,
     nat_rules: Lines,
+}
+
+impl Tables {
+    /// Room for the nat rules and chains of `ports` service ports with `endpoints` endpoints
+    /// (generous: pages reserved and not written cost nothing), so that the buffers of a
+    /// large render are not copied as they grow.
+    fn reserve(&mut self, ports: usize, endpoints: usize) {
+        self.nat_rules.text.reserve(400 * ports + 450 * endpoints);
+        self.nat_chains.text.reserve(32 * (2 * ports + endpoints));
+    }
+
+    fn clear(&mut self) {
+        self.filter_chains.clear();
+        self.filter_rules.clear();
+        self.nat_chains.clear();
+        self.nat_rules.clear();
+    }
+
+    /// The whole restore input. The nat rules, most of it, stay in their buffer (whose
+    /// spare room takes the rest in front): no second copy of a large ruleset.
+    fn into_text(self) -> String {
+        let head_len = self.filter_chains.text.len()
+            + self.filter_rules.text.len()
+            + self.nat_chains.text.len()
+            + 32;
+        let mut head = String::with_capacity(head_len);
+        head.push_str("*filter\n");
+        head.push_str(&self.filter_chains.text);
+        head.push_str(&self.filter_rules.text);
+        head.push_str("COMMIT\n*nat\n");
+        head.push_str(&self.nat_chains.text);
+        let mut text = self.nat_rules.text;
+        text.reserve(head.len() + 8);
+        text.insert_str(0, &head);
+        text.push_str("COMMIT\n");
+        text
+    }
 }
 
 /// Renders one sync from scratch: serialises the [`plan::Plan`] of the model; every
@@ -289,13 +464,13 @@ pub enum SharedChains {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Block {
     /// Its lines in the shared nat chains, in write order.
-    nat_entry: Vec<String>,
+    nat_entry: Lines,
     /// Its lines in the shared filter chains, in write order.
-    filter_entry: Vec<String>,
+    filter_entry: Lines,
     /// Rules in its own nat chains (SVC, SVL, EXT, FW, SEP): the rules metric counts them.
     chain_rules: usize,
     /// Its own nat chains.
-    chains: Vec<String>,
+    chains: Vec<ChainName>,
     /// Its endpoints of the family (the large-cluster threshold counts them).
     endpoints: usize,
     /// internalTrafficPolicy Local without local endpoints.
@@ -351,24 +526,23 @@ impl Totals {
     }
 }
 
-/// A service port's block and the text of its own chains.
-fn render_port(sp: &ServicePlan, cfg: &RenderConfig, large: bool) -> (Block, Tables) {
-    let port = PortRules::new(sp, cfg, large);
+/// A service port's block; the text of its own chains goes to `own`.
+fn render_port(sp: &ServicePlan, ctx: &Ctx, own: &mut Tables) -> Block {
+    let port = PortRules::new(sp, ctx);
     let mut entry = Tables::default();
     port.write_entry_rules(&mut entry);
-    let mut own = Tables::default();
     let mut chains = Vec::new();
-    port.write_chains(&mut own, &mut chains);
-    let block = Block {
-        nat_entry: entry.nat_rules.0,
-        filter_entry: entry.filter_rules.0,
-        chain_rules: own.nat_rules.0.len(),
+    let rules_before = own.nat_rules.len();
+    port.write_chains(own, &mut chains);
+    Block {
+        nat_entry: entry.nat_rules,
+        filter_entry: entry.filter_rules,
+        chain_rules: own.nat_rules.len() - rules_before,
         chains,
         endpoints: sp.endpoints.len(),
         no_local_internal: sp.internal.lacks_local_endpoints(),
         no_local_external: sp.external.lacks_local_endpoints(),
-    };
-    (block, own)
+    }
 }
 
 /// The entries of `map` that are ports of `service` (ports sort after their service).
@@ -412,20 +586,22 @@ impl RenderCache {
             // Guards against a caller whose `changed` missed a service.
             reuse = self.blocks.len() + ports.len() == model.services.len();
         }
-        if !reuse {
+        if reuse {
+            // Every re-rendered port is in `old`, `None` if it is new.
+            for svc in &ports {
+                old.entry(svc.name.clone()).or_insert(None);
+            }
+        } else {
             old.clear();
             self.blocks.clear();
             self.totals = Totals::default();
             self.key = Some(key);
             ports = model.services.values().collect();
         }
-        // Every re-rendered port is in `old`, `None` if it is new.
-        for svc in &ports {
-            old.entry(svc.name.clone()).or_insert(None);
-        }
         let health_checks = model.health_checks();
         let opts = plan_options(cfg);
-        let mut plans = Vec::new();
+        let mut plans = Vec::with_capacity(ports.len());
+        let mut fresh = Vec::with_capacity(ports.len());
         for svc in ports {
             if cfg.family.matches(&svc.cluster_ip) {
                 plans.push(plan::plan_port(
@@ -436,22 +612,91 @@ impl RenderCache {
                     &health_checks,
                 ));
             } else {
-                self.put(svc.name.clone(), None);
+                fresh.push((svc.name.clone(), None));
             }
         }
         let endpoints =
             self.totals.endpoints + plans.iter().map(|p| p.endpoints.len()).sum::<usize>();
         let large = endpoints > cfg.large_cluster_threshold;
-        let mut written = BTreeMap::new();
-        for sp in &plans {
-            let (block, own) = render_port(sp, cfg, large);
-            if changed.is_none_or(|c| c.contains(&sp.service.name.service)) {
-                written.insert(sp.service.name.clone(), own);
-            }
-            self.put(sp.service.name.clone(), Some(block));
+        let ctx = Ctx::new(cfg, large, &plans);
+        let edit = shared == SharedChains::Edit && reuse;
+        let mut out = Rendered {
+            large_cluster: large,
+            edited_shared_chains: edit,
+            ..Rendered::default()
+        };
+        // Rewrite: the fixed chains, then each service's shared-chain rules and own chains
+        // (upstream's write order); edit: the changed services' own chains only.
+        let mut body = Tables::default();
+        write_base_rules(&mut body, cfg);
+        let (base_nat, base_filter) = (body.nat_rules.len(), body.filter_rules.len());
+        if edit {
+            // Counted, not written.
+            body.clear();
         }
-        let edit = (shared == SharedChains::Edit && reuse).then_some(&old);
-        let mut out = self.assemble(input, large, written, edit);
+        if reuse {
+            let mut written = Vec::with_capacity(plans.len());
+            for sp in &plans {
+                let mut own = Tables::default();
+                fresh.push((sp.service.name.clone(), Some(render_port(sp, &ctx, &mut own))));
+                written.push((&sp.service.name, own));
+            }
+            self.put_all(fresh);
+            self.write_cached(&mut body, written, edit);
+        } else {
+            // Every port, streamed in the model's (= the cache's) order.
+            body.reserve(plans.len(), endpoints);
+            let mut own = Tables::default();
+            for sp in &plans {
+                own.clear();
+                let block = render_port(sp, &ctx, &mut own);
+                body.nat_rules.extend(&block.nat_entry);
+                body.filter_rules.extend(&block.filter_entry);
+                if changed.is_none_or(|c| c.contains(&sp.service.name.service)) {
+                    body.nat_chains.extend(&own.nat_chains);
+                    body.nat_rules.extend(&own.nat_rules);
+                }
+                fresh.push((sp.service.name.clone(), Some(block)));
+            }
+            self.put_all(fresh);
+        }
+        // Stale-chain deletion needs every live chain; otherwise the set is not built (60k
+        // names at 10k services).
+        let mut stale = Tables::default();
+        if matches!(input.scope, SyncScope::Full) || input.existing_nat_chains.is_some() {
+            let mut active: Vec<ChainName> = self
+                .blocks
+                .values()
+                .flatten()
+                .flat_map(|b| b.chains.iter().copied())
+                .collect();
+            active.sort_unstable();
+            active.dedup();
+            if let Some(existing) = input.existing_nat_chains {
+                delete_stale_chains(&mut stale, &mut out, existing, &active);
+            }
+            out.active_nat_chains = active.iter().map(|c| c.as_str().to_owned()).collect();
+        }
+        let mut tail = Tables::default();
+        write_node_ports_tail(&mut tail, cfg);
+        write_forward_rules(&mut tail, cfg);
+        let totals = self.totals;
+        out.no_local_endpoints_internal = totals.no_local_internal;
+        out.no_local_endpoints_external = totals.no_local_external;
+        out.filter_rules = base_filter + totals.filter_rules + tail.filter_rules.len();
+        out.nat_rules = base_nat + totals.nat_rules + tail.nat_rules.len();
+        if edit {
+            let edits = self.edits(&old);
+            out.nat_rules_written = body.nat_rules.len() + edits.nat_insert.len();
+            out.text = edits.text(&body, &stale);
+        } else {
+            body.nat_chains.extend(&stale.nat_chains);
+            body.nat_rules.extend(&stale.nat_rules);
+            body.nat_rules.extend(&tail.nat_rules);
+            body.filter_rules.extend(&tail.filter_rules);
+            out.nat_rules_written = body.nat_rules.len() - out.deleted_chains.len();
+            out.text = body.into_text();
+        }
         out.health_check_node_ports = health_checks;
         out
     }
@@ -471,94 +716,49 @@ impl RenderCache {
         taken
     }
 
-    /// Caches `block` for `name`.
-    fn put(&mut self, name: ServicePortName, block: Option<Block>) {
-        if let Some(b) = &block {
+    /// Caches the `fresh` blocks (built in one go into an empty cache: a full render's).
+    fn put_all(&mut self, fresh: Vec<(ServicePortName, Option<Block>)>) {
+        for b in fresh.iter().filter_map(|(_, b)| b.as_ref()) {
             self.totals.count(b, true);
         }
-        if let Some(Some(was)) = self.blocks.insert(name, block) {
-            self.totals.count(&was, false);
+        if self.blocks.is_empty() {
+            self.blocks = fresh.into_iter().collect();
+            return;
+        }
+        for (name, block) in fresh {
+            if let Some(Some(was)) = self.blocks.insert(name, block) {
+                self.totals.count(&was, false);
+            }
         }
     }
 
-    /// The restore input and counts from the cached blocks and the chains of the services
-    /// `written`; `edit` holds the replaced blocks when the shared chains are edited.
-    fn assemble(
+    /// A partial render's services into `body`: the own chains of the re-rendered services
+    /// `written`, and unless `edit` every cached service's shared-chain rules, in order.
+    fn write_cached(
         &self,
-        input: &RenderInput,
-        large: bool,
-        mut written: BTreeMap<ServicePortName, Tables>,
-        edit: Option<&BTreeMap<ServicePortName, Option<Block>>>,
-    ) -> Rendered {
-        let cfg = input.config;
-        let mut out = Rendered {
-            large_cluster: large,
-            ..Rendered::default()
-        };
-        // Stale-chain deletion needs every live chain; otherwise the set is not built (60k
-        // names at 10k services).
-        let want_active =
-            matches!(input.scope, SyncScope::Full) || input.existing_nat_chains.is_some();
-        let mut t = Tables::default();
-        write_base_rules(&mut t, cfg);
-        let (base_nat, base_filter) = (t.nat_rules.0.len(), t.filter_rules.0.len());
-        let mut own = Tables::default();
-        // An edit without a stale-chain scan writes only the changed services' chains: the
-        // unchanged ones are not visited (the totals count them).
-        let visit_all = edit.is_none() || want_active;
-        if !visit_all {
-            for chains in std::mem::take(&mut written).into_values() {
-                own.nat_chains.0.extend(chains.nat_chains.0);
-                own.nat_rules.0.extend(chains.nat_rules.0);
+        body: &mut Tables,
+        mut written: Vec<(&ServicePortName, Tables)>,
+        edit: bool,
+    ) {
+        written.sort_by(|a, b| a.0.cmp(b.0));
+        if edit {
+            // The unchanged services are not visited (the totals count them).
+            for (_, own) in &written {
+                body.nat_chains.extend(&own.nat_chains);
+                body.nat_rules.extend(&own.nat_rules);
             }
+            return;
         }
-        let blocks = visit_all.then_some(&self.blocks);
-        for (name, b) in blocks.into_iter().flatten() {
+        let mut written = written.into_iter().peekable();
+        for (name, b) in &self.blocks {
             let Some(b) = b else { continue };
-            if want_active {
-                out.active_nat_chains.extend(b.chains.iter().cloned());
-            }
-            // Rewrite: each service's shared-chain rules, then its own chains (upstream's
-            // write order); edit: its own chains only.
-            let into = if edit.is_some() { &mut own } else { &mut t };
-            if edit.is_none() {
-                into.nat_rules.0.extend(b.nat_entry.iter().cloned());
-                into.filter_rules.0.extend(b.filter_entry.iter().cloned());
-            }
-            if let Some(chains) = written.remove(name) {
-                into.nat_chains.0.extend(chains.nat_chains.0);
-                into.nat_rules.0.extend(chains.nat_rules.0);
+            body.nat_rules.extend(&b.nat_entry);
+            body.filter_rules.extend(&b.filter_entry);
+            if let Some((_, own)) = written.next_if(|(n, _)| *n == name) {
+                body.nat_chains.extend(&own.nat_chains);
+                body.nat_rules.extend(&own.nat_rules);
             }
         }
-        let mut stale = Tables::default();
-        if let Some(existing) = input.existing_nat_chains {
-            delete_stale_chains(&mut stale, &mut out, existing);
-        }
-        let mut tail = Tables::default();
-        write_node_ports_tail(&mut tail, cfg);
-        write_forward_rules(&mut tail, cfg);
-        let totals = self.totals;
-        out.no_local_endpoints_internal = totals.no_local_internal;
-        out.no_local_endpoints_external = totals.no_local_external;
-        out.filter_rules = base_filter + totals.filter_rules + tail.filter_rules.0.len();
-        out.nat_rules = base_nat + totals.nat_rules + tail.nat_rules.0.len();
-        match edit {
-            None => {
-                t.nat_chains.0.extend(stale.nat_chains.0);
-                t.nat_rules.0.extend(stale.nat_rules.0);
-                t.nat_rules.0.extend(tail.nat_rules.0);
-                t.filter_rules.0.extend(tail.filter_rules.0);
-                out.nat_rules_written = t.nat_rules.0.len() - out.deleted_chains.len();
-                out.text = t.text();
-            }
-            Some(old) => {
-                let edits = self.edits(old);
-                out.nat_rules_written = own.nat_rules.0.len() + edits.nat_insert.len();
-                out.text = edits.text(own, stale);
-                out.edited_shared_chains = true;
-            }
-        }
-        out
     }
 
     /// The `-D`/`-I` lines that turn the shared chains as the replaced blocks `old` (`None`:
@@ -589,11 +789,9 @@ impl RenderCache {
                     } else {
                         &mut e.filter_delete
                     };
-                    deletes.extend(
-                        was.iter()
-                            .filter(|l| split_append(l).0 == chain)
-                            .map(|l| as_delete(l)),
-                    );
+                    for l in was.iter().filter(|l| split_append(l).0 == chain) {
+                        deletes.push_line(&as_delete(l));
+                    }
                 }
             }
         }
@@ -606,7 +804,7 @@ impl RenderCache {
         for (name, b) in &self.blocks {
             let Some(b) = b else { continue };
             for (nat, lines) in [(true, &b.nat_entry), (false, &b.filter_entry)] {
-                for line in lines {
+                for line in lines.iter() {
                     let (chain, rest) = split_append(line);
                     let n = match counts.iter_mut().find(|c| c.0 == nat && c.1 == chain) {
                         Some(c) => {
@@ -624,7 +822,7 @@ impl RenderCache {
                         } else {
                             &mut e.filter_insert
                         };
-                        to.push(format!("-I {chain} {n} {rest}"));
+                        to.push_line(&format!("-I {chain} {n} {rest}"));
                     }
                 }
             }
@@ -634,12 +832,12 @@ impl RenderCache {
 }
 
 /// The chains whose lines differ between `was` and `now` (one service port's, either table).
-fn changed_chains<'l>(was: &'l [String], now: &'l [String]) -> BTreeSet<&'l str> {
-    let chains: BTreeSet<&str> = was.iter().chain(now).map(|l| split_append(l).0).collect();
+fn changed_chains<'l>(was: &'l Lines, now: &'l Lines) -> BTreeSet<&'l str> {
+    let chains: BTreeSet<&str> = was.iter().chain(now.iter()).map(|l| split_append(l).0).collect();
     chains
         .into_iter()
         .filter(|c| {
-            let of = |lines: &'l [String]| lines.iter().filter(move |l| split_append(l).0 == *c);
+            let of = |lines: &'l Lines| lines.iter().filter(move |l| split_append(l).0 == *c);
             !of(was).eq(of(now))
         })
         .collect()
@@ -648,10 +846,10 @@ fn changed_chains<'l>(was: &'l [String], now: &'l [String]) -> BTreeSet<&'l str>
 /// The shared-chain edits of one partial sync.
 #[derive(Debug, Default)]
 struct Edits {
-    nat_delete: Vec<String>,
-    nat_insert: Vec<String>,
-    filter_delete: Vec<String>,
-    filter_insert: Vec<String>,
+    nat_delete: Lines,
+    nat_insert: Lines,
+    filter_delete: Lines,
+    filter_insert: Lines,
 }
 
 impl Edits {
@@ -659,16 +857,17 @@ impl Edits {
     /// chains `own`, then the insertions that jump to them, then the stale chains' `-X`. The
     /// fixed chains are not written: the cache is only reused with the settings that wrote
     /// them. A table with nothing to do is left out.
-    fn text(self, own: Tables, stale: Tables) -> String {
+    fn text(&self, own: &Tables, stale: &Tables) -> String {
         let mut text = String::new();
-        let mut table = |name: &str, parts: &[&[String]]| {
+        let mut table = |name: &str, parts: &[&Lines]| {
             if parts.iter().all(|p| p.is_empty()) {
                 return;
             }
-            text.push_str(&format!("*{name}\n"));
-            for l in parts.iter().flat_map(|p| p.iter()) {
-                text.push_str(l);
-                text.push('\n');
+            text.push('*');
+            text.push_str(name);
+            text.push('\n');
+            for p in parts {
+                text.push_str(&p.text);
             }
             text.push_str("COMMIT\n");
         };
@@ -676,12 +875,12 @@ impl Edits {
         table(
             "nat",
             &[
-                &own.nat_chains.0,
-                &stale.nat_chains.0,
+                &own.nat_chains,
+                &stale.nat_chains,
                 &self.nat_delete,
-                &own.nat_rules.0,
+                &own.nat_rules,
                 &self.nat_insert,
-                &stale.nat_rules.0,
+                &stale.nat_rules,
             ],
         );
         text
@@ -709,33 +908,9 @@ fn plan_options(cfg: &RenderConfig) -> PlanOptions {
     }
 }
 
-impl Tables {
-    /// The whole restore input.
-    fn text(&self) -> String {
-        let lines = self.filter_chains.0.len()
-            + self.filter_rules.0.len()
-            + self.nat_chains.0.len()
-            + self.nat_rules.0.len();
-        let mut text = String::with_capacity(64 * lines);
-        text.push_str("*filter\n");
-        for l in self.filter_chains.0.iter().chain(&self.filter_rules.0) {
-            text.push_str(l);
-            text.push('\n');
-        }
-        text.push_str("COMMIT\n*nat\n");
-        for l in self.nat_chains.0.iter().chain(&self.nat_rules.0) {
-            text.push_str(l);
-            text.push('\n');
-        }
-        text.push_str("COMMIT\n");
-        text
-    }
-}
-
 /// The fixed chains, the masquerade machinery and the localhost firewall.
 fn write_base_rules(t: &mut Tables, cfg: &RenderConfig) {
     let mark = cfg.masquerade_mark();
-    let mark_match = format!("{mark}/{mark}");
     for c in [
         KUBE_SERVICES,
         KUBE_EXTERNAL_SERVICES,
@@ -743,7 +918,7 @@ fn write_base_rules(t: &mut Tables, cfg: &RenderConfig) {
         KUBE_NODEPORTS,
         KUBE_PROXY_FIREWALL,
     ] {
-        t.filter_chains.0.push(chain_line(c));
+        t.filter_chains.push_chain(c);
     }
     for c in [
         KUBE_SERVICES,
@@ -751,87 +926,56 @@ fn write_base_rules(t: &mut Tables, cfg: &RenderConfig) {
         KUBE_POSTROUTING,
         KUBE_MARK_MASQ,
     ] {
-        t.nat_chains.0.push(chain_line(c));
+        t.nat_chains.push_chain(c);
     }
 
-    t.nat_rules.push(&words![
-        "-A",
-        KUBE_POSTROUTING,
-        "-m",
-        "mark",
-        "!",
-        "--mark",
-        &mark_match,
-        "-j",
-        "RETURN"
-    ]);
-    t.nat_rules.push(&words![
-        "-A",
-        KUBE_POSTROUTING,
-        "-j",
-        "MARK",
-        "--xor-mark",
-        &mark
-    ]);
-    let mut masq = words![
-        "-A",
-        KUBE_POSTROUTING,
-        "-m",
-        "comment",
-        "--comment",
-        quoted("kubernetes service traffic requiring SNAT"),
-    ];
-    match cfg
+    rule!(t.nat_rules; "-A", KUBE_POSTROUTING, "-m mark ! --mark", format_args!("{mark}/{mark}"), "-j RETURN");
+    rule!(t.nat_rules; "-A", KUBE_POSTROUTING, "-j MARK --xor-mark", mark);
+    let snat_to = cfg
         .primary_node_ip
-        .filter(|ip| cfg.snat_to_node_ip && !ip.is_loopback())
-    {
-        Some(ip) => masq.extend(words!["-j", "SNAT", "--to-source", ip.to_string()]),
-        None => masq.extend(words!["-j", "MASQUERADE"]),
-    }
-    if cfg.random_fully {
-        masq.push("--random-fully".into());
-    }
-    t.nat_rules.push(&masq);
-    t.nat_rules.push(&words![
+        .filter(|ip| cfg.snat_to_node_ip && !ip.is_loopback());
+    let target = match snat_to {
+        Some(ip) => format!("-j SNAT --to-source {ip}"),
+        None => "-j MASQUERADE".to_string(),
+    };
+    rule!(
+        t.nat_rules;
         "-A",
-        KUBE_MARK_MASQ,
-        "-j",
-        "MARK",
-        "--or-mark",
-        &mark
-    ]);
+        KUBE_POSTROUTING,
+        "-m comment --comment",
+        "\"kubernetes service traffic requiring SNAT\"",
+        target,
+        cfg.random_fully.then_some("--random-fully"),
+    );
+    rule!(t.nat_rules; "-A", KUBE_MARK_MASQ, "-j MARK --or-mark", mark);
 
     if cfg.effective_localhost_node_ports() {
-        t.filter_chains.0.push(chain_line(KUBE_FIREWALL));
-        t.filter_rules.push(&words![
+        t.filter_chains.push_chain(KUBE_FIREWALL);
+        rule!(
+            t.filter_rules;
             "-A",
             KUBE_FIREWALL,
-            "-m",
-            "comment",
-            "--comment",
-            quoted("block incoming localnet connections"),
-            "-d",
-            "127.0.0.0/8",
-            "!",
-            "-s",
-            "127.0.0.0/8",
-            "-m",
-            "conntrack",
-            "!",
-            "--ctstate",
-            "RELATED,ESTABLISHED,DNAT",
-            "-j",
-            "DROP",
-        ]);
+            "-m comment --comment",
+            "\"block incoming localnet connections\"",
+            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        );
     }
 }
 
-/// Stale per-service chains: flush with a chain line, then delete.
-fn delete_stale_chains(t: &mut Tables, out: &mut Rendered, existing: &BTreeSet<String>) {
+/// Stale per-service chains (not in `active`, sorted): flush with a chain line, then delete.
+fn delete_stale_chains(
+    t: &mut Tables,
+    out: &mut Rendered,
+    existing: &BTreeSet<String>,
+    active: &[ChainName],
+) {
     for chain in existing {
-        if names::is_service_chain(chain) && !out.active_nat_chains.contains(chain) {
-            t.nat_chains.0.push(chain_line(chain));
-            t.nat_rules.push(&["-X", chain.as_str()]);
+        let live = active
+            .binary_search_by(|c| c.as_bytes().cmp(chain.as_bytes()))
+            .is_ok();
+        if names::is_service_chain(chain) && !live {
+            t.nat_chains.push_chain(chain);
+            rule!(t.nat_rules; "-X", chain);
             out.deleted_chains.push(chain.clone());
         }
     }
@@ -840,46 +984,37 @@ fn delete_stale_chains(t: &mut Tables, out: &mut Rendered, existing: &BTreeSet<S
 /// The node-ports tail call: it must be the last rule of nat KUBE-SERVICES.
 fn write_node_ports_tail(t: &mut Tables, cfg: &RenderConfig) {
     let localhost_node_ports = cfg.effective_localhost_node_ports();
-    let nodeports_comment =
-        quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
+    let comment = (
+        "-m comment --comment",
+        "\"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"",
+    );
     match cfg.node_port_destinations() {
         NodePortDestinations::AllLocal => {
-            let mut dest = words!["-m", "addrtype", "--dst-type", "LOCAL"];
             // IPv6 node ports never work on localhost; IPv4 ones only with route_localnet.
-            if cfg.family == IpFamily::V6 {
-                dest.extend(words!["!", "-d", "::1/128"]);
+            let not_localhost = if cfg.family == IpFamily::V6 {
+                "! -d ::1/128"
             } else if !localhost_node_ports {
-                dest.extend(words!["!", "-d", "127.0.0.0/8"]);
-            }
-            t.nat_rules.push(&words![
+                "! -d 127.0.0.0/8"
+            } else {
+                ""
+            };
+            rule!(
+                t.nat_rules;
                 "-A",
                 KUBE_SERVICES,
-                "-m",
-                "comment",
-                "--comment",
-                &nodeports_comment,
-                dest,
+                comment,
+                "-m addrtype --dst-type LOCAL",
+                not_localhost,
                 "-j",
                 KUBE_NODEPORTS,
-            ]);
+            );
         }
         NodePortDestinations::Ips(ips) => {
             for ip in ips {
                 if ip.is_loopback() && !localhost_node_ports {
                     continue;
                 }
-                t.nat_rules.push(&words![
-                    "-A",
-                    KUBE_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &nodeports_comment,
-                    "-d",
-                    ip.to_string(),
-                    "-j",
-                    KUBE_NODEPORTS,
-                ]);
+                rule!(t.nat_rules; "-A", KUBE_SERVICES, comment, format_args!("-d {ip}"), "-j", KUBE_NODEPORTS);
             }
         }
     }
@@ -888,110 +1023,178 @@ fn write_node_ports_tail(t: &mut Tables, cfg: &RenderConfig) {
 /// The filter KUBE-FORWARD chain.
 fn write_forward_rules(t: &mut Tables, cfg: &RenderConfig) {
     let mark = cfg.masquerade_mark();
-    let mark_match = format!("{mark}/{mark}");
     if !cfg.conntrack_tcp_be_liberal {
-        let mut rule = words![
+        rule!(
+            t.filter_rules;
             "-A",
             KUBE_FORWARD,
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "INVALID"
-        ];
-        if cfg.nfacct_ct_state_invalid {
-            rule.extend(words![
-                "-m",
-                "nfacct",
-                "--nfacct-name",
-                NFACCT_CT_STATE_INVALID
-            ]);
-        }
-        rule.extend(words!["-j", "DROP"]);
-        t.filter_rules.push(&rule);
+            "-m conntrack --ctstate INVALID",
+            cfg.nfacct_ct_state_invalid
+                .then_some(("-m nfacct --nfacct-name", NFACCT_CT_STATE_INVALID)),
+            "-j DROP",
+        );
     }
-    t.filter_rules.push(&words![
+    rule!(
+        t.filter_rules;
         "-A",
         KUBE_FORWARD,
-        "-m",
-        "comment",
-        "--comment",
-        quoted("kubernetes forwarding rules"),
-        "-m",
-        "mark",
-        "--mark",
-        &mark_match,
-        "-j",
-        "ACCEPT",
-    ]);
-    t.filter_rules.push(&words![
+        "-m comment --comment",
+        "\"kubernetes forwarding rules\"",
+        format_args!("-m mark --mark {mark}/{mark}"),
+        "-j ACCEPT",
+    );
+    rule!(
+        t.filter_rules;
         "-A",
         KUBE_FORWARD,
-        "-m",
-        "comment",
-        "--comment",
-        quoted("kubernetes forwarding conntrack rule"),
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "RELATED,ESTABLISHED",
-        "-j",
-        "ACCEPT",
-    ]);
+        "-m comment --comment",
+        "\"kubernetes forwarding conntrack rule\"",
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    );
+}
+
+/// What every port's rules share in one render: the settings, and words derived from them
+/// once rather than per rule.
+struct Ctx {
+    /// Large-cluster mode: no per-endpoint comments.
+    large: bool,
+    /// The local-traffic match (`-s CIDR`, `-i IF`; empty without a detector).
+    if_local: String,
+    /// Its negation.
+    if_not_local: String,
+    /// Localhost node ports are in effect and counted by their nfacct counter.
+    localhost_nfacct: bool,
+    /// [`probability`]`(k)` at index k, for every k a port's endpoint list needs.
+    probabilities: Vec<String>,
+}
+
+impl Ctx {
+    fn new(cfg: &RenderConfig, large: bool, plans: &[ServicePlan]) -> Self {
+        let most = plans
+            .iter()
+            .map(|p| p.cluster.len().max(p.local.len()))
+            .max()
+            .unwrap_or(0);
+        Ctx {
+            large,
+            if_local: cfg.local_detector.if_local().join(" "),
+            if_not_local: cfg.local_detector.if_not_local().join(" "),
+            localhost_nfacct: cfg.effective_localhost_node_ports()
+                && cfg.nfacct_localhost_nodeports,
+            probabilities: (0..=most).map(|k| probability(k.max(1))).collect(),
+        }
+    }
+
+    /// [`probability`]`(k)`.
+    fn probability(&self, k: usize) -> std::borrow::Cow<'_, str> {
+        match self.probabilities.get(k) {
+            Some(p) => p.as_str().into(),
+            None => probability(k).into(),
+        }
+    }
+}
+
+/// `PROTO-MATCH -d IP --dport PORT`.
+fn dest(proto_match: &str, ip: IpAddr, port: u16) -> String {
+    let mut d = String::with_capacity(proto_match.len() + 40);
+    d.push_str(proto_match);
+    d.push_str(" -d ");
+    write_ip(&mut d, ip);
+    d.push_str(" --dport ");
+    write_number(&mut d, port);
+    d
+}
+
+/// A service port's name as upstream prints it (`ns/name:port`, `ns/name` when unnamed).
+fn port_name(name: &ServicePortName) -> String {
+    let service = &name.service;
+    let mut s =
+        String::with_capacity(service.namespace.len() + service.name.len() + name.port.len() + 2);
+    s.push_str(&service.namespace);
+    s.push('/');
+    s.push_str(&service.name);
+    if !name.port.is_empty() {
+        s.push(':');
+        s.push_str(&name.port);
+    }
+    s
+}
+
+/// `-m PROTO -p PROTO`.
+fn proto_match(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "-m tcp -p tcp",
+        Protocol::Udp => "-m udp -p udp",
+        Protocol::Sctp => "-m sctp -p sctp",
+    }
 }
 
 /// One service port's plan with the names and words its rules share.
 struct PortRules<'p, 'a> {
     sp: &'p ServicePlan<'a>,
-    cfg: &'p RenderConfig,
-    large: bool,
+    ctx: &'p Ctx,
     name_str: String,
-    proto_match: Vec<String>,
-    port: String,
-    cluster_ip: String,
-    cluster_chain: String,
-    local_chain: String,
-    ext_chain: String,
-    fw_chain: String,
+    proto_match: &'static str,
+    /// `-m PROTO -p PROTO -d CLUSTER-IP --dport PORT`.
+    cluster_dest: String,
+    cluster_chain: ChainName,
+    local_chain: ChainName,
+    ext_chain: ChainName,
+    fw_chain: ChainName,
+    /// The KUBE-SEP chain of each reachable endpoint (hashed once), by (IP, port).
+    seps: Vec<((IpAddr, u16), ChainName)>,
 }
 
 impl<'p, 'a> PortRules<'p, 'a> {
-    fn new(sp: &'p ServicePlan<'a>, cfg: &'p RenderConfig, large: bool) -> Self {
+    fn new(sp: &'p ServicePlan<'a>, ctx: &'p Ctx) -> Self {
         let name = &sp.service.name;
-        let proto = name.protocol.lower();
+        let proto_match = proto_match(name.protocol);
+        let mut hasher = PortHasher::new(name);
+        let hash = hasher.port();
+        let mut seps: Vec<_> = sp
+            .reachable
+            .iter()
+            .map(|ep| ((ep.ip, ep.port), endpoint_chain(&mut hasher, ep)))
+            .collect();
+        seps.sort_unstable_by_key(|(k, _)| *k);
         PortRules {
             sp,
-            cfg,
-            large,
-            name_str: name.to_string(),
-            proto_match: words!["-m", proto, "-p", proto],
-            port: sp.service.port.to_string(),
-            cluster_ip: sp.service.cluster_ip.to_string(),
-            cluster_chain: names::service_chain(name),
-            local_chain: names::local_service_chain(name),
-            ext_chain: names::external_chain(name),
-            fw_chain: names::firewall_chain(name),
+            ctx,
+            name_str: port_name(name),
+            proto_match,
+            cluster_dest: dest(proto_match, sp.service.cluster_ip, sp.service.port),
+            cluster_chain: ChainName::new(SVC_PREFIX, &hash),
+            local_chain: ChainName::new(SVL_PREFIX, &hash),
+            ext_chain: ChainName::new(EXT_PREFIX, &hash),
+            fw_chain: ChainName::new(FW_PREFIX, &hash),
+            seps,
         }
     }
 
     /// The chain implementing `policy`.
-    fn policy_chain(&self, policy: Policy) -> &str {
+    fn policy_chain(&self, policy: Policy) -> &ChainName {
         match policy {
             Policy::Cluster => &self.cluster_chain,
             Policy::Local => &self.local_chain,
         }
     }
 
-    /// The filter target and comment of traffic the plan refuses (`None`: served).
-    fn refusal(&self, d: Disposition) -> Option<(&'static str, String)> {
-        let (target, reason) = match d {
-            Disposition::Serve(_) => return None,
-            Disposition::Reject(r) => ("REJECT", r),
-            Disposition::Drop(r) => ("DROP", r),
-        };
-        Some((
-            target,
-            quoted(&format!("{} {}", self.name_str, reason.describe())),
-        ))
+    /// `ep`'s KUBE-SEP chain.
+    fn sep(&self, ep: &Endpoint) -> ChainName {
+        match self.seps.binary_search_by_key(&(ep.ip, ep.port), |(k, _)| *k) {
+            Ok(i) => self.seps[i].1,
+            // The plan's endpoint lists are all within `reachable`; hashed anyway.
+            Err(_) => endpoint_chain(&mut PortHasher::new(&self.sp.service.name), ep),
+        }
+    }
+
+    /// The filter target of traffic the plan refuses, and why (`None`: served).
+    fn refusal(&self, d: Disposition) -> Option<(&'static str, plan::Reason)> {
+        match d {
+            Disposition::Serve(_) => None,
+            Disposition::Reject(r) => Some(("REJECT", r)),
+            Disposition::Drop(r) => Some(("DROP", r)),
+        }
     }
 
     /// The FW chain exists only while there are endpoints to protect.
@@ -1008,101 +1211,84 @@ impl<'p, 'a> PortRules<'p, 'a> {
             self.write_node_port(t, node_port);
         }
         if let Some(hc) = self.sp.health_check {
-            t.filter_rules.push(&words![
+            rule!(
+                t.filter_rules;
                 "-A",
                 KUBE_NODEPORTS,
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{} health check node port", self.name_str)),
-                "-m",
-                "tcp",
-                "-p",
-                "tcp",
-                "--dport",
-                hc.node_port.to_string(),
-                "-j",
-                "ACCEPT",
-            ]);
+                "-m comment --comment",
+                format_args!("\"{} health check node port\"", self.name_str),
+                "-m tcp -p tcp --dport",
+                format_args!("{}", hc.node_port),
+                "-j ACCEPT",
+            );
         }
     }
 
     fn write_cluster_ip(&self, t: &mut Tables) {
-        let dest = words![
-            &self.proto_match,
-            "-d",
-            &self.cluster_ip,
-            "--dport",
-            &self.port
-        ];
+        let name = &self.name_str;
         match (self.sp.internal.served_by(), self.refusal(self.sp.internal)) {
-            (Some(policy), _) => t.nat_rules.push(&words![
+            (Some(policy), _) => rule!(
+                t.nat_rules;
                 "-A",
                 KUBE_SERVICES,
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{} cluster IP", self.name_str)),
-                dest,
+                "-m comment --comment",
+                format_args!("\"{name} cluster IP\""),
+                self.cluster_dest,
                 "-j",
                 self.policy_chain(policy),
-            ]),
-            (None, Some((target, comment))) => t.filter_rules.push(&words![
+            ),
+            (None, Some((target, reason))) => rule!(
+                t.filter_rules;
                 "-A",
                 KUBE_SERVICES,
-                "-m",
-                "comment",
-                "--comment",
-                comment,
-                dest,
+                "-m comment --comment",
+                format_args!("\"{name} {}\"", reason.describe()),
+                self.cluster_dest,
                 "-j",
                 target,
-            ]),
+            ),
             (None, None) => {}
         }
     }
 
     /// The filter KUBE-EXTERNAL-SERVICES rule refusing external traffic to `dest`, if the
     /// plan refuses it.
-    fn write_external_refusal(&self, t: &mut Tables, dest: Vec<String>) {
-        if let Some((target, comment)) = self.refusal(self.sp.external) {
-            t.filter_rules.push(&words![
+    fn write_external_refusal(&self, t: &mut Tables, dest: &str) {
+        if let Some((target, reason)) = self.refusal(self.sp.external) {
+            rule!(
+                t.filter_rules;
                 "-A",
                 KUBE_EXTERNAL_SERVICES,
-                "-m",
-                "comment",
-                "--comment",
-                comment,
+                "-m comment --comment",
+                format_args!("\"{} {}\"", self.name_str, reason.describe()),
                 dest,
                 "-j",
                 target,
-            ]);
+            );
         }
+    }
+
+    /// `-m PROTO -p PROTO -d IP --dport PORT`.
+    fn dest(&self, ip: &IpAddr) -> String {
+        dest(self.proto_match, *ip, self.sp.service.port)
     }
 
     fn write_external_ips(&self, t: &mut Tables) {
         for ip in &self.sp.external_ips {
-            let dest = words![
-                &self.proto_match,
-                "-d",
-                ip.to_string(),
-                "--dport",
-                &self.port
-            ];
+            let dest = self.dest(ip);
             if self.sp.has_endpoints {
-                t.nat_rules.push(&words![
+                rule!(
+                    t.nat_rules;
                     "-A",
                     KUBE_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!("{} external IP", self.name_str)),
-                    &dest,
+                    "-m comment --comment",
+                    format_args!("\"{} external IP\"", self.name_str),
+                    dest,
                     "-j",
-                    &self.ext_chain,
-                ]);
+                    self.ext_chain,
+                );
             }
-            self.write_external_refusal(t, dest);
+            self.write_external_refusal(t, &dest);
         }
     }
 
@@ -1113,106 +1299,78 @@ impl<'p, 'a> PortRules<'p, 'a> {
         } else {
             &self.ext_chain
         };
-        let dest = |ip: &IpAddr| {
-            words![
-                &self.proto_match,
-                "-d",
-                ip.to_string(),
-                "--dport",
-                &self.port
-            ]
-        };
         for ip in &self.sp.load_balancer_ips {
+            let dest = self.dest(ip);
             if self.sp.has_endpoints {
-                t.nat_rules.push(&words![
+                rule!(
+                    t.nat_rules;
                     "-A",
                     KUBE_SERVICES,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!("{} loadbalancer IP", self.name_str)),
-                    dest(ip),
+                    "-m comment --comment",
+                    format_args!("\"{} loadbalancer IP\"", self.name_str),
+                    dest,
                     "-j",
                     lb_chain,
-                ]);
+                );
             }
             if uses_fw_chain {
-                t.filter_rules.push(&words![
+                rule!(
+                    t.filter_rules;
                     "-A",
                     KUBE_PROXY_FIREWALL,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    quoted(&format!(
-                        "{} traffic not accepted by {}",
-                        self.name_str, self.fw_chain
-                    )),
-                    dest(ip),
-                    "-j",
-                    "DROP",
-                ]);
+                    "-m comment --comment",
+                    format_args!("\"{} traffic not accepted by {}\"", self.name_str, self.fw_chain),
+                    dest,
+                    "-j DROP",
+                );
             }
         }
         for ip in &self.sp.load_balancer_ips {
-            self.write_external_refusal(t, dest(ip));
+            self.write_external_refusal(t, &self.dest(ip));
         }
     }
 
     fn write_node_port(&self, t: &mut Tables, node_port: u16) {
-        let node_port = node_port.to_string();
         if self.sp.has_endpoints {
-            if self.cfg.effective_localhost_node_ports() && self.cfg.nfacct_localhost_nodeports {
-                t.nat_rules.push(&words![
+            if self.ctx.localhost_nfacct {
+                rule!(
+                    t.nat_rules;
                     "-A",
                     KUBE_NODEPORTS,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &self.name_str,
-                    &self.proto_match,
-                    "-d",
-                    "127.0.0.0/8",
-                    "--dport",
-                    &node_port,
-                    "-m",
-                    "nfacct",
-                    "--nfacct-name",
+                    "-m comment --comment",
+                    self.name_str,
+                    self.proto_match,
+                    format_args!("-d 127.0.0.0/8 --dport {node_port}"),
+                    "-m nfacct --nfacct-name",
                     NFACCT_LOCALHOST_NODEPORTS,
                     "-j",
-                    &self.ext_chain,
-                ]);
+                    self.ext_chain,
+                );
             }
-            t.nat_rules.push(&words![
+            rule!(
+                t.nat_rules;
                 "-A",
                 KUBE_NODEPORTS,
-                "-m",
-                "comment",
-                "--comment",
-                &self.name_str,
-                &self.proto_match,
-                "--dport",
-                &node_port,
+                "-m comment --comment",
+                self.name_str,
+                self.proto_match,
+                format_args!("--dport {node_port}"),
                 "-j",
-                &self.ext_chain,
-            ]);
+                self.ext_chain,
+            );
         }
         self.write_external_refusal(
             t,
-            words![
-                "-m",
-                "addrtype",
-                "--dst-type",
-                "LOCAL",
-                &self.proto_match,
-                "--dport",
-                &node_port
-            ],
+            &format!(
+                "-m addrtype --dst-type LOCAL {} --dport {node_port}",
+                self.proto_match
+            ),
         );
     }
 
     /// The per-service nat chains (SVC, SVL, EXT, FW, SEP) into `t`; every chain written is
     /// recorded in `active`.
-    fn write_chains(&self, t: &mut Tables, active: &mut Vec<String>) {
+    fn write_chains(&self, t: &mut Tables, active: &mut Vec<ChainName>) {
         self.write_cluster_ip_masquerade(t);
         if self.sp.has_endpoints && self.sp.externally_accessible() {
             self.write_ext_chain(t, active);
@@ -1225,16 +1383,9 @@ impl<'p, 'a> PortRules<'p, 'a> {
             (&self.local_chain, &self.sp.local),
         ] {
             if !endpoints.is_empty() {
-                t.nat_chains.0.push(chain_line(chain));
-                active.push(chain.clone());
-                write_endpoint_rules(
-                    &mut t.nat_rules,
-                    &self.name_str,
-                    self.sp.service,
-                    chain,
-                    endpoints,
-                    self.large,
-                );
+                t.nat_chains.push_chain(chain.as_str());
+                active.push(*chain);
+                self.write_endpoint_rules(&mut t.nat_rules, chain, endpoints);
             }
         }
         self.write_endpoint_chains(t, active);
@@ -1244,213 +1395,198 @@ impl<'p, 'a> PortRules<'p, 'a> {
         let Some(policy) = self.sp.internal.served_by() else {
             return;
         };
-        let chain = self.policy_chain(policy);
-        let args = words![
-            "-m",
-            "comment",
-            "--comment",
-            quoted(&format!("{} cluster IP", self.name_str)),
-            &self.proto_match,
-            "-d",
-            &self.cluster_ip,
-            "--dport",
-            &self.port,
-        ];
-        match self.sp.cluster_ip_masquerade {
-            ClusterIpMasquerade::All => {
-                t.nat_rules
-                    .push(&words!["-A", chain, &args, "-j", KUBE_MARK_MASQ]);
-            }
-            ClusterIpMasquerade::NonLocalSources => t.nat_rules.push(&words![
-                "-A",
-                chain,
-                &args,
-                self.cfg.local_detector.if_not_local(),
-                "-j",
-                KUBE_MARK_MASQ,
-            ]),
-            ClusterIpMasquerade::None => {}
-        }
+        let not_local = match self.sp.cluster_ip_masquerade {
+            ClusterIpMasquerade::All => "",
+            ClusterIpMasquerade::NonLocalSources => &self.ctx.if_not_local,
+            ClusterIpMasquerade::None => return,
+        };
+        rule!(
+            t.nat_rules;
+            "-A",
+            self.policy_chain(policy),
+            "-m comment --comment",
+            format_args!("\"{} cluster IP\"", self.name_str),
+            self.cluster_dest,
+            not_local,
+            "-j",
+            KUBE_MARK_MASQ,
+        );
     }
 
-    fn write_ext_chain(&self, t: &mut Tables, active: &mut Vec<String>) {
+    fn write_ext_chain(&self, t: &mut Tables, active: &mut Vec<ChainName>) {
         let ext = &self.ext_chain;
-        let name_str = &self.name_str;
-        t.nat_chains.0.push(chain_line(ext));
-        active.push(ext.clone());
-        let comment = |what: &str| {
-            words![
+        let name = &self.name_str;
+        t.nat_chains.push_chain(ext.as_str());
+        active.push(*ext);
+        let rules = &mut t.nat_rules;
+        let comment = "-m comment --comment";
+        match self.sp.external_masquerade {
+            ExternalMasquerade::All => rule!(
+                *rules;
                 "-A",
                 ext,
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{what} for {name_str} external destinations"))
-            ]
-        };
-        match self.sp.external_masquerade {
-            ExternalMasquerade::All => {
-                t.nat_rules
-                    .push(&words![comment("masquerade traffic"), "-j", KUBE_MARK_MASQ]);
-            }
+                comment,
+                format_args!("\"masquerade traffic for {name} external destinations\""),
+                "-j",
+                KUBE_MARK_MASQ,
+            ),
             ExternalMasquerade::HostSourcesOnly { short_circuit_pods } => {
                 if short_circuit_pods {
-                    t.nat_rules.push(&words![
-                        comment("pod traffic"),
-                        self.cfg.local_detector.if_local(),
+                    rule!(
+                        *rules;
+                        "-A",
+                        ext,
+                        comment,
+                        format_args!("\"pod traffic for {name} external destinations\""),
+                        self.ctx.if_local,
                         "-j",
-                        &self.cluster_chain,
-                    ]);
+                        self.cluster_chain,
+                    );
                 }
-                let local_src = words!["-m", "addrtype", "--src-type", "LOCAL"];
-                t.nat_rules.push(&words![
-                    comment("masquerade LOCAL traffic"),
-                    &local_src,
-                    "-j",
+                rule!(
+                    *rules;
+                    "-A",
+                    ext,
+                    comment,
+                    format_args!("\"masquerade LOCAL traffic for {name} external destinations\""),
+                    "-m addrtype --src-type LOCAL -j",
                     KUBE_MARK_MASQ,
-                ]);
-                t.nat_rules.push(&words![
-                    comment("route LOCAL traffic"),
-                    &local_src,
-                    "-j",
-                    &self.cluster_chain,
-                ]);
+                );
+                rule!(
+                    *rules;
+                    "-A",
+                    ext,
+                    comment,
+                    format_args!("\"route LOCAL traffic for {name} external destinations\""),
+                    "-m addrtype --src-type LOCAL -j",
+                    self.cluster_chain,
+                );
             }
         }
         if let Some(policy) = self.sp.external.served_by() {
-            t.nat_rules
-                .push(&words!["-A", ext, "-j", self.policy_chain(policy)]);
+            rule!(*rules; "-A", ext, "-j", self.policy_chain(policy));
         }
     }
 
-    fn write_fw_chain(&self, t: &mut Tables, active: &mut Vec<String>, fw: &Firewall) {
+    fn write_fw_chain(&self, t: &mut Tables, active: &mut Vec<ChainName>, fw: &Firewall) {
         let fw_chain = &self.fw_chain;
-        t.nat_chains.0.push(chain_line(fw_chain));
-        active.push(fw_chain.clone());
-        let args = words![
-            "-A",
-            fw_chain,
-            "-m",
-            "comment",
-            "--comment",
-            quoted(&format!("{} loadbalancer IP", self.name_str)),
-        ];
+        t.nat_chains.push_chain(fw_chain.as_str());
+        active.push(*fw_chain);
+        let comment = (
+            "-m comment --comment",
+            format!("\"{} loadbalancer IP\"", self.name_str),
+        );
         for cidr in &fw.allowed {
-            t.nat_rules.push(&words![
-                &args,
-                "-s",
-                cidr.to_string(),
-                "-j",
-                &self.ext_chain
-            ]);
+            rule!(t.nat_rules; "-A", fw_chain, comment, format_args!("-s {cidr}"), "-j", self.ext_chain);
         }
         if fw.allow_from_node {
             for ip in &self.sp.load_balancer_ips {
-                t.nat_rules
-                    .push(&words![&args, "-s", ip.to_string(), "-j", &self.ext_chain]);
+                rule!(t.nat_rules; "-A", fw_chain, comment, format_args!("-s {ip}"), "-j", self.ext_chain);
             }
         }
-        t.nat_rules.push(&words![
+        rule!(
+            t.nat_rules;
             "-A",
             fw_chain,
-            "-m",
-            "comment",
-            "--comment",
-            quoted(&format!(
-                "other traffic to {} will be dropped by KUBE-PROXY-FIREWALL",
+            "-m comment --comment",
+            format_args!(
+                "\"other traffic to {} will be dropped by KUBE-PROXY-FIREWALL\"",
                 self.name_str
-            )),
-        ]);
+            ),
+        );
+    }
+
+    /// The per-endpoint comment of the endpoint rules (none in large-cluster mode).
+    fn endpoint_comment<'e>(&'e self, ep: &'e Endpoint) -> Option<EndpointComment<'e>> {
+        (!self.ctx.large).then_some(EndpointComment {
+            name: &self.name_str,
+            ep,
+        })
     }
 
     /// One KUBE-SEP chain per reachable endpoint: hairpin masquerade, then DNAT.
-    fn write_endpoint_chains(&self, t: &mut Tables, active: &mut Vec<String>) {
-        let svc = self.sp.service;
+    fn write_endpoint_chains(&self, t: &mut Tables, active: &mut Vec<ChainName>) {
+        let affinity = self.sp.service.session_affinity_timeout.is_some();
+        let comment = (!self.ctx.large).then_some(("-m comment --comment", &self.name_str));
         for ep in &self.sp.reachable {
-            let sep = names::endpoint_chain(&svc.name, ep);
-            t.nat_chains.0.push(chain_line(&sep));
-            active.push(sep.clone());
-            let mut args = words!["-A", &sep];
-            if !self.large {
-                args.extend(words!["-m", "comment", "--comment", &self.name_str]);
-            }
-            t.nat_rules.push(&words![
-                &args,
-                "-s",
-                ep.ip.to_string(),
+            let sep = self.sep(ep);
+            t.nat_chains.push_chain(sep.as_str());
+            active.push(sep);
+            rule!(
+                t.nat_rules;
+                "-A",
+                sep,
+                comment,
+                ("-s", Ip(ep.ip)),
                 "-j",
-                KUBE_MARK_MASQ
-            ]);
-            if svc.session_affinity_timeout.is_some() {
-                args.extend(words!["-m", "recent", "--name", &sep, "--set"]);
+                KUBE_MARK_MASQ,
+            );
+            rule!(
+                t.nat_rules;
+                "-A",
+                sep,
+                comment,
+                affinity.then_some(("-m recent --name", sep, "--set")),
+                self.proto_match,
+                "-j DNAT --to-destination",
+                EndpointAddr(ep),
+            );
+        }
+    }
+
+    /// Upstream `writeServiceToEndpointRules`: affinity checks, then probabilistic jumps.
+    fn write_endpoint_rules(&self, rules: &mut Lines, chain: &ChainName, endpoints: &[Endpoint]) {
+        if let Some(timeout) = self.sp.service.session_affinity_timeout {
+            for ep in endpoints {
+                let sep = self.sep(ep);
+                rule!(
+                    *rules;
+                    "-A",
+                    chain,
+                    self.endpoint_comment(ep),
+                    "-m recent --name",
+                    sep,
+                    format_args!("--rcheck --seconds {timeout} --reap -j"),
+                    sep,
+                );
             }
-            t.nat_rules.push(&words![
-                args,
-                &self.proto_match,
+        }
+        let n = endpoints.len();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let probability = (i + 1 < n).then(|| self.ctx.probability(n - i));
+            rule!(
+                *rules;
+                "-A",
+                chain,
+                self.endpoint_comment(ep),
+                probability
+                    .as_deref()
+                    .map(|p| ("-m statistic --mode random --probability", p)),
                 "-j",
-                "DNAT",
-                "--to-destination",
-                ep.addr_string(),
-            ]);
+                self.sep(ep),
+            );
         }
     }
 }
 
-/// Upstream `writeServiceToEndpointRules`: affinity checks, then probabilistic jumps.
-fn write_endpoint_rules(
-    rules: &mut Lines,
-    name_str: &str,
-    svc: &ServicePort,
-    chain: &str,
-    endpoints: &[Endpoint],
-    large: bool,
-) {
-    let comment = |ep: &Endpoint| -> Vec<String> {
-        if large {
-            Vec::new()
-        } else {
-            words![
-                "-m",
-                "comment",
-                "--comment",
-                quoted(&format!("{name_str} -> {}", ep.addr_string()))
-            ]
-        }
-    };
-    if let Some(timeout) = svc.session_affinity_timeout {
-        for ep in endpoints {
-            let sep = names::endpoint_chain(&svc.name, ep);
-            rules.push(&words![
-                "-A",
-                chain,
-                comment(ep),
-                "-m",
-                "recent",
-                "--name",
-                &sep,
-                "--rcheck",
-                "--seconds",
-                timeout.to_string(),
-                "--reap",
-                "-j",
-                &sep,
-            ]);
-        }
+/// `-m comment --comment "NAME -> IP:PORT"`, written in place.
+struct EndpointComment<'e> {
+    name: &'e str,
+    ep: &'e Endpoint,
+}
+
+impl Word for EndpointComment<'_> {
+    fn put(&self, out: &mut String, start: usize) {
+        space(out, start);
+        out.push_str("-m comment --comment \"");
+        out.push_str(self.name);
+        out.push_str(" -> ");
+        write_endpoint_addr(out, self.ep);
+        out.push('"');
     }
-    let n = endpoints.len();
-    for (i, ep) in endpoints.iter().enumerate() {
-        let sep = names::endpoint_chain(&svc.name, ep);
-        let mut args = words!["-A", chain, comment(ep)];
-        if i + 1 < n {
-            args.extend(words![
-                "-m",
-                "statistic",
-                "--mode",
-                "random",
-                "--probability",
-                probability(n - i)
-            ]);
-        }
-        rules.push(&words![args, "-j", &sep]);
-    }
+}
+
+/// `ep`'s KUBE-SEP chain.
+fn endpoint_chain(hasher: &mut PortHasher, ep: &Endpoint) -> ChainName {
+    ChainName::new(SEP_PREFIX, &hasher.endpoint(|key| write_endpoint_addr(key, ep)))
 }

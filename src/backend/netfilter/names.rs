@@ -35,45 +35,164 @@ pub const FW_PREFIX: &str = "KUBE-FW-";
 /// Prefix of the per-endpoint chain.
 pub const SEP_PREFIX: &str = "KUBE-SEP-";
 
-/// Upstream `portProtoHash`: the first 16 characters of base32(sha256(input)).
-fn hash16(input: &str) -> String {
-    let digest = Sha256::digest(input.as_bytes());
-    let mut encoded = data_encoding::BASE32.encode(&digest);
-    encoded.truncate(16);
-    encoded
+/// Upstream `portProtoHash`: the first 16 characters of base32(sha256(input)). They encode
+/// the digest's first 10 bytes exactly (5 bytes per 8 characters, no padding).
+fn hash16(input: &[u8]) -> Hash16 {
+    let digest = Sha256::digest(input);
+    let mut out = [0u8; 16];
+    data_encoding::BASE32.encode_mut(&digest[..10], &mut out);
+    Hash16(out)
 }
 
-/// The string upstream hashes for a service port: `ns/name[:port]` + lowercase protocol.
-fn port_key(name: &ServicePortName) -> String {
-    format!("{}{}", name, name.protocol.lower())
+/// The 16-character hash that names a service port's (or an endpoint's) chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hash16([u8; 16]);
+
+impl Hash16 {
+    /// The hash as text (base32 is ASCII).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// The longest name a hashed chain gets: the longest prefix and the hash.
+const HASHED_CHAIN_MAX: usize = 9 + 16;
+
+/// A per-service chain name (`KUBE-SVC-…`, `KUBE-SEP-…`, …) held inline: a render names
+/// tens of thousands of them, and they need no allocation each.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChainName {
+    bytes: [u8; HASHED_CHAIN_MAX],
+    len: u8,
+}
+
+impl ChainName {
+    /// `prefix` (one of the `*_PREFIX` constants) followed by `hash`.
+    pub fn new(prefix: &'static str, hash: &Hash16) -> ChainName {
+        let mut bytes = [0u8; HASHED_CHAIN_MAX];
+        let len = prefix.len().min(HASHED_CHAIN_MAX - 16);
+        bytes[..len].copy_from_slice(&prefix.as_bytes()[..len]);
+        bytes[len..len + 16].copy_from_slice(&hash.0);
+        ChainName {
+            bytes,
+            len: (len + 16) as u8,
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    /// The name's bytes (ASCII).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl ChainName {
+    /// Big-endian words of the zero-padded name: compared as integers they order the names
+    /// as strings do (a prefix, padded with zeros, sorts first), without a `memcmp` call.
+    fn key(&self) -> (u128, u128) {
+        let mut hi = [0u8; 16];
+        let mut lo = [0u8; 16];
+        hi.copy_from_slice(&self.bytes[..16]);
+        lo[..HASHED_CHAIN_MAX - 16].copy_from_slice(&self.bytes[16..]);
+        (u128::from_be_bytes(hi), u128::from_be_bytes(lo))
+    }
+}
+
+/// The order of the names as strings.
+impl Ord for ChainName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl PartialOrd for ChainName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Debug for ChainName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for ChainName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The string upstream hashes for a service port (`ns/name[:port]` + lowercase protocol),
+/// kept to hash the port's chain names and each endpoint's (key + `ip:port`) without
+/// building the key again.
+#[derive(Debug, Clone)]
+pub struct PortHasher {
+    key: String,
+    /// The length of the port's key in `key` (an endpoint's address follows it).
+    len: usize,
+}
+
+impl PortHasher {
+    /// `name`'s key.
+    pub fn new(name: &ServicePortName) -> PortHasher {
+        let service = &name.service;
+        let mut key = String::with_capacity(
+            service.namespace.len() + service.name.len() + name.port.len() + 64,
+        );
+        key.push_str(&service.namespace);
+        key.push('/');
+        key.push_str(&service.name);
+        if !name.port.is_empty() {
+            key.push(':');
+            key.push_str(&name.port);
+        }
+        key.push_str(name.protocol.lower());
+        let len = key.len();
+        PortHasher { key, len }
+    }
+
+    /// The hash of the port's SVC/SVL/EXT/FW chains.
+    pub fn port(&self) -> Hash16 {
+        hash16(&self.key.as_bytes()[..self.len])
+    }
+
+    /// The hash of the KUBE-SEP chain of the endpoint that `write_addr` writes (`ip:port`).
+    pub fn endpoint(&mut self, write_addr: impl FnOnce(&mut String)) -> Hash16 {
+        self.key.truncate(self.len);
+        write_addr(&mut self.key);
+        hash16(self.key.as_bytes())
+    }
 }
 
 /// `KUBE-SVC-…`: endpoints for Cluster traffic policy.
 pub fn service_chain(name: &ServicePortName) -> String {
-    format!("{SVC_PREFIX}{}", hash16(&port_key(name)))
+    ChainName::new(SVC_PREFIX, &PortHasher::new(name).port()).to_string()
 }
 
 /// `KUBE-SVL-…`: endpoints for Local traffic policy.
 pub fn local_service_chain(name: &ServicePortName) -> String {
-    format!("{SVL_PREFIX}{}", hash16(&port_key(name)))
+    ChainName::new(SVL_PREFIX, &PortHasher::new(name).port()).to_string()
 }
 
 /// `KUBE-EXT-…`: external destinations (node ports, external IPs, LB IPs).
 pub fn external_chain(name: &ServicePortName) -> String {
-    format!("{EXT_PREFIX}{}", hash16(&port_key(name)))
+    ChainName::new(EXT_PREFIX, &PortHasher::new(name).port()).to_string()
 }
 
 /// `KUBE-FW-…`: loadBalancerSourceRanges filtering.
 pub fn firewall_chain(name: &ServicePortName) -> String {
-    format!("{FW_PREFIX}{}", hash16(&port_key(name)))
+    ChainName::new(FW_PREFIX, &PortHasher::new(name).port()).to_string()
 }
 
 /// `KUBE-SEP-…` for an endpoint given as upstream's `Endpoint.String()` (`ip:port`).
 pub fn endpoint_chain_for(name: &ServicePortName, endpoint_addr: &str) -> String {
-    format!(
-        "{SEP_PREFIX}{}",
-        hash16(&format!("{}{endpoint_addr}", port_key(name)))
-    )
+    let hash = PortHasher::new(name).endpoint(|key| key.push_str(endpoint_addr));
+    ChainName::new(SEP_PREFIX, &hash).to_string()
 }
 
 /// `KUBE-SEP-…` for an endpoint of a service port.
@@ -146,5 +265,47 @@ mod tests {
         assert!(endpoint_chain_for(&tcp, "[fd00::1]:80").len() <= 28);
         assert!(is_service_chain("KUBE-SVL-X") && !is_service_chain("KUBE-SERVICES"));
         assert!(!is_service_chain("KUBE-MARK-MASQ") && is_service_chain("KUBE-FW-X"));
+    }
+
+    /// The inline names and the kept key hash what upstream hashes (sha256 of the whole
+    /// string, base32, 16 characters), and sort as their strings do.
+    #[test]
+    fn chain_names_hash_upstream_keys_and_sort_as_strings() {
+        let direct = |key: &str| {
+            let mut e = data_encoding::BASE32.encode(&Sha256::digest(key.as_bytes()));
+            e.truncate(16);
+            e
+        };
+        let tcp = spn("ns1", "svc1", "p80");
+        let sctp = ServicePortName::new("ns1", "svc1", "", Protocol::Sctp);
+        assert_eq!(service_chain(&tcp), format!("KUBE-SVC-{}", direct("ns1/svc1:p80tcp")));
+        assert_eq!(firewall_chain(&sctp), format!("KUBE-FW-{}", direct("ns1/svc1sctp")));
+        assert_eq!(
+            endpoint_chain_for(&tcp, "[fd00::1]:80"),
+            format!("KUBE-SEP-{}", direct("ns1/svc1:p80tcp[fd00::1]:80"))
+        );
+        // One hasher for every endpoint of a port: each hash is of the key and its address.
+        let mut h = PortHasher::new(&tcp);
+        let first = h.endpoint(|k| k.push_str("10.0.0.1:80"));
+        let second = h.endpoint(|k| k.push_str("10.0.0.2:80"));
+        assert_eq!(first.as_str(), direct("ns1/svc1:p80tcp10.0.0.1:80"));
+        assert_eq!(second.as_str(), direct("ns1/svc1:p80tcp10.0.0.2:80"));
+        assert_eq!(h.port().as_str(), direct("ns1/svc1:p80tcp"));
+
+        let mut names = Vec::new();
+        for (i, prefix) in [SEP_PREFIX, FW_PREFIX, SVC_PREFIX, EXT_PREFIX, SVL_PREFIX]
+            .into_iter()
+            .enumerate()
+        {
+            for e in 0..40 {
+                let hash = h.endpoint(|k| k.push_str(&format!("10.{i}.0.{e}:80")));
+                names.push(ChainName::new(prefix, &hash));
+            }
+        }
+        let mut strings: Vec<String> = names.iter().map(ChainName::to_string).collect();
+        strings.sort();
+        names.sort();
+        let sorted: Vec<String> = names.iter().map(ChainName::to_string).collect();
+        assert_eq!(sorted, strings);
     }
 }
