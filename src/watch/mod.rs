@@ -20,8 +20,8 @@ use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::{Api, Client};
 
-use crate::model::convert::SERVICE_LABEL_SELECTOR;
 use crate::model::convert::ConvertedService;
+use crate::model::convert::SERVICE_LABEL_SELECTOR;
 use crate::model::state::ConvertedSlice;
 use crate::model::{ClusterState, ServiceName};
 use crate::sync::shared::Shared;
