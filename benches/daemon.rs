@@ -201,7 +201,8 @@ fn cpu_seconds(pid: u32) -> (f64, f64) {
                 .collect()
         })
         .unwrap_or_default();
-    let sum = |r: std::ops::Range<usize>| ticks.get(r).map_or(0.0, |t| t.iter().sum::<f64>()) / 100.0;
+    let sum =
+        |r: std::ops::Range<usize>| ticks.get(r).map_or(0.0, |t| t.iter().sum::<f64>()) / 100.0;
     (sum(0..2), sum(2..4))
 }
 

@@ -198,13 +198,12 @@ impl ClusterState {
         slice: &EndpointSlice,
         warnings: &mut Vec<String>,
     ) -> ConvertedSlice {
-        let info = convert::convert_endpoint_slice(slice, &self.node_name, warnings).map(
-            |mut info| {
+        let info =
+            convert::convert_endpoint_slice(slice, &self.node_name, warnings).map(|mut info| {
                 info.ports.shrink_to_fit();
                 info.endpoints.shrink_to_fit();
                 info
-            },
-        );
+            });
         ConvertedSlice {
             key: slice_key(slice),
             info,
@@ -280,7 +279,10 @@ impl ClusterState {
             Some(info) => {
                 self.changes.services.insert(info.service.clone());
                 self.changes.endpoints_changed.insert(info.service.clone());
-                let keys = self.slices_by_service.entry(info.service.clone()).or_default();
+                let keys = self
+                    .slices_by_service
+                    .entry(info.service.clone())
+                    .or_default();
                 if let Err(at) = keys.binary_search(&key) {
                     keys.insert(at, key.clone());
                 }
@@ -954,7 +956,11 @@ mod tests {
 
     fn random_service(i: u8, (dual, two, ipv): (bool, bool, u8)) -> Service {
         let v4 = format!("172.30.{ipv}.{i}");
-        let ips = if dual { vec![v4, format!("fd00::{ipv}:{i}")] } else { vec![v4] };
+        let ips = if dual {
+            vec![v4, format!("fd00::{ipv}:{i}")]
+        } else {
+            vec![v4]
+        };
         let mut ports = vec![json!({"name": "p80", "port": 80})];
         if two {
             ports.push(json!({"name": "p81", "port": 81, "protocol": "UDP"}));
@@ -968,11 +974,18 @@ mod tests {
         .unwrap()
     }
 
-    fn random_slice(i: u8, (svc, v6, mask, local, term, port): (u8, bool, u8, bool, bool, u16)) -> EndpointSlice {
+    fn random_slice(
+        i: u8,
+        (svc, v6, mask, local, term, port): (u8, bool, u8, bool, bool, u16),
+    ) -> EndpointSlice {
         let eps: Vec<_> = (0..4u8)
             .filter(|b| mask & (1 << b) != 0)
             .map(|b| {
-                let ip = if v6 { format!("fd00:1::{b}") } else { format!("10.0.0.{b}") };
+                let ip = if v6 {
+                    format!("fd00:1::{b}")
+                } else {
+                    format!("10.0.0.{b}")
+                };
                 json!({"addresses": [ip], "nodeName": if local { "node1" } else { "node2" },
                        "conditions": {"ready": !term, "serving": true, "terminating": term}})
             })
@@ -1032,7 +1045,10 @@ mod tests {
                         st.apply_service_cidr(&service_cidr(&name, &["172.30.0.0/16"]));
                     }
                     _ => {
-                        st.apply_service_cidr(&service_cidr(&name, &["172.31.0.0/16", "fd00::/64"]));
+                        st.apply_service_cidr(&service_cidr(
+                            &name,
+                            &["172.31.0.0/16", "fd00::/64"],
+                        ));
                     }
                 }
             }
@@ -1048,7 +1064,12 @@ mod tests {
                 let c = st.take_changes();
                 for (model, family) in models.iter_mut().zip([IpFamily::V4, IpFamily::V6]) {
                     st.refresh(model, family, &c.services);
-                    assert_eq!(*model, st.snapshot(family), "{family:?} after {:?}", c.services);
+                    assert_eq!(
+                        *model,
+                        st.snapshot(family),
+                        "{family:?} after {:?}",
+                        c.services
+                    );
                 }
             }
         }

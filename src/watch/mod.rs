@@ -20,8 +20,8 @@ use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::watcher::{self, DefaultBackoff, Event};
 use kube::{Api, Client};
 
-use crate::model::convert::SERVICE_LABEL_SELECTOR;
 use crate::model::convert::ConvertedService;
+use crate::model::convert::SERVICE_LABEL_SELECTOR;
 use crate::model::state::ConvertedSlice;
 use crate::model::{ClusterState, ServiceName};
 use crate::sync::shared::Shared;
@@ -309,5 +309,53 @@ mod tests {
         assert!(!woken(&shared).await, "a no-op Service update");
         handle(Event::Delete(svc("10.0.0.1", "3")), &shared, &mut None);
         assert!(woken(&shared).await, "a deletion");
+    }
+
+    fn named_svc(name: &str, ip: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": name},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_relist_converts_as_it_goes_but_swaps_in_only_at_init_done() {
+        let shared = Shared::new(ClusterState::new("node1"));
+        let mut relist = None;
+        handle(
+            Event::Apply(named_svc("old", "10.0.0.1")),
+            &shared,
+            &mut relist,
+        );
+        let names = |shared: &Shared| -> Vec<String> {
+            let m = shared.lock().snapshot(crate::model::IpFamily::V4);
+            m.services.keys().map(|k| k.service.name.clone()).collect()
+        };
+        handle(Event::<Service>::Init, &shared, &mut relist);
+        handle(
+            Event::InitApply(named_svc("new", "10.0.0.2")),
+            &shared,
+            &mut relist,
+        );
+        // Unusable: still listed, so a stored Service of that name would be removed.
+        handle(
+            Event::InitApply(named_svc("bad", "none")),
+            &shared,
+            &mut relist,
+        );
+        assert_eq!(
+            names(&shared),
+            ["old"],
+            "the old state stays in force during a relist"
+        );
+        assert_eq!(relist.as_ref().map(Vec::len), Some(2));
+        handle(Event::<Service>::InitDone, &shared, &mut relist);
+        assert_eq!(
+            names(&shared),
+            ["new"],
+            "the relist replaced everything at InitDone"
+        );
+        assert!(relist.is_none());
     }
 }
