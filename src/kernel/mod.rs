@@ -20,6 +20,7 @@ pub mod ipvs;
 pub mod link;
 pub mod nfacct;
 pub mod nft;
+pub mod nftnl;
 pub mod sysctl;
 
 mod exec;

@@ -11,6 +11,7 @@ const TABLE: &str = "kube-proxy";
 #[derive(Debug, Clone, Default)]
 pub struct Nft {
     exec: Exec,
+    netns: Option<String>,
 }
 
 /// Chain and set names of a table (`nft -t list table`).
@@ -41,7 +42,22 @@ impl Nft {
     /// The same handle, running `nft` through `ip netns exec NAME`.
     pub fn with_netns(mut self, name: impl AsRef<str>) -> Self {
         self.exec = Exec::new(Some(name.as_ref()));
+        self.netns = Some(name.as_ref().to_string());
         self
+    }
+
+    /// The number of rules in each of `chains` of `FAMILY kube-proxy` (`ip` or `ip6`), in
+    /// order, `None` for a chain that does not exist: over netlink, at the cost of the
+    /// chains (see [`super::nftnl`]), not of the table as `nft list chain` is.
+    pub async fn rule_counts(
+        &self,
+        family: &str,
+        chains: &[&str],
+    ) -> Result<Vec<Option<usize>>, KernelError> {
+        let nfproto = if family == "ip6" { 10 } else { 2 };
+        super::nftnl::NfTables::new(self.netns.as_deref())
+            .rule_counts(nfproto, TABLE, chains)
+            .await
     }
 
     /// Runs one transaction (`nft -f -`): all of it or nothing.
