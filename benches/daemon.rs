@@ -7,6 +7,8 @@
 //!   committed (median of 20, each to another service, 1.2 s apart so minSyncPeriod never
 //!   delays one);
 //! - the daemon's RSS (VmRSS, and its peak VmHWM) with the cluster loaded;
+//! - iptables mode: a minimal restore (one chain declared and deleted) by the daemon's back
+//!   end with its rules loaded, the floor of any change (median of 10);
 //! - connection set-up through a ClusterIP: median `connect()` time from the node namespace
 //!   to a service's ClusterIP (DNAT to a pod) over 200 connections.
 //!
@@ -140,6 +142,37 @@ fn connect_time(c: &Cluster, addr: SocketAddr) -> Duration {
     median(times)
 }
 
+/// iptables mode's floor for a change, in the node namespace with the daemon's rules loaded:
+/// the median time of a minimal `--noflush` restore (declare and delete one chain) by the
+/// back end the daemon uses. iptables-legacy replaces the whole table for any change, so
+/// its floor grows with the table.
+fn minimal_restore(c: &Cluster) -> Duration {
+    let tool = match std::env::var("KUBE_PROXY_RS_IPTABLES_MODE").as_deref() {
+        Ok("legacy") => "iptables-legacy-restore",
+        _ => "iptables-nft-restore",
+    };
+    let input = "*nat\n:KUBE-SEP-BENCHFLOOR - [0:0]\n-X KUBE-SEP-BENCHFLOOR\nCOMMIT\n";
+    let times = c.topo.node.in_netns(move || {
+        (0..10)
+            .map(|_| {
+                use std::io::Write;
+                let t = Instant::now();
+                let mut child = std::process::Command::new(tool)
+                    .args(["-w", "5", "--noflush", "--counters"])
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start the restore");
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(input.as_bytes()).expect("write");
+                drop(stdin);
+                assert!(child.wait().expect("restore").success());
+                t.elapsed()
+            })
+            .collect::<Vec<_>>()
+    });
+    median(times)
+}
+
 fn run(n: usize, mode: &str) {
     let probe = Cluster::start(mode, &[]);
     let pods: Vec<String> = (0..5).map(|i| probe.pod_ip(i)).collect();
@@ -166,8 +199,13 @@ fn run(n: usize, mode: &str) {
         }
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let floor = if mode == "iptables" {
+        format!("{:.1?}", minimal_restore(&c))
+    } else {
+        String::new()
+    };
     println!(
-        "| {n} | {mode} | {first:.2?} | {:.1?} | {} / {} MiB | {setup:.0?} |",
+        "| {n} | {mode} | {first:.2?} | {:.1?} | {floor} | {} / {} MiB | {setup:.0?} |",
         median(changes),
         kib(&status, "VmRSS:") / 1024,
         kib(&status, "VmHWM:") / 1024,
@@ -195,9 +233,9 @@ fn main() {
         sizes
     };
     println!(
-        "| services (x5 endpoints) | mode | first sync: start → kernel | one-endpoint change: event → kernel (median of {CHANGES}) | daemon RSS / peak | ClusterIP connect() (median of 200) |"
+        "| services (x5 endpoints) | mode | first sync: start → kernel | one-endpoint change: event → kernel (median of {CHANGES}) | iptables: minimal restore (median of 10) | daemon RSS / peak | ClusterIP connect() (median of 200) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for n in sizes {
         for mode in &modes {
             run(n, mode);
