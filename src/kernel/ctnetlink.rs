@@ -457,7 +457,7 @@ mod tests {
         }
         let mut out = Vec::new();
         assert_eq!(parse_dump(&dg, Protocol::Udp, &mut out), Ok(false));
-        assert_eq!(out, [f.clone()]);
+        assert_eq!(out, std::slice::from_ref(&f));
         let mut done = Vec::new();
         done.extend_from_slice(&20u32.to_ne_bytes());
         done.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
@@ -563,7 +563,7 @@ mod tests {
         assert_eq!(nl.delete(gone).await.unwrap(), gone.len() as u64);
         assert_eq!(
             tool.list_with_tool(Protocol::Udp).await.unwrap(),
-            [keep.clone()]
+            std::slice::from_ref(keep)
         );
         assert_eq!(
             nl.delete(gone).await.unwrap(),
