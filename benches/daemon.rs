@@ -12,6 +12,8 @@
 //!   CPU-seconds per minute;
 //! - RSS after churn: `--churn-secs` (default 600; 0 skips it) of EndpointSlice updates at
 //!   50 per second through the fake API, then VmRSS / VmHWM once the last one is synced;
+//! - iptables mode: a minimal restore (one chain declared and deleted) by the daemon's back
+//!   end with its rules loaded, the floor of any change (median of 10);
 //! - connection set-up through a ClusterIP: median `connect()` time from the node namespace
 //!   to a service's ClusterIP (DNAT to a pod) over 200 connections.
 //!
@@ -252,6 +254,37 @@ fn churn(c: &Cluster, pid: u32, n: usize, pods: &[String], churn: Duration) -> S
     format!("{} ({k} updates)", rss(pid))
 }
 
+/// iptables mode's floor for a change, in the node namespace with the daemon's rules loaded:
+/// the median time of a minimal `--noflush` restore (declare and delete one chain) by the
+/// back end the daemon uses. iptables-legacy replaces the whole table for any change, so
+/// its floor grows with the table.
+fn minimal_restore(c: &Cluster) -> Duration {
+    let tool = match std::env::var("KUBE_PROXY_RS_IPTABLES_MODE").as_deref() {
+        Ok("legacy") => "iptables-legacy-restore",
+        _ => "iptables-nft-restore",
+    };
+    let input = "*nat\n:KUBE-SEP-BENCHFLOOR - [0:0]\n-X KUBE-SEP-BENCHFLOOR\nCOMMIT\n";
+    let times = c.topo.node.in_netns(move || {
+        (0..10)
+            .map(|_| {
+                use std::io::Write;
+                let t = Instant::now();
+                let mut child = std::process::Command::new(tool)
+                    .args(["-w", "5", "--noflush", "--counters"])
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start the restore");
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(input.as_bytes()).expect("write");
+                drop(stdin);
+                assert!(child.wait().expect("restore").success());
+                t.elapsed()
+            })
+            .collect::<Vec<_>>()
+    });
+    median(times)
+}
+
 fn run(n: usize, mode: &str, args: &Args) {
     let probe = Cluster::start(mode, &[]);
     let pods: Vec<String> = (0..5).map(|i| probe.pod_ip(i)).collect();
@@ -260,7 +293,7 @@ fn run(n: usize, mode: &str, args: &Args) {
     let pid = c.proxy.lock().unwrap().id();
     let limit = Duration::from_secs(600);
     if synced_after(&c, 0.0, limit).is_none() {
-        println!("| {n} | {mode} | >{limit:?} | | | | | |");
+        println!("| {n} | {mode} | >{limit:?} | | | | | | |");
         return;
     }
     let first = Duration::from_secs_f64(last_sync(&c) - started(pid));
@@ -278,12 +311,17 @@ fn run(n: usize, mode: &str, args: &Args) {
         }
     }
     let loaded = rss(pid);
+    let floor = if mode == "iptables" {
+        format!("{:.1?}", minimal_restore(&c))
+    } else {
+        String::new()
+    };
     // The last change's sync has committed; let its tail (metrics, stale-chain cleanup) end.
     std::thread::sleep(Duration::from_secs(2));
     let idle = idle_cpu(pid, args.idle);
     let churned = churn(&c, pid, n, &pods, args.churn);
     println!(
-        "| {n} | {mode} | {first:.2?} | {:.1?} | {loaded} | {idle} | {churned} | {setup:.0?} |",
+        "| {n} | {mode} | {first:.2?} | {:.1?} | {floor} | {loaded} | {idle} | {churned} | {setup:.0?} |",
         median(changes),
     );
 }
@@ -291,10 +329,10 @@ fn run(n: usize, mode: &str, args: &Args) {
 fn main() {
     let args = Args::parse();
     println!(
-        "| services (x5 endpoints) | mode | first sync: start → kernel | one-endpoint change: event → kernel (median of {CHANGES}) | daemon RSS / peak | idle CPU, s/min over {:?} (daemon / its children) | RSS / peak after {:?} of churn at {CHURN_RATE}/s | ClusterIP connect() (median of 200) |",
+        "| services (x5 endpoints) | mode | first sync: start → kernel | one-endpoint change: event → kernel (median of {CHANGES}) | iptables: minimal restore (median of 10) | daemon RSS / peak | idle CPU, s/min over {:?} (daemon / its children) | RSS / peak after {:?} of churn at {CHURN_RATE}/s | ClusterIP connect() (median of 200) |",
         args.idle, args.churn
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &n in &args.sizes {
         for mode in &args.modes {
             run(n, mode, &args);

@@ -204,8 +204,10 @@ impl Backend for IptablesProxier {
         }
         self.refresh_node_ips().await;
         self.config.apply_node_facts(req.node_facts);
-        // A full sync always looks: it may create thousands of chains (see `write`).
-        let existing = if req.full || self.cleanup_due() {
+        // Upstream looks when cleanup is due, full sync or not. With iptables-nft a full sync
+        // always looks: it may create thousands of chains, which `write` splits off.
+        let split = req.full && self.ipt.variant() == IptablesVariant::Nft;
+        let existing = if split || self.cleanup_due() {
             self.existing_nat_chains().await
         } else {
             None
