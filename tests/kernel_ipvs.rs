@@ -906,8 +906,6 @@ async fn partial_scenario(ns: &Netns) {
     let m = st.snapshot(kube_proxy_rs::model::IpFamily::V4);
     sync(&mut p, &m, true).await;
     assert_eq!(seen(ns), wanted(&m, &p), "first sync");
-    let full_listings = p.listings();
-    assert!(full_listings > 20, "a reconcile lists every virtual server");
 
     // Drift on services the next syncs do not change.
     ns.run_ok("ipvsadm", ["-D", "-t", "10.96.1.19:80"]);
@@ -959,7 +957,7 @@ async fn partial_scenario(ns: &Netns) {
     // The periodic resync (nothing changed) reconciles: the drift is repaired.
     sync(&mut p, &m, false).await;
     assert_eq!(seen(ns), wanted(&m, &p), "drift repaired by the periodic resync");
-    assert!(p.listings() - l4 > 20);
+    assert!(p.listings() - l4 > 20, "a reconcile lists every virtual server");
     drop(p);
 
     // With the reconcile period past, a sync with changes reconciles too.
