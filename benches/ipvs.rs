@@ -268,12 +268,11 @@ async fn syncs(state: &mut ClusterState) -> SyncRow {
         // Endpoint 10.100.x.y went, 10.105.x.y came (services sort by ClusterIP).
         let desired = render(&model, p.config());
         let dests = &desired.services[svc].dests;
-        let old = RealServer::new(
-            format!("10.100.0.{svc}").parse().expect("ip"),
-            8080,
-            1,
+        let old = RealServer::new(format!("10.100.0.{svc}").parse().expect("ip"), 8080, 1);
+        assert!(
+            !dests.contains(&old) && dests.len() == ENDPOINTS,
+            "{dests:?}"
         );
-        assert!(!dests.contains(&old) && dests.len() == ENDPOINTS, "{dests:?}");
         let new = dests.last().expect("dest").clone();
         raw = raw.min(raw_change(&desired, svc, &old, &new).await);
     }
@@ -341,12 +340,24 @@ fn main() {
     for &n in &sizes {
         let t = Instant::now();
         let mut state = build_state(n);
+        let built = t.elapsed();
+        let t = Instant::now();
         let model = state.snapshot(IpFamily::V4);
-        let desired = render(&model, &config());
+        let snapshot = t.elapsed();
+        let mut render_t = Duration::MAX;
+        let mut desired = IpvsDesired::default();
+        for _ in 0..3 {
+            let t = Instant::now();
+            desired = render(&model, &config());
+            render_t = render_t.min(t.elapsed());
+        }
         println!(
-            "{n} services × {ENDPOINTS}: {} virtual servers, built and rendered in {}",
+            "{n} services × {ENDPOINTS}: {} virtual servers; state built in {}, snapshot {}, \
+             render (best of 3) {}",
             desired.services.len(),
-            ms(t.elapsed())
+            ms(built),
+            ms(snapshot),
+            ms(render_t)
         );
         if !flag("--no-table") {
             tables.push((n, rt.block_on(table(&desired, runs))));

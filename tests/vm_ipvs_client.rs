@@ -322,7 +322,8 @@ async fn scenario() {
         res.iter()
             .all(|r| r.as_ref().is_err_and(IpvsError::is_not_found)),
         "{:?}",
-        res.iter().find(|r| !r.as_ref().is_err_and(IpvsError::is_not_found))
+        res.iter()
+            .find(|r| !r.as_ref().is_err_and(IpvsError::is_not_found))
     );
     let err = c.delete_service(&extra).await.expect_err("gone");
     assert!(err.is_not_found(), "{err}");

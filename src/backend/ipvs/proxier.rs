@@ -16,6 +16,15 @@
 //!   ones unbound (never in `--ipvs-exclude-cidrs`), ipsets are diffed (never flushed),
 //!   services not desired are deleted (except excluded and other-family ones), real servers
 //!   are added/updated/removed; a second identical sync sends nothing to the kernel.
+//! - upstream compares everything with the kernel on every sync (a dump of every virtual
+//!   server's real servers, of every set, of the addresses, the jump checks and a restore).
+//!   We do that on a *reconcile*: when the loop asks for a full sync, on the periodic resync
+//!   (nothing changed), once `--ipvs-sync-period` has passed since the last one, and after
+//!   any failure; so drift is repaired within a sync period, as upstream. A sync with
+//!   changes in between diffs the new render against the last sync's result instead: only
+//!   changed virtual servers are touched (their real servers listed, for the connection
+//!   counts graceful termination needs), only changed set members restored, only changed
+//!   addresses bound, and the ruleset restored only if its text changed.
 //! - graceful termination: a removed TCP real server gets weight 0 and is deleted once
 //!   `ActiveConn + InActConn == 0`, checked every sync and every minute by a background task;
 //!   UDP and SCTP real servers are deleted at once (`expire_nodest_conn` drops their flows).
@@ -1342,8 +1351,9 @@ mod tests {
         assert!(!same_service(&cur, &want));
     }
 
-    /// A jump rule someone deleted comes back at the next sync, partial or not: upstream's
-    /// IPVS proxier runs `createAndLinkKubeChain` on every sync.
+    /// A jump rule someone deleted comes back whenever the rules are written: upstream's
+    /// IPVS proxier runs `createAndLinkKubeChain` on every sync; ours on every reconcile (at
+    /// least every sync period) and every sync whose ruleset changed.
     #[tokio::test]
     async fn every_sync_re_ensures_the_jump_rules() {
         use crate::kernel::IpFamily;

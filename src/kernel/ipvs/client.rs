@@ -27,9 +27,9 @@ use netlink_sys::{
 };
 
 use super::codec::{
-    self, AddressFamily, add_flags, CtrlMessage, DecodeError, IPVS_GENL_NAME, IpvsInfo, IpvsMessage,
+    self, AddressFamily, CtrlMessage, DecodeError, IPVS_GENL_NAME, IpvsInfo, IpvsMessage,
     NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-    RealServer, Timeouts, VirtualService,
+    RealServer, Timeouts, VirtualService, add_flags,
 };
 
 /// Most requests sent in one datagram by [`IpvsClient::apply`].
@@ -417,7 +417,8 @@ impl IpvsClient {
             let mut end = start;
             while end < ops.len() && pending.len() < MAX_BATCH && buf.len() < MAX_BATCH_BYTES {
                 let seq = self.next_seq();
-                let msg = NetlinkMessage::ipvs(self.family, NLM_F_REQUEST, seq, ops[end].to_message());
+                let msg =
+                    NetlinkMessage::ipvs(self.family, NLM_F_REQUEST, seq, ops[end].to_message());
                 let at = buf.len();
                 match msg.emit_into(&mut buf) {
                     Ok(()) => {
