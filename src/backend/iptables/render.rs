@@ -360,12 +360,16 @@ fn write_endpoint_addr(out: &mut String, ep: &Endpoint) {
 fn write_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    text[len] = b'.';
+                    len += 1;
                 }
-                write_number(out, octet.into());
+                len += decimal(octet.into(), &mut text[len..]);
             }
+            out.push_str(std::str::from_utf8(&text[..len]).unwrap_or_default());
         }
         // Formatting into a String cannot fail.
         IpAddr::V6(v6) => {
@@ -376,18 +380,26 @@ fn write_ip(out: &mut String, ip: IpAddr) {
 
 /// `n` in decimal.
 fn write_number(out: &mut String, n: u16) {
-    let mut digits = [0u8; 5];
-    let mut i = digits.len();
+    let mut text = [0u8; 5];
+    let len = decimal(n, &mut text);
+    out.push_str(std::str::from_utf8(&text[..len]).unwrap_or_default());
+}
+
+/// Writes `n`'s decimal digits at the start of `to` (room for five) and returns how many.
+fn decimal(n: u16, to: &mut [u8]) -> usize {
+    let len = match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1000..=9999 => 4,
+        _ => 5,
+    };
     let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+    for d in to[..len].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
+    len
 }
 
 /// The four parts of the restore input, in the order they are written.

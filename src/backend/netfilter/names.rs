@@ -38,10 +38,47 @@ pub const SEP_PREFIX: &str = "KUBE-SEP-";
 /// Upstream `portProtoHash`: the first 16 characters of base32(sha256(input)). They encode
 /// the digest's first 10 bytes exactly (5 bytes per 8 characters, no padding).
 fn hash16(input: &[u8]) -> Hash16 {
-    let digest = Sha256::digest(input);
+    let digest = sha256_head(input);
     let mut out = [0u8; 16];
-    data_encoding::BASE32.encode_mut(&digest[..10], &mut out);
+    data_encoding::BASE32.encode_mut(&digest, &mut out);
     Hash16(out)
+}
+
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// The first 10 bytes of sha256(`input`). A render hashes tens of thousands of short keys:
+/// those that fit two blocks are padded here (FIPS 180-4, 5.1.1) and go straight to the
+/// `sha2` compression function, without the streaming hasher's buffering.
+fn sha256_head(input: &[u8]) -> [u8; 10] {
+    let n = input.len();
+    let mut head = [0u8; 10];
+    if n > 2 * 64 - 9 {
+        head.copy_from_slice(&Sha256::digest(input)[..10]);
+        return head;
+    }
+    let mut blocks = [[0u8; 64]; 2];
+    let (first, rest) = input.split_at(n.min(64));
+    blocks[0][..first.len()].copy_from_slice(first);
+    blocks[1][..rest.len()].copy_from_slice(rest);
+    blocks[n / 64][n % 64] = 0x80;
+    let count = if n <= 64 - 9 { 1 } else { 2 };
+    blocks[count - 1][56..].copy_from_slice(&(8 * n as u64).to_be_bytes());
+    let mut state = SHA256_IV;
+    sha2::block_api::compress256(&mut state, &blocks[..count]);
+    for (i, b) in head.iter_mut().enumerate() {
+        *b = state[i / 4].to_be_bytes()[i % 4];
+    }
+    head
 }
 
 /// The 16-character hash that names a service port's (or an endpoint's) chains.
@@ -277,6 +314,12 @@ mod tests {
         assert_eq!(first.as_str(), direct("ns1/svc1:p80tcp10.0.0.1:80"));
         assert_eq!(second.as_str(), direct("ns1/svc1:p80tcp10.0.0.2:80"));
         assert_eq!(h.port().as_str(), direct("ns1/svc1:p80tcp"));
+
+        // Keys of every length up to and past two blocks, padding boundaries included.
+        for len in 0..200 {
+            let key = "k".repeat(len);
+            assert_eq!(hash16(key.as_bytes()).as_str(), direct(&key), "length {len}");
+        }
 
         let sep = ChainName::new(SEP_PREFIX, &first);
         assert_eq!(ChainName::parse(sep.as_str()), Some(sep));
