@@ -439,6 +439,8 @@ fn bench(rt: &tokio::runtime::Runtime, size: Size, opts: &Opts) -> Row {
     };
     let (rewrite_t, _) = timed(SharedChains::Rewrite);
     let (edit_t, edit) = timed(SharedChains::Edit);
+    // The model's pass over every service that each render makes (src/model).
+    let (health_t, _) = best_of(5, || model2.health_checks());
     let rss = rss_of(size).map_or("?".into(), |(h, r)| format!("{h:.0} / {r:.0} MiB"));
     println!(
         "ruleset: {} restore lines, {:.1} MB; partial: {} lines (rewrite), {} lines (edit)",
@@ -449,7 +451,8 @@ fn bench(rt: &tokio::runtime::Runtime, size: Size, opts: &Opts) -> Row {
     );
     println!(
         "ours: snapshot {snap_t:?}, full render {full_t:?} (CPU {full_cpu:?}), partial render {uncached_t:?} without \
-         the cache, {rewrite_t:?} cached (rewrite), {edit_t:?} cached (edit); RSS {rss}"
+         the cache, {rewrite_t:?} cached (rewrite), {edit_t:?} cached (edit), of which \
+         model.health_checks() {health_t:?}; RSS {rss}"
     );
     let mut row = Row {
         size: size.to_string(),

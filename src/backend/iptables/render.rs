@@ -545,7 +545,8 @@ fn render_port(sp: &ServicePlan, ctx: &Ctx, out: &mut Tables, with_entry: bool) 
         out.nat_rules.extend(&entry.nat_rules);
         out.filter_rules.extend(&entry.filter_rules);
     }
-    let mut chains = Vec::new();
+    // SVC, SVL, EXT, FW and one per endpoint at most.
+    let mut chains = Vec::with_capacity(4 + sp.reachable.len());
     let rules_before = out.nat_rules.len();
     port.write_chains(out, &mut chains);
     Block {
@@ -845,7 +846,11 @@ impl RenderCache {
 
 /// The chains whose lines differ between `was` and `now` (one service port's, either table).
 fn changed_chains<'l>(was: &'l Lines, now: &'l Lines) -> BTreeSet<&'l str> {
-    let chains: BTreeSet<&str> = was.iter().chain(now.iter()).map(|l| split_append(l).0).collect();
+    let chains: BTreeSet<&str> = was
+        .iter()
+        .chain(now.iter())
+        .map(|l| split_append(l).0)
+        .collect();
     chains
         .into_iter()
         .filter(|c| {
@@ -1621,5 +1626,8 @@ impl Word for EndpointComment<'_> {
 
 /// `ep`'s KUBE-SEP chain.
 fn endpoint_chain(hasher: &mut PortHasher, ep: &Endpoint) -> ChainName {
-    ChainName::new(SEP_PREFIX, &hasher.endpoint(|key| write_endpoint_addr(key, ep)))
+    ChainName::new(
+        SEP_PREFIX,
+        &hasher.endpoint(|key| write_endpoint_addr(key, ep)),
+    )
 }

@@ -4176,7 +4176,13 @@ fn every_endpoint_rule_names_the_endpoints_own_chain() {
     let mut services = Vec::new();
     let mut endpoints = Vec::new();
     for (i, count) in [(1u8, 6u8), (2, 20)] {
-        let mut s = svc("ns1", &format!("svc{i}"), "p80", &format!("172.30.0.{i}"), 80);
+        let mut s = svc(
+            "ns1",
+            &format!("svc{i}"),
+            "p80",
+            &format!("172.30.0.{i}"),
+            80,
+        );
         s.service_type = ServiceType::NodePort;
         s.node_port = 30000 + u16::from(i);
         s.external_policy_local = true;
@@ -4207,7 +4213,9 @@ fn every_endpoint_rule_names_the_endpoints_own_chain() {
                 let Some(arrow) = words.iter().position(|w| *w == "->") else {
                     continue;
                 };
-                let svc = words[arrow - 1].trim_start_matches("\"ns1/").trim_end_matches(":p80");
+                let svc = words[arrow - 1]
+                    .trim_start_matches("\"ns1/")
+                    .trim_end_matches(":p80");
                 let addr = words[arrow + 1].trim_end_matches('"');
                 let sep = crate::backend::netfilter::names::endpoint_chain_for(&name(svc), addr);
                 assert_eq!(after("-j"), Some(sep.as_str()), "{}", rule.raw);
@@ -4218,7 +4226,10 @@ fn every_endpoint_rule_names_the_endpoints_own_chain() {
             } else if let Some(addr) = after("--to-destination") {
                 let svc = after("--comment").unwrap().trim_start_matches("ns1/");
                 let svc = svc.trim_end_matches(":p80");
-                assert_eq!(*chain, crate::backend::netfilter::names::endpoint_chain_for(&name(svc), addr));
+                assert_eq!(
+                    *chain,
+                    crate::backend::netfilter::names::endpoint_chain_for(&name(svc), addr)
+                );
                 dnats += 1;
             }
         }

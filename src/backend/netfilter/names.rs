@@ -301,8 +301,14 @@ mod tests {
         };
         let tcp = spn("ns1", "svc1", "p80");
         let sctp = ServicePortName::new("ns1", "svc1", "", Protocol::Sctp);
-        assert_eq!(service_chain(&tcp), format!("KUBE-SVC-{}", direct("ns1/svc1:p80tcp")));
-        assert_eq!(firewall_chain(&sctp), format!("KUBE-FW-{}", direct("ns1/svc1sctp")));
+        assert_eq!(
+            service_chain(&tcp),
+            format!("KUBE-SVC-{}", direct("ns1/svc1:p80tcp"))
+        );
+        assert_eq!(
+            firewall_chain(&sctp),
+            format!("KUBE-FW-{}", direct("ns1/svc1sctp"))
+        );
         assert_eq!(
             endpoint_chain_for(&tcp, "[fd00::1]:80"),
             format!("KUBE-SEP-{}", direct("ns1/svc1:p80tcp[fd00::1]:80"))
@@ -318,11 +324,18 @@ mod tests {
         // Keys of every length up to and past two blocks, padding boundaries included.
         for len in 0..200 {
             let key = "k".repeat(len);
-            assert_eq!(hash16(key.as_bytes()).as_str(), direct(&key), "length {len}");
+            assert_eq!(
+                hash16(key.as_bytes()).as_str(),
+                direct(&key),
+                "length {len}"
+            );
         }
 
         let sep = ChainName::new(SEP_PREFIX, &first);
         assert_eq!(ChainName::parse(sep.as_str()), Some(sep));
-        assert_eq!(ChainName::parse("KUBE-SEP-TOO-LONG-FOR-A-HASHED-NAME"), None);
+        assert_eq!(
+            ChainName::parse("KUBE-SEP-TOO-LONG-FOR-A-HASHED-NAME"),
+            None
+        );
     }
 }
