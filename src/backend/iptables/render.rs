@@ -2,7 +2,7 @@
 //! writes (pkg/proxy/iptables/proxier.go), for one IP family (the same text goes to
 //! `iptables-restore` or `ip6tables-restore`), in upstream's chain and rule order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -172,9 +172,6 @@ pub struct Rendered {
     pub nat_rules: usize,
     /// `sync_proxy_rules_iptables_last{table="nat"}`: nat rules actually written.
     pub nat_rules_written: usize,
-    /// Per-service nat chains that exist after this sync (written or not); filled only when
-    /// they are needed, by a full sync or one that deletes stale chains.
-    pub active_nat_chains: BTreeSet<String>,
     /// Stale chains deleted by this restore.
     pub deleted_chains: Vec<String>,
     /// Services with internalTrafficPolicy Local and no local endpoints.
@@ -363,12 +360,16 @@ fn write_endpoint_addr(out: &mut String, ep: &Endpoint) {
 fn write_ip(out: &mut String, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    text[len] = b'.';
+                    len += 1;
                 }
-                write_number(out, octet.into());
+                len += decimal(octet.into(), &mut text[len..]);
             }
+            out.push_str(std::str::from_utf8(&text[..len]).unwrap_or_default());
         }
         // Formatting into a String cannot fail.
         IpAddr::V6(v6) => {
@@ -379,18 +380,26 @@ fn write_ip(out: &mut String, ip: IpAddr) {
 
 /// `n` in decimal.
 fn write_number(out: &mut String, n: u16) {
-    let mut digits = [0u8; 5];
-    let mut i = digits.len();
+    let mut text = [0u8; 5];
+    let len = decimal(n, &mut text);
+    out.push_str(std::str::from_utf8(&text[..len]).unwrap_or_default());
+}
+
+/// Writes `n`'s decimal digits at the start of `to` (room for five) and returns how many.
+fn decimal(n: u16, to: &mut [u8]) -> usize {
+    let len = match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1000..=9999 => 4,
+        _ => 5,
+    };
     let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+    for d in to[..len].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
+    len
 }
 
 /// The four parts of the restore input, in the order they are written.
@@ -526,18 +535,24 @@ impl Totals {
     }
 }
 
-/// A service port's block; the text of its own chains goes to `own`.
-fn render_port(sp: &ServicePlan, ctx: &Ctx, own: &mut Tables) -> Block {
+/// A service port's block; its own chains are written into `out`, after its shared-chain
+/// rules if `with_entry` (a full render writes each rule once, in upstream's order).
+fn render_port(sp: &ServicePlan, ctx: &Ctx, out: &mut Tables, with_entry: bool) -> Block {
     let port = PortRules::new(sp, ctx);
     let mut entry = Tables::default();
     port.write_entry_rules(&mut entry);
-    let mut chains = Vec::new();
-    let rules_before = own.nat_rules.len();
-    port.write_chains(own, &mut chains);
+    if with_entry {
+        out.nat_rules.extend(&entry.nat_rules);
+        out.filter_rules.extend(&entry.filter_rules);
+    }
+    // SVC, SVL, EXT, FW and one per endpoint at most.
+    let mut chains = Vec::with_capacity(4 + sp.reachable.len());
+    let rules_before = out.nat_rules.len();
+    port.write_chains(out, &mut chains);
     Block {
         nat_entry: entry.nat_rules,
         filter_entry: entry.filter_rules,
-        chain_rules: own.nat_rules.len() - rules_before,
+        chain_rules: out.nat_rules.len() - rules_before,
         chains,
         endpoints: sp.endpoints.len(),
         no_local_internal: sp.internal.lacks_local_endpoints(),
@@ -638,7 +653,8 @@ impl RenderCache {
             let mut written = Vec::with_capacity(plans.len());
             for sp in &plans {
                 let mut own = Tables::default();
-                fresh.push((sp.service.name.clone(), Some(render_port(sp, &ctx, &mut own))));
+                let block = render_port(sp, &ctx, &mut own, false);
+                fresh.push((sp.service.name.clone(), Some(block)));
                 written.push((&sp.service.name, own));
             }
             self.put_all(fresh);
@@ -646,36 +662,33 @@ impl RenderCache {
         } else {
             // Every port, streamed in the model's (= the cache's) order.
             body.reserve(plans.len(), endpoints);
-            let mut own = Tables::default();
+            // A partial sync that cannot use the cache still writes only the changed
+            // services' chains; the others' go to `unwritten`, for their counts.
+            let mut unwritten = Tables::default();
             for sp in &plans {
-                own.clear();
-                let block = render_port(sp, &ctx, &mut own);
-                body.nat_rules.extend(&block.nat_entry);
-                body.filter_rules.extend(&block.filter_entry);
-                if changed.is_none_or(|c| c.contains(&sp.service.name.service)) {
-                    body.nat_chains.extend(&own.nat_chains);
-                    body.nat_rules.extend(&own.nat_rules);
-                }
+                let block = if changed.is_none_or(|c| c.contains(&sp.service.name.service)) {
+                    render_port(sp, &ctx, &mut body, true)
+                } else {
+                    unwritten.clear();
+                    let block = render_port(sp, &ctx, &mut unwritten, false);
+                    body.nat_rules.extend(&block.nat_entry);
+                    body.filter_rules.extend(&block.filter_entry);
+                    block
+                };
                 fresh.push((sp.service.name.clone(), Some(block)));
             }
             self.put_all(fresh);
         }
-        // Stale-chain deletion needs every live chain; otherwise the set is not built (60k
-        // names at 10k services).
         let mut stale = Tables::default();
-        if matches!(input.scope, SyncScope::Full) || input.existing_nat_chains.is_some() {
-            let mut active: Vec<ChainName> = self
+        if let Some(existing) = input.existing_nat_chains {
+            // Every live chain (60k names at 10k services): only built to find stale ones.
+            let live: HashSet<ChainName> = self
                 .blocks
                 .values()
                 .flatten()
                 .flat_map(|b| b.chains.iter().copied())
                 .collect();
-            active.sort_unstable();
-            active.dedup();
-            if let Some(existing) = input.existing_nat_chains {
-                delete_stale_chains(&mut stale, &mut out, existing, &active);
-            }
-            out.active_nat_chains = active.iter().map(|c| c.as_str().to_owned()).collect();
+            delete_stale_chains(&mut stale, &mut out, existing, &live);
         }
         let mut tail = Tables::default();
         write_node_ports_tail(&mut tail, cfg);
@@ -833,7 +846,11 @@ impl RenderCache {
 
 /// The chains whose lines differ between `was` and `now` (one service port's, either table).
 fn changed_chains<'l>(was: &'l Lines, now: &'l Lines) -> BTreeSet<&'l str> {
-    let chains: BTreeSet<&str> = was.iter().chain(now.iter()).map(|l| split_append(l).0).collect();
+    let chains: BTreeSet<&str> = was
+        .iter()
+        .chain(now.iter())
+        .map(|l| split_append(l).0)
+        .collect();
     chains
         .into_iter()
         .filter(|c| {
@@ -962,18 +979,16 @@ fn write_base_rules(t: &mut Tables, cfg: &RenderConfig) {
     }
 }
 
-/// Stale per-service chains (not in `active`, sorted): flush with a chain line, then delete.
+/// Stale per-service chains (not `live`): flush with a chain line, then delete.
 fn delete_stale_chains(
     t: &mut Tables,
     out: &mut Rendered,
     existing: &BTreeSet<String>,
-    active: &[ChainName],
+    live: &HashSet<ChainName>,
 ) {
     for chain in existing {
-        let live = active
-            .binary_search_by(|c| c.as_bytes().cmp(chain.as_bytes()))
-            .is_ok();
-        if names::is_service_chain(chain) && !live {
+        let is_live = ChainName::parse(chain).is_some_and(|c| live.contains(&c));
+        if names::is_service_chain(chain) && !is_live {
             t.nat_chains.push_chain(chain);
             rule!(t.nat_rules; "-X", chain);
             out.deleted_chains.push(chain.clone());
@@ -1120,6 +1135,9 @@ fn port_name(name: &ServicePortName) -> String {
     s
 }
 
+/// Up to this many reachable endpoints, a lookup off `reachable`'s order scans them.
+const SEPS_SCANNED: usize = 16;
+
 /// `-m PROTO -p PROTO`.
 fn proto_match(protocol: Protocol) -> &'static str {
     match protocol {
@@ -1141,8 +1159,10 @@ struct PortRules<'p, 'a> {
     local_chain: ChainName,
     ext_chain: ChainName,
     fw_chain: ChainName,
-    /// The KUBE-SEP chain of each reachable endpoint (hashed once), by (IP, port).
+    /// The KUBE-SEP chain of each reachable endpoint (hashed once), in `reachable`'s order.
     seps: Vec<((IpAddr, u16), ChainName)>,
+    /// Indices into `seps` by (IP, port), for a large port's lookups off that order.
+    by_addr: Vec<usize>,
 }
 
 impl<'p, 'a> PortRules<'p, 'a> {
@@ -1151,12 +1171,16 @@ impl<'p, 'a> PortRules<'p, 'a> {
         let proto_match = proto_match(name.protocol);
         let mut hasher = PortHasher::new(name);
         let hash = hasher.port();
-        let mut seps: Vec<_> = sp
+        let seps: Vec<_> = sp
             .reachable
             .iter()
             .map(|ep| ((ep.ip, ep.port), endpoint_chain(&mut hasher, ep)))
             .collect();
-        seps.sort_unstable_by_key(|(k, _)| *k);
+        let mut by_addr = Vec::new();
+        if seps.len() > SEPS_SCANNED {
+            by_addr = (0..seps.len()).collect();
+            by_addr.sort_unstable_by_key(|&i| seps[i].0);
+        }
         PortRules {
             sp,
             ctx,
@@ -1168,6 +1192,7 @@ impl<'p, 'a> PortRules<'p, 'a> {
             ext_chain: ChainName::new(EXT_PREFIX, &hash),
             fw_chain: ChainName::new(FW_PREFIX, &hash),
             seps,
+            by_addr,
         }
     }
 
@@ -1179,12 +1204,25 @@ impl<'p, 'a> PortRules<'p, 'a> {
         }
     }
 
-    /// `ep`'s KUBE-SEP chain.
-    fn sep(&self, ep: &Endpoint) -> ChainName {
-        match self.seps.binary_search_by_key(&(ep.ip, ep.port), |(k, _)| *k) {
-            Ok(i) => self.seps[i].1,
+    /// `ep`'s KUBE-SEP chain; `i`: its index in its list, the same as in `reachable` when
+    /// that list is all of them (the usual case).
+    fn sep(&self, i: usize, ep: &Endpoint) -> ChainName {
+        let key = (ep.ip, ep.port);
+        if let Some((_, chain)) = self.seps.get(i).filter(|(k, _)| *k == key) {
+            return *chain;
+        }
+        let found = if self.by_addr.is_empty() {
+            self.seps.iter().position(|(k, _)| *k == key)
+        } else {
+            self.by_addr
+                .binary_search_by_key(&key, |&j| self.seps[j].0)
+                .ok()
+                .map(|j| self.by_addr[j])
+        };
+        match found {
+            Some(j) => self.seps[j].1,
             // The plan's endpoint lists are all within `reachable`; hashed anyway.
-            Err(_) => endpoint_chain(&mut PortHasher::new(&self.sp.service.name), ep),
+            None => endpoint_chain(&mut PortHasher::new(&self.sp.service.name), ep),
         }
     }
 
@@ -1508,8 +1546,8 @@ impl<'p, 'a> PortRules<'p, 'a> {
     fn write_endpoint_chains(&self, t: &mut Tables, active: &mut Vec<ChainName>) {
         let affinity = self.sp.service.session_affinity_timeout.is_some();
         let comment = (!self.ctx.large).then_some(("-m comment --comment", &self.name_str));
-        for ep in &self.sp.reachable {
-            let sep = self.sep(ep);
+        for (i, ep) in self.sp.reachable.iter().enumerate() {
+            let sep = self.sep(i, ep);
             t.nat_chains.push_chain(sep.as_str());
             active.push(sep);
             rule!(
@@ -1537,8 +1575,8 @@ impl<'p, 'a> PortRules<'p, 'a> {
     /// Upstream `writeServiceToEndpointRules`: affinity checks, then probabilistic jumps.
     fn write_endpoint_rules(&self, rules: &mut Lines, chain: &ChainName, endpoints: &[Endpoint]) {
         if let Some(timeout) = self.sp.service.session_affinity_timeout {
-            for ep in endpoints {
-                let sep = self.sep(ep);
+            for (i, ep) in endpoints.iter().enumerate() {
+                let sep = self.sep(i, ep);
                 rule!(
                     *rules;
                     "-A",
@@ -1563,7 +1601,7 @@ impl<'p, 'a> PortRules<'p, 'a> {
                     .as_deref()
                     .map(|p| ("-m statistic --mode random --probability", p)),
                 "-j",
-                self.sep(ep),
+                self.sep(i, ep),
             );
         }
     }
@@ -1588,5 +1626,8 @@ impl Word for EndpointComment<'_> {
 
 /// `ep`'s KUBE-SEP chain.
 fn endpoint_chain(hasher: &mut PortHasher, ep: &Endpoint) -> ChainName {
-    ChainName::new(SEP_PREFIX, &hasher.endpoint(|key| write_endpoint_addr(key, ep)))
+    ChainName::new(
+        SEP_PREFIX,
+        &hasher.endpoint(|key| write_endpoint_addr(key, ep)),
+    )
 }

@@ -481,7 +481,11 @@ fn overall_iptables_rules_match_upstream_golden() {
         r.health_check_node_ports,
         BTreeMap::from([(ServiceName::new("ns2", "svc2"), (30000, 0))])
     );
-    assert_eq!(r.active_nat_chains.len(), 16);
+    let service_chains = Dump::parse(&r.text).unwrap().chain_names("nat");
+    let service_chains = service_chains
+        .iter()
+        .filter(|c| crate::backend::netfilter::names::is_service_chain(c));
+    assert_eq!(service_chains.count(), 16);
 }
 
 #[test]
@@ -526,13 +530,6 @@ fn exact_restore_text_keeps_upstream_write_order() {
         "#,
     );
     assert_eq!(r.text, expected);
-    assert_eq!(
-        r.active_nat_chains,
-        BTreeSet::from([
-            "KUBE-SVC-XPGD46QRK7WJZT7O".into(),
-            "KUBE-SEP-SXIVWICOYRO3J4NJ".into()
-        ])
-    );
 }
 
 #[test]
@@ -4168,4 +4165,77 @@ fn edits_only_touch_the_changed_service() {
         "{}",
         r.text
     );
+}
+
+/// Each endpoint's KUBE-SEP chain is hashed once per render and looked up for the Cluster,
+/// Local and affinity rules: every jump and every DNAT must still name the endpoint's own
+/// chain, whatever the lists' order (Local lists are subsets of the reachable ones), for
+/// small ports (scanned) and large ones (searched).
+#[test]
+fn every_endpoint_rule_names_the_endpoints_own_chain() {
+    let mut services = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, count) in [(1u8, 6u8), (2, 20)] {
+        let mut s = svc(
+            "ns1",
+            &format!("svc{i}"),
+            "p80",
+            &format!("172.30.0.{i}"),
+            80,
+        );
+        s.service_type = ServiceType::NodePort;
+        s.node_port = 30000 + u16::from(i);
+        s.external_policy_local = true;
+        s.session_affinity_timeout = Some(10800);
+        services.push(s);
+        let eps = (0..count)
+            .map(|e| {
+                let ep = ep(&format!("10.180.{i}.{e}"), 80);
+                // The local ones come last in address order and are a subset.
+                if e % 3 == 2 { local(ep) } else { ep }
+            })
+            .collect();
+        endpoints.push((spn("ns1", &format!("svc{i}"), "p80"), eps));
+    }
+    let r = render_full(&model(services, endpoints));
+    let dump = Dump::parse(&r.text).unwrap();
+    let (mut jumps, mut dnats) = (0, 0);
+    for chain in &dump.chain_names("nat") {
+        let Some(c) = dump.chain("nat", chain) else {
+            continue;
+        };
+        for rule in &c.rules {
+            let words: Vec<&str> = rule.raw.split(' ').collect();
+            let after = |w: &str| words.iter().position(|x| *x == w).map(|p| words[p + 1]);
+            let name = |svc: &str| spn("ns1", svc.trim_start_matches('"'), "p80");
+            if chain.starts_with("KUBE-SVC-") || chain.starts_with("KUBE-SVL-") {
+                // `--comment "ns1/svcN:p80 -> ADDR"`
+                let Some(arrow) = words.iter().position(|w| *w == "->") else {
+                    continue;
+                };
+                let svc = words[arrow - 1]
+                    .trim_start_matches("\"ns1/")
+                    .trim_end_matches(":p80");
+                let addr = words[arrow + 1].trim_end_matches('"');
+                let sep = crate::backend::netfilter::names::endpoint_chain_for(&name(svc), addr);
+                assert_eq!(after("-j"), Some(sep.as_str()), "{}", rule.raw);
+                if let Some(recent) = after("--name") {
+                    assert_eq!(recent, sep, "{}", rule.raw);
+                }
+                jumps += 1;
+            } else if let Some(addr) = after("--to-destination") {
+                let svc = after("--comment").unwrap().trim_start_matches("ns1/");
+                let svc = svc.trim_end_matches(":p80");
+                assert_eq!(
+                    *chain,
+                    crate::backend::netfilter::names::endpoint_chain_for(&name(svc), addr)
+                );
+                dnats += 1;
+            }
+        }
+    }
+    // Per endpoint: an affinity check and a jump from SVC; the local ones also from SVL.
+    let local = 2 + 6;
+    assert_eq!(jumps, 2 * (26 + local));
+    assert_eq!(dnats, 26);
 }

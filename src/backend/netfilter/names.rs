@@ -38,10 +38,47 @@ pub const SEP_PREFIX: &str = "KUBE-SEP-";
 /// Upstream `portProtoHash`: the first 16 characters of base32(sha256(input)). They encode
 /// the digest's first 10 bytes exactly (5 bytes per 8 characters, no padding).
 fn hash16(input: &[u8]) -> Hash16 {
-    let digest = Sha256::digest(input);
+    let digest = sha256_head(input);
     let mut out = [0u8; 16];
-    data_encoding::BASE32.encode_mut(&digest[..10], &mut out);
+    data_encoding::BASE32.encode_mut(&digest, &mut out);
     Hash16(out)
+}
+
+/// SHA-256's initial state (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// The first 10 bytes of sha256(`input`). A render hashes tens of thousands of short keys:
+/// those that fit two blocks are padded here (FIPS 180-4, 5.1.1) and go straight to the
+/// `sha2` compression function, without the streaming hasher's buffering.
+fn sha256_head(input: &[u8]) -> [u8; 10] {
+    let n = input.len();
+    let mut head = [0u8; 10];
+    if n > 2 * 64 - 9 {
+        head.copy_from_slice(&Sha256::digest(input)[..10]);
+        return head;
+    }
+    let mut blocks = [[0u8; 64]; 2];
+    let (first, rest) = input.split_at(n.min(64));
+    blocks[0][..first.len()].copy_from_slice(first);
+    blocks[1][..rest.len()].copy_from_slice(rest);
+    blocks[n / 64][n % 64] = 0x80;
+    let count = if n <= 64 - 9 { 1 } else { 2 };
+    blocks[count - 1][56..].copy_from_slice(&(8 * n as u64).to_be_bytes());
+    let mut state = SHA256_IV;
+    sha2::block_api::compress256(&mut state, &blocks[..count]);
+    for (i, b) in head.iter_mut().enumerate() {
+        *b = state[i / 4].to_be_bytes()[i % 4];
+    }
+    head
 }
 
 /// The 16-character hash that names a service port's (or an endpoint's) chains.
@@ -79,6 +116,17 @@ impl ChainName {
         }
     }
 
+    /// `name` held inline, if it is no longer than a hashed chain's name.
+    pub fn parse(name: &str) -> Option<ChainName> {
+        let len = name.len();
+        let mut bytes = [0u8; HASHED_CHAIN_MAX];
+        bytes.get_mut(..len)?.copy_from_slice(name.as_bytes());
+        Some(ChainName {
+            bytes,
+            len: len as u8,
+        })
+    }
+
     /// The name as text.
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(self.as_bytes()).unwrap_or_default()
@@ -87,31 +135,6 @@ impl ChainName {
     /// The name's bytes (ASCII).
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
-    }
-}
-
-impl ChainName {
-    /// Big-endian words of the zero-padded name: compared as integers they order the names
-    /// as strings do (a prefix, padded with zeros, sorts first), without a `memcmp` call.
-    fn key(&self) -> (u128, u128) {
-        let mut hi = [0u8; 16];
-        let mut lo = [0u8; 16];
-        hi.copy_from_slice(&self.bytes[..16]);
-        lo[..HASHED_CHAIN_MAX - 16].copy_from_slice(&self.bytes[16..]);
-        (u128::from_be_bytes(hi), u128::from_be_bytes(lo))
-    }
-}
-
-/// The order of the names as strings.
-impl Ord for ChainName {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.key().cmp(&other.key())
-    }
-}
-
-impl PartialOrd for ChainName {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
     }
 }
 
@@ -268,9 +291,9 @@ mod tests {
     }
 
     /// The inline names and the kept key hash what upstream hashes (sha256 of the whole
-    /// string, base32, 16 characters), and sort as their strings do.
+    /// string, base32, 16 characters), and parse back.
     #[test]
-    fn chain_names_hash_upstream_keys_and_sort_as_strings() {
+    fn chain_names_hash_upstream_keys() {
         let direct = |key: &str| {
             let mut e = data_encoding::BASE32.encode(&Sha256::digest(key.as_bytes()));
             e.truncate(16);
@@ -278,8 +301,14 @@ mod tests {
         };
         let tcp = spn("ns1", "svc1", "p80");
         let sctp = ServicePortName::new("ns1", "svc1", "", Protocol::Sctp);
-        assert_eq!(service_chain(&tcp), format!("KUBE-SVC-{}", direct("ns1/svc1:p80tcp")));
-        assert_eq!(firewall_chain(&sctp), format!("KUBE-FW-{}", direct("ns1/svc1sctp")));
+        assert_eq!(
+            service_chain(&tcp),
+            format!("KUBE-SVC-{}", direct("ns1/svc1:p80tcp"))
+        );
+        assert_eq!(
+            firewall_chain(&sctp),
+            format!("KUBE-FW-{}", direct("ns1/svc1sctp"))
+        );
         assert_eq!(
             endpoint_chain_for(&tcp, "[fd00::1]:80"),
             format!("KUBE-SEP-{}", direct("ns1/svc1:p80tcp[fd00::1]:80"))
@@ -292,20 +321,21 @@ mod tests {
         assert_eq!(second.as_str(), direct("ns1/svc1:p80tcp10.0.0.2:80"));
         assert_eq!(h.port().as_str(), direct("ns1/svc1:p80tcp"));
 
-        let mut names = Vec::new();
-        for (i, prefix) in [SEP_PREFIX, FW_PREFIX, SVC_PREFIX, EXT_PREFIX, SVL_PREFIX]
-            .into_iter()
-            .enumerate()
-        {
-            for e in 0..40 {
-                let hash = h.endpoint(|k| k.push_str(&format!("10.{i}.0.{e}:80")));
-                names.push(ChainName::new(prefix, &hash));
-            }
+        // Keys of every length up to and past two blocks, padding boundaries included.
+        for len in 0..200 {
+            let key = "k".repeat(len);
+            assert_eq!(
+                hash16(key.as_bytes()).as_str(),
+                direct(&key),
+                "length {len}"
+            );
         }
-        let mut strings: Vec<String> = names.iter().map(ChainName::to_string).collect();
-        strings.sort();
-        names.sort();
-        let sorted: Vec<String> = names.iter().map(ChainName::to_string).collect();
-        assert_eq!(sorted, strings);
+
+        let sep = ChainName::new(SEP_PREFIX, &first);
+        assert_eq!(ChainName::parse(sep.as_str()), Some(sep));
+        assert_eq!(
+            ChainName::parse("KUBE-SEP-TOO-LONG-FOR-A-HASHED-NAME"),
+            None
+        );
     }
 }
