@@ -14,8 +14,9 @@
 //! rewritten or edited), the RSS of a fresh process holding each cluster (state store, model
 //! snapshot, render cache), and the state store's EndpointSlice update throughput.
 //!
-//! `cargo bench --bench sync [-- [--render-only] [--no-floor] SIZE...]`, SIZE = `N` (N
-//! services × 5 endpoints) or `NxE` (default 10000).
+//! `cargo bench --bench sync [-- [--render-only] [--no-floor] [--parts [--chunks A,B]]
+//! SIZE...]`, SIZE = `N` (N services × 5 endpoints) or `NxE` (default 10000). `--parts` times
+//! the first sync's steps one by one instead of the backend's syncs.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -26,6 +27,8 @@ use kube_proxy_rs::backend::iptables::proxier::IptablesProxier;
 use kube_proxy_rs::backend::iptables::render::{
     RenderCache, RenderConfig, RenderInput, SharedChains, SyncScope, render,
 };
+use kube_proxy_rs::backend::netfilter::Dump;
+use kube_proxy_rs::backend::netfilter::restore::{NEW_CHAINS_PER_RESTORE, split_new_chains};
 use kube_proxy_rs::backend::{Backend, SyncRequest};
 use kube_proxy_rs::kernel::iptables::{Iptables, IptablesVariant};
 use kube_proxy_rs::kernel::{Addresses, Conntrack, IpFamily};
@@ -353,6 +356,13 @@ fn main() {
     let opts = Opts {
         render_only: flag("--render-only"),
         no_floor: flag("--no-floor"),
+        parts: flag("--parts"),
+        chunks: args
+            .iter()
+            .position(|a| a == "--chunks")
+            .and_then(|i| args.get(i + 1))
+            .map(|l| l.split(',').filter_map(|c| c.parse().ok()).collect())
+            .unwrap_or_else(|| vec![NEW_CHAINS_PER_RESTORE]),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -397,6 +407,80 @@ fn main() {
 struct Opts {
     render_only: bool,
     no_floor: bool,
+    /// `--parts`: the first sync's steps timed one by one, per chunk size in `chunks`.
+    parts: bool,
+    /// `--chunks A,B`: new chains per preparatory nft transaction (default the daemon's).
+    chunks: Vec<usize>,
+}
+
+/// The first sync's steps, timed one by one in a fresh namespace in the daemon's starting
+/// state: `iptables-save -t nat` and its parse, the render, the split into transactions
+/// (nft; `chunk` new chains each), and each `iptables-restore`.
+fn first_sync_parts(
+    rt: &tokio::runtime::Runtime,
+    variant: IptablesVariant,
+    tool: &str,
+    model: &ProxyModel,
+    config: &RenderConfig,
+    chunk: usize,
+) -> String {
+    let ns = Netns::new("parts");
+    let empty = ProxyModel::default();
+    sync(
+        rt,
+        &mut proxier(&ns, variant, config),
+        &empty,
+        &BTreeSet::new(),
+        true,
+        config,
+    );
+    let save_tool = tool.replace("-restore", "-save");
+    let t = Instant::now();
+    let saved = Command::new("ip")
+        .args(["netns", "exec", &ns.0, &save_tool, "-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    let save_t = t.elapsed();
+    let t = Instant::now();
+    let existing = Dump::parse(&String::from_utf8_lossy(&saved.stdout))
+        .expect("parse")
+        .chain_names("nat");
+    let parse_t = t.elapsed();
+    let t = Instant::now();
+    let rendered = render(&RenderInput {
+        model,
+        config,
+        scope: SyncScope::Full,
+        existing_nat_chains: Some(&existing),
+    });
+    let render_t = t.elapsed();
+    let t = Instant::now();
+    let parts = if variant == IptablesVariant::Nft {
+        split_new_chains(&rendered.text, "nat", &existing, chunk)
+    } else {
+        vec![rendered.text.clone()]
+    };
+    let split_t = t.elapsed();
+    let times: Vec<Duration> = parts
+        .iter()
+        .map(|p| restore(&ns.0, tool, p).unwrap_or(CAP))
+        .collect();
+    let (last, new) = times.split_last().expect("one part at least");
+    let new_sum: Duration = new.iter().sum();
+    format!(
+        "{tool} first sync parts (chunk {chunk}): save {}, parse {}, render {}, split {}; \
+         {} new-chain restores {:.2} s (first {}, last {}), final restore {:.2} s; total {:.2} s",
+        ms(save_t),
+        ms(parse_t),
+        ms(render_t),
+        ms(split_t),
+        new.len(),
+        new_sum.as_secs_f64(),
+        new.first().map_or("-".into(), |d| ms(*d)),
+        new.last().map_or("-".into(), |d| ms(*d)),
+        last.as_secs_f64(),
+        (save_t + parse_t + render_t + split_t + new_sum + *last).as_secs_f64(),
+    )
 }
 
 fn ms(d: Duration) -> String {
@@ -468,6 +552,23 @@ fn bench(rt: &tokio::runtime::Runtime, size: Size, opts: &Opts) -> Row {
     }
     if !is_root() {
         println!("kernel: not measured (needs root for a network namespace)");
+        return row;
+    }
+    if opts.parts {
+        for (variant, tool) in [
+            (IptablesVariant::Legacy, "iptables-legacy-restore"),
+            (IptablesVariant::Nft, "iptables-nft-restore"),
+        ] {
+            let chunks = if variant == IptablesVariant::Nft {
+                opts.chunks.clone()
+            } else {
+                vec![0]
+            };
+            for chunk in chunks {
+                let line = first_sync_parts(rt, variant, tool, &model, &config, chunk);
+                println!("{line}");
+            }
+        }
         return row;
     }
     let none = BTreeSet::new();
