@@ -15,20 +15,16 @@ use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use super::KernelError;
 use super::conntrack::Flow;
+use super::nfnl::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attr, attrs, error_code,
+    message, messages, nested,
+};
 use crate::model::Protocol;
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
-
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -172,53 +168,12 @@ impl CtNetlink {
     }
 }
 
-/// Appends one netlink attribute (padded to 4 bytes).
-fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-/// Appends a nested attribute holding what `inner` appends.
-fn nested(buf: &mut Vec<u8>, kind: u16, inner: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0; 4]);
-    inner(buf);
-    let len = (buf.len() - start) as u16;
-    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-    buf[start + 2..start + 4].copy_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
-}
-
-/// Appends one ctnetlink message (netlink header, `nfgenmsg`, attributes).
-fn message(
-    buf: &mut Vec<u8>,
-    msg: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    attrs: impl FnOnce(&mut Vec<u8>),
-) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0; 4]);
-    buf.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg).to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family, NFNETLINK_V0, res_id (big endian) 0.
-    buf.extend_from_slice(&[family, 0, 0, 0]);
-    attrs(buf);
-    let len = (buf.len() - start) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-}
-
 /// A dump of `family`'s `proto` entries.
 fn dump_request(seq: u32, family: u8, proto: Protocol) -> Vec<u8> {
     let mut buf = Vec::with_capacity(64);
     message(
         &mut buf,
-        IPCTNL_MSG_CT_GET,
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
         family,
@@ -256,7 +211,7 @@ fn delete_request(buf: &mut Vec<u8>, seq: u32, flow: &Flow) {
     };
     message(
         buf,
-        IPCTNL_MSG_CT_DELETE,
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
         family,
@@ -274,37 +229,6 @@ fn delete_request(buf: &mut Vec<u8>, seq: u32, flow: &Flow) {
             })
         },
     );
-}
-
-/// The netlink messages of a datagram: (type, payload after the 16-byte header).
-fn messages(datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut rest = datagram;
-    std::iter::from_fn(move || {
-        let len = u32::from_ne_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(rest.get(4..6)?.try_into().ok()?);
-        let body = rest.get(16..len)?;
-        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, body))
-    })
-}
-
-/// The attributes in `buf`: (type without flags, payload).
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut rest = buf;
-    std::iter::from_fn(move || {
-        let len = u16::from_ne_bytes(rest.get(..2)?.try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(rest.get(2..4)?.try_into().ok()?) & NLA_TYPE_MASK;
-        let payload = rest.get(4..len)?;
-        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, payload))
-    })
-}
-
-/// The errno of an `NLMSG_ERROR` payload (0 for an ack).
-fn error_code(body: &[u8]) -> i32 {
-    body.get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, |b| -i32::from_ne_bytes(b))
 }
 
 /// Adds the `proto` entries of one dump datagram to `out`; `Ok(true)` once the dump is done,
@@ -438,22 +362,29 @@ mod tests {
         };
         let mut dg = Vec::new();
         for n in [17, 6] {
-            message(&mut dg, IPCTNL_MSG_CT_NEW, 0, 1, AF_INET, |b| {
-                nested(b, CTA_TUPLE_ORIG, |b| {
-                    tuple(b, &f.orig_src, &f.orig_dst, f.orig_sport, f.orig_dport, n)
-                });
-                nested(b, CTA_TUPLE_REPLY, |b| {
-                    tuple(
-                        b,
-                        &f.reply_src,
-                        &f.reply_dst,
-                        f.reply_sport,
-                        f.reply_dport,
-                        n,
-                    )
-                });
-                attr(b, 3, &0x18u32.to_be_bytes());
-            });
+            message(
+                &mut dg,
+                (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW,
+                0,
+                1,
+                AF_INET,
+                |b| {
+                    nested(b, CTA_TUPLE_ORIG, |b| {
+                        tuple(b, &f.orig_src, &f.orig_dst, f.orig_sport, f.orig_dport, n)
+                    });
+                    nested(b, CTA_TUPLE_REPLY, |b| {
+                        tuple(
+                            b,
+                            &f.reply_src,
+                            &f.reply_dst,
+                            f.reply_sport,
+                            f.reply_dport,
+                            n,
+                        )
+                    });
+                    attr(b, 3, &0x18u32.to_be_bytes());
+                },
+            );
         }
         let mut out = Vec::new();
         assert_eq!(parse_dump(&dg, Protocol::Udp, &mut out), Ok(false));

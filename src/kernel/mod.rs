@@ -19,6 +19,7 @@ pub mod iptables;
 pub mod ipvs;
 pub mod link;
 pub mod nfacct;
+mod nfnl;
 pub mod nft;
 pub mod nftnl;
 pub mod sysctl;

@@ -14,6 +14,9 @@ use netlink_sys::protocols::NETLINK_NETFILTER;
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use super::KernelError;
+use super::nfnl::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, error_code, message, messages,
+};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWCHAIN: u16 = 3;
@@ -25,11 +28,6 @@ const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
 const ENOENT: i32 = 2;
 
 /// A handle on nf_tables in a network namespace (`None`: this process's).
@@ -62,10 +60,9 @@ impl NfTables {
         chains: &[&str],
     ) -> Result<Vec<Option<usize>>, KernelError> {
         let op = format!("counting rules of {table}");
-        let mut socket =
-            super::link::open_netlink_socket(self.netns.as_deref(), NETLINK_NETFILTER)
-                .await
-                .map_err(|e| net_error(&op, e))?;
+        let mut socket = super::link::open_netlink_socket(self.netns.as_deref(), NETLINK_NETFILTER)
+            .await
+            .map_err(|e| net_error(&op, e))?;
         socket
             .socket_mut()
             .bind_auto()
@@ -98,10 +95,17 @@ async fn chain_exists(
     chain: &str,
 ) -> io::Result<bool> {
     let mut req = Vec::with_capacity(64);
-    message(&mut req, NFT_MSG_GETCHAIN, NLM_F_REQUEST | NLM_F_ACK, seq, family, |b| {
-        attr_str(b, NFTA_CHAIN_TABLE, table);
-        attr_str(b, NFTA_CHAIN_NAME, chain);
-    });
+    message(
+        &mut req,
+        nft_type(NFT_MSG_GETCHAIN),
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        family,
+        |b| {
+            attr_str(b, NFTA_CHAIN_TABLE, table);
+            attr_str(b, NFTA_CHAIN_NAME, chain);
+        },
+    );
     socket.send(&req).await?;
     let mut found = false;
     loop {
@@ -131,10 +135,17 @@ async fn count_rules(
     chain: &str,
 ) -> io::Result<usize> {
     let mut req = Vec::with_capacity(64);
-    message(&mut req, NFT_MSG_GETRULE, NLM_F_REQUEST | NLM_F_DUMP, seq, family, |b| {
-        attr_str(b, NFTA_RULE_TABLE, table);
-        attr_str(b, NFTA_RULE_CHAIN, chain);
-    });
+    message(
+        &mut req,
+        nft_type(NFT_MSG_GETRULE),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        family,
+        |b| {
+            attr_str(b, NFTA_RULE_TABLE, table);
+            attr_str(b, NFTA_RULE_CHAIN, chain);
+        },
+    );
     socket.send(&req).await?;
     let mut rules = 0;
     loop {
@@ -167,47 +178,6 @@ fn attr_str(buf: &mut Vec<u8>, kind: u16, value: &str) {
     buf.resize(buf.len().next_multiple_of(4), 0);
 }
 
-/// Appends one nf_tables message (netlink header, `nfgenmsg`, attributes).
-fn message(
-    buf: &mut Vec<u8>,
-    msg: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    attrs: impl FnOnce(&mut Vec<u8>),
-) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0; 4]);
-    buf.extend_from_slice(&nft_type(msg).to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family, NFNETLINK_V0, res_id 0.
-    buf.extend_from_slice(&[family, 0, 0, 0]);
-    attrs(buf);
-    let len = (buf.len() - start) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-}
-
-/// The netlink messages of a datagram: (type, payload after the 16-byte header).
-fn messages(datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut rest = datagram;
-    std::iter::from_fn(move || {
-        let len = u32::from_ne_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(rest.get(4..6)?.try_into().ok()?);
-        let body = rest.get(16..len)?;
-        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, body))
-    })
-}
-
-/// The errno of an `NLMSG_ERROR` payload (0 for an ack).
-fn error_code(body: &[u8]) -> i32 {
-    body.get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, |b| -i32::from_ne_bytes(b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,14 +185,24 @@ mod tests {
     #[test]
     fn a_rule_dump_request_names_table_and_chain() {
         let mut b = Vec::new();
-        message(&mut b, NFT_MSG_GETRULE, NLM_F_REQUEST | NLM_F_DUMP, 7, 2, |b| {
-            attr_str(b, NFTA_RULE_TABLE, "kube-proxy");
-            attr_str(b, NFTA_RULE_CHAIN, "services");
-        });
+        message(
+            &mut b,
+            nft_type(NFT_MSG_GETRULE),
+            NLM_F_REQUEST | NLM_F_DUMP,
+            7,
+            2,
+            |b| {
+                attr_str(b, NFTA_RULE_TABLE, "kube-proxy");
+                attr_str(b, NFTA_RULE_CHAIN, "services");
+            },
+        );
         // header 16 + nfgenmsg 4 + "kube-proxy\0" (4 + 11 → 16) + "services\0" (4 + 9 → 16)
         assert_eq!(b.len(), 52);
         assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()), 52);
-        assert_eq!(u16::from_ne_bytes(b[4..6].try_into().unwrap()), (10 << 8) | 7);
+        assert_eq!(
+            u16::from_ne_bytes(b[4..6].try_into().unwrap()),
+            (10 << 8) | 7
+        );
         assert_eq!(u16::from_ne_bytes(b[6..8].try_into().unwrap()), 0x301);
         assert_eq!(b[16], 2);
         assert_eq!(&b[24..35], b"kube-proxy\0");

@@ -284,7 +284,9 @@ impl NftablesProxier {
             };
             let want = expected.get(chain).copied().unwrap_or_default();
             if count != want {
-                return Ok(Some(format!("chain {chain} holds {count} rules, not {want}")));
+                return Ok(Some(format!(
+                    "chain {chain} holds {count} rules, not {want}"
+                )));
             }
         }
         Ok(None)
