@@ -27,6 +27,11 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// `NFPROTO_IPV6` for `ip6`, else `NFPROTO_IPV4`.
+fn nfproto(family: &str) -> u8 {
+    if family == "ip6" { 10 } else { 2 }
+}
+
 /// Whether `nft` said the object does not exist.
 fn is_not_found(e: &KernelError) -> bool {
     e.stderr()
@@ -54,9 +59,20 @@ impl Nft {
         family: &str,
         chains: &[&str],
     ) -> Result<Vec<Option<usize>>, KernelError> {
-        let nfproto = if family == "ip6" { 10 } else { 2 };
         super::nftnl::NfTables::new(self.netns.as_deref())
-            .rule_counts(nfproto, TABLE, chains)
+            .rule_counts(nfproto(family), TABLE, chains)
+            .await
+    }
+
+    /// Every chain of `FAMILY kube-proxy` with its number of rules, over netlink (empty
+    /// when the table does not exist): what `nft -t list table` would show of it, without
+    /// `nft` building its cache of the table.
+    pub async fn table_rule_counts(
+        &self,
+        family: &str,
+    ) -> Result<std::collections::BTreeMap<String, usize>, KernelError> {
+        super::nftnl::NfTables::new(self.netns.as_deref())
+            .table_rule_counts(nfproto(family), TABLE)
             .await
     }
 
@@ -96,22 +112,6 @@ impl Nft {
     pub async fn table_names(&self, family: &str) -> Result<Option<TableNames>, KernelError> {
         let text = self.list(&["-t", "list", "table", family, TABLE]).await?;
         Ok(text.map(|t| parse_names(&t)))
-    }
-
-    /// `nft -t list table FAMILY kube-proxy`: rules, no set elements; `None` when the table
-    /// does not exist.
-    pub async fn list_table_terse(&self, family: &str) -> Result<Option<String>, KernelError> {
-        self.list(&["-t", "list", "table", family, TABLE]).await
-    }
-
-    /// `nft list chain FAMILY kube-proxy CHAIN`; `None` when the table or chain does not
-    /// exist.
-    pub async fn list_chain(
-        &self,
-        family: &str,
-        chain: &str,
-    ) -> Result<Option<String>, KernelError> {
-        self.list(&["list", "chain", family, TABLE, chain]).await
     }
 
     async fn list(&self, list: &[&str]) -> Result<Option<String>, KernelError> {

@@ -8,6 +8,7 @@
 //! hash table, so a count costs the size of the chain. (Several `list chain` commands in one
 //! `nft` run do not help: 1.0.6 answers all but a lone one with ENOENT.)
 
+use std::collections::BTreeMap;
 use std::io;
 
 use netlink_sys::protocols::NETLINK_NETFILTER;
@@ -15,13 +16,12 @@ use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use super::KernelError;
 use super::nfnl::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, error_code, message, messages,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attrs, error_code, message,
+    messages,
 };
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
-const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
@@ -51,6 +51,17 @@ impl NfTables {
         }
     }
 
+    async fn socket(&self, op: &str) -> Result<TokioSocket, KernelError> {
+        let mut socket = super::link::open_netlink_socket(self.netns.as_deref(), NETLINK_NETFILTER)
+            .await
+            .map_err(|e| net_error(op, e))?;
+        socket
+            .socket_mut()
+            .bind_auto()
+            .map_err(|e| net_error(op, e))?;
+        Ok(socket)
+    }
+
     /// The number of rules in each of `chains` of table `table` (`family`: `NFPROTO_IPV4` 2
     /// or `NFPROTO_IPV6` 10), in order; `None` for a chain (or table) that does not exist.
     pub async fn rule_counts(
@@ -60,13 +71,7 @@ impl NfTables {
         chains: &[&str],
     ) -> Result<Vec<Option<usize>>, KernelError> {
         let op = format!("counting rules of {table}");
-        let mut socket = super::link::open_netlink_socket(self.netns.as_deref(), NETLINK_NETFILTER)
-            .await
-            .map_err(|e| net_error(&op, e))?;
-        socket
-            .socket_mut()
-            .bind_auto()
-            .map_err(|e| net_error(&op, e))?;
+        let socket = self.socket(&op).await?;
         let mut counts = Vec::with_capacity(chains.len());
         for (seq, chain) in (1u32..).step_by(2).zip(chains) {
             let exists = chain_exists(&socket, seq, family, table, chain)
@@ -74,14 +79,65 @@ impl NfTables {
                 .map_err(|e| net_error(&op, e))?;
             let count = match exists {
                 false => None,
-                true => Some(
-                    count_rules(&socket, seq + 1, family, table, chain)
-                        .await
-                        .map_err(|e| net_error(&op, e))?,
-                ),
+                true => {
+                    let mut rules = 0;
+                    let only_chain = |b: &mut Vec<u8>| {
+                        attr_str(b, NFTA_RULE_TABLE, table);
+                        attr_str(b, NFTA_RULE_CHAIN, chain);
+                    };
+                    dump(
+                        &socket,
+                        seq + 1,
+                        NFT_MSG_GETRULE,
+                        family,
+                        only_chain,
+                        |_| rules += 1,
+                    )
+                    .await
+                    .map_err(|e| net_error(&op, e))?;
+                    Some(rules)
+                }
             };
             counts.push(count);
         }
+        Ok(counts)
+    }
+
+    /// Every chain of `table` with the number of its rules: a chain dump and a rule dump of
+    /// the table, at the cost of the table's size in the kernel (no cache of it, as `nft`
+    /// builds). Empty when the table does not exist.
+    pub async fn table_rule_counts(
+        &self,
+        family: u8,
+        table: &str,
+    ) -> Result<BTreeMap<String, usize>, KernelError> {
+        let op = format!("counting rules of {table}");
+        let socket = self.socket(&op).await?;
+        let mut counts = BTreeMap::new();
+        dump(
+            &socket,
+            1,
+            NFT_MSG_GETCHAIN,
+            family,
+            |_| {},
+            |body| {
+                if string_attr(body, NFTA_CHAIN_TABLE) == Some(table)
+                    && let Some(chain) = string_attr(body, NFTA_CHAIN_NAME)
+                {
+                    counts.insert(chain.to_string(), 0);
+                }
+            },
+        )
+        .await
+        .map_err(|e| net_error(&op, e))?;
+        let this_table = |b: &mut Vec<u8>| attr_str(b, NFTA_RULE_TABLE, table);
+        dump(&socket, 2, NFT_MSG_GETRULE, family, this_table, |body| {
+            if let Some(chain) = string_attr(body, NFTA_RULE_CHAIN) {
+                *counts.entry(chain.to_string()).or_default() += 1;
+            }
+        })
+        .await
+        .map_err(|e| net_error(&op, e))?;
         Ok(counts)
     }
 }
@@ -95,10 +151,11 @@ async fn chain_exists(
     chain: &str,
 ) -> io::Result<bool> {
     let mut req = Vec::with_capacity(64);
+    let flags = NLM_F_REQUEST | NLM_F_ACK;
     message(
         &mut req,
         nft_type(NFT_MSG_GETCHAIN),
-        NLM_F_REQUEST | NLM_F_ACK,
+        flags,
         seq,
         family,
         |b| {
@@ -112,7 +169,7 @@ async fn chain_exists(
         let (datagram, _) = socket.recv_from_full().await?;
         for (kind, body) in messages(&datagram) {
             match kind {
-                k if k == nft_type(NFT_MSG_NEWCHAIN) => found = true,
+                k if k == nft_type(NFT_MSG_GETCHAIN - 1) => found = true,
                 NLMSG_ERROR => {
                     return match error_code(body) {
                         0 => Ok(found),
@@ -126,34 +183,33 @@ async fn chain_exists(
     }
 }
 
-/// The rules of `chain`, by a dump the kernel filters by table and chain.
-async fn count_rules(
+/// A dump request `get` (filtered by what `attrs` appends); `each` sees the attributes of
+/// every object answered (the `NEW…` message, `get - 1`).
+async fn dump(
     socket: &TokioSocket,
     seq: u32,
+    get: u16,
     family: u8,
-    table: &str,
-    chain: &str,
-) -> io::Result<usize> {
+    attrs: impl FnOnce(&mut Vec<u8>),
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
     let mut req = Vec::with_capacity(64);
     message(
         &mut req,
-        nft_type(NFT_MSG_GETRULE),
+        nft_type(get),
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
         family,
-        |b| {
-            attr_str(b, NFTA_RULE_TABLE, table);
-            attr_str(b, NFTA_RULE_CHAIN, chain);
-        },
+        attrs,
     );
     socket.send(&req).await?;
-    let mut rules = 0;
     loop {
         let (datagram, _) = socket.recv_from_full().await?;
         for (kind, body) in messages(&datagram) {
             match kind {
-                k if k == nft_type(NFT_MSG_NEWRULE) => rules += 1,
-                NLMSG_DONE => return Ok(rules),
+                // The attributes follow the 4-byte nfgenmsg.
+                k if k == nft_type(get - 1) => each(body.get(4..).unwrap_or_default()),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => match error_code(body) {
                     0 => {}
                     errno => return Err(io::Error::from_raw_os_error(errno)),
@@ -162,6 +218,13 @@ async fn count_rules(
             }
         }
     }
+}
+
+/// The NUL-terminated string attribute `kind` of a message's attributes.
+fn string_attr(body: &[u8], kind: u16) -> Option<&str> {
+    let (_, payload) = attrs(body).find(|(k, _)| *k == kind)?;
+    let text = payload.split(|b| *b == 0).next()?;
+    std::str::from_utf8(text).ok()
 }
 
 fn nft_type(msg: u16) -> u16 {
