@@ -899,11 +899,21 @@ fn ipvs_drift_and_foreign_state() {
         "c after the failure\n{}",
         n.logs()
     );
-    let after: Vec<String> = n.logs()[log_len..]
-        .lines()
-        .filter(|l| l.contains("sync done") && l.contains("family=IPv4"))
-        .map(str::to_string)
-        .collect();
+    // c can answer through its virtual server before the sync that wrote it logs its end.
+    let ipv4_syncs = || -> Vec<String> {
+        n.logs()[log_len..]
+            .lines()
+            .filter(|l| l.contains("sync done") && l.contains("family=IPv4"))
+            .map(str::to_string)
+            .collect()
+    };
+    wait_for(
+        "an IPv4 sync after the failure",
+        SYNC_PERIOD + slack(),
+        || !ipv4_syncs().is_empty(),
+        || n.logs(),
+    );
+    let after = ipv4_syncs();
     assert!(
         after.first().is_some_and(|l| l.contains("full=true")),
         "the first sync after a failure must be full: {after:?}"
