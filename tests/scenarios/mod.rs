@@ -519,7 +519,9 @@ pub fn run_all(features: Features) {
         .apply(slice("manual-1", "manual", "TCP", &[(&p4, "node2")]));
     c.api.compact();
     c.api.set_down(false);
-    let r = eventually(Duration::from_secs(20), POLL, || {
+    // The relist after the outage may bring a full sync of each family first (seconds each
+    // in the emulated VM), and the change waits behind them.
+    let r = eventually(Duration::from_secs(14) + programmed(), POLL, || {
         match tcp_request(node, sa("10.96.0.90", 80), T) {
             Ok(n) if n == "pod4" => Ok(n),
             other => Err(other),
