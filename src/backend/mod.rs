@@ -368,9 +368,11 @@ pub trait Backend: Send {
     /// The mode name served on `/proxyMode`.
     fn mode(&self) -> &'static str;
 
-    /// Whether a sync asked for with `full: false` rewrites only what changed (iptables
-    /// mode). Backends without partial syncs (IPVS) feed neither the full nor the partial
-    /// sync-duration histogram, as upstream.
+    /// Whether the backend has upstream's partial syncs (iptables and nftables modes): a
+    /// sync asked for with `full: false` rewrites only what changed, and its duration feeds
+    /// the partial sync-duration histogram. IPVS mode answers `false` as upstream's IPVS
+    /// proxier (neither histogram), although between its reconciles it too writes only
+    /// the difference from its last sync.
     fn partial_syncs(&self) -> bool;
 
     /// Whether the hourly periodic sync is a full one now. Upstream's iptables proxier skips
