@@ -10,8 +10,7 @@
 use std::io;
 use std::net::IpAddr;
 
-use netlink_sys::protocols::NETLINK_NETFILTER;
-use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
+use netlink_sys::{AsyncSocketExt, TokioSocket};
 
 use super::KernelError;
 use super::conntrack::Flow;
@@ -92,14 +91,9 @@ impl CtNetlink {
     }
 
     async fn socket(&self, op: &str) -> Result<TokioSocket, KernelError> {
-        let mut socket = super::link::open_netlink_socket(self.netns.as_deref(), NETLINK_NETFILTER)
+        super::nfnl::open(self.netns.as_deref())
             .await
-            .map_err(|e| net_error(op, e))?;
-        socket
-            .socket_mut()
-            .bind_auto()
-            .map_err(|e| net_error(op, e))?;
-        Ok(socket)
+            .map_err(|e| net_error(op, e))
     }
 
     /// Every `proto` entry of both address families.

@@ -1,6 +1,11 @@
 //! The nfnetlink framing the netfilter netlink clients share (ctnetlink, nf_tables): a
 //! message is a netlink header, an `nfgenmsg` and attributes.
 
+use std::io;
+
+use netlink_sys::protocols::NETLINK_NETFILTER;
+use netlink_sys::{AsyncSocket, TokioSocket};
+
 /// `NLMSG_ERROR`: an error, or the acknowledgement (errno 0).
 pub(crate) const NLMSG_ERROR: u16 = 2;
 /// `NLMSG_DONE`: the end of a dump.
@@ -13,6 +18,13 @@ pub(crate) const NLM_F_ACK: u16 = 0x4;
 pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// A bound `NETLINK_NETFILTER` socket, in `/run/netns/NS` if `netns` is given.
+pub(crate) async fn open(netns: Option<&str>) -> io::Result<TokioSocket> {
+    let mut socket = super::link::open_netlink_socket(netns, NETLINK_NETFILTER).await?;
+    socket.socket_mut().bind_auto()?;
+    Ok(socket)
+}
 
 /// Appends one netlink attribute (padded to 4 bytes).
 pub(crate) fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {

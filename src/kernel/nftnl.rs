@@ -11,8 +11,7 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use netlink_sys::protocols::NETLINK_NETFILTER;
-use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket};
+use netlink_sys::{AsyncSocketExt, TokioSocket};
 
 use super::KernelError;
 use super::nfnl::{
@@ -52,14 +51,9 @@ impl NfTables {
     }
 
     async fn socket(&self, op: &str) -> Result<TokioSocket, KernelError> {
-        let mut socket = super::link::open_netlink_socket(self.netns.as_deref(), NETLINK_NETFILTER)
+        super::nfnl::open(self.netns.as_deref())
             .await
-            .map_err(|e| net_error(op, e))?;
-        socket
-            .socket_mut()
-            .bind_auto()
-            .map_err(|e| net_error(op, e))?;
-        Ok(socket)
+            .map_err(|e| net_error(op, e))
     }
 
     /// The number of rules in each of `chains` of table `table` (`family`: `NFPROTO_IPV4` 2

@@ -521,12 +521,14 @@ pub fn run_all(features: Features) {
     c.api.set_down(false);
     // The relist after the outage may bring a full sync of each family first (seconds each
     // in the emulated VM), and the change waits behind them.
-    let r = eventually(Duration::from_secs(14) + programmed(), POLL, || {
-        match tcp_request(node, sa("10.96.0.90", 80), T) {
+    let r = eventually(
+        Duration::from_secs(14) + programmed(),
+        POLL,
+        || match tcp_request(node, sa("10.96.0.90", 80), T) {
             Ok(n) if n == "pod4" => Ok(n),
             other => Err(other),
-        }
-    });
+        },
+    );
     assert!(
         r.is_ok(),
         "change made during the outage never programmed: {r:?}"
