@@ -31,6 +31,9 @@ pub struct Flow {
     pub reply_sport: u16,
     /// Reply direction destination port.
     pub reply_dport: u16,
+    /// Conntrack zone (0: the default). Two entries may share their tuples in different
+    /// zones, so a delete names the zone too: upstream sends each dumped entry back whole.
+    pub zone: u16,
 }
 
 /// A handle on the `conntrack` tool, optionally inside a network namespace.
@@ -111,7 +114,8 @@ impl Conntrack {
         }
     }
 
-    /// Deletes exactly `flow` with the `conntrack` tool (all eight tuple fields must match).
+    /// Deletes exactly `flow` with the `conntrack` tool (all eight tuple fields and the zone
+    /// must match).
     pub async fn delete_with_tool(&self, flow: &Flow) -> Result<u64, KernelError> {
         let mut args = base_args(flow.proto, flow.orig_dst);
         for (opt, val) in [
@@ -123,6 +127,7 @@ impl Conntrack {
             ("--reply-dst", flow.reply_dst.to_string()),
             ("--reply-port-src", flow.reply_sport.to_string()),
             ("--reply-port-dst", flow.reply_dport.to_string()),
+            ("--zone", flow.zone.to_string()),
         ] {
             args.push(opt.to_string());
             args.push(val);
@@ -236,9 +241,10 @@ pub fn parse_flow_line(line: &str) -> Option<Flow> {
         _ => return None,
     };
     // Tuples: the first src/dst/sport/dport belong to the original direction, the second
-    // set to the reply direction. Anything else (state, flags, mark, zone...) is ignored.
+    // set to the reply direction. Anything else but the zone (state, flags, mark...) is ignored.
     let (mut src, mut dst) = (Vec::new(), Vec::new());
     let (mut sport, mut dport) = (Vec::new(), Vec::new());
+    let mut zone = 0;
     for w in words {
         let Some((k, v)) = w.split_once('=') else {
             continue;
@@ -248,6 +254,7 @@ pub fn parse_flow_line(line: &str) -> Option<Flow> {
             "dst" => dst.push(v.parse::<IpAddr>().ok()?),
             "sport" => sport.push(v.parse::<u16>().ok()?),
             "dport" => dport.push(v.parse::<u16>().ok()?),
+            "zone" => zone = v.parse::<u16>().ok()?,
             _ => {}
         }
     }
@@ -264,6 +271,7 @@ pub fn parse_flow_line(line: &str) -> Option<Flow> {
         reply_dst: dst[1],
         reply_sport: sport[1],
         reply_dport: dport[1],
+        zone,
     })
 }
 
@@ -296,6 +304,7 @@ mod tests {
                 reply_dst: ip("10.0.0.1"),
                 reply_sport: 5353,
                 reply_dport: 40000,
+                zone: 0,
             }
         );
     }
@@ -324,7 +333,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v6.orig_src, ip("fd00:99::1"));
-        assert_eq!(v6.reply_dport, 53120);
+        assert_eq!((v6.reply_dport, v6.zone), (53120, 3));
     }
 
     #[test]
@@ -436,6 +445,7 @@ mod tests {
             reply_dst: ip("10.77.0.1"),
             reply_sport: 5353,
             reply_dport: sport,
+            zone: 0,
         };
         assert!(flows.contains(&expected), "{flows:?}");
         assert!(ct.list(Protocol::Tcp).await.unwrap().is_empty());

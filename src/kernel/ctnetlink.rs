@@ -30,6 +30,7 @@ const AF_INET6: u8 = 10;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
 const CTA_FILTER: u16 = 25;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -197,7 +198,7 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     }
 }
 
-/// Appends the deletion of `flow` by its original tuple, acknowledged.
+/// Appends the deletion of `flow` by its original tuple and zone, acknowledged.
 fn delete_request(buf: &mut Vec<u8>, seq: u32, flow: &Flow) {
     let (family, src, dst) = match flow.orig_src {
         IpAddr::V4(_) => (AF_INET, CTA_IP_V4_SRC, CTA_IP_V4_DST),
@@ -220,7 +221,11 @@ fn delete_request(buf: &mut Vec<u8>, seq: u32, flow: &Flow) {
                     attr(b, CTA_PROTO_SRC_PORT, &flow.orig_sport.to_be_bytes());
                     attr(b, CTA_PROTO_DST_PORT, &flow.orig_dport.to_be_bytes());
                 });
-            })
+            });
+            // Without it the kernel looks in zone 0 only.
+            if flow.zone != 0 {
+                attr(b, CTA_ZONE, &flow.zone.to_be_bytes());
+            }
         },
     );
 }
@@ -297,11 +302,12 @@ fn parse_tuple(buf: &[u8]) -> Option<(u8, IpAddr, IpAddr, u16, u16)> {
 
 /// A dumped entry (attributes after `nfgenmsg`); `None` without both port tuples.
 fn parse_flow(buf: &[u8]) -> Option<Flow> {
-    let (mut orig, mut reply) = (None, None);
+    let (mut orig, mut reply, mut zone) = (None, None, 0);
     for (kind, payload) in attrs(buf) {
-        match kind {
-            CTA_TUPLE_ORIG => orig = parse_tuple(payload),
-            CTA_TUPLE_REPLY => reply = parse_tuple(payload),
+        match (kind, payload) {
+            (CTA_TUPLE_ORIG, _) => orig = parse_tuple(payload),
+            (CTA_TUPLE_REPLY, _) => reply = parse_tuple(payload),
+            (CTA_ZONE, [hi, lo, ..]) => zone = u16::from_be_bytes([*hi, *lo]),
             _ => {}
         }
     }
@@ -317,6 +323,7 @@ fn parse_flow(buf: &[u8]) -> Option<Flow> {
         reply_dst,
         reply_sport,
         reply_dport,
+        zone,
     })
 }
 
@@ -335,6 +342,7 @@ mod tests {
             reply_dst: "10.0.0.1".parse().unwrap(),
             reply_sport: 5353,
             reply_dport: 40000,
+            zone: 0,
         }
     }
 
@@ -499,5 +507,70 @@ mod tests {
             0,
             "already gone: nothing, no error"
         );
+    }
+
+    /// Two entries with the same tuples in zones 0 and 7 (a `CT --zone` rule added between
+    /// two sends from one socket): the dump tells them apart by zone, as the tool does, and a
+    /// delete (netlink or the tool) removes exactly the entry of the zone it names.
+    #[tokio::test]
+    async fn entries_in_other_zones_are_listed_and_deleted_by_zone() {
+        let a = NetNs::new();
+        let b = NetNs::new();
+        a.veth_to(&b, "kprs0", "kprs1", "10.79.0.1/24", "10.79.0.2/24");
+        let ipt = Iptables::new(IptablesVariant::Nft, IpFamily::V4).with_netns(a.name());
+        let rule = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        ipt.ensure_rule(
+            RulePosition::Append,
+            Table::Filter,
+            "OUTPUT",
+            &rule(&["-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]),
+        )
+        .await
+        .unwrap();
+        let sock = a.run_inside(|| {
+            let sock = std::net::UdpSocket::bind("10.79.0.1:0").unwrap();
+            sock.send_to(b"x", "10.79.0.2:5353").unwrap();
+            sock
+        });
+        ipt.ensure_rule(
+            RulePosition::Append,
+            Table::Raw,
+            "OUTPUT",
+            &rule(&["-p", "udp", "--dport", "5353", "-j", "CT", "--zone", "7"]),
+        )
+        .await
+        .unwrap();
+        sock.send_to(b"x", "10.79.0.2:5353").unwrap();
+
+        let nl = CtNetlink::new(Some(a.name()));
+        let tool = Conntrack::new().with_netns(a.name());
+        let mut listed = nl.list(Protocol::Udp).await.unwrap();
+        listed.sort_by_key(|f| f.zone);
+        assert_eq!(
+            listed.iter().map(|f| f.zone).collect::<Vec<_>>(),
+            [0, 7],
+            "{listed:?}"
+        );
+        assert_eq!(
+            listed[0],
+            Flow {
+                zone: 0,
+                ..listed[1].clone()
+            }
+        );
+        let mut by_tool = tool.list_with_tool(Protocol::Udp).await.unwrap();
+        by_tool.sort_by_key(|f| f.zone);
+        assert_eq!(listed, by_tool);
+
+        assert_eq!(nl.delete(&listed[1..]).await.unwrap(), 1);
+        assert_eq!(nl.list(Protocol::Udp).await.unwrap(), &listed[..1]);
+        assert_eq!(nl.delete(&listed[1..]).await.unwrap(), 0, "already gone");
+        // The tool's fallback delete names the zone as well.
+        sock.send_to(b"x", "10.79.0.2:5353").unwrap();
+        assert_eq!(nl.list(Protocol::Udp).await.unwrap().len(), 2);
+        assert_eq!(tool.delete_with_tool(&listed[1]).await.unwrap(), 1);
+        assert_eq!(nl.list(Protocol::Udp).await.unwrap(), &listed[..1]);
+        assert_eq!(tool.delete_with_tool(&listed[0]).await.unwrap(), 1);
+        assert!(nl.list(Protocol::Udp).await.unwrap().is_empty());
     }
 }
