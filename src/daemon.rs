@@ -307,7 +307,7 @@ pub async fn serve<B: Backend + 'static>(
             tokio::spawn(async move {
                 loop {
                     changes.notified().await;
-                    shared.wake();
+                    shared.update(|st| st.host_addresses_changed());
                 }
             }),
         ));

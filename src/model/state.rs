@@ -26,6 +26,10 @@ pub struct Changes {
     pub endpoints_changed: BTreeSet<ServiceName>,
     /// The Node's labels (topology) or eligibility changed: needs a full sync.
     pub node: bool,
+    /// The IP families whose proxier has something to sync: those of the changed service
+    /// ports and EndpointSlices (upstream's per-family change trackers ignore the other
+    /// family's), or both after a Node, ServiceCIDR or host address change.
+    pub families: BTreeSet<IpFamily>,
     /// Number of Service events that changed something.
     pub service_events: u64,
     /// Number of EndpointSlice events that changed something.
@@ -33,8 +37,8 @@ pub struct Changes {
     /// `endpoints.kubernetes.io/last-change-trigger-time` of changed slices, for the network
     /// programming latency metric; only those after the state was created, as upstream's
     /// tracker ignores changes made before the process started (else every restart would
-    /// observe each slice's last, possibly days-old, change).
-    pub trigger_times: Vec<std::time::SystemTime>,
+    /// observe each slice's last, possibly days-old, change). Each with its slice's family.
+    pub trigger_times: Vec<(IpFamily, std::time::SystemTime)>,
 }
 
 /// An EndpointSlice converted for the store (see [`ClusterState::convert_slice`]).
@@ -133,10 +137,22 @@ impl ClusterState {
 
     fn set_service(&mut self, name: ServiceName, ports: Vec<ServicePort>) {
         let old = self.services.get(&name);
-        if old.map(Vec::as_slice).unwrap_or(&[]) == ports.as_slice() {
+        let old = old.map(Vec::as_slice).unwrap_or(&[]);
+        if old == ports.as_slice() {
             return;
         }
-        self.wake = true;
+        let of = |ports: &[ServicePort], f: IpFamily| -> Vec<ServicePort> {
+            ports
+                .iter()
+                .filter(|p| f.matches(&p.cluster_ip))
+                .cloned()
+                .collect()
+        };
+        let touched: Vec<IpFamily> = IpFamily::ALL
+            .into_iter()
+            .filter(|f| of(old, *f) != of(&ports, *f))
+            .collect();
+        self.touch(touched);
         self.changes.services.insert(name.clone());
         self.changes.service_changed.insert(name.clone());
         self.changes.service_events += 1;
@@ -213,11 +229,17 @@ impl ClusterState {
 
     /// Stores a converted slice (see [`ClusterState::convert_slice`]).
     pub fn apply_converted_slice(&mut self, slice: ConvertedSlice) {
+        let family = slice
+            .info
+            .as_ref()
+            .or_else(|| self.slices.get(&slice.key))
+            .map(|i| i.family);
         if self.set_slice(slice.key, slice.info)
             && let Some(t) = slice.trigger_time
+            && let Some(family) = family
             && self.started.is_none_or(|start| t >= start)
         {
-            self.changes.trigger_times.push(t);
+            self.changes.trigger_times.push((family, t));
         }
     }
 
@@ -263,7 +285,9 @@ impl ClusterState {
         if old == info.as_ref() {
             return false;
         }
-        self.wake = true;
+        let families = [old, info.as_ref()].map(|s| s.map(|s| s.family));
+        self.touch(families.into_iter().flatten());
+        let old = self.slices.get(&key);
         if let Some(old) = old {
             self.changes.services.insert(old.service.clone());
             self.changes.endpoints_changed.insert(old.service.clone());
@@ -309,12 +333,12 @@ impl ClusterState {
         // watches nothing else): a change rewrites every chain.
         if info.zone() != self.node.zone() {
             self.changes.node = true;
-            self.wake = true;
+            self.touch(IpFamily::ALL);
         }
         // The IPs and podCIDRs feed the node facts, which the sync loop compares itself.
         // Eligibility only drives /healthz, which reads it from here: no sync for it.
         if info.ips != self.node.ips || info.pod_cidrs != self.node.pod_cidrs {
-            self.wake = true;
+            self.touch(IpFamily::ALL);
         }
         self.node = info;
     }
@@ -374,8 +398,25 @@ impl ClusterState {
             self.service_cidrs.insert(name, cidrs);
         }
         if self.all_service_cidrs() != before {
-            self.wake = true;
+            self.touch(IpFamily::ALL);
         }
+    }
+
+    /// This host's addresses changed: rules on `--nodeport-addresses` CIDRs may follow, so
+    /// every family syncs although no object changed.
+    pub fn host_addresses_changed(&mut self) {
+        self.touch(IpFamily::ALL);
+    }
+
+    /// Records that `families`' proxiers have something to sync and wakes the sync loop.
+    fn touch(&mut self, families: impl IntoIterator<Item = IpFamily>) {
+        self.wake = true;
+        self.changes.families.extend(families);
+    }
+
+    /// The families with changes not yet taken (see [`Changes::families`]).
+    pub fn pending_families(&self) -> &BTreeSet<IpFamily> {
+        &self.changes.families
     }
 
     /// The union of every ServiceCIDR's CIDRs, sorted and de-duplicated.
@@ -858,7 +899,7 @@ mod tests {
             .parse::<jiff::Timestamp>()
             .unwrap()
             .into();
-        assert_eq!(c.trigger_times, vec![want]);
+        assert_eq!(c.trigger_times, vec![(IpFamily::V4, want)]);
         st.apply_slice(&s);
         assert!(st.take_changes().trigger_times.is_empty());
     }
@@ -895,8 +936,49 @@ mod tests {
         ));
         assert_eq!(
             st.take_changes().trigger_times,
-            vec![at("2026-11-22T04:00:01Z")]
+            vec![(IpFamily::V4, at("2026-11-22T04:00:01Z"))]
         );
+    }
+
+    /// Each change names the families whose proxier must sync it (upstream's per-family
+    /// trackers drop a change that leaves their family's view equal).
+    #[test]
+    fn changes_name_the_families_they_touch() {
+        use IpFamily::{V4, V6};
+        let dual = |v6: &str| -> Service {
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "ns", "name": "a"},
+                "spec": {"clusterIPs": ["10.0.0.1", v6], "ports": [{"name": "p80", "port": 80}]}
+            }))
+            .unwrap()
+        };
+        let mut st = ClusterState::new("node1");
+        let families = |st: &mut ClusterState| -> Vec<IpFamily> {
+            let pending = st.pending_families().clone();
+            let taken = st.take_changes().families;
+            assert_eq!(pending, taken);
+            taken.into_iter().collect()
+        };
+        st.apply_service(&dual("fd00::1"));
+        assert_eq!(families(&mut st), [V4, V6]);
+        st.apply_service(&dual("fd00::9"));
+        assert_eq!(families(&mut st), [V6], "only the IPv6 address changed");
+        st.apply_service(&svc("b", "10.0.0.2"));
+        assert_eq!(families(&mut st), [V4]);
+        st.apply_slice(&slice("a-1", "a", &["10.1.0.5"], None));
+        assert_eq!(families(&mut st), [V4]);
+        let mut v6 = slice("a-6", "a", &["fd00:1::5"], None);
+        v6.address_type = "IPv6".to_string();
+        st.apply_slice(&v6);
+        assert_eq!(families(&mut st), [V6]);
+        st.remove_slice("ns", "a-6");
+        assert_eq!(families(&mut st), [V6]);
+        st.remove_service(&ServiceName::new("ns".to_string(), "b".to_string()));
+        assert_eq!(families(&mut st), [V4]);
+        st.host_addresses_changed();
+        assert_eq!(families(&mut st), [V4, V6]);
+        st.apply_service(&dual("fd00::9"));
+        assert!(families(&mut st).is_empty(), "no change, no family");
     }
 
     #[test]

@@ -115,6 +115,12 @@ struct Proxier<B> {
     synced_facts: Option<crate::host::NodeFacts>,
     /// Trigger times of changes not yet programmed for this family.
     trigger_times: Vec<SystemTime>,
+    /// Services changed since this family's last successful sync (kept after a failure: the
+    /// full retry still names them).
+    pending: BTreeSet<ServiceName>,
+    /// A change of this family is not yet programmed. A family without one sits out rounds
+    /// woken by the other family's changes, as upstream's per-family proxiers do.
+    dirty: bool,
     /// Service and EndpointSlice events not yet counted.
     events: (u64, u64),
 }
@@ -123,7 +129,21 @@ struct Proxier<B> {
 struct Round<'a> {
     start: Instant,
     node: &'a crate::model::NodeInfo,
-    changed: &'a BTreeSet<ServiceName>,
+}
+
+/// What ended the wait before a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A recorded change, or a family's kernel state found drifted.
+    Change,
+    /// The periodic deadline or the retry of a failed round (and the first round).
+    Timer,
+}
+
+/// Whether `p`'s periodic full sync is due this round.
+fn full_sync_due<B: Backend>(p: &Proxier<B>, round: &Round<'_>, settings: &SyncSettings) -> bool {
+    round.start.duration_since(p.last_full) >= settings.full_sync_period
+        && p.backend.periodic_full_syncs()
 }
 
 /// The loop's state: one proxier per IP family (upstream's metaproxier), synced in turn.
@@ -152,6 +172,8 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 last_full: now,
                 synced_facts: None,
                 trigger_times: Vec::new(),
+                pending: BTreeSet::new(),
+                dirty: false,
                 events: (0, 0),
             })
             .collect();
@@ -163,9 +185,13 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
         }
     }
 
-    fn queued(&mut self) {
+    /// Tells the reporter (`/healthz`, metrics) which families have a change queued: all of
+    /// them at start, else those the pending changes touch.
+    fn queued(&mut self, families: Option<&BTreeSet<IpFamily>>) {
         for p in &self.proxiers {
-            self.reporter.queued(p.family);
+            if families.is_none_or(|f| f.contains(&p.family)) {
+                self.reporter.queued(p.family);
+            }
         }
     }
 
@@ -189,7 +215,6 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
         for p in &mut self.proxiers {
             p.last_full = now;
         }
-        let mut pending: BTreeSet<ServiceName> = BTreeSet::new();
         // Each family's model, kept from round to round and refreshed with the changed
         // services only: a small change costs a small update, not a copy of the cluster.
         let mut models: Option<Vec<ProxyModel>> = None;
@@ -198,7 +223,8 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
         // runs no later than `sync_period` after it ended (sooner if a change or the periodic
         // deadline comes first); a successful round cancels the retry.
         let retry_interval = self.settings.sync_period.max(RETRY_MIN_INTERVAL);
-        self.queued();
+        self.queued(None);
+        let mut wake = Wake::Timer;
         loop {
             sleep_until(rate.next_allowed(Instant::now())).await;
             let start = Instant::now();
@@ -209,11 +235,25 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 let mut st = self.shared.lock();
                 let c = st.take_changes();
                 refresh_models(&st, &mut models, &families, &c.services);
-                pending.extend(c.services);
+                let counter = families
+                    .iter()
+                    .position(|f| c.families.contains(f))
+                    .unwrap_or(0);
                 for (i, p) in self.proxiers.iter_mut().enumerate() {
                     p.need_full |= c.node;
-                    p.trigger_times.extend(c.trigger_times.iter().copied());
-                    if i == 0 {
+                    if c.families.contains(&p.family) {
+                        p.dirty = true;
+                        p.pending.extend(c.services.iter().cloned());
+                    }
+                    let family = p.family;
+                    p.trigger_times.extend(
+                        c.trigger_times
+                            .iter()
+                            .filter(|(f, _)| *f == family)
+                            .map(|(_, t)| *t),
+                    );
+                    // Counted once, by the first family that syncs them.
+                    if i == counter {
                         p.events.0 += c.service_events;
                         p.events.1 += c.endpoint_events;
                     }
@@ -221,48 +261,57 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                 (st.node().clone(), st.pending_changes())
             };
             self.reporter.changes_pending(left.0, left.1);
-            let round = Round {
-                start,
-                node: &node,
-                changed: &pending,
-            };
+            let round = Round { start, node: &node };
             let mut any_failed = false;
             for (p, model) in self.proxiers.iter_mut().zip(models.iter().flatten()) {
+                // A timer (the periodic sync, a retry) syncs every family; a change only
+                // those it touched, those with a full sync due (after a failure or drift)
+                // and those whose periodic full sync is due.
+                if wake == Wake::Change
+                    && !p.dirty
+                    && !p.need_full
+                    && !full_sync_due(p, &round, &self.settings)
+                {
+                    continue;
+                }
                 any_failed |=
                     !sync_family(p, model, &round, &self.settings, &mut self.reporter).await;
-            }
-            // After a failure the changes stay pending: the retry (full for the family that
-            // failed, partial again for the others) still names them.
-            if !any_failed {
-                pending.clear();
             }
             attempts += 1;
             if max_syncs.is_some_and(|m| attempts >= m) {
                 return self.proxiers.into_iter().map(|p| p.backend).collect();
             }
             let retry_at = any_failed.then(|| Instant::now() + retry_interval);
-            self.idle(&rate, cadence, retry_at).await;
+            wake = self.idle(&rate, cadence, retry_at).await;
         }
     }
 
     /// Waits until a sync is due: a change, the periodic deadline, the retry of a failed
     /// round (`retry_at`), or (with a canary) a check that finds a family's kernel state
     /// drifted (that family's next sync is full).
-    async fn idle(&mut self, rate: &BoundedFrequency, cadence: Cadence, retry_at: Option<Instant>) {
+    async fn idle(
+        &mut self,
+        rate: &BoundedFrequency,
+        cadence: Cadence,
+        retry_at: Option<Instant>,
+    ) -> Wake {
         // While a retry is pending the canary is not checked: the retry is full anyway and
         // due no later than the check.
         let canary = cadence.canary_check.filter(|_| retry_at.is_none());
         let mut next_check = canary.map(|every| Instant::now() + every);
         loop {
             tokio::select! {
-                _ = sleep_until_some(retry_at) => return,
+                _ = sleep_until_some(retry_at) => return Wake::Timer,
                 _ = self.shared.woken() => {
-                    self.queued();
-                    let (services, endpoints) = self.shared.lock().pending_changes();
+                    let (families, (services, endpoints)) = {
+                        let st = self.shared.lock();
+                        (st.pending_families().clone(), st.pending_changes())
+                    };
+                    self.queued(Some(&families));
                     self.reporter.changes_pending(services, endpoints);
-                    return;
+                    return Wake::Change;
                 }
-                _ = sleep_until(rate.periodic_deadline()) => return,
+                _ = sleep_until(rate.periodic_deadline()) => return Wake::Timer,
                 _ = sleep_until_some(next_check) => {
                     let mut drifted = false;
                     for p in &mut self.proxiers {
@@ -273,7 +322,7 @@ impl<B: Backend, R: Reporter> SyncLoop<B, R> {
                         }
                     }
                     if drifted {
-                        return;
+                        return Wake::Change;
                     }
                     next_check = canary.map(|every| Instant::now() + every);
                 }
@@ -346,9 +395,7 @@ async fn sync_family<B: Backend, R: Reporter>(
     reporter: &mut R,
 ) -> bool {
     let family = p.family;
-    if round.start.duration_since(p.last_full) >= settings.full_sync_period
-        && p.backend.periodic_full_syncs()
-    {
+    if full_sync_due(p, round, settings) {
         p.need_full = true;
     }
     let facts = settings.host.facts(round.node, family);
@@ -363,7 +410,7 @@ async fn sync_family<B: Backend, R: Reporter>(
         .backend
         .sync(SyncRequest {
             model,
-            changed: round.changed,
+            changed: &p.pending,
             full,
             node_facts: &facts,
         })
@@ -389,11 +436,13 @@ async fn sync_family<B: Backend, R: Reporter>(
                 duration_ms = duration.as_millis() as u64,
                 services = model.services.len(),
                 endpoints = model.endpoint_count(),
-                changed = round.changed.len(),
+                changed = p.pending.len(),
                 rules = ?outcome.rules_per_table,
                 "sync done"
             );
             p.trigger_times.clear();
+            p.pending.clear();
+            p.dirty = false;
             p.events = (0, 0);
             if full {
                 p.last_full = round.start;
@@ -470,12 +519,15 @@ mod tests {
 
     #[derive(Default)]
     struct CountingReporter {
+        queued: Arc<Mutex<Vec<IpFamily>>>,
         done: Arc<Mutex<usize>>,
         failed: Arc<Mutex<usize>>,
         pending: Arc<Mutex<Vec<(usize, usize)>>>,
     }
     impl Reporter for CountingReporter {
-        fn queued(&mut self, _family: IpFamily) {}
+        fn queued(&mut self, family: IpFamily) {
+            self.queued.lock().unwrap().push(family);
+        }
         fn changes_pending(&mut self, services: usize, endpoints: usize) {
             self.pending.lock().unwrap().push((services, endpoints));
         }
@@ -797,6 +849,106 @@ mod tests {
         let c = calls.lock().unwrap().clone();
         assert_eq!(c.len(), 2, "{c:#?}");
         assert_eq!(c[1].changed, ["ns/a"]);
+        task.abort();
+    }
+
+    fn dual_stack_svc(name: &str, v4: &str, v6: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "ns", "name": name},
+            "spec": {"clusterIP": v4, "clusterIPs": [v4, v6], "ipFamilies": ["IPv4", "IPv6"],
+                     "ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}
+        }))
+        .unwrap()
+    }
+
+    fn v6_slice_of(svc: &str, ip: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+        let mut s = slice_of(svc, ip);
+        s.address_type = "IPv6".to_string();
+        s.metadata.name = Some(format!("{svc}-6"));
+        s
+    }
+
+    /// Upstream runs one proxier per family, each with its own change trackers: a change
+    /// of one family queues and syncs that family's proxier only. A timer (the periodic
+    /// sync) and a change of the Node's addresses still sync both.
+    #[tokio::test(start_paused = true)]
+    async fn each_family_syncs_only_its_own_changes() {
+        let shared = Arc::new(Shared::new(ClusterState::new("node1")));
+        let (v4, v6) = (Arc::default(), Arc::default());
+        let reporter = CountingReporter::default();
+        let queued = reporter.queued.clone();
+        let task = tokio::spawn(
+            SyncLoop::new(
+                shared.clone(),
+                vec![
+                    (IpFamily::V4, fake(&Arc::default(), &v4)),
+                    (IpFamily::V6, fake(&Arc::default(), &v6)),
+                ],
+                reporter,
+                settings_1s_30s(),
+            )
+            .run(None),
+        );
+        let calls = |c: &Arc<Mutex<Vec<Call>>>| -> Vec<(bool, Vec<String>)> {
+            let c = c.lock().unwrap();
+            c.iter().map(|c| (c.full, c.changed.clone())).collect()
+        };
+        let step = |f: &dyn Fn(&mut ClusterState)| {
+            shared.update(f);
+        };
+        step(&|st| {
+            st.apply_service(&dual_stack_svc("a", "10.0.0.1", "fd00::1"));
+        });
+        shared.set_services_synced();
+        shared.set_slices_synced();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let first = (true, vec!["ns/a".to_string()]);
+        assert_eq!(calls(&v4), std::slice::from_ref(&first));
+        assert_eq!(calls(&v6), [first]);
+        queued.lock().unwrap().clear();
+
+        // An IPv4 slice, then an IPv4-only Service: the IPv6 proxier is neither queued nor
+        // synced.
+        step(&|st| {
+            st.apply_slice(&slice_of("a", "10.1.0.5"));
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        step(&|st| {
+            st.apply_service(&svc("b", "10.0.0.2"));
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let partial = |names: &[&str]| (false, names.iter().map(|s| s.to_string()).collect());
+        assert_eq!(calls(&v4)[1..], [partial(&["ns/a"]), partial(&["ns/b"])]);
+        assert_eq!(calls(&v6).len(), 1, "{:?}", calls(&v6));
+        assert_eq!(*queued.lock().unwrap(), [IpFamily::V4, IpFamily::V4]);
+
+        // An IPv6 slice: the IPv6 proxier alone.
+        step(&|st| {
+            st.apply_slice(&v6_slice_of("a", "fd00:1::5"));
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(calls(&v4).len(), 3, "{:?}", calls(&v4));
+        assert_eq!(calls(&v6)[1..], [partial(&["ns/a"])]);
+        assert_eq!(queued.lock().unwrap()[2..], [IpFamily::V6]);
+
+        // Changing only the IPv6 address of a dual-stack Service touches IPv6 alone.
+        step(&|st| {
+            st.apply_service(&dual_stack_svc("a", "10.0.0.1", "fd00::9"));
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(calls(&v4).len(), 3, "{:?}", calls(&v4));
+        assert_eq!(calls(&v6)[2..], [partial(&["ns/a"])]);
+
+        // The host's addresses changed: both families sync, with nothing named.
+        step(&|st| st.host_addresses_changed());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(calls(&v4)[3..], [partial(&[])]);
+        assert_eq!(calls(&v6)[3..], [partial(&[])]);
+
+        // The hourly full sync is a timer: both families.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(calls(&v4)[4..], [(true, vec![])]);
+        assert_eq!(calls(&v6)[4..], [(true, vec![])]);
         task.abort();
     }
 
