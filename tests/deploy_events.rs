@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::ListParams;
+use support::daemon::{BIN, Daemon};
 use support::fakeapi::{FakeApiServer, node};
-use support::netns::{Netns, NsChild};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
+use support::netns::Netns;
 
 /// events.k8s.io/v1 Events stored by the fake API server, read through a kube client when the
 /// server is in this namespace, else with a raw GET from inside `ns`.
@@ -184,24 +183,13 @@ async fn running_proxy_posts_starting_and_server_failures() {
     let api = FakeApiServer::start_in(Some(&ns), IpAddr::V4(Ipv4Addr::LOCALHOST));
     api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path());
-    let base = |extra: &[&str]| -> Vec<String> {
-        let mut v = vec![
-            format!("--kubeconfig={}", kubeconfig.display()),
-            "--hostname-override=node1".to_string(),
-            "--conntrack-max-per-core=0".to_string(),
-        ];
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let daemon = || Daemon::builder(&ns, &api, dir.path());
 
     // 192.0.2.1 is not an address of the namespace: the health server cannot listen. Without
     // bindAddressHardFail the proxy keeps running.
-    let mut cmd = ns.command(BIN, base(&["--healthz-bind-address=192.0.2.1:10256"]));
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut proxy = NsChild(cmd.spawn().unwrap());
+    let mut proxy = daemon()
+        .arg("--healthz-bind-address=192.0.2.1:10256")
+        .start();
     let e = wait_for_event(&api, Some(&ns), "FailedToStartProxierHealthcheck").await;
     check(&e, "node1", true, "192.0.2.1:10256");
     let e = wait_for_event(&api, Some(&ns), "Starting").await;
@@ -213,18 +201,15 @@ async fn running_proxy_posts_starting_and_server_failures() {
     proxy.terminate(Duration::from_secs(3));
 
     // With bindAddressHardFail the metrics server's failure is fatal, and reported first.
-    let ns2 = ns.name().to_string();
-    let args = base(&[
-        "--metrics-bind-address=192.0.2.1:10249",
-        "--bind-address-hard-fail",
-    ]);
-    let out = tokio::task::spawn_blocking(move || {
-        let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", &ns2, BIN]).args(&args);
-        c.stdin(Stdio::null()).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let mut cmd = daemon()
+        .args([
+            "--metrics-bind-address=192.0.2.1:10249",
+            "--bind-address-hard-fail",
+        ])
+        .command();
+    let out = tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output().unwrap())
+        .await
+        .unwrap();
     assert_eq!(
         out.status.code(),
         Some(1),

@@ -8,14 +8,12 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::daemon::{BIN, Daemon};
 use support::fakeapi::{FakeApiServer, endpoint_slice, service};
-use support::netns::{Netns, NsChild};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
+use support::netns::Netns;
 
 const BAD_OBJECTS: &str = "\
 apiVersion: v1
@@ -181,24 +179,15 @@ fn daemon_json_logs_one_line_per_sync_at_v2() {
     api.apply(bad);
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path());
-    let log = dir.path().join("stderr.log");
-    let mut cmd = ns.command(
-        BIN,
-        [
-            format!("--kubeconfig={}", kubeconfig.display()),
-            "--hostname-override=node1".into(),
-            "--cluster-cidr=10.244.0.0/16".into(),
-            "--iptables-min-sync-period=1s".into(),
-            "--conntrack-max-per-core=0".into(),
-            "--logging-format=json".into(),
-            "-v=2".into(),
-        ],
-    );
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut proxy = NsChild(cmd.spawn().expect("start kube-proxy-rs"));
+    let mut proxy = Daemon::builder(&ns, &api, dir.path())
+        .args([
+            "--cluster-cidr=10.244.0.0/16",
+            "--iptables-min-sync-period=1s",
+            "--logging-format=json",
+            "-v=2",
+        ])
+        .start();
+    let log = proxy.log().to_path_buf();
 
     wait_for("the first sync", &log, || {
         (!sync_lines(&log).is_empty()).then_some(())

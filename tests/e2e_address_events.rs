@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use support::daemon::Daemon;
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
-use support::netns::{NsChild, Topology};
+use support::netns::Topology;
 use support::pods::{EchoServer, eventually, tcp_request};
 
 const NODE: &str = "node1";
@@ -46,25 +47,15 @@ fn a_node_address_added_later_serves_node_ports_without_a_service_change() {
         Some(NODE),
     ));
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path());
-    let log = dir.path().join("proxy.log");
-    let logf = std::fs::File::create(&log).unwrap();
-    let mut cmd = topo.node.command(
-        env!("CARGO_BIN_EXE_kube-proxy-rs"),
-        [
-            "--proxy-mode=iptables".to_string(),
-            format!("--kubeconfig={}", kubeconfig.display()),
-            format!("--hostname-override={NODE}"),
-            "--cluster-cidr=10.244.0.0/16".into(),
-            "--nodeport-addresses=192.168.60.0/24".into(),
-            "--iptables-min-sync-period=1s".into(),
-            "--conntrack-max-per-core=0".into(),
-            "-v=2".into(),
-        ],
-    );
-    cmd.stdout(logf.try_clone().unwrap()).stderr(logf);
-    let mut proxy = NsChild(cmd.spawn().expect("start kube-proxy-rs"));
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut proxy = Daemon::builder(&topo.node, &api, dir.path())
+        .mode("iptables")
+        .args([
+            "--cluster-cidr=10.244.0.0/16",
+            "--nodeport-addresses=192.168.60.0/24",
+            "--iptables-min-sync-period=1s",
+            "-v=2",
+        ])
+        .start();
     let outside = &topo.outside;
 
     // Synced: the ClusterIP answers; no address of the node is in the CIDR yet, so the node
@@ -72,7 +63,7 @@ fn a_node_address_added_later_serves_node_ports_without_a_service_change() {
     let r = eventually(Duration::from_secs(30), POLL, || {
         tcp_request(&topo.node, sa("10.96.0.61", 80), T)
     });
-    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", logs());
+    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", proxy.logs());
     let e = tcp_request(outside, sa("192.168.50.1", 30061), T).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
 
@@ -83,7 +74,7 @@ fn a_node_address_added_later_serves_node_ports_without_a_service_change() {
     let r = eventually(Duration::from_secs(10), POLL, || {
         tcp_request(outside, sa(ADDED, 30061), T)
     });
-    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", logs());
+    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", proxy.logs());
     // Still not on the address outside the CIDR.
     let e = tcp_request(outside, sa("192.168.50.1", 30061), T).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
@@ -109,6 +100,6 @@ fn a_node_address_added_later_serves_node_ports_without_a_service_change() {
             Ok(())
         }
     });
-    assert!(gone.is_ok(), "{gone:?}\n{}", logs());
-    let _ = proxy.0.kill();
+    assert!(gone.is_ok(), "{gone:?}\n{}", proxy.logs());
+    proxy.kill();
 }

@@ -19,8 +19,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use scenarios::{http_get_in, programmed};
+use support::daemon::Daemon;
 use support::fakeapi::{FakeApiServer, endpoint_slice, service};
-use support::netns::{NsChild, Topology};
+use support::netns::Topology;
 use support::pods::{EchoServer, eventually, tcp_request};
 
 const NODE: &str = "node1";
@@ -190,24 +191,14 @@ fn dual_stack(mode: &str) {
         api.apply(o);
     }
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path());
-    let log = dir.path().join("proxy.log");
-    let logf = std::fs::File::create(&log).unwrap();
-    let mut cmd = topo.node.command(
-        env!("CARGO_BIN_EXE_kube-proxy-rs"),
-        [
-            format!("--proxy-mode={mode}"),
-            format!("--kubeconfig={}", kubeconfig.display()),
-            format!("--hostname-override={NODE}"),
-            "--cluster-cidr=10.244.0.0/16,fd00:244::/56".into(),
-            "--iptables-min-sync-period=1s".into(),
-            "--conntrack-max-per-core=0".into(),
-            "-v=2".into(),
-        ],
-    );
-    cmd.stdout(logf.try_clone().unwrap()).stderr(logf);
-    let mut proxy = NsChild(cmd.spawn().expect("start kube-proxy-rs"));
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut proxy = Daemon::builder(&topo.node, &api, dir.path())
+        .mode(mode)
+        .args([
+            "--cluster-cidr=10.244.0.0/16,fd00:244::/56",
+            "--iptables-min-sync-period=1s",
+            "-v=2",
+        ])
+        .start();
     let client = &topo.pods[4].ns;
 
     // Both cluster IPs of the dual-stack Service reach pod0.
@@ -215,12 +206,12 @@ fn dual_stack(mode: &str) {
         let r = eventually(Duration::from_secs(30), POLL, || {
             tcp_request(client, vip, T)
         });
-        assert_eq!(r.ok().as_deref(), Some("pod0"), "{vip}\n{}", logs());
+        assert_eq!(r.ok().as_deref(), Some("pod0"), "{vip}\n{}", proxy.logs());
     }
     // The IPv6 node port answers from outside, as the IPv4 one does.
     for np in [sa(NODE6, 30080), sa("192.168.50.1", 30080)] {
         let r = eventually(programmed(), POLL, || tcp_request(&topo.outside, np, T));
-        assert_eq!(r.ok().as_deref(), Some("pod0"), "{np}\n{}", logs());
+        assert_eq!(r.ok().as_deref(), Some("pod0"), "{np}\n{}", proxy.logs());
     }
     // No endpoints: the connection fails (rejected: see the rules below).
     assert!(tcp_request(client, sa("fd00:96::20", 80), T).is_err());
@@ -245,7 +236,7 @@ fn dual_stack(mode: &str) {
     assert!(seen.iter().all(|n| n == "pod1" || n == "pod2"), "{seen:?}");
     // The eTP=Local LB's node port and health check over IPv6.
     let r = tcp_request(&topo.outside, sa(NODE6, 30040), T);
-    assert_eq!(r.ok().as_deref(), Some("pod3"), "{}", logs());
+    assert_eq!(r.ok().as_deref(), Some("pod3"), "{}", proxy.logs());
     let (code, body) = eventually(programmed(), POLL, || {
         http_get_in(&topo.outside, sa(NODE6, 32040), "/")
     })
@@ -295,7 +286,7 @@ fn dual_stack(mode: &str) {
     assert!(
         proxy.try_wait().is_none(),
         "kube-proxy-rs exited:\n{}",
-        logs()
+        proxy.logs()
     );
     proxy.terminate(Duration::from_secs(3));
 }

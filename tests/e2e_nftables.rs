@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use scenarios::Cluster;
 use support::fakeapi::{endpoint_slice, service};
-use support::netns::NsChild;
 use support::pods::{eventually, tcp_request};
 
 const T: Duration = Duration::from_millis(800);
@@ -27,38 +26,6 @@ const POLL: Duration = Duration::from_millis(200);
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// Restarts the proxy of `c` in `mode` (same flags as the scenarios' cluster).
-fn restart(c: &Cluster, dir: &std::path::Path, mode: &str) {
-    restart_with(c, dir, mode, &[]);
-}
-
-/// [`restart`] with `extra` flags.
-fn restart_with(c: &Cluster, dir: &std::path::Path, mode: &str, extra: &[&str]) {
-    let mut child = c.proxy.lock().unwrap_or_else(|p| p.into_inner());
-    child.terminate(Duration::from_secs(3));
-    let kubeconfig = c.api.write_kubeconfig(dir);
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&c.log)
-        .unwrap();
-    let mut cmd = c.topo.node.command(
-        env!("CARGO_BIN_EXE_kube-proxy-rs"),
-        [
-            format!("--proxy-mode={mode}"),
-            format!("--kubeconfig={}", kubeconfig.display()),
-            "--hostname-override=node1".into(),
-            "--cluster-cidr=10.244.0.0/16".into(),
-            "--iptables-min-sync-period=1s".into(),
-            "--conntrack-max-per-core=0".into(),
-            "-v=2".into(),
-        ]
-        .into_iter()
-        .chain(extra.iter().map(|f| f.to_string())),
-    );
-    cmd.stdout(log.try_clone().unwrap()).stderr(log);
-    *child = NsChild(cmd.spawn().expect("restart kube-proxy-rs"));
 }
 
 /// A line echo server on pod0 keeping its one connection open (bounded: 60 s idle).
@@ -130,7 +97,6 @@ fn switching_modes_is_clean_and_keeps_established_connections() {
         ),
     ];
     let c = Cluster::start("iptables", &objects);
-    let dir = tempfile::tempdir().unwrap();
     let works = |what: &str| {
         let r = eventually(Duration::from_secs(30), POLL, || {
             tcp_request(&c.topo.node, sa("10.96.0.10:80"), T)
@@ -156,7 +122,7 @@ fn switching_modes_is_clean_and_keeps_established_connections() {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     assert_eq!(echo(&mut stream, &mut reader, "one"), "one");
 
-    restart(&c, dir.path(), "nftables");
+    c.restart("nftables", &[]);
     let switched = eventually(Duration::from_secs(30), POLL, || {
         match (nft_table_exists(&c), kube_services_in_iptables(&c)) {
             (true, false) => Ok(()),
@@ -175,7 +141,7 @@ fn switching_modes_is_clean_and_keeps_established_connections() {
         "established connection lost"
     );
 
-    restart(&c, dir.path(), "iptables");
+    c.restart("iptables", &[]);
     let switched = eventually(Duration::from_secs(30), POLL, || {
         match (nft_table_exists(&c), kube_services_in_iptables(&c)) {
             (false, true) => Ok(()),
@@ -302,8 +268,7 @@ fn a_server_without_service_cidrs_is_no_obstacle() {
 #[test]
 fn drift_is_repaired_within_a_sync_period() {
     let c = Cluster::start("nftables", &web_objects());
-    let dir = tempfile::tempdir().unwrap();
-    restart_with(&c, dir.path(), "nftables", &["--iptables-sync-period=2s"]);
+    c.restart("nftables", &["--iptables-sync-period=2s"]);
     web_works(&c, "before any drift");
     let node = &c.topo.node;
     let service_chain = node

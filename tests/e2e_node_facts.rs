@@ -13,8 +13,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use scenarios::{http_get_in, programmed};
+use support::daemon::Daemon;
 use support::fakeapi::{FakeApiServer, endpoint_slice, service};
-use support::netns::{NsChild, Topology};
+use support::netns::Topology;
 use support::pods::{EchoServer, eventually, tcp_request};
 
 const NODE: &str = "node1";
@@ -68,32 +69,22 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
     api.apply(svc);
     api.apply(slice);
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path());
-    let log = dir.path().join("proxy.log");
-    let logf = std::fs::File::create(&log).unwrap();
-    let mut cmd = topo.node.command(
-        env!("CARGO_BIN_EXE_kube-proxy-rs"),
-        [
-            "--proxy-mode=iptables".to_string(),
-            format!("--kubeconfig={}", kubeconfig.display()),
-            format!("--hostname-override={NODE}"),
-            "--cluster-cidr=10.244.0.0/16".into(),
-            "--nodeport-addresses=primary".into(),
-            "--iptables-min-sync-period=1s".into(),
-            "--conntrack-max-per-core=0".into(),
-            "-v=2".into(),
-        ],
-    );
-    cmd.stdout(logf.try_clone().unwrap()).stderr(logf);
-    let mut proxy = NsChild(cmd.spawn().expect("start kube-proxy-rs"));
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut proxy = Daemon::builder(&topo.node, &api, dir.path())
+        .mode("iptables")
+        .args([
+            "--cluster-cidr=10.244.0.0/16",
+            "--nodeport-addresses=primary",
+            "--iptables-min-sync-period=1s",
+            "-v=2",
+        ])
+        .start();
     let outside = &topo.outside;
 
     // The node port answers on the primary node IP ...
     let r = eventually(Duration::from_secs(30), POLL, || {
         tcp_request(outside, sa(PRIMARY, 30060), T)
     });
-    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", logs());
+    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", proxy.logs());
     // ... and on no other local address: nothing listens there, so the node refuses.
     for addr in [sa(OTHER, 30060), sa("10.244.0.1", 30060)] {
         let e = tcp_request(outside, addr, T).unwrap_err();
@@ -161,7 +152,7 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
     let r = eventually(programmed(), POLL, || {
         tcp_request(outside, sa(OTHER, 30060), T)
     });
-    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", logs());
+    assert_eq!(r.ok().as_deref(), Some("pod0"), "{}", proxy.logs());
     let e = tcp_request(outside, sa(PRIMARY, 30060), T).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     let (code, body) = eventually(programmed(), POLL, || {
@@ -174,7 +165,7 @@ fn nodeport_addresses_primary_serves_only_the_primary_node_ip() {
     assert!(
         proxy.try_wait().is_none(),
         "kube-proxy-rs exited:\n{}",
-        logs()
+        proxy.logs()
     );
     proxy.terminate(Duration::from_secs(3));
 }

@@ -27,11 +27,11 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use support::daemon::{self, Daemon};
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
-use support::netns::{NsChild, Topology};
+use support::netns::Topology;
 use support::pods::{EchoServer, eventually, tcp_request};
 
 const NODE: &str = "node1";
@@ -89,55 +89,35 @@ impl Node {
         }
     }
 
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("proxy.log")
-    }
-
     fn logs(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
+        std::fs::read_to_string(daemon::log_in(self.dir.path())).unwrap_or_default()
     }
 
     /// Starts the daemon in iptables mode; see `start_in`.
-    fn start(&self, env: &[(&str, String)]) -> NsChild {
+    fn start(&self, env: &[(&str, String)]) -> Daemon {
         self.start_in("iptables", env)
     }
 
     /// Starts the daemon in `mode`; its output is appended to one log across restarts.
-    fn start_in(&self, mode: &str, env: &[(&str, String)]) -> NsChild {
-        let kubeconfig = self.api.write_kubeconfig(self.dir.path());
-        let mut cmd = self.topo.node.command(
-            env!("CARGO_BIN_EXE_kube-proxy-rs"),
-            [
-                format!("--proxy-mode={mode}"),
-                format!("--kubeconfig={}", kubeconfig.display()),
-                format!("--hostname-override={NODE}"),
-                "--cluster-cidr=10.244.0.0/16".into(),
-                "--conntrack-max-per-core=0".into(),
-                "-v=2".into(),
-            ],
-        );
+    fn start_in(&self, mode: &str, env: &[(&str, String)]) -> Daemon {
         // The periods are the iptables flags in iptables and nftables modes (as upstream).
         let flags = if mode == "ipvs" { "ipvs" } else { "iptables" };
-        cmd.args([
-            format!("--{flags}-min-sync-period=1s"),
-            format!("--{flags}-sync-period={}s", SYNC_PERIOD.as_secs()),
-        ]);
+        let mut daemon = Daemon::builder(&self.topo.node, &self.api, self.dir.path())
+            .mode(mode)
+            .args([
+                "--cluster-cidr=10.244.0.0/16".to_string(),
+                "-v=2".into(),
+                format!("--{flags}-min-sync-period=1s"),
+                format!("--{flags}-sync-period={}s", SYNC_PERIOD.as_secs()),
+            ]);
         if mode == "ipvs" {
             // Upstream owns every virtual server of its family except those here.
-            cmd.arg(format!("--ipvs-exclude-cidrs={FOREIGN_VS}/32"));
+            daemon = daemon.arg(format!("--ipvs-exclude-cidrs={FOREIGN_VS}/32"));
         }
         for (k, v) in env {
-            cmd.env(k, v);
+            daemon = daemon.env(k, v);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        NsChild(cmd.spawn().expect("start kube-proxy-rs"))
+        daemon.start()
     }
 
     fn add(&self, name: &str, ip: &str, port: u16, target: u16, pod: usize) {
@@ -581,8 +561,7 @@ fn kill_9_mid_sync(mode: &str) {
     while !n.logs()[log_len..].contains("sync") && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(5));
     }
-    proxy.0.kill().unwrap();
-    let _ = proxy.0.wait();
+    proxy.kill();
     assert_eq!(
         exchange(&mut r, &mut w, "two"),
         "echo two",

@@ -11,10 +11,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use support::daemon::{BIN, Daemon};
 use support::fakeapi::FakeApiServer;
-use support::netns::{Netns, NsChild};
+use support::netns::Netns;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
 const SECRET: &str = "SECRET-7f3a9c1e5b2d";
 
 fn kubeconfig(server: &str, broken: bool) -> String {
@@ -115,30 +115,18 @@ fn running_daemon_logs_no_credential_at_v10() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kubeconfig");
     std::fs::write(&path, kubeconfig(&api.url(), false)).unwrap();
-    let log = dir.path().join("log");
-    let mut cmd = ns.command(
-        BIN,
-        [
-            format!("--kubeconfig={}", path.display()),
-            "--hostname-override=node1".into(),
-            "--conntrack-max-per-core=0".into(),
-            "-v=10".into(),
-        ],
-    );
-    let file = std::fs::File::create(&log).unwrap();
-    cmd.stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file);
-    let mut proxy = NsChild(cmd.spawn().expect("start kube-proxy-rs"));
+    let mut proxy = Daemon::builder(&ns, &api, dir.path())
+        .kubeconfig(&path)
+        .arg("-v=10")
+        .start();
     // Until the first sync: lists, watches and an Event post have been made with the token.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let read = || std::fs::read_to_string(&log).unwrap_or_default();
-    while !read().contains("sync done") {
-        assert!(Instant::now() < deadline, "no sync:\n{}", read());
+    while !proxy.logs().contains("sync done") {
+        assert!(Instant::now() < deadline, "no sync:\n{}", proxy.logs());
         std::thread::sleep(Duration::from_millis(200));
     }
     proxy.terminate(Duration::from_secs(3));
-    let text = read();
+    let text = proxy.logs();
     assert!(
         text.contains("kube_client"),
         "the API client's debug logs should be on at -v=10:\n{text}"

@@ -26,13 +26,13 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use support::daemon::{self, Daemon};
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
-use support::netns::{Netns, NsChild};
+use support::netns::Netns;
 
 const NODE: &str = "node1";
 const NS: &str = "load";
@@ -199,28 +199,18 @@ fn first_difference(got: &Programmed, want: &Programmed) -> String {
     )
 }
 
-fn start_daemon(ns: &Netns, api: &FakeApiServer, dir: &std::path::Path) -> NsChild {
-    let kubeconfig = api.write_kubeconfig(dir);
-    let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
-    let mut cmd = ns.command(
-        env!("CARGO_BIN_EXE_kube-proxy-rs"),
-        [
-            format!("--kubeconfig={}", kubeconfig.display()),
-            format!("--hostname-override={NODE}"),
-            "--proxy-mode=iptables".into(),
-            "--cluster-cidr=10.244.0.0/16".into(),
+fn start_daemon(ns: &Netns, api: &FakeApiServer, dir: &std::path::Path) -> Daemon {
+    Daemon::builder(ns, api, dir)
+        .mode("iptables")
+        .args([
+            "--cluster-cidr=10.244.0.0/16".to_string(),
             "--iptables-min-sync-period=1s".into(),
             format!("--iptables-sync-period={}s", SYNC_PERIOD.as_secs()),
-            "--conntrack-max-per-core=0".into(),
-        ],
-    );
-    // A private xtables lock: other tests on this host hold the shared one.
-    cmd.env("KUBE_PROXY_RS_IPTABLES_MODE", "legacy")
+        ])
+        // A private xtables lock: other tests on this host hold the shared one.
+        .env("KUBE_PROXY_RS_IPTABLES_MODE", "legacy")
         .env("XTABLES_LOCKFILE", dir.join("xtables.lock"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    NsChild(cmd.spawn().expect("start kube-proxy-rs"))
+        .start()
 }
 
 /// `--iptables-sync-period`: in large-cluster mode (over 1,000 endpoints) stale chains are
@@ -252,7 +242,7 @@ fn endpoint_slice_churn_is_coalesced_memory_bounded_and_converges() {
         api.apply(slice(i, 0));
     }
     let dir = tempfile::tempdir().unwrap();
-    let log = || std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
+    let log = || std::fs::read_to_string(daemon::log_in(dir.path())).unwrap_or_default();
     let mut proxy = start_daemon(&ns, &api, dir.path());
     let pid = proxy.id();
 

@@ -9,15 +9,13 @@
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::daemon::Daemon;
 use support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
-use support::netns::{Netns, NsChild};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kube-proxy-rs");
+use support::netns::Netns;
 
 /// How long the server fails; the requirement's window.
 const OUTAGE: Duration = Duration::from_secs(60);
@@ -85,37 +83,23 @@ fn wait_for_sync_with(log: &Path, services: u64, timeout: Duration) -> Option<In
     None
 }
 
-struct Daemon {
+/// A daemon with a directory of its own (kubeconfig, log).
+struct Running {
     _dir: tempfile::TempDir,
-    log: PathBuf,
-    proxy: NsChild,
+    proxy: Daemon,
 }
 
-fn start_daemon(ns: &Netns, api: &FakeApiServer) -> Daemon {
+fn start_daemon(ns: &Netns, api: &FakeApiServer) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path());
-    let log = dir.path().join("stderr.log");
-    let mut cmd = ns.command(
-        BIN,
-        [
-            format!("--kubeconfig={}", kubeconfig.display()),
-            "--hostname-override=node1".into(),
-            "--cluster-cidr=10.244.0.0/16".into(),
-            "--iptables-min-sync-period=1s".into(),
-            "--conntrack-max-per-core=0".into(),
-            "--logging-format=json".into(),
-            "-v=2".into(),
-        ],
-    );
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let proxy = NsChild(cmd.spawn().expect("start kube-proxy-rs"));
-    Daemon {
-        _dir: dir,
-        log,
-        proxy,
-    }
+    let proxy = Daemon::builder(ns, api, dir.path())
+        .args([
+            "--cluster-cidr=10.244.0.0/16",
+            "--iptables-min-sync-period=1s",
+            "--logging-format=json",
+            "-v=2",
+        ])
+        .start();
+    Running { _dir: dir, proxy }
 }
 
 fn cluster(api: &FakeApiServer, name: &str, ip: &str) {
@@ -133,10 +117,10 @@ fn cluster(api: &FakeApiServer, name: &str, ip: &str) {
 /// Lets the server fail for `OUTAGE` (the caller turned failing on), checks the request count,
 /// heals it with `heal`, and checks that a sync with `services` services follows within the
 /// watchers' current backoff step.
-fn outage_then_recovery(api: &FakeApiServer, d: &mut Daemon, services: u64, heal: impl Fn()) {
+fn outage_then_recovery(api: &FakeApiServer, d: &mut Running, services: u64, heal: impl Fn()) {
     std::thread::sleep(OUTAGE);
     let requests = watcher_requests(api);
-    let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+    let log = d.proxy.logs();
     assert!(
         d.proxy.try_wait().is_none(),
         "the daemon must keep running through an outage:\n{log}"
@@ -148,12 +132,12 @@ fn outage_then_recovery(api: &FakeApiServer, d: &mut Daemon, services: u64, heal
          watcher):\n{:#?}",
         api.requests()
     );
-    let step = longest_current_step(&d.log);
+    let step = longest_current_step(d.proxy.log());
     assert!(step > Duration::ZERO, "no retry delay logged:\n{log}");
     heal();
     let healed = Instant::now();
-    let synced = wait_for_sync_with(&d.log, services, step + SYNC_SLACK + SYNC_SLACK);
-    let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+    let synced = wait_for_sync_with(d.proxy.log(), services, step + SYNC_SLACK + SYNC_SLACK);
+    let log = d.proxy.logs();
     let synced = synced.unwrap_or_else(|| panic!("no sync after the server came back:\n{log}"));
     let took = synced - healed;
     eprintln!("synced {took:?} after the server came back (current backoff step {step:?})");
@@ -183,13 +167,8 @@ fn running_daemon_backs_off_from_a_503_server_then_converges() {
     api.apply(node("node1", &["192.168.50.1"], Some("10.244.0.0/24")));
     cluster(&api, "web", "10.96.0.10");
     let mut d = start_daemon(&ns, &api);
-    let log = d.log.clone();
-    wait_for_sync_with(&log, 1, Duration::from_secs(30)).unwrap_or_else(|| {
-        panic!(
-            "no first sync:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        )
-    });
+    wait_for_sync_with(d.proxy.log(), 1, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no first sync:\n{}", d.proxy.logs()));
     api.set_unavailable(true);
     api.clear_requests();
     // A change during the outage: the daemon sees it only once the server answers again.

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::support::daemon::Daemon;
 use crate::support::fakeapi::{FakeApiServer, endpoint_slice, node, service};
-use crate::support::netns::{NsChild, Topology};
+use crate::support::netns::Topology;
 use crate::support::pods::{EchoServer, eventually, tcp_request, tcp_request_peer, udp_request};
 
 /// Wait for a rule change: min-sync-period (1s) plus a second, plus slack for slow CI.
@@ -30,6 +31,13 @@ pub fn programmed() -> Duration {
 const T: Duration = Duration::from_millis(800);
 const POLL: Duration = Duration::from_millis(200);
 const NODE: &str = "node1";
+/// The proxy's flags besides its mode (and the common ones of [`Daemon`]).
+const FLAGS: [&str; 4] = [
+    "--cluster-cidr=10.244.0.0/16",
+    "--iptables-min-sync-period=1s",
+    "--ipvs-min-sync-period=1s",
+    "-v=2",
+];
 const PORT: u16 = 8080;
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
@@ -40,9 +48,9 @@ fn sa(ip: &str, port: u16) -> SocketAddr {
 pub struct Cluster {
     pub topo: Topology,
     pub api: FakeApiServer,
-    pub proxy: std::sync::Mutex<NsChild>,
+    pub proxy: std::sync::Mutex<Daemon>,
     pub log: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _pods: Vec<EchoServer>,
 }
 
@@ -72,37 +80,35 @@ impl Cluster {
         }
         prepare(&api);
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.write_kubeconfig(dir.path());
-        let log = dir.path().join("proxy.log");
-        let bin = env!("CARGO_BIN_EXE_kube-proxy-rs");
-        let mut cmd = topo.node.command(
-            bin,
-            [
-                format!("--proxy-mode={mode}"),
-                format!("--kubeconfig={}", kubeconfig.display()),
-                format!("--hostname-override={NODE}"),
-                "--cluster-cidr=10.244.0.0/16".into(),
-                "--iptables-min-sync-period=1s".into(),
-                "--ipvs-min-sync-period=1s".into(),
-                "--conntrack-max-per-core=0".into(),
-                "-v=2".into(),
-            ],
-        );
-        let logf = std::fs::File::create(&log).unwrap();
-        cmd.stdout(logf.try_clone().unwrap()).stderr(logf);
-        let proxy = std::sync::Mutex::new(NsChild(cmd.spawn().expect("start kube-proxy-rs")));
+        let proxy = Daemon::builder(&topo.node, &api, dir.path())
+            .mode(mode)
+            .args(FLAGS)
+            .start();
+        let log = proxy.log().to_path_buf();
+        let proxy = std::sync::Mutex::new(proxy);
         Cluster {
             topo,
             api,
             proxy,
             log,
-            _dir: dir,
+            dir,
             _pods: pods,
         }
     }
 
     pub fn pod_ip(&self, i: usize) -> String {
         self.topo.pods[i].ip.to_string()
+    }
+
+    /// Stops the proxy and starts it again in `mode`: the same flags and `extra`, the same log.
+    pub fn restart(&self, mode: &str, extra: &[&str]) {
+        let mut proxy = self.proxy.lock().unwrap_or_else(|p| p.into_inner());
+        proxy.terminate(Duration::from_secs(3));
+        *proxy = Daemon::builder(&self.topo.node, &self.api, self.dir.path())
+            .mode(mode)
+            .args(FLAGS)
+            .args(extra.iter().copied())
+            .start();
     }
 
     pub fn logs(&self) -> String {

@@ -1,7 +1,9 @@
-//! Shared end-to-end test harness: network namespaces, echo pods, and a fake
-//! kube-apiserver. Included from each integration test with `mod support;`.
+//! Shared end-to-end test harness: network namespaces, echo pods, a fake
+//! kube-apiserver, and the daemon started against it. Included from each integration
+//! test with `mod support;`.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod fakeapi;
 pub mod manifests;
 pub mod netns;
