@@ -9,7 +9,7 @@ use super::render::{RenderCache, RenderConfig, RenderInput, SharedChains, SyncSc
 use crate::backend::conntrack::ConntrackCleaner;
 use crate::backend::netfilter::jumps::{cleanup_plan, jump_rules};
 use crate::backend::netfilter::names::KUBE_PROXY_CANARY;
-use crate::backend::netfilter::parse::Dump;
+use crate::backend::netfilter::parse::chain_names_in_save;
 use crate::backend::netfilter::restore::{NEW_CHAINS_PER_RESTORE, split_new_chains};
 use crate::backend::netfilter::{NFACCT_CT_STATE_INVALID, NFACCT_LOCALHOST_NODEPORTS};
 use crate::backend::{Backend, BackendError, IptablesRuleCounts, SyncOutcome, SyncRequest};
@@ -116,13 +116,7 @@ impl IptablesProxier {
 
     async fn existing_nat_chains(&self) -> Option<BTreeSet<String>> {
         match self.ipt.save(Table::Nat).await {
-            Ok(text) => match Dump::parse(&text) {
-                Ok(d) => Some(d.chain_names("nat")),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not parse iptables-save output; stale chains kept this time");
-                    None
-                }
-            },
+            Ok(text) => Some(chain_names_in_save(&text, "nat")),
             Err(e) => {
                 tracing::warn!(error = %e, "iptables-save failed; stale chains kept this time");
                 None
