@@ -109,6 +109,10 @@ fn run(n: usize) {
     let ns = format!("kprs-nftbench-{}-{n}", std::process::id());
     let _ = Command::new("ip").args(["netns", "add", &ns]).status();
     let (nft_full, nft_rss) = timed(&ns, &["nft", "-f", "-"], &tx.text);
+    let dump = std::env::var_os("KPRS_NFT_DUMP_DIR").map(std::path::PathBuf::from);
+    if let Some(d) = &dump {
+        std::fs::write(d.join(format!("full-{n}.nft")), &tx.text).expect("dump");
+    }
 
     // The proxier's partial path: only the changed service is rendered (its blocks as
     // last committed come from the previous render), then the transaction against the record.
@@ -145,6 +149,9 @@ fn run(n: usize) {
                 .map(|b| (b.port.clone(), Owned::of(&b.ops))),
         );
         ops = ptx.ops;
+        if let Some(d) = &dump {
+            std::fs::write(d.join(format!("partial-{n}-{k}.nft")), &ptx.text).expect("dump");
+        }
         kernel.push(timed(&ns, &["nft", "-f", "-"], &ptx.text).0);
         committed = ptx.next;
     }
