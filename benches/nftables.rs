@@ -6,6 +6,8 @@
 //! - iptables mode's full `iptables-nft-restore` of the same cluster, for comparison.
 //!
 //! `cargo bench --bench nftables [-- N...]` (default 1000 10000). Needs root.
+//! `KPRS_NFT_DUMP_DIR=DIR` writes the transactions there (`full-N.nft`, `partial-N-K.nft`),
+//! to time them by hand against the loaded table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;

@@ -206,6 +206,36 @@ fn partial_sync_writes_only_the_changed_service_and_converges() {
     assert_eq!(applied(&[&tx1.text, &tx2.text]), applied(&[&fresh.text]));
 }
 
+/// An endpoint added to a session-affinity service: its service chain's rules name the new
+/// endpoint's affinity set, so they stay `add rule` lines (nft resolves `@set` only with
+/// its set cache) written after that set's `add set`.
+#[test]
+fn partial_sync_of_an_affinity_service_adds_its_set_before_the_rules_naming_it() {
+    let cfg = golden_config();
+    let mut m = overall_model();
+    let tx1 = first_sync(&m, &cfg);
+    m.endpoints
+        .get_mut(&spn("ns5", "svc5"))
+        .unwrap()
+        .push(ep("10.180.0.8", 80, false));
+    let tx2 = build(&render(&m, &cfg), Prior::Known(&tx1.next), false, false);
+    let text = lines(&tx2.text);
+    let set = text
+        .iter()
+        .position(|l| l.starts_with("add set") && l.contains("10.180.0.8"))
+        .expect("the new endpoint's affinity set");
+    let uses: Vec<usize> = (0..text.len())
+        .filter(|i| text[*i].contains("@affinity-") && text[*i].contains("10.180.0.8"))
+        .collect();
+    assert!(
+        !uses.is_empty() && uses.iter().all(|i| *i > set),
+        "{text:#?}"
+    );
+    assert!(uses.iter().all(|i| text[*i].starts_with("add rule")));
+    let fresh = first_sync(&m, &cfg);
+    assert_eq!(applied(&[&tx1.text, &tx2.text]), applied(&[&fresh.text]));
+}
+
 /// Removing a service deletes its elements and flushes its chains (deleted later by the
 /// proxier); removing an affinity service deletes its affinity set at once.
 #[test]
