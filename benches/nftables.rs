@@ -6,6 +6,8 @@
 //! - iptables mode's full `iptables-nft-restore` of the same cluster, for comparison.
 //!
 //! `cargo bench --bench nftables [-- N...]` (default 1000 10000). Needs root.
+//! `KPRS_NFT_DUMP_DIR=DIR` writes the transactions there (`full-N.nft`, `partial-N-K.nft`),
+//! to time them by hand against the loaded table.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -85,6 +87,47 @@ fn timed(ns: &str, tool: &[&str], input: &str) -> (Duration, u64) {
     (elapsed, rss)
 }
 
+/// What the proxier keeps between syncs, by the sizes of its parts (heap bytes of names and
+/// table slots, allocator rounding not counted).
+fn held<'a>(c: &Committed, blocks: impl Iterator<Item = &'a Owned>) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let slot = |cap: usize, entry: usize| cap * (entry + 1);
+    let chains =
+        c.chains.keys().map(String::capacity).sum::<usize>() + slot(c.chains.capacity(), 32);
+    let elements: usize = c
+        .elements
+        .values()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| k.capacity() + v.capacity())
+                .sum::<usize>()
+                + slot(m.capacity(), 48)
+        })
+        .sum();
+    let (mut names, mut ports) = (0, 0);
+    for o in blocks {
+        ports += 1;
+        names += o
+            .chains
+            .iter()
+            .map(|(n, _)| n.capacity() + 32)
+            .sum::<usize>();
+        names += o
+            .elements
+            .iter()
+            .map(|(_, k)| k.capacity() + 40)
+            .sum::<usize>();
+        names += o.sets.iter().map(|n| n.capacity() + 24).sum::<usize>();
+    }
+    format!(
+        "held between syncs: record chains {:.1} MiB ({} names), record elements {:.1} MiB, per-port names {:.1} MiB ({ports} ports)",
+        chains as f64 / MIB,
+        c.chains.len(),
+        elements as f64 / MIB,
+        names as f64 / MIB,
+    )
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -109,6 +152,10 @@ fn run(n: usize) {
     let ns = format!("kprs-nftbench-{}-{n}", std::process::id());
     let _ = Command::new("ip").args(["netns", "add", &ns]).status();
     let (nft_full, nft_rss) = timed(&ns, &["nft", "-f", "-"], &tx.text);
+    let dump = std::env::var_os("KPRS_NFT_DUMP_DIR").map(std::path::PathBuf::from);
+    if let Some(d) = &dump {
+        std::fs::write(d.join(format!("full-{n}.nft")), &tx.text).expect("dump");
+    }
 
     // The proxier's partial path: only the changed service is rendered (its blocks as
     // last committed come from the previous render), then the transaction against the record.
@@ -145,10 +192,14 @@ fn run(n: usize) {
                 .map(|b| (b.port.clone(), Owned::of(&b.ops))),
         );
         ops = ptx.ops;
+        if let Some(d) = &dump {
+            std::fs::write(d.join(format!("partial-{n}-{k}.nft")), &ptx.text).expect("dump");
+        }
         kernel.push(timed(&ns, &["nft", "-f", "-"], &ptx.text).0);
         committed = ptx.next;
     }
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    println!("{}", held(&committed, blocks.values()));
 
     let icfg = ipt::RenderConfig {
         local_detector: LocalDetector::Cidr("10.0.0.0/8".parse().unwrap()),

@@ -273,25 +273,28 @@ async fn sync_leaves_the_desired_table_and_a_repeat_writes_nothing() {
 /// The services [`changed`] changes: what the sync loop names in every partial sync here
 /// (re-rendering an unchanged service writes nothing).
 fn changed_services() -> BTreeSet<ServiceName> {
-    ["web", "legacy"]
+    ["web", "legacy", "shop"]
         .into_iter()
         .map(|n| ServiceName::new("demo", n))
         .collect()
 }
 
-/// Another model: one endpoint added to `web`, `legacy` removed.
+/// Another model: one endpoint added to `web` and to `shop` (session affinity: its rules
+/// name sets), `legacy` removed.
 fn changed(model: &ProxyModel) -> ProxyModel {
     let mut m = model.clone();
-    let web = m
-        .services
-        .keys()
-        .find(|k| k.service == ServiceName::new("demo", "web"))
-        .unwrap()
-        .clone();
-    m.endpoints
-        .get_mut(&web)
-        .unwrap()
-        .push(Endpoint::ready(ip("10.244.9.9"), 8080));
+    for (name, ep) in [("web", "10.244.9.9"), ("shop", "10.244.9.10")] {
+        let port = m
+            .services
+            .keys()
+            .find(|k| k.service == ServiceName::new("demo", name))
+            .unwrap()
+            .clone();
+        m.endpoints
+            .get_mut(&port)
+            .unwrap()
+            .push(Endpoint::ready(ip(ep), 8080));
+    }
     m.services.retain(|k, _| k.service.name != "legacy");
     m.endpoints.retain(|k, _| k.service.name != "legacy");
     m
@@ -318,7 +321,11 @@ async fn partial_syncs_converge_to_a_fresh_full_sync() {
         "legacy's chains wait for deletion"
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A sync soon after leaves them (deleting them would make nft fetch every chain)...
     sync(&mut pa, &m2, false).await.unwrap();
+    assert!(pa.pending_stale_chains() > 0);
+    // ... the loop's idle check deletes them.
+    assert!(!pa.needs_full_sync().await);
     assert_eq!(pa.pending_stale_chains(), 0);
 
     let mut pb = proxier(&b);
@@ -359,7 +366,7 @@ async fn failed_transaction_keeps_the_ruleset_and_the_next_sync_repairs_it() {
     // The next sync (asked as partial) rebuilds from the kernel and converges.
     sync(&mut p, &m2, false).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    sync(&mut p, &m2, false).await.unwrap();
+    assert!(!p.needs_full_sync().await);
     assert_matches_desired(&kernel_state(&ns, "ip"), &desired(&m2, p.config()));
 }
 
@@ -427,15 +434,17 @@ async fn undeletable_stale_chain_is_retried() {
         ],
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The loop's idle check tries the delete and asks for a full sync.
+    assert!(p.needs_full_sync().await);
     let out = sync_outcome(&mut p, &m2, false).await.unwrap();
     assert!(
         out.nftables_cleanup_failed,
         "counted in nftables_cleanup_failures_total"
     );
     // That sync was full (the fixed chains were rewritten, dropping the reference) and
-    // found the chain again; the one after deletes it.
+    // found the chain again; the next idle check deletes it.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    sync(&mut p, &m2, false).await.unwrap();
+    assert!(!p.needs_full_sync().await);
     assert!(!kernel_state(&ns, "ip").chains.contains_key(&stale));
     assert_matches_desired(&kernel_state(&ns, "ip"), &desired(&m2, p.config()));
 }

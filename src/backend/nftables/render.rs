@@ -337,6 +337,27 @@ impl<'a> Writer<'a> {
         self.line("add", "rule", &format!("{chain} {rule}"));
     }
 
+    /// The rules of a chain just added and flushed, as one `add chain CHAIN { RULE ; ... }`
+    /// (one operation per rule). nft 1.0.6 fetches only its table cache for an `add chain`,
+    /// but the names of every chain in the table for an `add rule`: 0.3–0.5 s with the
+    /// 60,000 chains of 10,000 services. A rule naming a set (`@`) needs nft's set cache,
+    /// which only an `add rule` loads, so such a chain keeps its `add rule` lines.
+    pub fn rules(&mut self, chain: &str, rules: &[&str]) {
+        if rules.is_empty() {
+            return;
+        }
+        if rules.iter().any(|r| r.contains('@')) {
+            rules.iter().for_each(|r| self.rule(chain, r));
+            return;
+        }
+        let _ = write!(self.out, "add chain {} {chain} {{", self.prefix);
+        for r in rules {
+            let _ = write!(self.out, " {r} ;");
+        }
+        self.out.push_str(" }\n");
+        self.ops += rules.len();
+    }
+
     /// `add element NAME { KEY REST }`.
     pub fn element(&mut self, e: &Element) {
         self.line(

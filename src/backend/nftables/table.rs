@@ -106,7 +106,7 @@ impl Table {
             ("add", "chain") => self.add_chain(name, braced(tail)),
             ("flush", "chain") => self.chain_mut(name).map(|c| c.rules.clear()),
             ("delete", "chain") => self.delete_chain(name),
-            ("add", "rule") => self.chain_mut(name).map(|c| c.rules.push(tail.to_string())),
+            ("add", "rule") => self.add_rules(name, [tail]),
             ("add", "set") => self.add_set(SetKind::Set, name, tail),
             ("add", "map") => self.add_set(SetKind::Map, name, tail),
             ("flush", "set" | "map") => self.set_mut(name).map(|s| s.elements.clear()),
@@ -146,9 +146,27 @@ impl Table {
             .ok_or_else(|| format!("no set {name}"))
     }
 
-    fn add_chain(&mut self, name: &str, spec: Option<&str>) -> Result<(), String> {
+    /// `add chain NAME [{ BODY }]`: a body opening with a chain property (`type`, `policy`,
+    /// `comment`, `flags`, `devices`) is the chain's spec, any other is rules separated by
+    /// ` ; `, appended as `add rule` would (nft's grammar admits both in one block; the
+    /// writer never mixes them).
+    fn add_chain(&mut self, name: &str, body: Option<&str>) -> Result<(), String> {
+        const PROPERTIES: [&str; 5] = ["type", "policy", "comment", "flags", "devices"];
+        let is_spec = |b: &str| PROPERTIES.contains(&b.split(' ').next().unwrap_or(""));
+        let (spec, rules) = match body {
+            Some(b) if !is_spec(b) => (None, Some(b)),
+            b => (b, None),
+        };
         let chain = self.chains.entry(name.to_string()).or_default();
-        match (&chain.spec, spec) {
+        let old_spec = chain.spec.clone();
+        if let Some(rules) = rules {
+            let rules = rules
+                .split(" ; ")
+                .map(|r| r.trim().trim_end_matches(';').trim());
+            self.add_rules(name, rules.filter(|r| !r.is_empty()))?;
+        }
+        let chain = self.chains.entry(name.to_string()).or_default();
+        match (&old_spec, spec) {
             (Some(old), Some(new)) if old != new => Err(format!("chain {name} exists as {old}")),
             (_, Some(new)) => {
                 chain.spec = Some(new.to_string());
@@ -156,6 +174,26 @@ impl Table {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Appends `rules` to chain `name`; as nft, refuses a rule naming a set (`@NAME`) not
+    /// added yet.
+    fn add_rules<'r>(
+        &mut self,
+        name: &str,
+        rules: impl IntoIterator<Item = &'r str>,
+    ) -> Result<(), String> {
+        for rule in rules {
+            let missing = rule
+                .split(' ')
+                .filter_map(|w| w.strip_prefix('@'))
+                .find(|set| !self.sets.contains_key(*set));
+            if let Some(set) = missing {
+                return Err(format!("no set {set}"));
+            }
+            self.chain_mut(name)?.rules.push(rule.to_string());
+        }
+        Ok(())
     }
 
     fn referenced(&self, name: &str) -> bool {

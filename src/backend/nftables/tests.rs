@@ -181,7 +181,8 @@ fn applied(texts: &[&str]) -> Table {
 }
 
 /// One endpoint added: only that service's chains and the new endpoint chain are written,
-/// and the result equals a fresh full sync of the new model.
+/// their rules as `add chain` blocks (no `add rule`, for which nft 1.0.6 would fetch every
+/// chain of the table), and the result equals a fresh full sync of the new model.
 #[test]
 fn partial_sync_writes_only_the_changed_service_and_converges() {
     let cfg = golden_config();
@@ -197,12 +198,40 @@ fn partial_sync_writes_only_the_changed_service_and_converges() {
         "flush chain ip kube-proxy endpoint-R7UVCGCT-ns1/svc1/tcp/p80__10.180.0.9/80",
         "add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80",
         "flush chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80",
-        "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
-        "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 2 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 , 1 : goto endpoint-R7UVCGCT-ns1/svc1/tcp/p80__10.180.0.9/80 }",
-        "add rule ip kube-proxy endpoint-R7UVCGCT-ns1/svc1/tcp/p80__10.180.0.9/80 ip saddr 10.180.0.9 jump mark-for-masquerade",
-        "add rule ip kube-proxy endpoint-R7UVCGCT-ns1/svc1/tcp/p80__10.180.0.9/80 meta l4proto tcp dnat to 10.180.0.9:80",
+        "add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 { ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade ; numgen random mod 2 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 , 1 : goto endpoint-R7UVCGCT-ns1/svc1/tcp/p80__10.180.0.9/80 } ; }",
+        "add chain ip kube-proxy endpoint-R7UVCGCT-ns1/svc1/tcp/p80__10.180.0.9/80 { ip saddr 10.180.0.9 jump mark-for-masquerade ; meta l4proto tcp dnat to 10.180.0.9:80 ; }",
     ];
     assert_eq!(lines(&tx2.text), want);
+    let fresh = first_sync(&m, &cfg);
+    assert_eq!(applied(&[&tx1.text, &tx2.text]), applied(&[&fresh.text]));
+}
+
+/// An endpoint added to a session-affinity service: its service chain's rules name the new
+/// endpoint's affinity set, so they stay `add rule` lines (nft resolves `@set` only with
+/// its set cache) written after that set's `add set`.
+#[test]
+fn partial_sync_of_an_affinity_service_adds_its_set_before_the_rules_naming_it() {
+    let cfg = golden_config();
+    let mut m = overall_model();
+    let tx1 = first_sync(&m, &cfg);
+    m.endpoints
+        .get_mut(&spn("ns5", "svc5"))
+        .unwrap()
+        .push(ep("10.180.0.8", 80, false));
+    let tx2 = build(&render(&m, &cfg), Prior::Known(&tx1.next), false, false);
+    let text = lines(&tx2.text);
+    let set = text
+        .iter()
+        .position(|l| l.starts_with("add set") && l.contains("10.180.0.8"))
+        .expect("the new endpoint's affinity set");
+    let uses: Vec<usize> = (0..text.len())
+        .filter(|i| text[*i].contains("@affinity-") && text[*i].contains("10.180.0.8"))
+        .collect();
+    assert!(
+        !uses.is_empty() && uses.iter().all(|i| *i > set),
+        "{text:#?}"
+    );
+    assert!(uses.iter().all(|i| text[*i].starts_with("add rule")));
     let fresh = first_sync(&m, &cfg);
     assert_eq!(applied(&[&tx1.text, &tx2.text]), applied(&[&fresh.text]));
 }

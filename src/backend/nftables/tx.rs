@@ -242,7 +242,8 @@ fn hash_rules(rules: &[&str]) -> u64 {
     h.finish()
 }
 
-/// One service's block: chains rewritten when new, changed or on a full sync; elements
+/// One service's block: chains rewritten when new, changed or on a full sync (a partial
+/// sync writes each one's rules as an `add chain` block, see [`Writer::rules`]); elements
 /// ensured against the record; affinity sets added when new (or on a full sync).
 fn write_block(w: &mut Writer, ops: &[Op], record: &Committed, full: bool, next: &mut Committed) {
     let mut rules: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -263,11 +264,25 @@ fn write_block(w: &mut Writer, ops: &[Op], record: &Committed, full: bool, next:
         }
         next.chains.insert((*chain).to_string(), h);
     }
+    // Rules of each chain met so far (a partial sync writes them at the chain's last one).
+    let mut unwritten: HashMap<&str, usize> = HashMap::new();
     for op in ops {
         match op {
             Op::Chain(c) if rewrite.contains(c.as_str()) => w.chain(c),
             Op::Chain(_) => {}
-            Op::Rule { chain, rule } if rewrite.contains(chain.as_str()) => w.rule(chain, rule),
+            Op::Rule { chain, rule } if full && rewrite.contains(chain.as_str()) => {
+                w.rule(chain, rule)
+            }
+            // A partial sync writes a chain's rules together where its last rule was, so
+            // every chain and set they name is added before them.
+            Op::Rule { chain, .. } if !full && rewrite.contains(chain.as_str()) => {
+                let left = unwritten.entry(chain.as_str()).or_default();
+                *left += 1;
+                let all = rules.get(chain.as_str()).map_or(&[][..], Vec::as_slice);
+                if *left == all.len() {
+                    w.rules(chain, all);
+                }
+            }
             Op::Rule { .. } => {}
             Op::Set { name, spec } => {
                 if full || !record.sets.contains(name) {
