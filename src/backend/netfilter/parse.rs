@@ -389,6 +389,52 @@ pub fn split_words(line: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// The `-j`/`-g` target of a rule line, as [`Rule::parse`] would find it, without building
+/// the rule: the first sync's split looks at every rule of every new chain only for this.
+pub fn rule_target(line: &str) -> Option<&str> {
+    let mut words = raw_words(line);
+    while let Some(word) = words.next() {
+        match word {
+            "-j" | "--jump" | "-g" | "--goto" => {
+                return words.next().filter(|w| !w.starts_with('"'));
+            }
+            w if option_takes_value(w) => {
+                words.next();
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The words of a line as slices of it; a double-quoted string (escapes as in
+/// [`split_words`]) is one word, quotes included.
+fn raw_words(line: &str) -> impl Iterator<Item = &str> {
+    let bytes = line.as_bytes();
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        if at >= bytes.len() {
+            return None;
+        }
+        let start = at;
+        if bytes[at] == b'"' {
+            at += 1;
+            while at < bytes.len() && bytes[at] != b'"' {
+                at += if bytes[at] == b'\\' { 2 } else { 1 };
+            }
+            at = (at + 1).min(bytes.len());
+        } else {
+            while at < bytes.len() && !bytes[at].is_ascii_whitespace() {
+                at += 1;
+            }
+        }
+        line.get(start..at)
+    })
+}
+
 /// The builtin chains of a table (created implicitly by the kernel).
 pub fn builtin_chains(table: &str) -> &'static [&'static str] {
     match table {
@@ -1038,6 +1084,25 @@ COMMIT
             })
             .min()
             .unwrap_or_default()
+    }
+
+    /// The quick target scan agrees with the full parse, quoted comments that mention a
+    /// jump included.
+    #[test]
+    fn rule_target_agrees_with_the_parse() {
+        for line in [
+            "-A KUBE-SVC-X -m comment --comment \"ns/a:p -> 10.1.0.1:80\" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-A",
+            "-A KUBE-SERVICES -m comment --comment \"x -j KUBE-FAKE\" -d 10.0.0.1/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-X",
+            "-A KUBE-SEP-A -p tcp -m comment --comment \"a \\\" -j Q\" -m tcp -j DNAT --to-destination 10.1.0.1:80",
+            "-A KUBE-EXT-X -g KUBE-SVC-X",
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+            "[5:300] -A KUBE-FW-X -s 1.2.3.4/32 -j KUBE-EXT-X",
+            "-A KUBE-SERVICES -m comment --comment -j -d 10.0.0.1/32",
+            "-A KUBE-SERVICES -d 10.0.0.1/32",
+        ] {
+            let want = Rule::parse(line).unwrap();
+            assert_eq!(rule_target(line), want.target(), "{line}");
+        }
     }
 
     /// The `:NAME` scan finds exactly the chains a full parse finds, per table, in a save

@@ -90,8 +90,7 @@ impl<'a> NewChains<'a> {
         let names: BTreeSet<&str> = new.order.iter().copied().collect();
         for (rules, deps) in new.chains.values_mut() {
             for r in rules.iter() {
-                let rule = super::parse::Rule::parse(r).ok()?;
-                if let Some(t) = rule.target().filter(|t| names.contains(t)) {
+                if let Some(t) = super::parse::rule_target(r).filter(|t| names.contains(t)) {
                     deps.push(t.to_string());
                 }
             }
