@@ -31,41 +31,10 @@ use kube_proxy_rs::kernel::iptables::{Iptables, detect_variant};
 use kube_proxy_rs::kernel::ipvs::{IpvsClient, IpvsOp, RealServer};
 use kube_proxy_rs::kernel::{Addresses, Conntrack, DummyLink, IpFamily, Ipset, Sysctl};
 use kube_proxy_rs::model::{ClusterState, ServiceName};
-use serde_json::json;
+#[path = "common/cluster.rs"]
+mod cluster;
 
 const ENDPOINTS: usize = 5;
-
-fn build_state(n: usize) -> ClusterState {
-    let mut st = ClusterState::new("node1");
-    for i in 0..n {
-        let (hi, lo) = (i / 250, i % 250);
-        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
-            "metadata": {"namespace": "bench", "name": format!("svc{i}")},
-            "spec": {"clusterIP": format!("10.96.{hi}.{lo}"), "ports": [{"name": "p80", "port": 80}]}
-        }))
-        .expect("service");
-        st.apply_service(&svc);
-        st.apply_slice(&slice_of(i, 0));
-    }
-    st.take_changes();
-    st
-}
-
-/// Service `i`'s EndpointSlice: 5 endpoints numbered from `first`.
-fn slice_of(i: usize, first: usize) -> k8s_openapi::api::discovery::v1::EndpointSlice {
-    let (hi, lo) = (i / 250, i % 250);
-    let eps: Vec<_> = (first..first + ENDPOINTS)
-        .map(|e| json!({"addresses": [format!("10.{}.{hi}.{lo}", 100 + e)], "nodeName": "node2"}))
-        .collect();
-    serde_json::from_value(json!({
-        "metadata": {"namespace": "bench", "name": format!("svc{i}-1"),
-                     "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
-        "addressType": "IPv4",
-        "ports": [{"name": "p80", "port": 8080, "protocol": "TCP"}],
-        "endpoints": eps
-    }))
-    .expect("slice")
-}
 
 fn config() -> IpvsConfig {
     IpvsConfig {
@@ -259,7 +228,7 @@ async fn syncs(state: &mut ClusterState) -> SyncRow {
     let mut partials = Vec::new();
     let mut raw = Duration::MAX;
     for svc in [7, 8, 9] {
-        state.apply_slice(&slice_of(svc, 1));
+        state.apply_slice(&cluster::slice_of(svc, ENDPOINTS, 1));
         let changed = state.take_changes().services;
         let model = state.snapshot(IpFamily::V4);
         let d = timed_sync(&mut p, &model, &changed, false).await;
@@ -339,7 +308,7 @@ fn main() {
     let mut sync_rows = Vec::new();
     for &n in &sizes {
         let t = Instant::now();
-        let mut state = build_state(n);
+        let mut state = cluster::build_state(n, ENDPOINTS);
         let built = t.elapsed();
         let t = Instant::now();
         let model = state.snapshot(IpFamily::V4);

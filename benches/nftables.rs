@@ -21,42 +21,9 @@ use kube_proxy_rs::backend::nftables::{
     Committed, Owned, Prior, RenderConfig, build, build_partial, render,
 };
 use kube_proxy_rs::host::NodePortDestinations;
-use kube_proxy_rs::model::{ClusterState, IpFamily, ServiceName};
-use serde_json::json;
-
-fn slice(i: usize, extra: Option<&str>) -> k8s_openapi::api::discovery::v1::EndpointSlice {
-    let (hi, lo) = (i / 250, i % 250);
-    let mut eps: Vec<_> = (0..5)
-        .map(|e| json!({"addresses": [format!("10.{}.{}.{}", 100 + e, hi, lo)], "nodeName": "node2"}))
-        .collect();
-    if let Some(ip) = extra {
-        eps.push(json!({"addresses": [ip], "nodeName": "node2"}));
-    }
-    serde_json::from_value(json!({
-        "metadata": {"namespace": "bench", "name": format!("svc{i}-1"),
-                     "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
-        "addressType": "IPv4",
-        "ports": [{"name": "p80", "port": 8080, "protocol": "TCP"}],
-        "endpoints": eps
-    }))
-    .unwrap()
-}
-
-fn build_state(n: usize) -> ClusterState {
-    let mut st = ClusterState::new("node1");
-    for i in 0..n {
-        let (hi, lo) = (i / 250, i % 250);
-        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
-            "metadata": {"namespace": "bench", "name": format!("svc{i}")},
-            "spec": {"clusterIP": format!("10.96.{hi}.{lo}"), "ports": [{"name": "p80", "port": 80}]}
-        }))
-        .unwrap();
-        st.apply_service(&svc);
-        st.apply_slice(&slice(i, None));
-    }
-    st.take_changes();
-    st
-}
+use kube_proxy_rs::model::{IpFamily, ServiceName};
+#[path = "common/cluster.rs"]
+mod cluster;
 
 /// Runs `tool args` in `ns` with `input` on stdin: (elapsed, peak RSS in KiB).
 fn timed(ns: &str, tool: &[&str], input: &str) -> (Duration, u64) {
@@ -134,7 +101,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn run(n: usize) {
-    let mut state = build_state(n);
+    let mut state = cluster::build_state(n, 5);
     let model = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
     let cfg = RenderConfig {
         mark: "0x00004000".into(),
@@ -171,7 +138,16 @@ fn run(n: usize) {
     let mut ops = 0;
     for k in 0..20 {
         let i = (k * 7919) % n;
-        state.apply_slice(&slice(i, Some(&format!("10.200.{}.{}", k / 250, k % 250))));
+        let mut slice = cluster::slice_of(i, 5, 0);
+        slice
+            .endpoints
+            .get_or_insert_default()
+            .push(k8s_openapi::api::discovery::v1::Endpoint {
+                addresses: vec![format!("10.200.{}.{}", k / 250, k % 250)],
+                node_name: Some("node2".to_string()),
+                ..Default::default()
+            });
+        state.apply_slice(&slice);
         let changed: BTreeSet<ServiceName> = state.take_changes().services;
         let m = state.snapshot(kube_proxy_rs::model::IpFamily::V4);
         let t = Instant::now();
